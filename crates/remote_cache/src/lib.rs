@@ -1,0 +1,1 @@
+//! `remote_cache::CommandRunner`: wraps any `CommandRunner` with a REAPI ActionCache lookup and write-behind.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this):
+#   formatting, clippy, then the real REAPI servers (BuildGrid, buildbox-casd) on 127.0.0.1,
+#   then `cargo test --workspace` with the servers' addresses in the environment.
+# The servers are stopped on exit, also when a step fails.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hashing`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { echo; echo "==> $*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "starting real REAPI servers"
+trap 'scripts/reapi-servers.sh stop' EXIT
+scripts/reapi-servers.sh start
+eval "$(scripts/reapi-servers.sh env)"
+
+step "cargo test --workspace"
+cargo test --workspace --locked "$@"

@@ -1,0 +1,7 @@
+//! Test helpers for recache: finding the real REAPI servers that `scripts/reapi-servers.sh`
+//! started, and (later) an in-process fault-injecting REAPI server for faults real servers cannot
+//! be made to show.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod real_servers;

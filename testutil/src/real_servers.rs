@@ -1,0 +1,162 @@
+//! Where the real REAPI servers are, as `scripts/reapi-servers.sh start` announced them.
+//!
+//! The script writes `.reapi/run/env.sh` with one address variable per server; the test script
+//! sources it before `cargo test`. A test asks for a server with [`RealServer::require`]:
+//!
+//! - the variable set and the server answering: the test runs;
+//! - otherwise, with `CI=true`: the test **fails** (a skipped interop test in CI is a failed one);
+//! - otherwise (a developer's machine): the test prints a loud `SKIPPED` line and returns.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// A real REAPI server the interop tests can talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// BuildGrid 0.9.1 (Python), cache-only configuration, instance `main`.
+    BuildGrid,
+    /// buildbox-casd 1.4.x (C++), instance `""`.
+    BuildboxCasd,
+}
+
+impl ServerKind {
+    /// Human name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::BuildGrid => "BuildGrid",
+            ServerKind::BuildboxCasd => "buildbox-casd",
+        }
+    }
+
+    /// The variable holding the server's `grpc://host:port` address.
+    pub fn address_var(self) -> &'static str {
+        match self {
+            ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID",
+            ServerKind::BuildboxCasd => "RECACHE_TEST_CASD",
+        }
+    }
+
+    /// The variable holding the REAPI instance name to use.
+    pub fn instance_var(self) -> &'static str {
+        match self {
+            ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_INSTANCE",
+            ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_INSTANCE",
+        }
+    }
+}
+
+/// A connected real server.
+#[derive(Debug, Clone)]
+pub struct RealServer {
+    /// Which server this is.
+    pub kind: ServerKind,
+    /// The address as configured, e.g. `grpc://127.0.0.1:4317`.
+    pub address: String,
+    /// The REAPI instance name.
+    pub instance: String,
+    /// A connected gRPC channel.
+    pub channel: Channel,
+}
+
+/// True when running under CI (`CI=true`), where unreachable servers fail tests.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Turns `grpc://host:port` into the `http://host:port` URI tonic dials.
+pub fn grpc_to_http(address: &str) -> String {
+    match address.strip_prefix("grpc://") {
+        Some(rest) => format!("http://{rest}"),
+        None => address.to_owned(),
+    }
+}
+
+impl RealServer {
+    /// Connects to the server of `kind`, or returns `None` after printing a loud skip notice.
+    ///
+    /// Panics (failing the test) when `CI=true` and the server is not configured or not
+    /// reachable.
+    pub async fn require(kind: ServerKind) -> Option<RealServer> {
+        match Self::connect(kind).await {
+            Ok(server) => Some(server),
+            Err(why) => {
+                let msg = format!(
+                    "{} interop test cannot reach the server: {why}. Start the servers with \
+                     `scripts/reapi-servers.sh start` and `eval \"$(scripts/reapi-servers.sh env)\"`, \
+                     or run `scripts/test.sh`.",
+                    kind.name()
+                );
+                if in_ci() {
+                    panic!("CI=true, so this is a failure, not a skip: {msg}");
+                }
+                eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
+                None
+            }
+        }
+    }
+
+    async fn connect(kind: ServerKind) -> Result<RealServer, String> {
+        let address = std::env::var(kind.address_var())
+            .map_err(|_| format!("{} is not set", kind.address_var()))?;
+        let instance = std::env::var(kind.instance_var()).unwrap_or_default();
+        let endpoint = Endpoint::from_shared(grpc_to_http(&address))
+            .map_err(|e| {
+                format!(
+                    "{}={address:?} is not a valid address: {e}",
+                    kind.address_var()
+                )
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {address} failed: {e}"))?;
+        Ok(RealServer {
+            kind,
+            address,
+            instance,
+            channel,
+        })
+    }
+
+    /// A ByteStream read resource name for `digest` on this server's instance.
+    pub fn read_resource(&self, digest: &hashing::Digest) -> String {
+        prefix_instance(
+            &self.instance,
+            &format!("blobs/{}/{}", digest.hash, digest.size_bytes),
+        )
+    }
+
+    /// A ByteStream write resource name for `digest` with upload id `uuid`.
+    pub fn write_resource(&self, uuid: &str, digest: &hashing::Digest) -> String {
+        prefix_instance(
+            &self.instance,
+            &format!("uploads/{uuid}/blobs/{}/{}", digest.hash, digest.size_bytes),
+        )
+    }
+}
+
+fn prefix_instance(instance: &str, rest: &str) -> String {
+    if instance.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{instance}/{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_names_follow_the_reapi_layout() {
+        let d = hashing::Digest::of_bytes(b"abc");
+        assert_eq!(
+            prefix_instance("main", &format!("blobs/{}/3", d.hash)),
+            format!("main/blobs/{}/3", d.hash)
+        );
+        assert_eq!(prefix_instance("", "blobs/x/1"), "blobs/x/1");
+        assert_eq!(grpc_to_http("grpc://127.0.0.1:1"), "http://127.0.0.1:1");
+    }
+}
