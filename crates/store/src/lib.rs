@@ -1,1 +1,20 @@
-//! The blob store: a local small-blob database and large-file pool, with an optional remote provider behind it.
+//! The blob store: where every blob recache touches lives.
+//!
+//! - [`LocalStore`]: small blobs (below 512 KiB by default) in an LMDB database, large blobs one
+//!   read-only file each in a pool, written through a temp file and renamed into place only once
+//!   their digest verifies. Garbage collection by least-recent use, with leases.
+//! - [`LoadDestination`]: the object-safe sink a remote download streams into;
+//!   [`LocalDestination`] commits into the local store only verified content.
+//! - [`directory`]: REAPI `Directory`/`Tree` validation, capture from disk, materialization.
+//!
+//! The remote half (providers and the `Store` facade) builds on these.
+
+pub mod destination;
+pub mod directory;
+mod error;
+pub mod local;
+
+pub use destination::{LoadDestination, LocalDestination};
+pub use directory::MaterializeOptions;
+pub use error::{ErrorKind, ResultExt, StoreError};
+pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, StoreUsage};

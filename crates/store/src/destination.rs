@@ -1,0 +1,232 @@
+//! Where a download streams to: an object-safe sink that commits only verified content.
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use hashing::{Digest, Hasher};
+use tokio::io::{AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::StoreError;
+use crate::local::LocalStore;
+use crate::local::pool::InFlightGuard;
+
+/// A sink a provider streams a blob into. Object-safe, so providers take
+/// `&mut dyn LoadDestination` and live behind `Arc<dyn …>`.
+///
+/// A provider that retries a download calls [`reset`](LoadDestination::reset) first, so the
+/// destination never holds a mix of two attempts.
+#[async_trait]
+pub trait LoadDestination: AsyncWrite + Send + Unpin {
+    /// Discards everything written so far.
+    async fn reset(&mut self) -> io::Result<()>;
+}
+
+/// A [`LoadDestination`] into the local store, made by [`LocalStore::begin_write`].
+///
+/// Small blobs are buffered in memory and land in the database; pool-sized blobs stream into a
+/// temp file in the pool, hashed as they are written. Nothing is visible in the store until
+/// [`commit`](LocalDestination::commit) has verified the digest; dropping the destination without
+/// committing discards it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tokio::io::AsyncWriteExt;
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
+/// let digest = hashing::Digest::of_bytes(b"downloaded");
+///
+/// let mut dest = store.begin_write(digest).await.unwrap();
+/// dest.write_all(b"downloaded").await.unwrap();
+/// dest.commit().await.unwrap();
+/// assert_eq!(store.load_bytes(digest).unwrap().unwrap(), &b"downloaded"[..]);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct LocalDestination {
+    store: LocalStore,
+    expected: Digest,
+    written: u64,
+    sink: Sink,
+}
+
+#[derive(Debug)]
+enum Sink {
+    Memory(Vec<u8>),
+    Pool(Box<PoolSink>),
+}
+
+#[derive(Debug)]
+struct PoolSink {
+    file: tokio::fs::File,
+    temp: PathBuf,
+    hasher: Hasher,
+    committed: bool,
+    _guard: InFlightGuard,
+}
+
+impl LocalDestination {
+    pub(crate) async fn new(
+        store: LocalStore,
+        expected: Digest,
+    ) -> Result<LocalDestination, StoreError> {
+        let sink = if store.is_small(expected.size_bytes) {
+            // Capacity is a hint from untrusted input: cap it.
+            Sink::Memory(Vec::with_capacity(
+                expected.size_bytes.min(64 * 1024) as usize
+            ))
+        } else {
+            let guard = store.pool().lock(expected).await;
+            let temp = store.pool().temp_path();
+            let file = tokio::fs::File::create(&temp)
+                .await
+                .map_err(|e| StoreError::io(format!("creating {}", temp.display()), e))?;
+            Sink::Pool(Box::new(PoolSink {
+                file,
+                temp,
+                hasher: Hasher::new(),
+                committed: false,
+                _guard: guard,
+            }))
+        };
+        Ok(LocalDestination {
+            store,
+            expected,
+            written: 0,
+            sink,
+        })
+    }
+
+    /// The digest this destination will accept.
+    pub fn expected(&self) -> Digest {
+        self.expected
+    }
+
+    /// Verifies what was written against the expected digest and commits it to the store.
+    /// On a mismatch nothing is committed and the error kind is `InvalidData`.
+    pub async fn commit(mut self) -> Result<Digest, StoreError> {
+        let expected = self.expected;
+        match &mut self.sink {
+            Sink::Memory(buf) => {
+                let actual = Digest::of_bytes(buf);
+                check(expected, actual)?;
+                self.store.put_small(expected, buf)?;
+            }
+            Sink::Pool(sink) => {
+                let PoolSink {
+                    file,
+                    temp,
+                    hasher,
+                    committed,
+                    ..
+                } = sink.as_mut();
+                let io_err =
+                    |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
+                file.flush().await.map_err(|e| io_err("writing", e))?;
+                file.sync_all().await.map_err(|e| io_err("fsync", e))?;
+                let actual = std::mem::take(hasher).finish();
+                check(expected, actual)?;
+                let is_new = self.store.pool().commit_temp(temp, &expected)?;
+                *committed = true;
+                if is_new {
+                    self.store.note_pool_added(expected)?;
+                }
+            }
+        }
+        Ok(expected)
+    }
+}
+
+fn check(expected: Digest, actual: Digest) -> Result<(), StoreError> {
+    if actual == expected {
+        Ok(())
+    } else if actual.size_bytes != expected.size_bytes {
+        Err(StoreError::invalid(format!(
+            "blob {expected} is truncated: received {} bytes",
+            actual.size_bytes
+        )))
+    } else {
+        Err(StoreError::invalid(format!(
+            "blob {expected} is corrupt: received content hashes to {}",
+            actual.hash
+        )))
+    }
+}
+
+impl Drop for LocalDestination {
+    fn drop(&mut self) {
+        if let Sink::Pool(sink) = &self.sink
+            && !sink.committed
+        {
+            let _ = std::fs::remove_file(&sink.temp);
+        }
+    }
+}
+
+impl AsyncWrite for LocalDestination {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.written + buf.len() as u64 > this.expected.size_bytes {
+            // Refuse before writing: an oversized stream must not fill the disk.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "blob {} is too long: received more than {} bytes",
+                    this.expected, this.expected.size_bytes
+                ),
+            )));
+        }
+        let n = match &mut this.sink {
+            Sink::Memory(v) => {
+                v.extend_from_slice(buf);
+                buf.len()
+            }
+            Sink::Pool(sink) => match Pin::new(&mut sink.file).poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => {
+                    sink.hasher.update(&buf[..n]);
+                    n
+                }
+                other => return other,
+            },
+        };
+        this.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().sink {
+            Sink::Memory(_) => Poll::Ready(Ok(())),
+            Sink::Pool(sink) => Pin::new(&mut sink.file).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().sink {
+            Sink::Memory(_) => Poll::Ready(Ok(())),
+            Sink::Pool(sink) => Pin::new(&mut sink.file).poll_shutdown(cx),
+        }
+    }
+}
+
+#[async_trait]
+impl LoadDestination for LocalDestination {
+    async fn reset(&mut self) -> io::Result<()> {
+        self.written = 0;
+        match &mut self.sink {
+            Sink::Memory(v) => v.clear(),
+            Sink::Pool(sink) => {
+                sink.file.flush().await?;
+                sink.file.set_len(0).await?;
+                sink.file.seek(io::SeekFrom::Start(0)).await?;
+                sink.hasher = Hasher::new();
+            }
+        }
+        Ok(())
+    }
+}

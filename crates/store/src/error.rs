@@ -1,0 +1,116 @@
+//! The store's error: a kind a caller can branch on, plus a trail of context added at each layer.
+
+use std::fmt;
+
+use hashing::Digest;
+
+/// What went wrong, as far as a caller needs to decide what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A blob (or a directory it depends on) is not in the store that was asked. Callers recover
+    /// by fetching or re-creating it (e.g. re-running the process that produced it).
+    MissingDigest(Digest),
+    /// Content or metadata that came from outside is wrong: a digest mismatch, a truncated blob,
+    /// an undecodable or unsafe Directory message. Never retried; the data is never committed.
+    InvalidData,
+    /// A local I/O or database failure.
+    Io,
+    /// A transient failure a retry may cure (set by remote providers).
+    Retryable,
+    /// Anything else.
+    Other,
+}
+
+/// An error from the store, with context.
+///
+/// ```
+/// use store::{ErrorKind, StoreError};
+/// let d = hashing::Digest::of_bytes(b"x");
+/// let e = StoreError::missing(d).context("materializing out/bin");
+/// assert_eq!(e.kind(), &ErrorKind::MissingDigest(d));
+/// assert!(e.to_string().starts_with("materializing out/bin: "));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    kind: ErrorKind,
+    /// Outermost context first, the original message last.
+    trail: Vec<String>,
+}
+
+impl StoreError {
+    /// An error of `kind` with a message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind,
+            trail: vec![message.into()],
+        }
+    }
+
+    /// `digest` is not in the store.
+    pub fn missing(digest: Digest) -> StoreError {
+        StoreError::new(
+            ErrorKind::MissingDigest(digest),
+            format!("blob {digest} is not in the store"),
+        )
+    }
+
+    /// Untrusted data was wrong.
+    pub fn invalid(message: impl Into<String>) -> StoreError {
+        StoreError::new(ErrorKind::InvalidData, message)
+    }
+
+    /// A local I/O failure, naming what was being done.
+    pub fn io(what: impl fmt::Display, source: std::io::Error) -> StoreError {
+        StoreError::new(ErrorKind::Io, format!("{what}: {source}"))
+    }
+
+    /// Adds a layer of context (e.g. "storing out/app.jar"), shown before earlier messages.
+    pub fn context(mut self, context: impl Into<String>) -> StoreError {
+        self.trail.insert(0, context.into());
+        self
+    }
+
+    /// The kind, for branching.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// The missing digest, if this is a missing-digest error.
+    pub fn missing_digest(&self) -> Option<Digest> {
+        match self.kind {
+            ErrorKind::MissingDigest(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.trail.join(": "))
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<hashing::VerifyError> for StoreError {
+    fn from(e: hashing::VerifyError) -> Self {
+        let kind = if e.is_mismatch() {
+            ErrorKind::InvalidData
+        } else {
+            ErrorKind::Io
+        };
+        StoreError::new(kind, e.to_string())
+    }
+}
+
+/// Adds context to a `Result`'s error.
+pub trait ResultExt<T> {
+    /// Like [`StoreError::context`], computed lazily.
+    fn context_with(self, f: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T> ResultExt<T> for Result<T, StoreError> {
+    fn context_with(self, f: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|e| e.context(f()))
+    }
+}

@@ -1,0 +1,527 @@
+//! The local store: small blobs in an LMDB database, large blobs one file each in a pool.
+//!
+//! Layout under the store root:
+//!
+//! ```text
+//! db/                     LMDB environment (tables `blobs` and `atime`)
+//! large/ab/<hash>-<size>  one read-only file per blob at or above the threshold
+//! large/.tmp-*            writes in progress (removed at open if a crash left them behind)
+//! ```
+
+pub(crate) mod pool;
+mod small;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hashing::{Digest, EMPTY_DIGEST, Fingerprint};
+
+use crate::destination::LocalDestination;
+use crate::error::StoreError;
+use pool::Pool;
+use small::SmallDb;
+
+/// Default size at and above which a blob lives in the large-file pool.
+pub const DEFAULT_LARGE_THRESHOLD: u64 = 512 * 1024;
+
+/// Default LMDB map size: address space reserved for the small-blob database, not disk.
+pub const DEFAULT_DB_MAP_SIZE: usize = 64 << 30;
+
+/// Options for [`LocalStore::open`].
+#[derive(Debug, Clone)]
+pub struct LocalStoreOptions {
+    /// Directory holding the store (created if missing).
+    pub root: PathBuf,
+    /// Blobs of at least this many bytes go to the large-file pool. Default 512 KiB.
+    pub large_threshold: u64,
+    /// Maximum size of the small-blob database. Default 64 GiB (reserved address space only).
+    pub db_map_size: usize,
+}
+
+impl LocalStoreOptions {
+    /// Defaults for a store at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> LocalStoreOptions {
+        LocalStoreOptions {
+            root: root.into(),
+            large_threshold: DEFAULT_LARGE_THRESHOLD,
+            db_map_size: DEFAULT_DB_MAP_SIZE,
+        }
+    }
+}
+
+/// How much the store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Blobs in the database.
+    pub small_blobs: u64,
+    /// Bytes of blobs in the database.
+    pub small_bytes: u64,
+    /// Blobs in the pool.
+    pub large_blobs: u64,
+    /// Bytes of blobs in the pool.
+    pub large_bytes: u64,
+}
+
+impl StoreUsage {
+    /// Total bytes of blob content.
+    pub fn total_bytes(&self) -> u64 {
+        self.small_bytes + self.large_bytes
+    }
+    /// Total number of blobs.
+    pub fn total_blobs(&self) -> u64 {
+        self.small_blobs + self.large_blobs
+    }
+}
+
+/// What [`LocalStore::gc`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Blobs removed.
+    pub removed_blobs: u64,
+    /// Bytes removed.
+    pub removed_bytes: u64,
+    /// Blobs kept because a lease protects them.
+    pub leased_skipped: u64,
+    /// Bytes in the store afterwards.
+    pub remaining_bytes: u64,
+}
+
+/// The local blob store. Cheap to clone; clones share everything.
+///
+/// Operations are blocking but fast for small blobs (an LMDB transaction, microseconds); calls
+/// that stream large files (`store_file`, `capture_directory`, `materialize_directory`) belong in
+/// `spawn_blocking` when called from async code.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
+/// let d = store.store_bytes(b"hello").unwrap();
+/// assert!(store.contains(d));
+/// assert_eq!(store.load_bytes(d).unwrap().unwrap(), &b"hello"[..]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    threshold: u64,
+    db: SmallDb,
+    pool: Pool,
+    usage: Usage,
+    /// Reads since the last flush: fingerprint → unix milliseconds. Flushed in one transaction by
+    /// `flush_access_times`, `gc` and drop, so a read never pays for a write transaction.
+    recent_access: Mutex<HashMap<Fingerprint, u64>>,
+    /// Leased digests and how many leases hold each.
+    leases: Mutex<HashMap<Digest, usize>>,
+}
+
+#[derive(Debug, Default)]
+struct Usage {
+    small_blobs: AtomicU64,
+    small_bytes: AtomicU64,
+    large_blobs: AtomicU64,
+    large_bytes: AtomicU64,
+}
+
+/// Access times are unix milliseconds: seconds would make LRU order a coin toss within a busy
+/// second.
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store described by `options`. Removes temp files left by
+    /// an interrupted write; reads no blob content.
+    pub fn open(options: LocalStoreOptions) -> Result<LocalStore, StoreError> {
+        let LocalStoreOptions {
+            root,
+            large_threshold,
+            db_map_size,
+        } = options;
+        let ctx = || format!("opening local store {}", root.display());
+        let db = SmallDb::open(&root.join("db"), db_map_size).map_err(|e| e.context(ctx()))?;
+        let (pool, large) = Pool::open(&root.join("large")).map_err(|e| e.context(ctx()))?;
+        let usage = Usage::default();
+        for e in db.list().map_err(|e| e.context(ctx()))? {
+            usage.small_blobs.fetch_add(1, Ordering::Relaxed);
+            usage
+                .small_bytes
+                .fetch_add(e.digest.size_bytes, Ordering::Relaxed);
+        }
+        for d in large {
+            usage.large_blobs.fetch_add(1, Ordering::Relaxed);
+            usage.large_bytes.fetch_add(d.size_bytes, Ordering::Relaxed);
+        }
+        Ok(LocalStore {
+            inner: Arc::new(Inner {
+                root,
+                threshold: large_threshold.max(1),
+                db,
+                pool,
+                usage,
+                recent_access: Mutex::new(HashMap::new()),
+                leases: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// True when a blob of `size` bytes belongs in the database rather than the pool.
+    pub fn is_small(&self, size: u64) -> bool {
+        size < self.inner.threshold
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    fn touch(&self, digest: Digest) {
+        let mut recent = self
+            .inner
+            .recent_access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        recent.insert(digest.hash, now_millis());
+    }
+
+    /// Stores `bytes`, returning their digest.
+    pub fn store_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        if bytes.is_empty() {
+            return Ok(EMPTY_DIGEST);
+        }
+        if self.is_small(bytes.len() as u64) {
+            let digest = Digest::of_bytes(bytes);
+            self.put_small(digest, bytes)?;
+            Ok(digest)
+        } else {
+            let (digest, new) = self.inner.pool.write_from(&mut &bytes[..], None)?;
+            if new {
+                self.note_pool_added(digest)?;
+            }
+            Ok(digest)
+        }
+    }
+
+    /// Stores an already verified small blob.
+    pub(crate) fn put_small(&self, digest: Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        if digest == EMPTY_DIGEST {
+            return Ok(());
+        }
+        if self.inner.db.put(digest, bytes, now_millis())? {
+            self.inner.usage.small_blobs.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .usage
+                .small_bytes
+                .fetch_add(digest.size_bytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn note_pool_added(&self, digest: Digest) -> Result<(), StoreError> {
+        self.inner.usage.large_blobs.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .usage
+            .large_bytes
+            .fetch_add(digest.size_bytes, Ordering::Relaxed);
+        self.touch(digest);
+        Ok(())
+    }
+
+    /// Stores the file at `path`, streaming it (a large file is never held in memory; a
+    /// pool-sized one is hashed and copied in one pass).
+    ///
+    /// `immutable` is the caller's promise that the file will never be modified again (e.g. a
+    /// sandbox output about to be deleted): a pool-sized file is then hardlinked into the pool
+    /// after hashing instead of copied, and made read-only.
+    pub fn store_file(&self, path: &Path, immutable: bool) -> Result<Digest, StoreError> {
+        let io_err = |what: &str, e| StoreError::io(format!("{what} {}", path.display()), e);
+        let mut file = fs::File::open(path).map_err(|e| io_err("opening", e))?;
+        let size = file.metadata().map_err(|e| io_err("inspecting", e))?.len();
+        if self.is_small(size) {
+            let mut buf = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut buf)
+                .map_err(|e| io_err("reading", e))?;
+            return self.store_bytes(&buf);
+        }
+        let (digest, new) = if immutable {
+            drop(file);
+            self.inner.pool.adopt_immutable(path)?
+        } else {
+            self.inner.pool.write_from(&mut file, None)?
+        };
+        if new {
+            self.note_pool_added(digest)?;
+        }
+        Ok(digest)
+    }
+
+    /// A destination a download can stream into; see [`LocalDestination`]. Waits while another
+    /// writer of the same pool blob is in progress.
+    pub async fn begin_write(&self, expected: Digest) -> Result<LocalDestination, StoreError> {
+        LocalDestination::new(self.clone(), expected).await
+    }
+
+    /// Streams `src` into the store, verifying it against `expected`; nothing is committed on a
+    /// mismatch.
+    pub fn store_verified(&self, expected: Digest, src: &mut dyn Read) -> Result<(), StoreError> {
+        if self.is_small(expected.size_bytes) {
+            let mut buf = Vec::new();
+            hashing::copy_verified(src, &mut buf, expected)?;
+            self.put_small(expected, &buf)
+        } else {
+            let (_, new) = self.inner.pool.write_from(src, Some(expected))?;
+            if new {
+                self.note_pool_added(expected)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// True when the store holds `digest`.
+    pub fn contains(&self, digest: Digest) -> bool {
+        if digest == EMPTY_DIGEST {
+            return true;
+        }
+        if self.is_small(digest.size_bytes) {
+            self.inner.db.contains(digest).unwrap_or(false)
+        } else {
+            self.inner.pool.contains(&digest)
+        }
+    }
+
+    /// The blob's bytes, or `None` when absent. A pool blob is read whole: prefer
+    /// [`load_file`](LocalStore::load_file) for those.
+    pub fn load_bytes(&self, digest: Digest) -> Result<Option<Bytes>, StoreError> {
+        if digest == EMPTY_DIGEST {
+            return Ok(Some(Bytes::new()));
+        }
+        let found = if self.is_small(digest.size_bytes) {
+            self.inner.db.get(digest)?
+        } else {
+            let path = self.inner.pool.path(&digest);
+            match fs::read(&path) {
+                Ok(v) if v.len() as u64 == digest.size_bytes => Some(Bytes::from(v)),
+                Ok(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+            }
+        };
+        if found.is_some() {
+            self.touch(digest);
+        }
+        Ok(found)
+    }
+
+    /// The path of a pool blob (read-only; hardlink or open it, never write it), or `None` when
+    /// `digest` is not a pool blob in this store.
+    pub fn load_file(&self, digest: Digest) -> Result<Option<PathBuf>, StoreError> {
+        if self.is_small(digest.size_bytes) {
+            return Ok(None);
+        }
+        let path = self.inner.pool.path(&digest);
+        if path.is_file() {
+            self.touch(digest);
+            Ok(Some(path))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// How much the store holds.
+    pub fn usage(&self) -> StoreUsage {
+        let u = &self.inner.usage;
+        StoreUsage {
+            small_blobs: u.small_blobs.load(Ordering::Relaxed),
+            small_bytes: u.small_bytes.load(Ordering::Relaxed),
+            large_blobs: u.large_blobs.load(Ordering::Relaxed),
+            large_bytes: u.large_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Protects `digests` from GC until the returned lease is dropped.
+    pub fn lease(&self, digests: impl IntoIterator<Item = Digest>) -> Lease {
+        let digests: Vec<Digest> = digests.into_iter().collect();
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &digests {
+            *leases.entry(*d).or_default() += 1;
+        }
+        Lease {
+            store: self.clone(),
+            digests,
+        }
+    }
+
+    /// Writes the access times gathered since the last flush in one transaction, and syncs the
+    /// database to disk.
+    pub fn flush_access_times(&self) -> Result<(), StoreError> {
+        let pending: Vec<(Fingerprint, u64)> = {
+            let mut recent = self
+                .inner
+                .recent_access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            recent.drain().collect()
+        };
+        self.inner.db.set_atimes(&pending)?;
+        self.inner.db.sync()
+    }
+
+    /// Evicts least-recently-used blobs until the store holds at most `target_bytes`. Leased
+    /// blobs are kept. Safe to interrupt: each small-blob batch is one transaction, and a pool
+    /// blob is removed before its access record, so a stale record is the worst case (dropped by
+    /// the next GC).
+    pub fn gc(&self, target_bytes: u64) -> Result<GcReport, StoreError> {
+        self.flush_access_times()?;
+        let atimes: HashMap<Fingerprint, u64> = self.inner.db.atimes()?.into_iter().collect();
+        // (atime, digest, is_small)
+        let mut entries: Vec<(u64, Digest, bool)> = Vec::new();
+        for e in self.inner.db.list()? {
+            entries.push((e.atime, e.digest, true));
+        }
+        let (_, large) = Pool::open(&self.inner.root.join("large"))?;
+        for d in large {
+            let atime = match atimes.get(&d.hash) {
+                Some(t) => *t,
+                None => fs::metadata(self.inner.pool.path(&d))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |t| t.as_millis() as u64),
+            };
+            entries.push((atime, d, false));
+        }
+        // Access-time rows for blobs that no longer exist (an interrupted GC) are dropped.
+        let live: std::collections::HashSet<Fingerprint> =
+            entries.iter().map(|(_, d, _)| d.hash).collect();
+        let stale: Vec<Fingerprint> = atimes
+            .keys()
+            .filter(|h| !live.contains(h))
+            .copied()
+            .collect();
+        entries.sort_by_key(|(t, d, _)| (*t, *d));
+        let listed = entries.clone();
+        let mut total: u64 = entries.iter().map(|(_, d, _)| d.size_bytes).sum();
+        let leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut report = GcReport::default();
+        let mut small_victims = Vec::new();
+        let mut large_victims = Vec::new();
+        for (_, d, is_small) in entries {
+            if total <= target_bytes {
+                break;
+            }
+            if leases.contains_key(&d) {
+                report.leased_skipped += 1;
+                continue;
+            }
+            if is_small {
+                small_victims.push(d);
+            } else {
+                large_victims.push(d);
+            }
+            total -= d.size_bytes;
+        }
+        // Pool files first (each unlink is atomic), then one transaction for all records.
+        let mut removed_large = Vec::new();
+        for d in &large_victims {
+            if self.inner.pool.remove(d)? {
+                removed_large.push(*d);
+            }
+        }
+        let small_hashes: Vec<Fingerprint> = small_victims.iter().map(|d| d.hash).collect();
+        let mut atime_only: Vec<Fingerprint> = removed_large.iter().map(|d| d.hash).collect();
+        atime_only.extend(stale);
+        self.inner.db.remove(&small_hashes, &atime_only)?;
+        self.inner.db.sync()?;
+
+        // Reset the counters to what the listing found, minus what was removed: this also
+        // corrects any drift (e.g. a pool file deleted by hand). Writes racing with GC may be
+        // off by their own size until the next GC or reopen.
+        let u = &self.inner.usage;
+        let (mut sb, mut sn, mut lb, mut ln) = (0u64, 0u64, 0u64, 0u64);
+        for (_, d, is_small) in &listed {
+            if *is_small {
+                sn += 1;
+                sb += d.size_bytes;
+            } else {
+                ln += 1;
+                lb += d.size_bytes;
+            }
+        }
+        let small_removed: u64 = small_victims.iter().map(|d| d.size_bytes).sum();
+        let large_removed: u64 = removed_large.iter().map(|d| d.size_bytes).sum();
+        u.small_blobs
+            .store(sn - small_victims.len() as u64, Ordering::Relaxed);
+        u.small_bytes.store(sb - small_removed, Ordering::Relaxed);
+        u.large_blobs
+            .store(ln - removed_large.len() as u64, Ordering::Relaxed);
+        u.large_bytes.store(lb - large_removed, Ordering::Relaxed);
+        report.removed_blobs = (small_victims.len() + removed_large.len()) as u64;
+        report.removed_bytes = small_victims
+            .iter()
+            .chain(removed_large.iter())
+            .map(|d| d.size_bytes)
+            .sum();
+        report.remaining_bytes = self.usage().total_bytes();
+        tracing::info!(?report, target_bytes, "local store GC");
+        Ok(report)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let pending: Vec<(Fingerprint, u64)> = self
+            .recent_access
+            .get_mut()
+            .map(|m| m.drain().collect())
+            .unwrap_or_default();
+        if let Err(e) = self.db.set_atimes(&pending).and_then(|()| self.db.sync()) {
+            tracing::warn!(error = %e, "could not record access times when closing the store");
+        }
+    }
+}
+
+/// Keeps digests safe from [`LocalStore::gc`] while alive.
+#[derive(Debug)]
+pub struct Lease {
+    store: LocalStore,
+    digests: Vec<Digest>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut leases = self
+            .store
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for d in &self.digests {
+            if let Some(n) = leases.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    leases.remove(d);
+                }
+            }
+        }
+    }
+}

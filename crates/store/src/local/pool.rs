@@ -1,0 +1,299 @@
+//! The large-file pool: one read-only file per blob at `large/<2 hex>/<hash>-<size>`.
+//!
+//! Writes go to a `.tmp-*` file in the pool (same filesystem), are hashed while written, fsynced,
+//! made read-only and renamed into place only when the digest verifies. A rename is atomic, so a
+//! reader sees either no file or the whole verified file, also after a `kill -9` mid-write; the
+//! leftover `.tmp-*` files are removed when the pool is next opened (a directory listing, no blob
+//! is read).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hashing::{Digest, Fingerprint, WriterHasher};
+
+use crate::error::StoreError;
+
+/// Prefix of in-progress files; anything with it is garbage when the pool is opened.
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+/// Mode of committed pool files: read-only for everyone, so hardlinked outputs cannot be edited
+/// in place (which would corrupt every other link to the blob).
+pub(crate) const POOL_FILE_MODE: u32 = 0o444;
+
+/// Buffer for streaming copies into the pool.
+const COPY_BUFFER_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct Pool {
+    dir: PathBuf,
+    inflight: InFlight,
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool under `dir`, removing leftover temp files.
+    /// Returns the pool and the digests it holds.
+    pub(crate) fn open(dir: &Path) -> Result<(Pool, Vec<Digest>), StoreError> {
+        fs::create_dir_all(dir)
+            .map_err(|e| StoreError::io(format!("creating pool directory {}", dir.display()), e))?;
+        let mut digests = Vec::new();
+        let mut cleaned = 0usize;
+        for shard in read_dir(dir)? {
+            let shard =
+                shard.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+            let name = shard.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(TEMP_PREFIX) {
+                remove_temp(&shard.path(), &mut cleaned);
+                continue;
+            }
+            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for entry in read_dir(&shard.path())? {
+                let entry =
+                    entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+                let fname = entry.file_name();
+                let fname = fname.to_string_lossy();
+                if fname.starts_with(TEMP_PREFIX) {
+                    remove_temp(&entry.path(), &mut cleaned);
+                } else if let Some(d) = parse_pool_name(&fname) {
+                    digests.push(d);
+                }
+            }
+        }
+        if cleaned > 0 {
+            tracing::info!(cleaned, pool = %dir.display(), "removed leftover temp files from an interrupted write");
+        }
+        Ok((
+            Pool {
+                dir: dir.to_path_buf(),
+                inflight: InFlight::default(),
+            },
+            digests,
+        ))
+    }
+
+    /// Where `digest` lives (whether or not it is there).
+    pub(crate) fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hash.to_hex();
+        self.dir
+            .join(&hex[..2])
+            .join(format!("{hex}-{}", digest.size_bytes))
+    }
+
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// A fresh temp path inside the pool (same filesystem as the final place, so rename works).
+    pub(crate) fn temp_path(&self) -> PathBuf {
+        self.dir
+            .join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Waits until no one else is writing `digest`; the returned guard must be held while writing.
+    pub(crate) fn lock_blocking(&self, digest: Digest) -> InFlightGuard {
+        self.inflight.lock_blocking(digest)
+    }
+
+    /// Async twin of [`Pool::lock_blocking`].
+    pub(crate) async fn lock(&self, digest: Digest) -> InFlightGuard {
+        self.inflight.lock(digest).await
+    }
+
+    /// Makes a fully written and fsynced temp file read-only and renames it into place.
+    /// Returns false when the blob was already there (the temp file is removed).
+    pub(crate) fn commit_temp(&self, temp: &Path, digest: &Digest) -> Result<bool, StoreError> {
+        let dest = self.path(digest);
+        if dest.is_file() {
+            let _ = fs::remove_file(temp);
+            return Ok(false);
+        }
+        fs::set_permissions(temp, fs::Permissions::from_mode(POOL_FILE_MODE))
+            .map_err(|e| StoreError::io(format!("making {} read-only", temp.display()), e))?;
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| StoreError::io(format!("creating {}", parent.display()), e))?;
+        }
+        fs::rename(temp, &dest).map_err(|e| {
+            let _ = fs::remove_file(temp);
+            StoreError::io(format!("renaming into {}", dest.display()), e)
+        })?;
+        Ok(true)
+    }
+
+    /// Streams `src` into the pool, hashing on the way. With `expected`, the content must match
+    /// it or nothing is committed. Returns the digest and whether the blob is new.
+    pub(crate) fn write_from(
+        &self,
+        src: &mut dyn Read,
+        expected: Option<Digest>,
+    ) -> Result<(Digest, bool), StoreError> {
+        let _guard = expected.map(|d| self.lock_blocking(d));
+        if let Some(d) = expected
+            && self.contains(&d)
+        {
+            return Ok((d, false));
+        }
+        let temp = self.temp_path();
+        let result = self.write_temp(&temp, src, expected).and_then(|digest| {
+            let new = self.commit_temp(&temp, &digest)?;
+            Ok((digest, new))
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+
+    /// Copies `src` into `temp` hashing on the way (verifying against `expected` when given),
+    /// and fsyncs it. One pass over the data.
+    fn write_temp(
+        &self,
+        temp: &Path,
+        src: &mut dyn Read,
+        expected: Option<Digest>,
+    ) -> Result<Digest, StoreError> {
+        let io_err = |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
+        let file = fs::File::create(temp).map_err(|e| io_err("creating", e))?;
+        let mut out = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, file);
+        let digest = match expected {
+            Some(d) => hashing::copy_verified(src, &mut out, d)?,
+            None => {
+                let mut hashing_out = WriterHasher::new(&mut out);
+                io::copy(src, &mut hashing_out).map_err(|e| io_err("writing", e))?;
+                hashing_out.finish().0
+            }
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| io_err("writing", e.into_error()))?;
+        file.sync_all().map_err(|e| io_err("fsync", e))?;
+        Ok(digest)
+    }
+
+    /// Hashes an existing file the caller promises never to modify again and hardlinks it into
+    /// the pool: one read pass, no copy. Falls back to a copy across filesystems.
+    pub(crate) fn adopt_immutable(&self, src: &Path) -> Result<(Digest, bool), StoreError> {
+        let mut f = fs::File::open(src)
+            .map_err(|e| StoreError::io(format!("opening {}", src.display()), e))?;
+        let mut hasher = hashing::Hasher::new();
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| StoreError::io(format!("reading {}", src.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let digest = hasher.finish();
+        let _guard = self.lock_blocking(digest);
+        if self.contains(&digest) {
+            return Ok((digest, false));
+        }
+        let temp = self.temp_path();
+        if fs::hard_link(src, &temp).is_err() {
+            // Different filesystem (or links not allowed): copy, verifying against what we hashed.
+            let mut f = fs::File::open(src)
+                .map_err(|e| StoreError::io(format!("opening {}", src.display()), e))?;
+            drop(_guard);
+            return self.write_from(&mut f, Some(digest));
+        }
+        let new = self.commit_temp(&temp, &digest)?;
+        Ok((digest, new))
+    }
+
+    /// Removes `digest`'s file. Missing is fine (someone else removed it).
+    pub(crate) fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
+        match fs::remove_file(self.path(digest)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io(format!("removing pool blob {digest}"), e)),
+        }
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<fs::ReadDir, StoreError> {
+    fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))
+}
+
+fn remove_temp(path: &Path, cleaned: &mut usize) {
+    match fs::remove_file(path) {
+        Ok(()) => *cleaned += 1,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove leftover temp file")
+        }
+    }
+}
+
+/// Parses `<64 hex>-<size>`; anything else in the pool is ignored.
+fn parse_pool_name(name: &str) -> Option<Digest> {
+    let (hash, size) = name.split_once('-')?;
+    Some(Digest::new(
+        Fingerprint::from_hex(hash).ok()?,
+        size.parse().ok()?,
+    ))
+}
+
+/// Per-digest write locks: concurrent writers of one digest are single-flighted, and the second
+/// finds the blob already committed.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    locks: Arc<Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// Holds a digest's write lock; dropping it releases the lock and forgets the digest when no one
+/// else is waiting.
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    digest: Digest,
+    locks: Arc<Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl InFlight {
+    fn entry(&self, digest: Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(digest).or_default().clone()
+    }
+
+    fn guard(&self, digest: Digest, guard: tokio::sync::OwnedMutexGuard<()>) -> InFlightGuard {
+        InFlightGuard {
+            digest,
+            locks: self.locks.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    /// Blocks the calling thread until the lock is free. Unlike tokio's `blocking_lock` this
+    /// does not panic inside a runtime; it does block that runtime thread, as any blocking store
+    /// call does (use `spawn_blocking`).
+    fn lock_blocking(&self, digest: Digest) -> InFlightGuard {
+        let guard = futures::executor::block_on(self.entry(digest).lock_owned());
+        self.guard(digest, guard)
+    }
+
+    async fn lock(&self, digest: Digest) -> InFlightGuard {
+        let guard = self.entry(digest).lock_owned().await;
+        self.guard(digest, guard)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        self.guard.take();
+        // One reference in the map; any more means another writer is queued on it.
+        if locks
+            .get(&self.digest)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&self.digest);
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Capturing directories into the store and materializing them back, and refusing unsafe
+//! Directory messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+use hashing::Digest;
+use store::directory::{symlink_stays_inside, validate_directory};
+use store::{ErrorKind, LocalStore, LocalStoreOptions, MaterializeOptions};
+
+fn open(dir: &Path) -> LocalStore {
+    LocalStore::open(LocalStoreOptions::new(dir)).unwrap()
+}
+
+fn pseudo(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// src/
+///   README            small file
+///   bin/tool          executable
+///   data/big.bin      5 MiB
+///   data/nested/deep/leaf.txt
+///   data/nested/empty/   (empty dir)
+///   link_to_readme -> README
+///   data/nested/up -> ../../README   (inside the root)
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("data/nested/deep")).unwrap();
+    std::fs::create_dir_all(root.join("data/nested/empty")).unwrap();
+    std::fs::write(root.join("README"), b"read me\n").unwrap();
+    std::fs::write(root.join("bin/tool"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        root.join("bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("data/big.bin"), pseudo(5 * 1024 * 1024, 7)).unwrap();
+    std::fs::write(root.join("data/nested/deep/leaf.txt"), b"leaf").unwrap();
+    std::os::unix::fs::symlink("README", root.join("link_to_readme")).unwrap();
+    std::os::unix::fs::symlink("../../README", root.join("data/nested/up")).unwrap();
+}
+
+#[test]
+fn capture_then_materialize_round_trips() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let src = work.path().join("src");
+    make_tree(&src);
+
+    let digest = store.capture_directory(&src).unwrap();
+    // Capturing the same content again yields the same digest (content addressing).
+    assert_eq!(store.capture_directory(&src).unwrap(), digest);
+
+    let out = work.path().join("out");
+    store
+        .materialize_directory(digest, &out, MaterializeOptions::default())
+        .unwrap();
+
+    assert_eq!(std::fs::read(out.join("README")).unwrap(), b"read me\n");
+    assert_eq!(
+        std::fs::read(out.join("data/nested/deep/leaf.txt")).unwrap(),
+        b"leaf"
+    );
+    assert!(out.join("data/nested/empty").is_dir());
+    let tool_mode = std::fs::metadata(out.join("bin/tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert!(tool_mode & 0o111 != 0, "executable bit kept: {tool_mode:o}");
+    let readme_mode = std::fs::metadata(out.join("README"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(readme_mode & 0o111, 0);
+
+    // Symlinks stay symlinks, with their targets.
+    assert_eq!(
+        std::fs::read_link(out.join("link_to_readme")).unwrap(),
+        Path::new("README")
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("data/nested/up")).unwrap(),
+        Path::new("../../README")
+    );
+
+    // The 5 MiB file is a read-only hardlink of the pool file: no copy.
+    let big = out.join("data/big.bin");
+    assert_eq!(std::fs::read(&big).unwrap(), pseudo(5 * 1024 * 1024, 7));
+    let big_digest = Digest::of_bytes(&pseudo(5 * 1024 * 1024, 7));
+    let pool = store.load_file(big_digest).unwrap().unwrap();
+    assert_eq!(
+        std::fs::metadata(&big).unwrap().ino(),
+        std::fs::metadata(&pool).unwrap().ino()
+    );
+    assert!(std::fs::metadata(&big).unwrap().permissions().readonly());
+
+    // Capturing the materialized copy gives the same digest again.
+    assert_eq!(store.capture_directory(&out).unwrap(), digest);
+}
+
+#[test]
+fn mutable_materialization_copies_and_is_writable() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let src = work.path().join("src");
+    make_tree(&src);
+    let digest = store.capture_directory(&src).unwrap();
+    let out = work.path().join("out");
+    store
+        .materialize_directory(digest, &out, MaterializeOptions { mutable: true })
+        .unwrap();
+    let big = out.join("data/big.bin");
+    let pool = store
+        .load_file(Digest::of_bytes(&pseudo(5 * 1024 * 1024, 7)))
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        std::fs::metadata(&big).unwrap().ino(),
+        std::fs::metadata(&pool).unwrap().ino()
+    );
+    // Writing the copy does not touch the store.
+    std::fs::write(&big, b"changed").unwrap();
+    assert_eq!(std::fs::metadata(&pool).unwrap().len(), 5 * 1024 * 1024);
+}
+
+#[test]
+fn tree_round_trip() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    make_tree(&work.path().join("src"));
+    let digest = store.capture_directory(&work.path().join("src")).unwrap();
+    let tree = store.build_tree(digest).unwrap();
+    // root, bin, data, data/nested, nested/deep, nested/empty
+    assert_eq!(tree.children.len(), 5);
+
+    // Into a fresh store: expanding the Tree restores every Directory.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(other_dir.path());
+    assert_eq!(other.expand_tree(&tree).unwrap(), digest);
+    let files = other.file_digests(digest).unwrap();
+    assert_eq!(files.len(), 4);
+    assert!(files.contains(&Digest::of_bytes(b"leaf")));
+
+    // A Tree missing a child is refused and stores nothing.
+    let mut broken = tree.clone();
+    broken.children.pop();
+    let third_dir = tempfile::tempdir().unwrap();
+    let third = open(third_dir.path());
+    let err = third.expand_tree(&broken).unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::InvalidData);
+    assert!(err.to_string().contains("incomplete"), "{err}");
+    assert_eq!(third.usage().total_blobs(), 0);
+}
+
+fn file(name: &str) -> remexec::FileNode {
+    remexec::FileNode {
+        name: name.into(),
+        digest: Some(Digest::of_bytes(name.as_bytes()).into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn unsafe_names_are_rejected() {
+    for bad in ["", ".", "..", "a/b", "/etc", "nul\0byte"] {
+        let dir = remexec::Directory {
+            files: vec![file(bad)],
+            ..Default::default()
+        };
+        let err = validate_directory(&dir).unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains("invalid entry name"),
+            "{bad:?}: {err}"
+        );
+    }
+    // Unsorted.
+    let dir = remexec::Directory {
+        files: vec![file("b"), file("a")],
+        ..Default::default()
+    };
+    assert!(
+        validate_directory(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("not sorted")
+    );
+    // Duplicate within a list.
+    let dir = remexec::Directory {
+        files: vec![file("a"), file("a")],
+        ..Default::default()
+    };
+    assert!(validate_directory(&dir).is_err());
+    // Duplicate across lists (a file and a directory of the same name).
+    let dir = remexec::Directory {
+        files: vec![file("a")],
+        directories: vec![remexec::DirectoryNode {
+            name: "a".into(),
+            digest: Some(hashing::EMPTY_DIGEST.into()),
+        }],
+        ..Default::default()
+    };
+    assert!(
+        validate_directory(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate")
+    );
+    // Bad digest.
+    let dir = remexec::Directory {
+        files: vec![remexec::FileNode {
+            name: "x".into(),
+            digest: Some(remexec::Digest {
+                hash: "zz".into(),
+                size_bytes: 1,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert!(
+        validate_directory(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("files[x].digest")
+    );
+
+    // The store refuses to store or materialize such a directory, and writes nothing.
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let evil = remexec::Directory {
+        files: vec![file("..")],
+        ..Default::default()
+    };
+    assert!(store.store_directory(&evil).is_err());
+    let raw = store
+        .store_bytes(&prost::Message::encode_to_vec(&evil))
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = store
+        .materialize_directory(raw, &out.path().join("o"), MaterializeOptions::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::InvalidData);
+    assert!(!out.path().join("o").exists(), "nothing written");
+}
+
+#[test]
+fn escaping_symlinks_are_refused_before_writing() {
+    assert!(symlink_stays_inside(Path::new(""), "a/b"));
+    assert!(symlink_stays_inside(Path::new("x/y"), "../../z"));
+    assert!(!symlink_stays_inside(Path::new("x/y"), "../../../z"));
+    assert!(!symlink_stays_inside(Path::new(""), "/etc/passwd"));
+    assert!(!symlink_stays_inside(Path::new(""), ".."));
+
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let dir = remexec::Directory {
+        files: vec![file("ok")],
+        symlinks: vec![remexec::SymlinkNode {
+            name: "escape".into(),
+            target: "../../outside".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    store.store_bytes(b"ok").unwrap();
+    let d = store.store_directory(&dir).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("o");
+    let err = store
+        .materialize_directory(d, &dest, MaterializeOptions::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::InvalidData);
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert!(!dest.exists(), "nothing was written");
+}
+
+#[test]
+fn materializing_with_a_missing_blob_names_it() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let dir = remexec::Directory {
+        files: vec![file("absent")],
+        ..Default::default()
+    };
+    let d = store.store_directory(&dir).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = store
+        .materialize_directory(d, &out.path().join("o"), MaterializeOptions::default())
+        .unwrap_err();
+    assert_eq!(
+        err.missing_digest(),
+        Some(Digest::of_bytes(b"absent")),
+        "{err}"
+    );
+}
+
+#[test]
+fn capture_refuses_special_files() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let src = tempfile::tempdir().unwrap();
+    let sock = src.path().join("a.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let err = store.capture_directory(src.path()).unwrap_err();
+    assert!(err.to_string().contains("a.sock"), "{err}");
+}

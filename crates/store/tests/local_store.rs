@@ -1,0 +1,408 @@
+//! The local store as a user of it sees it: round trips, corruption refused, concurrency,
+//! crash safety, and garbage collection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashing::Digest;
+use store::{ErrorKind, LocalStore, LocalStoreOptions};
+use tokio::io::AsyncWriteExt;
+
+const THRESHOLD: u64 = 512 * 1024;
+
+fn open(dir: &Path) -> LocalStore {
+    LocalStore::open(LocalStoreOptions::new(dir)).unwrap()
+}
+
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn pool_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(root.join("large")).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for f in std::fs::read_dir(&shard).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        } else {
+            out.push(shard);
+        }
+    }
+    out
+}
+
+#[test]
+fn round_trips_on_both_sides_of_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for len in [
+        0,
+        1,
+        4096,
+        THRESHOLD as usize - 1,
+        THRESHOLD as usize,
+        3 * 1024 * 1024 + 7,
+    ] {
+        let data = bytes(len, len as u64);
+        let d = store.store_bytes(&data).unwrap();
+        assert_eq!(d, Digest::of_bytes(&data));
+        assert!(store.contains(d));
+        assert_eq!(
+            store.load_bytes(d).unwrap().unwrap(),
+            &data[..],
+            "len {len}"
+        );
+        let in_pool = store.load_file(d).unwrap();
+        assert_eq!(in_pool.is_some(), len as u64 >= THRESHOLD, "len {len}");
+    }
+    let usage = store.usage();
+    assert_eq!(usage.small_blobs, 3); // 1, 4096, threshold-1 (the empty blob is implicit)
+    assert_eq!(usage.large_blobs, 2);
+
+    // Everything survives a reopen, including the accounting.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.usage(), usage);
+    let data = bytes(3 * 1024 * 1024 + 7, 3 * 1024 * 1024 + 7);
+    assert_eq!(
+        store.load_bytes(Digest::of_bytes(&data)).unwrap().unwrap(),
+        &data[..]
+    );
+}
+
+#[test]
+fn absent_blobs_are_none_not_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for len in [10, THRESHOLD as usize] {
+        let d = Digest::of_bytes(&bytes(len, 1));
+        assert!(!store.contains(d));
+        assert!(store.load_bytes(d).unwrap().is_none());
+        assert!(store.load_file(d).unwrap().is_none());
+    }
+}
+
+#[test]
+fn pool_files_are_read_only_and_sharded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let d = store.store_bytes(&bytes(THRESHOLD as usize, 9)).unwrap();
+    let path = store.load_file(d).unwrap().unwrap();
+    let hex = d.hash.to_hex();
+    assert!(path.ends_with(format!("large/{}/{hex}-{}", &hex[..2], d.size_bytes)));
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o444);
+}
+
+#[test]
+fn store_file_streams_small_and_large_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for (i, len) in [100usize, 2 * 1024 * 1024].into_iter().enumerate() {
+        let data = bytes(len, i as u64 + 100);
+        let p = src.path().join(format!("f{i}"));
+        std::fs::write(&p, &data).unwrap();
+        let d = store.store_file(&p, false).unwrap();
+        assert_eq!(d, Digest::of_bytes(&data));
+        assert_eq!(store.load_bytes(d).unwrap().unwrap(), &data[..]);
+        // The source is untouched (still writable: it was copied, not adopted).
+        assert!(!std::fs::metadata(&p).unwrap().permissions().readonly());
+    }
+    // An immutable file is adopted into the pool by hardlink: same inode, no copy.
+    let data = bytes(1024 * 1024, 77);
+    let p = src.path().join("immutable");
+    std::fs::write(&p, &data).unwrap();
+    let d = store.store_file(&p, true).unwrap();
+    let pool = store.load_file(d).unwrap().unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().ino(),
+        std::fs::metadata(&pool).unwrap().ino()
+    );
+}
+
+#[tokio::test]
+async fn corruption_detected_on_write_is_never_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for len in [1000usize, 2 * 1024 * 1024] {
+        let good = bytes(len, 5);
+        let mut bad = good.clone();
+        bad[len / 2] ^= 0x40;
+        let expected = Digest::of_bytes(&good);
+
+        // Streaming destination (what a download uses).
+        let mut dest = store.begin_write(expected).await.unwrap();
+        dest.write_all(&bad).await.unwrap();
+        let err = dest.commit().await.unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert!(!store.contains(expected));
+
+        // Truncated.
+        let mut dest = store.begin_write(expected).await.unwrap();
+        dest.write_all(&good[..len - 1]).await.unwrap();
+        let err = dest.commit().await.unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(!store.contains(expected));
+
+        // Too long: refused before the extra byte is written.
+        let mut dest = store.begin_write(expected).await.unwrap();
+        let mut longer = good.clone();
+        longer.push(0);
+        let err = dest.write_all(&longer).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        drop(dest);
+        assert!(!store.contains(expected));
+
+        // Blocking verified write.
+        let err = store.store_verified(expected, &mut &bad[..]).unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::InvalidData);
+        assert!(!store.contains(expected));
+    }
+    // No temp files remain from any of the failed pool writes.
+    assert!(
+        pool_files(dir.path()).is_empty(),
+        "{:?}",
+        pool_files(dir.path())
+    );
+    assert_eq!(store.usage().total_blobs(), 0);
+}
+
+#[tokio::test]
+async fn reset_discards_a_partial_attempt() {
+    use store::LoadDestination;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for len in [1000usize, 1024 * 1024] {
+        let data = bytes(len, 11);
+        let d = Digest::of_bytes(&data);
+        let mut dest = store.begin_write(d).await.unwrap();
+        dest.write_all(&data[..len / 3]).await.unwrap();
+        dest.write_all(b"garbage from a failed attempt")
+            .await
+            .unwrap();
+        dest.reset().await.unwrap();
+        dest.write_all(&data).await.unwrap();
+        dest.commit().await.unwrap();
+        assert_eq!(store.load_bytes(d).unwrap().unwrap(), &data[..]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_one_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data = Arc::new(bytes(3 * 1024 * 1024, 21));
+    let d = Digest::of_bytes(&data);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let mut dest = store.begin_write(d).await.unwrap();
+                for c in data.chunks(100_000) {
+                    dest.write_all(c).await.unwrap();
+                }
+                dest.commit().await.unwrap();
+            } else {
+                tokio::task::spawn_blocking(move || store.store_verified(d, &mut &data[..]))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.load_bytes(d).unwrap().unwrap(), &data[..]);
+    let files = pool_files(dir.path());
+    assert_eq!(
+        files.len(),
+        1,
+        "exactly one pool file, no temp leftovers: {files:?}"
+    );
+    assert_eq!(store.usage().large_blobs, 1, "counted once");
+}
+
+#[test]
+fn leftover_temp_files_are_cleaned_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kept = store.store_bytes(&bytes(THRESHOLD as usize, 3)).unwrap();
+    drop(store);
+    // Simulate a crash mid-write: temp files at the pool root and inside a shard.
+    let shard = pool_files(dir.path())[0].parent().unwrap().to_path_buf();
+    std::fs::write(dir.path().join("large/.tmp-crashed1"), b"partial").unwrap();
+    std::fs::write(shard.join(".tmp-crashed2"), b"partial").unwrap();
+    let store = open(dir.path());
+    let files = pool_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(store.contains(kept));
+    assert_eq!(store.usage().large_blobs, 1);
+}
+
+/// A reader that yields `len` bytes and then blocks forever, so the writer is mid-write when
+/// the parent test kills the process.
+struct StallingReader {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for StallingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.data.len() {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        let n = buf.len().min(self.data.len() - self.pos).min(64 * 1024);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+const CRASH_CHILD_ENV: &str = "RECACHE_TEST_CRASH_CHILD_STORE";
+
+/// Runs as the child of `kill_9_mid_write_leaves_no_visible_blob`: starts writing a 4 MiB blob
+/// and stalls half way.
+#[test]
+fn crash_child_writer() {
+    let Ok(dir) = std::env::var(CRASH_CHILD_ENV) else {
+        return; // Only meaningful as the child process of the test below.
+    };
+    let store = open(Path::new(&dir));
+    let full = bytes(4 * 1024 * 1024, 42);
+    let expected = Digest::of_bytes(&full);
+    let mut reader = StallingReader {
+        data: full[..2 * 1024 * 1024].to_vec(),
+        pos: 0,
+    };
+    let _ = store.store_verified(expected, &mut reader);
+}
+
+#[test]
+fn kill_9_mid_write_leaves_no_visible_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_ENV, dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child has written at least 1 MiB into a temp file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial = pool_files(dir.path()).into_iter().any(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".tmp-")
+                && std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) >= 1024 * 1024
+        });
+        if partial {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let expected = Digest::of_bytes(&bytes(4 * 1024 * 1024, 42));
+    let store = open(dir.path());
+    assert!(
+        !store.contains(expected),
+        "a partial blob must never be visible"
+    );
+    assert!(store.load_bytes(expected).unwrap().is_none());
+    assert!(
+        pool_files(dir.path()).is_empty(),
+        "temp file cleaned at open"
+    );
+}
+
+#[test]
+fn gc_evicts_least_recently_used_and_honors_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let small: Vec<Digest> = (0..4)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(3));
+            store.store_bytes(&bytes(100_000, i)).unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(3));
+    let large = store.store_bytes(&bytes(600_000, 99)).unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    // Reading small[0] makes it the most recently used.
+    store.load_bytes(small[0]).unwrap().unwrap();
+    let lease = store.lease([small[1]]);
+
+    // Order by last use: small[1] (leased), small[2], small[3], large, small[0].
+    // Target leaves room for ~2 of the 100 kB blobs plus the leased one: evicts small[2],
+    // small[3] and the large blob, keeps small[0] (recent) and small[1] (leased).
+    let report = store.gc(350_000).unwrap();
+    assert_eq!(report.leased_skipped, 1);
+    assert!(store.contains(small[0]), "recently read blob kept");
+    assert!(store.contains(small[1]), "leased blob kept");
+    assert!(!store.contains(small[2]));
+    assert!(!store.contains(small[3]));
+    assert!(!store.contains(large));
+    assert_eq!(report.removed_blobs, 3);
+    assert_eq!(report.removed_bytes, 200_000 + 600_000);
+    assert_eq!(store.usage().total_bytes(), 200_000);
+    assert!(report.remaining_bytes <= 350_000);
+
+    // Once the lease is gone, the blob is fair game.
+    drop(lease);
+    store.gc(0).unwrap();
+    assert!(!store.contains(small[1]));
+    assert!(!store.contains(small[0]));
+    assert_eq!(store.usage().total_blobs(), 0);
+
+    // The accounting is consistent with what is on disk after a reopen.
+    drop(store);
+    assert_eq!(open(dir.path()).usage().total_blobs(), 0);
+}
+
+#[test]
+fn gc_survives_a_pool_file_removed_behind_its_back() {
+    // An interrupted GC can leave an access record without its pool file: the next GC copes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let d = store.store_bytes(&bytes(THRESHOLD as usize, 1)).unwrap();
+    store.flush_access_times().unwrap();
+    let path = store.load_file(d).unwrap().unwrap();
+    std::fs::remove_file(path).unwrap();
+    let report = store.gc(0).unwrap();
+    assert_eq!(report.remaining_bytes, 0);
+    assert!(!store.contains(d));
+}
