@@ -15,8 +15,8 @@ pub enum ErrorKind {
     InvalidData,
     /// A local I/O or database failure.
     Io,
-    /// A transient failure a retry may cure (set by remote providers).
-    Retryable,
+    /// A transient failure a retry may cure, with the gRPC code that said so.
+    Retryable(tonic::Code),
     /// Anything else.
     Other,
 }
@@ -73,6 +73,35 @@ impl StoreError {
     /// The kind, for branching.
     pub fn kind(&self) -> &ErrorKind {
         &self.kind
+    }
+
+    /// True when a retry may succeed. Decided once, from the kind.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Retryable(_))
+    }
+
+    /// Classifies a gRPC status from `what` (e.g. "ByteStream.Read of <digest>").
+    ///
+    /// Retryable: UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, and
+    /// DEADLINE_EXCEEDED when the call is `idempotent` (a read; a write that timed out may have
+    /// half-happened on the server, so it is not retried blindly). DATA_LOSS is invalid data;
+    /// everything else is `Other`.
+    pub fn from_status(what: &str, status: &tonic::Status, idempotent: bool) -> StoreError {
+        use tonic::Code;
+        let kind = match status.code() {
+            Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Internal
+            | Code::Unknown => ErrorKind::Retryable(status.code()),
+            Code::DeadlineExceeded if idempotent => ErrorKind::Retryable(status.code()),
+            Code::DataLoss => ErrorKind::InvalidData,
+            _ => ErrorKind::Other,
+        };
+        StoreError::new(
+            kind,
+            format!("{what} failed: {:?}: {}", status.code(), status.message()),
+        )
     }
 
     /// The missing digest, if this is a missing-digest error.

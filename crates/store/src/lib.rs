@@ -7,14 +7,19 @@
 //!   [`LocalDestination`] commits into the local store only verified content.
 //! - [`directory`]: REAPI `Directory`/`Tree` validation, capture from disk, materialization.
 //!
-//! The remote half (providers and the `Store` facade) builds on these.
+//! - [`remote`]: providers for a REAPI server ([`remote::grpc::GrpcProvider`]) and a plain
+//!   directory ([`remote::local_dir::LocalDirProvider`]).
+//! - [`Store`]: the local store with an optional remote behind it, what a build engine holds.
 
 pub mod destination;
 pub mod directory;
 mod error;
+mod facade;
 pub mod local;
+pub mod remote;
 
 pub use destination::{LoadDestination, LocalDestination};
 pub use directory::MaterializeOptions;
 pub use error::{ErrorKind, ResultExt, StoreError};
+pub use facade::{Store, TransferSummary};
 pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, StoreUsage};

@@ -1,0 +1,353 @@
+//! [`Store`]: the local store with an optional remote behind it. This is what a build engine holds.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
+use hashing::Digest;
+use prost::Message;
+
+use crate::error::{ErrorKind, StoreError};
+use crate::local::LocalStore;
+use crate::remote::ByteStoreProvider;
+
+/// Large downloads or uploads in flight at once for one `ensure_*` call.
+const TRANSFER_CONCURRENCY: usize = 16;
+
+/// Local store first, remote provider behind it. Cheap to clone.
+///
+/// Reads look locally, then fetch from the remote into the local store (large blobs stream
+/// straight into a pool temp file and commit only once verified). Concurrent loads of one digest
+/// share one download. [`into_local_only`](Store::into_local_only) hands lower layers a store
+/// that can never reach the remote.
+#[derive(Debug, Clone)]
+pub struct Store {
+    local: LocalStore,
+    remote: Option<Arc<Remote>>,
+}
+
+type Download = Shared<BoxFuture<'static, Result<bool, StoreError>>>;
+
+#[derive(Debug)]
+struct Remote {
+    provider: Arc<dyn ByteStoreProvider>,
+    inflight: Mutex<HashMap<Digest, Download>>,
+}
+
+/// What an `ensure_*` call moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferSummary {
+    /// Blobs transferred.
+    pub blobs: u64,
+    /// Bytes transferred (uncompressed).
+    pub bytes: u64,
+}
+
+impl TransferSummary {
+    fn add(&mut self, d: Digest) {
+        self.blobs += 1;
+        self.bytes += d.size_bytes;
+    }
+}
+
+impl Store {
+    /// A store with no remote.
+    pub fn local_only(local: LocalStore) -> Store {
+        Store {
+            local,
+            remote: None,
+        }
+    }
+
+    /// A store backed by `provider`.
+    pub fn with_remote(local: LocalStore, provider: Arc<dyn ByteStoreProvider>) -> Store {
+        Store {
+            local,
+            remote: Some(Arc::new(Remote {
+                provider,
+                inflight: Mutex::new(HashMap::new()),
+            })),
+        }
+    }
+
+    /// The same local store without the remote: what the inner runner gets in `fetch` mode, so
+    /// no code below the cache layer can trip over a missing remote blob.
+    pub fn into_local_only(&self) -> Store {
+        Store::local_only(self.local.clone())
+    }
+
+    /// The local half.
+    pub fn local(&self) -> &LocalStore {
+        &self.local
+    }
+
+    /// Whether a remote is attached.
+    pub fn has_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Stores bytes locally.
+    pub fn store_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        self.local.store_bytes(bytes)
+    }
+
+    /// The blob's bytes, fetching it from the remote if needed; `None` if it is nowhere.
+    pub async fn load_bytes(&self, digest: Digest) -> Result<Option<Bytes>, StoreError> {
+        if let Some(b) = self.local.load_bytes(digest)? {
+            return Ok(Some(b));
+        }
+        if self.download(digest).await? {
+            return self.local.load_bytes(digest);
+        }
+        Ok(None)
+    }
+
+    /// Makes sure `digest` is in the local store; a `MissingDigest` error when it is nowhere.
+    pub async fn ensure_local(&self, digest: Digest) -> Result<(), StoreError> {
+        if self.local.contains(digest) || self.download(digest).await? {
+            Ok(())
+        } else {
+            Err(StoreError::missing(digest))
+        }
+    }
+
+    /// Downloads `digest` into the local store; `Ok(false)` if the remote lacks it (or there is
+    /// no remote). Concurrent calls for one digest share one download.
+    async fn download(&self, digest: Digest) -> Result<bool, StoreError> {
+        let Some(remote) = &self.remote else {
+            return Ok(false);
+        };
+        let fut = {
+            let mut inflight = remote.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight
+                .entry(digest)
+                .or_insert_with(|| {
+                    let local = self.local.clone();
+                    let remote = remote.clone();
+                    async move {
+                        let result = async {
+                            let mut dest = local.begin_write(digest).await?;
+                            if !remote.provider.load(digest, &mut dest).await? {
+                                return Ok(false);
+                            }
+                            dest.commit().await?;
+                            Ok(true)
+                        }
+                        .await;
+                        remote
+                            .inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&digest);
+                        result
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        fut.await
+    }
+
+    /// Loads a Directory message (locally or from the remote) and validates it.
+    pub async fn load_directory(&self, digest: Digest) -> Result<remexec::Directory, StoreError> {
+        self.ensure_local(digest)
+            .await
+            .map_err(|e| e.context("loading a directory"))?;
+        self.local.load_directory(digest)
+    }
+
+    /// Walks the directories `roots` (fetching Directory messages as needed, never file
+    /// content) and returns every directory digest and every file digest in them.
+    pub async fn expand_directories(
+        &self,
+        roots: impl IntoIterator<Item = Digest>,
+    ) -> Result<(HashSet<Digest>, HashSet<Digest>), StoreError> {
+        let mut dirs = HashSet::new();
+        let mut files = HashSet::new();
+        let mut queue: VecDeque<Digest> = roots.into_iter().collect();
+        while let Some(d) = queue.pop_front() {
+            if !dirs.insert(d) {
+                continue;
+            }
+            let dir = self.load_directory(d).await?;
+            for f in &dir.files {
+                files.insert(node_digest(f.digest.as_ref())?);
+            }
+            for sub in &dir.directories {
+                queue.push_back(node_digest(sub.digest.as_ref())?);
+            }
+        }
+        Ok((dirs, files))
+    }
+
+    /// Fetches a REAPI `Tree` blob, validates it, stores its directories locally and returns the
+    /// root directory's digest. File content is not fetched.
+    pub async fn load_tree(&self, tree_digest: Digest) -> Result<Digest, StoreError> {
+        let bytes = self
+            .load_bytes(tree_digest)
+            .await?
+            .ok_or_else(|| StoreError::missing(tree_digest).context("loading an output Tree"))?;
+        let tree = remexec::Tree::decode(&bytes[..])
+            .map_err(|e| StoreError::invalid(format!("undecodable Tree {tree_digest}: {e}")))?;
+        self.local
+            .expand_tree(&tree)
+            .map_err(|e| e.context(format!("Tree {tree_digest}")))
+    }
+
+    /// Makes every file in `files` and every file under the directories `dirs` local: small
+    /// blobs in batches, large ones streamed, a bounded number at once. Fails with
+    /// `MissingDigest` (naming one missing blob) if the remote lacks any.
+    pub async fn ensure_downloaded(
+        &self,
+        files: HashSet<Digest>,
+        dirs: HashSet<Digest>,
+    ) -> Result<TransferSummary, StoreError> {
+        let (_, dir_files) = self.expand_directories(dirs).await?;
+        let wanted: Vec<Digest> = files
+            .into_iter()
+            .chain(dir_files)
+            .filter(|d| !self.local.contains(*d))
+            .collect();
+        let mut summary = TransferSummary::default();
+        if wanted.is_empty() {
+            return Ok(summary);
+        }
+        let Some(remote) = &self.remote else {
+            return Err(StoreError::missing(wanted[0]));
+        };
+        let batch_max = remote.provider.max_batch_blob_size();
+        let (small, large): (Vec<Digest>, Vec<Digest>) = wanted
+            .into_iter()
+            .partition(|d| d.size_bytes <= batch_max && self.local.is_small(d.size_bytes));
+        if !small.is_empty() {
+            let got = remote.provider.load_batch(small.clone()).await?;
+            for d in &small {
+                let bytes = got
+                    .get(d)
+                    .ok_or_else(|| StoreError::missing(*d).context("the remote cache lost it"))?;
+                self.local.put_small(*d, bytes)?;
+                summary.add(*d);
+            }
+        }
+        let fetched: Vec<Digest> = futures::stream::iter(large)
+            .map(|d| async move {
+                match self.download(d).await? {
+                    true => Ok(d),
+                    false => Err(StoreError::missing(d).context("the remote cache lost it")),
+                }
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for d in fetched {
+            summary.add(d);
+        }
+        Ok(summary)
+    }
+
+    /// Proves that the remote holds every file in `files` and everything under the directories
+    /// `dirs` (whose Directory messages are fetched if needed; file content never is), with as
+    /// few `FindMissingBlobs` calls as the message cap allows. `MissingDigest` names a missing one.
+    pub async fn exists_recursive(
+        &self,
+        files: HashSet<Digest>,
+        dirs: HashSet<Digest>,
+    ) -> Result<(), StoreError> {
+        let Some(remote) = &self.remote else {
+            return Err(StoreError::new(
+                ErrorKind::Other,
+                "no remote store to validate against",
+            ));
+        };
+        let (all_dirs, dir_files) = self.expand_directories(dirs).await?;
+        let mut all = files;
+        all.extend(dir_files);
+        all.extend(all_dirs);
+        let missing = remote
+            .provider
+            .list_missing_digests(&mut all.into_iter())
+            .await?;
+        match missing.into_iter().min() {
+            None => Ok(()),
+            Some(d) => Err(StoreError::missing(d).context("the remote cache does not have it")),
+        }
+    }
+
+    /// Uploads whatever the remote lacks among `files` and everything under the local
+    /// directories `dirs`: `FindMissingBlobs` first, then small blobs from the database and large
+    /// ones streamed from the pool.
+    pub async fn ensure_remote_has_recursive(
+        &self,
+        files: HashSet<Digest>,
+        dirs: HashSet<Digest>,
+    ) -> Result<TransferSummary, StoreError> {
+        let Some(remote) = &self.remote else {
+            return Err(StoreError::new(
+                ErrorKind::Other,
+                "no remote store to upload to",
+            ));
+        };
+        let (all_dirs, dir_files) = self.local_only_expand(dirs)?;
+        let mut all = files;
+        all.extend(dir_files);
+        all.extend(all_dirs);
+        let missing = remote
+            .provider
+            .list_missing_digests(&mut all.into_iter())
+            .await?;
+        let uploaded: Vec<Digest> = futures::stream::iter(missing)
+            .map(|d| async move {
+                if let Some(path) = self.local.load_file(d)? {
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+                    remote.provider.store_file(d, file).await?;
+                } else {
+                    let bytes = self
+                        .local
+                        .load_bytes(d)?
+                        .ok_or_else(|| StoreError::missing(d).context("uploading to the remote"))?;
+                    remote.provider.store_bytes(d, bytes).await?;
+                }
+                Ok::<_, StoreError>(d)
+            })
+            .buffer_unordered(TRANSFER_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut summary = TransferSummary::default();
+        for d in uploaded {
+            summary.add(d);
+        }
+        Ok(summary)
+    }
+
+    fn local_only_expand(
+        &self,
+        roots: HashSet<Digest>,
+    ) -> Result<(HashSet<Digest>, HashSet<Digest>), StoreError> {
+        let mut dirs = HashSet::new();
+        let mut files = HashSet::new();
+        let mut queue: VecDeque<Digest> = roots.into_iter().collect();
+        while let Some(d) = queue.pop_front() {
+            if !dirs.insert(d) {
+                continue;
+            }
+            let dir = self.local.load_directory(d)?;
+            for f in &dir.files {
+                files.insert(node_digest(f.digest.as_ref())?);
+            }
+            for sub in &dir.directories {
+                queue.push_back(node_digest(sub.digest.as_ref())?);
+            }
+        }
+        Ok((dirs, files))
+    }
+}
+
+fn node_digest(d: Option<&remexec::Digest>) -> Result<Digest, StoreError> {
+    hashing::reapi::require_digest("digest", d).map_err(|e| StoreError::invalid(e.to_string()))
+}

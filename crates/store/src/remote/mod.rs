@@ -1,0 +1,112 @@
+//! Remote providers: where blobs and action results live beyond this machine.
+//!
+//! Two traits, both object-safe so providers live behind `Arc<dyn …>`:
+//! [`ByteStoreProvider`] (CAS blobs) and [`ActionCacheProvider`] (action results). Two
+//! implementations: [`grpc::GrpcProvider`] speaks REAPI to a server, [`local_dir::LocalDirProvider`]
+//! keeps both in a plain directory (the CLI's embedded default, and a shared-filesystem cache).
+//!
+//! [`provider_from_address`] turns a user's `grpc://`, `grpcs://` or `file://` address into both.
+
+pub mod grpc;
+pub mod local_dir;
+pub mod retry;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+use bytes::Bytes;
+use hashing::Digest;
+
+use crate::destination::LoadDestination;
+use crate::error::StoreError;
+
+/// A content-addressable blob store somewhere else.
+#[async_trait]
+pub trait ByteStoreProvider: Send + Sync + std::fmt::Debug + 'static {
+    /// Uploads a blob held in memory. `digest` must be the digest of `bytes`.
+    async fn store_bytes(&self, digest: Digest, bytes: Bytes) -> Result<(), StoreError>;
+
+    /// Uploads a blob from a file, streaming it (never read whole into memory).
+    async fn store_file(&self, digest: Digest, file: tokio::fs::File) -> Result<(), StoreError>;
+
+    /// Downloads `digest` into `dest`. `Ok(false)` means the remote does not have it. A provider
+    /// that retries calls `dest.reset()` first. The caller verifies and commits `dest`.
+    async fn load(
+        &self,
+        digest: Digest,
+        dest: &mut dyn LoadDestination,
+    ) -> Result<bool, StoreError>;
+
+    /// Downloads several small blobs at once. Absent blobs are left out of the map; every
+    /// returned blob has been verified against its digest.
+    async fn load_batch(&self, digests: Vec<Digest>) -> Result<HashMap<Digest, Bytes>, StoreError>;
+
+    /// Which of `digests` the remote does not have.
+    async fn list_missing_digests(
+        &self,
+        digests: &mut (dyn Iterator<Item = Digest> + Send),
+    ) -> Result<HashSet<Digest>, StoreError>;
+
+    /// The largest blob worth sending through [`load_batch`](Self::load_batch); larger ones go
+    /// through [`load`](Self::load).
+    fn max_batch_blob_size(&self) -> u64;
+}
+
+/// An ActionCache somewhere else.
+#[async_trait]
+pub trait ActionCacheProvider: Send + Sync + std::fmt::Debug + 'static {
+    /// The cached result for `action_digest`, or `None` on a miss.
+    async fn get_action_result(
+        &self,
+        action_digest: Digest,
+    ) -> Result<Option<remexec::ActionResult>, StoreError>;
+
+    /// Records `result` for `action_digest`.
+    async fn update_action_result(
+        &self,
+        action_digest: Digest,
+        result: remexec::ActionResult,
+    ) -> Result<(), StoreError>;
+}
+
+/// Both halves of a remote cache.
+#[derive(Debug, Clone)]
+pub struct RemoteProviders {
+    /// The CAS.
+    pub bytes: Arc<dyn ByteStoreProvider>,
+    /// The ActionCache.
+    pub action_cache: Arc<dyn ActionCacheProvider>,
+}
+
+/// Builds providers from an address: `grpc://host:port`, `grpcs://host:port` or `file:///path`.
+pub async fn provider_from_address(
+    address: &str,
+    options: grpc::GrpcOptions,
+) -> Result<RemoteProviders, StoreError> {
+    if let Some(path) = address.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(StoreError::invalid(format!(
+                "remote address {address:?}: a file:// address needs an absolute path, e.g. file:///var/cache/recache"
+            )));
+        }
+        let p = Arc::new(local_dir::LocalDirProvider::open(std::path::Path::new(
+            path,
+        ))?);
+        return Ok(RemoteProviders {
+            bytes: p.clone(),
+            action_cache: p,
+        });
+    }
+    if address.starts_with("grpc://") || address.starts_with("grpcs://") {
+        let p = Arc::new(grpc::GrpcProvider::connect(address, options).await?);
+        return Ok(RemoteProviders {
+            bytes: p.clone(),
+            action_cache: p,
+        });
+    }
+    Err(StoreError::invalid(format!(
+        "remote address {address:?} is not understood: use grpc://host:port, grpcs://host:port or file:///path"
+    )))
+}
