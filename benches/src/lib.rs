@@ -14,3 +14,33 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Resets the kernel's peak-RSS mark for this process (Linux ≥ 4.0), so a following
+/// [`peak_rss_mib`] reports the peak of what runs in between.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Current resident set size, MiB.
+pub fn rss_mib() -> f64 {
+    status_kib("VmRSS:").unwrap_or(0) as f64 / 1024.0
+}
+
+/// Peak resident set size since the last [`reset_peak_rss`], MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:").unwrap_or(0) as f64 / 1024.0
+}
+
+/// Size of the large blob the benches move, from `RECACHE_BENCH_BLOB_MIB` (default `default`).
+pub fn blob_mib(default: usize) -> usize {
+    std::env::var("RECACHE_BENCH_BLOB_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

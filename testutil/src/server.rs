@@ -33,6 +33,7 @@ use bazel_remote_apis::google::bytestream::{
     WriteResponse, byte_stream_server::ByteStream, byte_stream_server::ByteStreamServer,
 };
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use hashing::Digest;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -110,7 +111,7 @@ impl Knobs {
 
 #[derive(Debug, Default)]
 struct State {
-    blobs: Mutex<HashMap<Digest, Vec<u8>>>,
+    blobs: Mutex<HashMap<Digest, Bytes>>,
     action_results: Mutex<HashMap<Digest, remexec::ActionResult>>,
     calls: Mutex<HashMap<Method, u64>>,
     /// Compressed (zstd) reads and writes served, to prove compression was used.
@@ -151,15 +152,21 @@ impl State {
         lock(&self.knobs).clone()
     }
 
-    /// The blob as the server would serve it (corruption applied), or None if "missing".
-    fn serve(&self, d: &Digest, k: &Knobs) -> Option<Vec<u8>> {
+    /// The blob as the server would serve it (corruption and truncation applied), or None if
+    /// "missing". Without faults this is a cheap reference to the stored bytes, not a copy.
+    fn serve(&self, d: &Digest, k: &Knobs) -> Option<Bytes> {
         if k.missing.contains(d) {
             return None;
         }
-        let mut data = lock(&self.blobs).get(d)?.clone();
+        let data = lock(&self.blobs).get(d)?.clone();
         if k.corrupt.contains(d) && !data.is_empty() {
-            let i = data.len() / 2;
-            data[i] ^= 0x01;
+            let mut v = data.to_vec();
+            let i = v.len() / 2;
+            v[i] ^= 0x01;
+            return Some(v.into());
+        }
+        if k.truncate.contains(d) && !data.is_empty() {
+            return Some(data.slice(..data.len() - 1));
         }
         Some(data)
     }
@@ -170,7 +177,7 @@ impl State {
                 "uploaded content does not match {d}"
             )));
         }
-        lock(&self.blobs).insert(d, data);
+        lock(&self.blobs).insert(d, data.into());
         Ok(())
     }
 }
@@ -268,7 +275,7 @@ impl TestServer {
     /// Puts a blob directly (no RPC).
     pub fn put_blob(&self, data: &[u8]) -> Digest {
         let d = Digest::of_bytes(data);
-        lock(&self.state.blobs).insert(d, data.to_vec());
+        lock(&self.state.blobs).insert(d, Bytes::copy_from_slice(data));
         d
     }
 
@@ -492,7 +499,7 @@ impl ContentAddressableStorage for Svc {
                 }
                 Some(data) => remexec::batch_read_blobs_response::Response {
                     digest: Some(d.into()),
-                    data,
+                    data: data.to_vec(),
                     compressor: 0,
                     status: status_ok(),
                 },
@@ -591,28 +598,34 @@ impl ByteStream for Svc {
             .0
             .serve(&d, &k)
             .ok_or_else(|| Status::not_found(format!("{d} not found")))?;
-        if k.truncate.contains(&d) {
-            data.pop();
-        }
         if compressed {
             if !k.zstd {
                 return Err(Status::invalid_argument("compression not supported"));
             }
             *lock(&self.0.zstd_transfers) += 1;
-            data = zstd::bulk::compress(&data, 1).map_err(|e| Status::internal(e.to_string()))?;
+            data = zstd::bulk::compress(&data, 1)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into();
         }
+        // Chunks are cut lazily as the client reads, so a large read holds only the chunks in
+        // flight, not a second copy of the blob.
         let chunk = k.read_chunk_size.max(1);
-        let mut msgs: Vec<Result<ReadResponse, Status>> = data
-            .chunks(chunk)
-            .map(|c| Ok(ReadResponse { data: c.to_vec() }))
-            .collect();
-        if k.drop_mid_stream {
-            msgs.truncate(1);
-            msgs.push(Err(Status::unavailable(
-                "injected: connection dropped mid-stream",
-            )));
-        }
-        Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
+        let drop_after_first = k.drop_mid_stream;
+        let stream = futures::stream::unfold((data, 0usize), move |(data, sent)| async move {
+            if sent >= data.len() || (drop_after_first && sent > 0) {
+                if drop_after_first && sent > 0 && sent < usize::MAX {
+                    let err = Status::unavailable("injected: connection dropped mid-stream");
+                    return Some((Err(err), (data, usize::MAX)));
+                }
+                return None;
+            }
+            let end = (sent + chunk).min(data.len());
+            let msg = ReadResponse {
+                data: data[sent..end].to_vec(),
+            };
+            Some((Ok(msg), (data, end)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn write(

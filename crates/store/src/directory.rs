@@ -443,3 +443,203 @@ fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) -> Result<Walked, Sto
     }
     Ok(out)
 }
+
+/// Assembles a directory from entries at relative paths (`a/b/file`), e.g. the declared outputs
+/// of a process or the outputs listed in an ActionResult, and stores its Directory messages.
+///
+/// Paths are untrusted: each component must pass [`validate_name`] (so no absolute paths, `..`,
+/// `.` or empty components), and two entries may not claim the same path. An entry below an
+/// already added directory digest merges into it.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
+/// let hello = store.store_bytes(b"hello").unwrap();
+/// let mut b = store::directory::DirectoryBuilder::new(&store);
+/// b.add_file("out/greeting.txt", hello, false).unwrap();
+/// assert!(b.add_file("../escape", hello, false).is_err());
+/// let root = b.build().unwrap();
+/// assert_eq!(store.file_digests(root).unwrap(), vec![hello]);
+/// ```
+#[derive(Debug)]
+pub struct DirectoryBuilder<'a> {
+    store: &'a LocalStore,
+    root: Node,
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    File { digest: Digest, executable: bool },
+    Symlink(String),
+    Stored(Digest),
+    Dir(std::collections::BTreeMap<String, Node>),
+}
+
+impl<'a> DirectoryBuilder<'a> {
+    /// An empty directory.
+    pub fn new(store: &'a LocalStore) -> DirectoryBuilder<'a> {
+        DirectoryBuilder {
+            store,
+            root: Node::Dir(Default::default()),
+        }
+    }
+
+    fn components(path: &str) -> Result<Vec<&str>, StoreError> {
+        if path.is_empty() {
+            return Ok(vec![]);
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        for p in &parts {
+            validate_name(p).map_err(|e| e.context(format!("path {path:?}")))?;
+        }
+        Ok(parts)
+    }
+
+    /// Expands a stored directory into editable nodes.
+    fn expand(&self, digest: Digest) -> Result<Node, StoreError> {
+        let dir = self.store.load_directory(digest)?;
+        let mut map = std::collections::BTreeMap::new();
+        for f in dir.files {
+            let d = require_digest("files[].digest", f.digest.as_ref())
+                .map_err(|e| StoreError::invalid(e.to_string()))?;
+            map.insert(
+                f.name,
+                Node::File {
+                    digest: d,
+                    executable: f.is_executable,
+                },
+            );
+        }
+        for s in dir.directories {
+            let d = require_digest("directories[].digest", s.digest.as_ref())
+                .map_err(|e| StoreError::invalid(e.to_string()))?;
+            map.insert(s.name, Node::Stored(d));
+        }
+        for l in dir.symlinks {
+            map.insert(l.name, Node::Symlink(l.target));
+        }
+        Ok(Node::Dir(map))
+    }
+
+    fn insert(&mut self, path: &str, node: Node) -> Result<(), StoreError> {
+        let parts = Self::components(path)?;
+        let Some((last, parents)) = parts.split_last() else {
+            // The root itself: only a directory may be placed there, and only once.
+            return match (&self.root, node) {
+                (Node::Dir(m), Node::Stored(d)) if m.is_empty() => {
+                    self.root = Node::Stored(d);
+                    Ok(())
+                }
+                _ => Err(StoreError::invalid(format!(
+                    "path {path:?}: only a directory may be the root, and nothing else may be added with it"
+                ))),
+            };
+        };
+        let mut cur = std::mem::replace(&mut self.root, Node::Dir(Default::default()));
+        let result = self.insert_at(&mut cur, parents, last, node, path);
+        self.root = cur;
+        result
+    }
+
+    fn insert_at(
+        &self,
+        cur: &mut Node,
+        parents: &[&str],
+        last: &str,
+        node: Node,
+        path: &str,
+    ) -> Result<(), StoreError> {
+        if let Node::Stored(d) = cur {
+            *cur = self.expand(*d)?;
+        }
+        let Node::Dir(map) = cur else {
+            return Err(StoreError::invalid(format!(
+                "path {path:?} goes through a file or symlink"
+            )));
+        };
+        match parents.split_first() {
+            None => {
+                if map.contains_key(last) {
+                    return Err(StoreError::invalid(format!(
+                        "path {path:?} is declared twice"
+                    )));
+                }
+                map.insert(last.to_owned(), node);
+                Ok(())
+            }
+            Some((first, rest)) => {
+                let child = map
+                    .entry((*first).to_owned())
+                    .or_insert_with(|| Node::Dir(Default::default()));
+                self.insert_at(child, rest, last, node, path)
+            }
+        }
+    }
+
+    /// Adds a file.
+    pub fn add_file(
+        &mut self,
+        path: &str,
+        digest: Digest,
+        executable: bool,
+    ) -> Result<(), StoreError> {
+        if path.is_empty() {
+            return Err(StoreError::invalid("an output file needs a non-empty path"));
+        }
+        self.insert(path, Node::File { digest, executable })
+    }
+
+    /// Adds a stored directory (its Directory message must be in the store).
+    pub fn add_directory(&mut self, path: &str, digest: Digest) -> Result<(), StoreError> {
+        self.insert(path, Node::Stored(digest))
+    }
+
+    /// Adds a symlink; its target is validated when materializing.
+    pub fn add_symlink(&mut self, path: &str, target: &str) -> Result<(), StoreError> {
+        if path.is_empty() || target.is_empty() {
+            return Err(StoreError::invalid(format!(
+                "symlink {path:?} -> {target:?} needs a path and a target"
+            )));
+        }
+        self.insert(path, Node::Symlink(target.to_owned()))
+    }
+
+    /// Stores the Directory messages and returns the root's digest.
+    pub fn build(self) -> Result<Digest, StoreError> {
+        store_node(self.store, &self.root)
+    }
+}
+
+fn store_node(store: &LocalStore, node: &Node) -> Result<Digest, StoreError> {
+    match node {
+        Node::Stored(d) => Ok(*d),
+        Node::Dir(map) => {
+            let mut msg = remexec::Directory::default();
+            for (name, child) in map {
+                match child {
+                    Node::File { digest, executable } => msg.files.push(remexec::FileNode {
+                        name: name.clone(),
+                        digest: Some((*digest).into()),
+                        is_executable: *executable,
+                        node_properties: None,
+                    }),
+                    Node::Symlink(target) => msg.symlinks.push(remexec::SymlinkNode {
+                        name: name.clone(),
+                        target: target.clone(),
+                        node_properties: None,
+                    }),
+                    Node::Stored(_) | Node::Dir(_) => {
+                        msg.directories.push(remexec::DirectoryNode {
+                            name: name.clone(),
+                            digest: Some(store_node(store, child)?.into()),
+                        })
+                    }
+                }
+            }
+            store.store_directory(&msg)
+        }
+        Node::File { .. } | Node::Symlink(_) => {
+            Err(StoreError::invalid("the root must be a directory"))
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The local runner: runs a process in a fresh sandbox on this machine.
+//!
+//! 1. Wait for a slot (bounded parallelism, default: the number of cores).
+//! 2. Make a sandbox directory under the configured root and materialize the input root into
+//!    `<sandbox>/root` (pool files by read-only hardlink).
+//! 3. Spawn the process in its own process group, with exactly the Process's environment,
+//!    stdout/stderr going straight to files (never held in memory).
+//! 4. On timeout, or if the `run` future is dropped, SIGKILL the whole process group.
+//! 5. Capture stdout, stderr and the declared outputs into the store; outputs that were not
+//!    produced are simply absent; outputs that escape the sandbox (through a symlink) are an
+//!    error.
+//! 6. Remove the sandbox (or keep it, for debugging).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use hashing::Digest;
+use store::directory::{DirectoryBuilder, symlink_stays_inside, validate_name};
+use store::{LocalStore, MaterializeOptions, Store};
+use tokio::sync::Semaphore;
+
+use crate::process::{
+    CommandRunner, Context, Process, ProcessError, ProcessResult, ResultMetadata, ResultSource,
+};
+
+/// When to keep a sandbox after the run, for debugging.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeepSandboxes {
+    /// Always remove it. The default.
+    #[default]
+    Never,
+    /// Keep it when the process fails (non-zero exit or timeout).
+    OnFailure,
+    /// Always keep it.
+    Always,
+}
+
+/// Options for [`LocalRunner::new`].
+#[derive(Debug, Clone)]
+pub struct LocalRunnerOptions {
+    /// Directory under which sandboxes are created (created if missing).
+    pub sandbox_root: PathBuf,
+    /// Processes running at once. Default: the number of cores.
+    pub parallelism: usize,
+    /// Keep sandboxes after runs.
+    pub keep_sandboxes: KeepSandboxes,
+}
+
+impl LocalRunnerOptions {
+    /// Defaults, with sandboxes under `sandbox_root`.
+    pub fn new(sandbox_root: impl Into<PathBuf>) -> LocalRunnerOptions {
+        LocalRunnerOptions {
+            sandbox_root: sandbox_root.into(),
+            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            keep_sandboxes: KeepSandboxes::Never,
+        }
+    }
+}
+
+/// Runs processes on this machine. See the module docs.
+#[derive(Debug, Clone)]
+pub struct LocalRunner {
+    store: Store,
+    options: LocalRunnerOptions,
+    slots: Arc<Semaphore>,
+}
+
+impl LocalRunner {
+    /// A runner reading inputs from and writing outputs to `store`.
+    pub fn new(store: Store, options: LocalRunnerOptions) -> LocalRunner {
+        let LocalRunnerOptions {
+            sandbox_root,
+            parallelism,
+            keep_sandboxes,
+        } = options;
+        LocalRunner {
+            store,
+            slots: Arc::new(Semaphore::new(parallelism.max(1))),
+            options: LocalRunnerOptions {
+                sandbox_root,
+                parallelism: parallelism.max(1),
+                keep_sandboxes,
+            },
+        }
+    }
+
+    /// The store the runner uses.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn unclassified(what: impl std::fmt::Display) -> ProcessError {
+    ProcessError::Unclassified(what.to_string())
+}
+
+/// Checks a relative path from a Process (working directory, output path).
+fn validate_relative(kind: &str, path: &str) -> Result<(), ProcessError> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    for part in path.split('/') {
+        validate_name(part).map_err(|e| unclassified(format!("{kind} {path:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Kills a process group when dropped, unless disarmed: the `run` future being dropped (a
+/// cancelled build) must not leave the process or its children running.
+struct KillGroupOnDrop(Option<i32>);
+
+impl KillGroupOnDrop {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0 {
+            // ESRCH (already gone) is fine.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[async_trait]
+impl CommandRunner for LocalRunner {
+    async fn run(&self, _ctx: Context, process: Process) -> Result<ProcessResult, ProcessError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| unclassified("the local runner is shut down"))?;
+        let desc = if process.description.is_empty() {
+            process.argv.join(" ")
+        } else {
+            process.description.clone()
+        };
+        tracing::debug!(process = %desc, "running locally");
+        let start = Instant::now();
+        if process.argv.is_empty() {
+            return Err(unclassified("cannot run a process with an empty argv"));
+        }
+        validate_relative("working directory", &process.working_directory)?;
+        for p in process
+            .output_files
+            .iter()
+            .chain(&process.output_directories)
+        {
+            if p.is_empty() {
+                return Err(unclassified("an output path may not be empty"));
+            }
+            validate_relative("output path", p)?;
+        }
+
+        std::fs::create_dir_all(&self.options.sandbox_root).map_err(|e| {
+            unclassified(format!(
+                "creating sandbox root {}: {e}",
+                self.options.sandbox_root.display()
+            ))
+        })?;
+        let sandbox = tempfile::Builder::new()
+            .prefix("recache-sandbox-")
+            .tempdir_in(&self.options.sandbox_root)
+            .map_err(|e| unclassified(format!("creating a sandbox: {e}")))?;
+        let root = sandbox.path().join("root");
+
+        // Inputs: must be local (a local-only store reports MissingDigest otherwise).
+        self.store
+            .ensure_downloaded(HashSet::new(), HashSet::from([process.input_root]))
+            .await
+            .map_err(|e| ProcessError::from(e).context("fetching the input root"))?;
+        let local = self.store.local().clone();
+        let input_root = process.input_root;
+        let root_for_blocking = root.clone();
+        blocking(move || {
+            local
+                .materialize_directory(
+                    input_root,
+                    &root_for_blocking,
+                    MaterializeOptions::default(),
+                )
+                .map_err(|e| ProcessError::from(e).context("materializing the input root"))
+        })
+        .await?;
+        let cwd = root.join(&process.working_directory);
+        for p in process
+            .output_files
+            .iter()
+            .chain(&process.output_directories)
+        {
+            if let Some(parent) = cwd.join(p).parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| unclassified(format!("creating {}: {e}", parent.display())))?;
+            }
+        }
+        std::fs::create_dir_all(&cwd)
+            .map_err(|e| unclassified(format!("creating {}: {e}", cwd.display())))?;
+
+        let stdout_path = sandbox.path().join("stdout");
+        let stderr_path = sandbox.path().join("stderr");
+        let open = |p: &Path| {
+            std::fs::File::create(p)
+                .map_err(|e| unclassified(format!("creating {}: {e}", p.display())))
+        };
+        let program = resolve_program(&process.argv[0], process.env.get("PATH"), &cwd)?;
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&process.argv[1..])
+            .env_clear()
+            .envs(&process.env)
+            .current_dir(&cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(open(&stdout_path)?)
+            .stderr(open(&stderr_path)?)
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| unclassified(format!("could not start {:?}: {e}", process.argv[0])))?;
+        let mut group = KillGroupOnDrop(child.id().and_then(|id| i32::try_from(id).ok()));
+
+        let waited = match process.timeout {
+            Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),
+            None => Some(child.wait().await),
+        };
+        let (status, timed_out) = match waited {
+            Some(status) => (status, false),
+            None => {
+                group.kill();
+                (child.wait().await, true)
+            }
+        };
+        // Whatever the process left behind in its group (daemonized children) goes too.
+        group.kill();
+        let status = status.map_err(|e| unclassified(format!("waiting for the process: {e}")))?;
+        let exit_code = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(c), _) => c,
+            (None, Some(sig)) => -sig,
+            (None, None) => -1,
+        };
+
+        // Capture stdout, stderr and outputs (blocking file work).
+        let local = self.store.local().clone();
+        let p = process.clone();
+        let (stdout, stderr, output_root) = blocking(move || {
+            let stdout = local.store_file(&stdout_path, true)?;
+            let stderr = local.store_file(&stderr_path, true)?;
+            let output_root = capture_outputs(&local, &root, &p)?;
+            Ok((stdout, stderr, output_root))
+        })
+        .await?;
+
+        let keep = match self.options.keep_sandboxes {
+            KeepSandboxes::Always => true,
+            KeepSandboxes::OnFailure => exit_code != 0 || timed_out,
+            KeepSandboxes::Never => false,
+        };
+        if keep {
+            let kept = sandbox.keep();
+            tracing::info!(sandbox = %kept.display(), "kept sandbox for debugging");
+        }
+        Ok(ProcessResult {
+            stdout,
+            stderr,
+            exit_code,
+            output_root,
+            metadata: ResultMetadata {
+                source: ResultSource::RanLocally,
+                wall_time: start.elapsed(),
+                original_run_time: None,
+                timed_out,
+            },
+        })
+    }
+
+    async fn shutdown(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Finds `argv0` the way a shell would, but in the *process's* PATH: the standard library would
+/// fall back to recache's own PATH when the process has none, which is not hermetic.
+fn resolve_program(
+    argv0: &str,
+    path: Option<&String>,
+    cwd: &Path,
+) -> Result<PathBuf, ProcessError> {
+    if argv0.contains('/') {
+        return Ok(PathBuf::from(argv0));
+    }
+    let Some(path) = path else {
+        return Err(unclassified(format!(
+            "cannot find {argv0:?}: the process environment has no PATH; give one, or use an absolute path"
+        )));
+    };
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = cwd.join(dir).join(argv0);
+        if let Ok(meta) = std::fs::metadata(&candidate)
+            && meta.is_file()
+            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0
+        {
+            return Ok(candidate);
+        }
+    }
+    Err(unclassified(format!(
+        "cannot find {argv0:?} in the process's PATH {path:?}"
+    )))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProcessError> + Send + 'static,
+) -> Result<T, ProcessError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| unclassified(format!("blocking task failed: {e}")))?
+}
+
+/// The directory of `path` relative to the input root, for symlink checks.
+fn rel_dir(working_directory: &str, output: &str) -> PathBuf {
+    let full = Path::new(working_directory).join(output);
+    full.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Captures the declared outputs that exist into one directory, at their paths relative to the
+/// working directory.
+fn capture_outputs(
+    store: &LocalStore,
+    root: &Path,
+    process: &Process,
+) -> Result<Digest, ProcessError> {
+    let cwd = root.join(&process.working_directory);
+    let canonical_root = root
+        .canonicalize()
+        .map_err(|e| unclassified(format!("resolving the sandbox {}: {e}", root.display())))?;
+    let escapes = |what: &str, path: &str| {
+        unclassified(format!(
+            "output {what} {path:?} escapes the sandbox through a symlink; refusing to capture it"
+        ))
+    };
+    let mut builder = DirectoryBuilder::new(store);
+    for f in &process.output_files {
+        let p = cwd.join(f);
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue; // not produced: absent, not an error
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&p)
+                .map_err(|e| unclassified(format!("reading symlink {}: {e}", p.display())))?;
+            let target = target.to_string_lossy().into_owned();
+            if !symlink_stays_inside(&rel_dir(&process.working_directory, f), &target) {
+                return Err(escapes("file", f));
+            }
+            builder.add_symlink(f, &target)?;
+            continue;
+        }
+        let real = p
+            .canonicalize()
+            .map_err(|e| unclassified(format!("resolving output {}: {e}", p.display())))?;
+        if !real.starts_with(&canonical_root) {
+            return Err(escapes("file", f));
+        }
+        if meta.is_dir() {
+            return Err(unclassified(format!(
+                "declared output file {f:?} is a directory; declare it as an output directory"
+            )));
+        }
+        let exec = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+        let digest = store.store_file(&p, true)?;
+        builder.add_file(f, digest, exec)?;
+    }
+    for d in &process.output_directories {
+        let p = cwd.join(d);
+        if std::fs::symlink_metadata(&p).is_err() {
+            continue;
+        }
+        let real = p
+            .canonicalize()
+            .map_err(|e| unclassified(format!("resolving output {}: {e}", p.display())))?;
+        if !real.starts_with(&canonical_root) {
+            return Err(escapes("directory", d));
+        }
+        if !real.is_dir() {
+            return Err(unclassified(format!(
+                "declared output directory {d:?} is not a directory"
+            )));
+        }
+        let digest = store.capture_directory(&real)?;
+        check_tree_symlinks(
+            store,
+            digest,
+            &Path::new(&process.working_directory).join(d),
+        )
+        .map_err(|_| escapes("directory", d))?;
+        builder.add_directory(d, digest)?;
+    }
+    Ok(builder.build()?)
+}
+
+/// Fails if any symlink inside the captured directory `digest` (located at `at`, relative to the
+/// sandbox root) points outside the sandbox.
+fn check_tree_symlinks(store: &LocalStore, digest: Digest, at: &Path) -> Result<(), ProcessError> {
+    let dir = store.load_directory(digest)?;
+    for s in &dir.symlinks {
+        if !symlink_stays_inside(at, &s.target) {
+            return Err(unclassified("symlink escapes"));
+        }
+    }
+    for sub in &dir.directories {
+        let d = hashing::reapi::require_digest("digest", sub.digest.as_ref())
+            .map_err(|e| unclassified(e.to_string()))?;
+        check_tree_symlinks(store, d, &at.join(&sub.name))?;
+    }
+    Ok(())
+}
