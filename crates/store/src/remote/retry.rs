@@ -38,7 +38,9 @@ impl Default for RetryPolicy {
 
 /// Tracks the attempts of one operation.
 ///
-/// ```ignore
+/// The loop every operation runs:
+///
+/// ```text
 /// let mut retry = Retry::new(policy, "BatchReadBlobs");
 /// loop {
 ///     match call().await {
