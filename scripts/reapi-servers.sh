@@ -168,6 +168,8 @@ EOF
   {
     echo "export RECACHE_TEST_BUILDGRID=grpc://127.0.0.1:$port"
     echo "export RECACHE_TEST_BUILDGRID_INSTANCE=main"
+    # Where it keeps blobs: tests delete one to simulate a cache that lost it.
+    echo "export RECACHE_TEST_BUILDGRID_STORAGE=$RUN/buildgrid-cas"
   } >>"$RUN/env.sh"
   say "BuildGrid $BUILDGRID_VERSION ready on 127.0.0.1:$port (pid $pid, instance main)"
 }
@@ -185,6 +187,7 @@ start_casd() {
   {
     echo "export RECACHE_TEST_CASD=grpc://127.0.0.1:$port"
     echo "export RECACHE_TEST_CASD_INSTANCE="
+    echo "export RECACHE_TEST_CASD_STORAGE=$RUN/casd-cache"
   } >>"$RUN/env.sh"
   say "buildbox-casd $("$CASD" --version | awk '{print $2}') ready on 127.0.0.1:$port (pid $pid)"
 }

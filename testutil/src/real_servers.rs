@@ -37,6 +37,14 @@ impl ServerKind {
         }
     }
 
+    /// The variable holding the directory where the server keeps its blobs.
+    pub fn storage_var(self) -> &'static str {
+        match self {
+            ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_STORAGE",
+            ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_STORAGE",
+        }
+    }
+
     /// The variable holding the REAPI instance name to use.
     pub fn instance_var(self) -> &'static str {
         match self {
@@ -57,6 +65,8 @@ pub struct RealServer {
     pub instance: String,
     /// A connected gRPC channel.
     pub channel: Channel,
+    /// Where the server keeps its blobs, if the script said.
+    pub storage: Option<std::path::PathBuf>,
 }
 
 /// True when running under CI (`CI=true`), where unreachable servers fail tests.
@@ -112,12 +122,29 @@ impl RealServer {
             .connect()
             .await
             .map_err(|e| format!("connecting to {address} failed: {e}"))?;
+        let storage = std::env::var_os(kind.storage_var()).map(std::path::PathBuf::from);
         Ok(RealServer {
             kind,
             address,
             instance,
             channel,
+            storage,
         })
+    }
+
+    /// Deletes a blob behind the server's back (both BuildGrid's disk storage and casd keep
+    /// blobs at `cas/objects/<2 hex>/<62 hex>`), to simulate a cache that lost it.
+    /// Panics when the storage directory is unknown or the blob is not there.
+    pub fn delete_blob(&self, digest: &hashing::Digest) {
+        let storage = self
+            .storage
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not set", self.kind.storage_var()));
+        let hex = digest.hash.to_hex();
+        let path = storage.join("cas/objects").join(&hex[..2]).join(&hex[2..]);
+        std::fs::remove_file(&path).unwrap_or_else(|e| {
+            panic!("deleting {} from {}: {e}", path.display(), self.kind.name())
+        });
     }
 
     /// A ByteStream read resource name for `digest` on this server's instance.

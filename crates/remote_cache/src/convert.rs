@@ -29,6 +29,8 @@ pub(crate) struct CachedOutputs {
     pub files: HashSet<Digest>,
     /// Root directories of output directories (their files are found by walking them).
     pub directories: HashSet<Digest>,
+    /// The Tree blobs the output directories came from.
+    pub trees: HashSet<Digest>,
     pub original_run_time: Option<Duration>,
 }
 
@@ -37,7 +39,12 @@ fn digest_field(field: &str, d: Option<&remexec::Digest>) -> Result<Digest, Stor
 }
 
 /// Stores inline content after checking it against its digest.
-fn store_inline(store: &LocalStore, what: &str, raw: &[u8], expected: Option<Digest>) -> Result<Digest, StoreError> {
+fn store_inline(
+    store: &LocalStore,
+    what: &str,
+    raw: &[u8],
+    expected: Option<Digest>,
+) -> Result<Digest, StoreError> {
     let d = store.store_bytes(raw)?;
     match expected {
         Some(e) if e != d => Err(StoreError::invalid(format!(
@@ -64,15 +71,30 @@ pub(crate) async fn parse_action_result(
     let local = store.local();
     let mut files = HashSet::new();
     let mut directories = HashSet::new();
+    let mut trees = HashSet::new();
 
     let stdout = match (&ar.stdout_digest, ar.stdout_raw.is_empty()) {
         (Some(d), true) => digest_field("stdout_digest", Some(d))?,
-        (d, false) => store_inline(local, "stdout", &ar.stdout_raw, d.as_ref().map(|d| digest_field("stdout_digest", Some(d))).transpose()?)?,
+        (d, false) => store_inline(
+            local,
+            "stdout",
+            &ar.stdout_raw,
+            d.as_ref()
+                .map(|d| digest_field("stdout_digest", Some(d)))
+                .transpose()?,
+        )?,
         (None, true) => hashing::EMPTY_DIGEST,
     };
     let stderr = match (&ar.stderr_digest, ar.stderr_raw.is_empty()) {
         (Some(d), true) => digest_field("stderr_digest", Some(d))?,
-        (d, false) => store_inline(local, "stderr", &ar.stderr_raw, d.as_ref().map(|d| digest_field("stderr_digest", Some(d))).transpose()?)?,
+        (d, false) => store_inline(
+            local,
+            "stderr",
+            &ar.stderr_raw,
+            d.as_ref()
+                .map(|d| digest_field("stderr_digest", Some(d)))
+                .transpose()?,
+        )?,
         (None, true) => hashing::EMPTY_DIGEST,
     };
     files.insert(stdout);
@@ -80,12 +102,22 @@ pub(crate) async fn parse_action_result(
 
     let mut builder = DirectoryBuilder::new(local);
     for f in &ar.output_files {
-        let mut d = digest_field(&format!("output_files[{:?}].digest", f.path), f.digest.as_ref())?;
+        let mut d = digest_field(
+            &format!("output_files[{:?}].digest", f.path),
+            f.digest.as_ref(),
+        )?;
         if !f.contents.is_empty() {
-            d = store_inline(local, &format!("content of {:?}", f.path), &f.contents, Some(d))?;
+            d = store_inline(
+                local,
+                &format!("content of {:?}", f.path),
+                &f.contents,
+                Some(d),
+            )?;
         }
         if f.path.is_empty() {
-            return Err(StoreError::invalid("ActionResult: an output file has an empty path"));
+            return Err(StoreError::invalid(
+                "ActionResult: an output file has an empty path",
+            ));
         }
         builder
             .add_file(&f.path, d, f.is_executable)
@@ -110,8 +142,12 @@ pub(crate) async fn parse_action_result(
             .map_err(|e| e.context("ActionResult output symlink"))?;
     }
     for d in &ar.output_directories {
-        let tree = digest_field(&format!("output_directories[{:?}].tree_digest", d.path), d.tree_digest.as_ref())?;
+        let tree = digest_field(
+            &format!("output_directories[{:?}].tree_digest", d.path),
+            d.tree_digest.as_ref(),
+        )?;
         let root = store.load_tree(tree).await?;
+        trees.insert(tree);
         builder
             .add_directory(&d.path, root)
             .map_err(|e| e.context("ActionResult output directory"))?;
@@ -120,8 +156,16 @@ pub(crate) async fn parse_action_result(
     let output_root = builder.build()?;
 
     let original_run_time = ar.execution_metadata.as_ref().and_then(|m| {
-        duration_between(m.worker_start_timestamp.as_ref(), m.worker_completed_timestamp.as_ref())
-            .or_else(|| duration_between(m.execution_start_timestamp.as_ref(), m.execution_completed_timestamp.as_ref()))
+        duration_between(
+            m.worker_start_timestamp.as_ref(),
+            m.worker_completed_timestamp.as_ref(),
+        )
+        .or_else(|| {
+            duration_between(
+                m.execution_start_timestamp.as_ref(),
+                m.execution_completed_timestamp.as_ref(),
+            )
+        })
     });
     Ok(CachedOutputs {
         stdout,
@@ -130,6 +174,7 @@ pub(crate) async fn parse_action_result(
         output_root,
         files,
         directories,
+        trees,
         original_run_time,
     })
 }

@@ -10,8 +10,8 @@ use futures::StreamExt;
 use hashing::Digest;
 use process_execution::action::{ActionMessages, make_action};
 use process_execution::{
-    CacheScope, CommandRunner as CommandRunnerTrait, Context, Process, ProcessError,
-    ProcessResult, ResultMetadata, ResultSource,
+    CacheScope, CommandRunner as CommandRunnerTrait, Context, Process, ProcessError, ProcessResult,
+    ResultMetadata, ResultSource,
 };
 use store::remote::ActionCacheProvider;
 use store::{ErrorKind, Store, StoreError};
@@ -110,9 +110,7 @@ impl CommandRunner {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
-        self.shared
-            .counters
-            .snapshot(self.shared.warnings.logged())
+        self.shared.counters.snapshot(self.shared.warnings.logged())
     }
 
     /// Write-behind jobs queued or in progress.
@@ -178,7 +176,12 @@ impl CommandRunner {
         Ok(result)
     }
 
-    async fn maybe_write(&self, messages: ActionMessages, process: Process, result: &ProcessResult) {
+    async fn maybe_write(
+        &self,
+        messages: ActionMessages,
+        process: Process,
+        result: &ProcessResult,
+    ) {
         if !self.shared.options.cache_write || !cacheable(&process, result) {
             return;
         }
@@ -187,7 +190,9 @@ impl CommandRunner {
             writer.as_ref().map(|(tx, _)| tx.clone())
         };
         let Some(sender) = sender else {
-            self.shared.warnings.warn("cache write skipped: the runner is shut down");
+            self.shared
+                .warnings
+                .warn("cache write skipped: the runner is shut down");
             return;
         };
         self.shared.pending_writes.fetch_add(1, Ordering::AcqRel);
@@ -225,7 +230,11 @@ impl Shared {
     }
 
     /// GetActionResult, then fetch / validate / defer. `Err` = an error miss.
-    async fn lookup(&self, process: &Process, messages: &ActionMessages) -> Result<Lookup, StoreError> {
+    async fn lookup(
+        &self,
+        process: &Process,
+        messages: &ActionMessages,
+    ) -> Result<Lookup, StoreError> {
         let start = Instant::now();
         let action_digest = messages.action_digest;
         tracing::debug!(%action_digest, behavior = ?self.options.cache_content_behavior, "cache lookup");
@@ -266,9 +275,15 @@ impl Shared {
                 Counters::add(&self.counters.bytes_downloaded, summary.bytes);
             }
             CacheContentBehavior::Validate => {
-                self.store
-                    .exists_recursive(outputs.files.clone(), outputs.directories.clone())
-                    .await?;
+                // A writer uploads each output directory as one Tree blob, not as Directory
+                // messages: check the Trees and every file blob (the Directory messages are
+                // local since the Trees were expanded), in one FindMissingBlobs pass.
+                let mut blobs = outputs.files.clone();
+                blobs.extend(&outputs.trees);
+                for d in &outputs.directories {
+                    blobs.extend(self.store.local().file_digests(*d)?);
+                }
+                self.store.exists_recursive(blobs, HashSet::new()).await?;
             }
             CacheContentBehavior::Defer => {
                 let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,7 +317,8 @@ impl Shared {
         let action_digest = job.messages.action_digest;
         let result = async {
             let local = self.store.local().clone();
-            let (process, result, finished) = (job.process.clone(), job.result.clone(), job.finished_at);
+            let (process, result, finished) =
+                (job.process.clone(), job.result.clone(), job.finished_at);
             let (ar, mut blobs) = tokio::task::spawn_blocking(move || {
                 make_action_result(&local, &process, &result, finished)
             })
@@ -311,18 +327,24 @@ impl Shared {
             // The Action and Command go to the CAS too, as REAPI asks of clients.
             blobs.insert(self.store.store_bytes(&job.messages.action_bytes())?);
             blobs.insert(self.store.store_bytes(&job.messages.command_bytes())?);
-            let up = self.store.ensure_remote_has_recursive(blobs, HashSet::new()).await?;
+            let up = self
+                .store
+                .ensure_remote_has_recursive(blobs, HashSet::new())
+                .await?;
             Counters::add(&self.counters.blobs_uploaded, up.blobs);
             Counters::add(&self.counters.bytes_uploaded, up.bytes);
-            self.action_cache.update_action_result(action_digest, ar).await
+            self.action_cache
+                .update_action_result(action_digest, ar)
+                .await
         }
         .await;
         match result {
             Ok(()) => Counters::add(&self.counters.writes, 1),
             Err(e) => {
                 Counters::add(&self.counters.write_errors, 1);
-                self.warnings
-                    .warn(&format!("could not write {action_digest} to the cache: {e}"));
+                self.warnings.warn(&format!(
+                    "could not write {action_digest} to the cache: {e}"
+                ));
             }
         }
     }
@@ -404,11 +426,7 @@ impl CommandRunnerTrait for CommandRunner {
     /// Flushes the write-behind queue, waiting at most `flush_deadline`, and reports what could
     /// not be written.
     async fn shutdown(&self) -> Result<(), String> {
-        let taken = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some((tx, handle)) = taken else {
             return Ok(());
         };

@@ -80,7 +80,10 @@ mod tests {
 
     #[test]
     fn backoff_logs_powers_of_two_per_distinct_error() {
-        assert_eq!(logged_occurrences(WarningsBehavior::Backoff, 20), vec![1, 2, 4, 8, 16]);
+        assert_eq!(
+            logged_occurrences(WarningsBehavior::Backoff, 20),
+            vec![1, 2, 4, 8, 16]
+        );
         let t = WarningsTracker::new(WarningsBehavior::Backoff);
         for _ in 0..3 {
             t.warn("server unavailable");
@@ -94,6 +97,9 @@ mod tests {
     fn other_behaviors() {
         assert!(logged_occurrences(WarningsBehavior::Ignore, 10).is_empty());
         assert_eq!(logged_occurrences(WarningsBehavior::FirstOnly, 10), vec![1]);
-        assert_eq!(logged_occurrences(WarningsBehavior::Always, 4), vec![1, 2, 3, 4]);
+        assert_eq!(
+            logged_occurrences(WarningsBehavior::Always, 4),
+            vec![1, 2, 3, 4]
+        );
     }
 }
