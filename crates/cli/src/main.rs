@@ -1,6 +1,135 @@
-//! `recache`: run one command through the remote cache.
+//! `recache`: run one command through the remote cache. See `recache --help`.
+
+mod args;
+mod cache_dir;
+mod progress;
+mod run;
+
+use clap::Parser;
+use store::{LocalStore, LocalStoreOptions};
+
+use crate::args::{Cli, Command};
+use crate::cache_dir::{CacheDir, human_bytes};
+
+/// Exit code for recache's own errors (bad flags, unusable cache directory, …), distinct from
+/// any code the wrapped command returns in normal use.
+const RECACHE_ERROR_EXIT: i32 = 125;
+
+/// An error of recache itself, with a message that says what to fix.
+#[derive(Debug)]
+pub struct CliError(String);
+
+impl CliError {
+    /// An error with a message for the user.
+    pub fn new(msg: impl Into<String>) -> CliError {
+        CliError(msg.into())
+    }
+}
 
 fn main() {
-    eprintln!("recache: the `run` command is not implemented yet (see README.md for the status)");
-    std::process::exit(2);
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                RECACHE_ERROR_EXIT
+            } else {
+                0
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let level = std::env::var("RECACHE_LOG").unwrap_or_else(|_| "warn".into());
+    let level = level.parse().unwrap_or(tracing::Level::WARN);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_max_level(level)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => fail(CliError::new(format!(
+            "cannot start the async runtime: {e}"
+        ))),
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(*args).await,
+            Command::Stats(a) => stats(a.cache_dir).map(|()| 0),
+            Command::Gc(a) => gc(a.cache_dir.cache_dir, a.target_size).map(|()| 0),
+        }
+    });
+    match code {
+        Ok(c) => std::process::exit(c),
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: CliError) -> ! {
+    eprintln!("recache: error: {}", e.0);
+    std::process::exit(RECACHE_ERROR_EXIT);
+}
+
+fn open_store(cache: &CacheDir) -> Result<LocalStore, CliError> {
+    LocalStore::open(LocalStoreOptions::new(cache.store_dir()))
+        .map_err(|e| CliError::new(format!("cannot open the local store: {e}")))
+}
+
+fn stats(dir: Option<std::path::PathBuf>) -> Result<(), CliError> {
+    let cache = CacheDir::resolve(dir)?;
+    let usage = open_store(&cache)?.usage();
+    let records = cache.records();
+    let count = |what: &str| records.iter().filter(|r| r["cache"] == what).count();
+    let sum = |field: &str| {
+        records
+            .iter()
+            .filter_map(|r| r[field].as_f64())
+            .sum::<f64>()
+    };
+    println!("cache directory   {}", cache.root().display());
+    println!(
+        "local store       {} blobs, {} ({} small in the database, {} large in the pool)",
+        usage.total_blobs(),
+        human_bytes(usage.total_bytes()),
+        usage.small_blobs,
+        usage.large_blobs
+    );
+    println!(
+        "runs              {} ({} hits, {} misses, {} misses after a cache error)",
+        records.len(),
+        count("hit"),
+        count("miss"),
+        count("miss-after-error")
+    );
+    println!(
+        "transferred       {} down, {} up",
+        human_bytes(sum("bytes_downloaded") as u64),
+        human_bytes(sum("bytes_uploaded") as u64)
+    );
+    println!("time saved        {:.2} s", sum("time_saved_ms") / 1000.0);
+    Ok(())
+}
+
+fn gc(dir: Option<std::path::PathBuf>, target: u64) -> Result<(), CliError> {
+    let cache = CacheDir::resolve(dir)?;
+    let store = open_store(&cache)?;
+    let before = store.usage().total_bytes();
+    let report = store
+        .gc(target)
+        .map_err(|e| CliError::new(format!("garbage collection failed: {e}")))?;
+    println!(
+        "recache gc: {} -> {} (removed {} blobs, {}; {} kept because in use)",
+        human_bytes(before),
+        human_bytes(report.remaining_bytes),
+        report.removed_blobs,
+        human_bytes(report.removed_bytes),
+        report.leased_skipped
+    );
+    Ok(())
 }

@@ -196,6 +196,7 @@ impl AsyncWrite for LocalDestination {
             },
         };
         this.written += n as u64;
+        this.store.note_received(n as u64);
         Poll::Ready(Ok(n))
     }
 

@@ -122,6 +122,8 @@ struct Inner {
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
     /// Leased digests and how many leases hold each.
     leases: Mutex<HashMap<Digest, usize>>,
+    /// Bytes streamed into destinations so far (for progress reporting).
+    received: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -172,6 +174,7 @@ impl LocalStore {
                 usage,
                 recent_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
+                received: AtomicU64::new(0),
             }),
         })
     }
@@ -188,6 +191,16 @@ impl LocalStore {
 
     pub(crate) fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// Bytes received into [`LocalDestination`]s so far (downloads in progress included): a
+    /// cheap counter for progress bars.
+    pub fn bytes_received(&self) -> u64 {
+        self.inner.received.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_received(&self, n: u64) {
+        self.inner.received.fetch_add(n, Ordering::Relaxed);
     }
 
     fn touch(&self, digest: Digest) {

@@ -1,0 +1,52 @@
+//! A progress bar for large downloads, shown only when stderr is a terminal and more than a few
+//! MiB arrive.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use store::LocalStore;
+
+/// Below this many bytes no bar is shown: small hits stay silent.
+const SHOW_AFTER_BYTES: u64 = 4 * 1024 * 1024;
+
+pub struct Progress {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    /// Starts watching `local`'s received-bytes counter.
+    pub fn start(local: LocalStore) -> Progress {
+        if !std::io::stderr().is_terminal() {
+            return Progress { task: None };
+        }
+        let task = tokio::spawn(async move {
+            let base = local.bytes_received();
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let got = local.bytes_received() - base;
+                if got < SHOW_AFTER_BYTES {
+                    continue;
+                }
+                let b = bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new_spinner();
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(
+                        "{spinner} recache: downloading {bytes} ({binary_bytes_per_sec})",
+                    ) {
+                        b.set_style(style);
+                    }
+                    b
+                });
+                b.set_position(got);
+            }
+        });
+        Progress { task: Some(task) }
+    }
+
+    /// Removes the bar.
+    pub fn finish(self) {
+        if let Some(t) = self.task {
+            t.abort();
+        }
+    }
+}
