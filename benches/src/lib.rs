@@ -1,4 +1,11 @@
-//! Benchmarks for recache live in `benches/`; this library holds shared bench helpers.
+//! Benchmarks for recache live in `benches/`; this library holds what they and the
+//! `perf-report` binary share.
+
+// A measurement harness: a setup failure must stop the run loudly, not be worked around.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+pub mod hit;
+pub mod transfer;
 
 /// Deterministic pseudo-random bytes (xorshift64), so benchmarks need no fixtures and hash
 /// realistic, incompressible data.

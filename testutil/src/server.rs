@@ -222,7 +222,12 @@ impl TestServer {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small responses must not wait for Nagle + delayed ACK (a 40 ms stall per RPC).
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
         tokio::spawn(async move {
             let _ = router
                 .serve_with_incoming_shutdown(incoming, async {

@@ -604,13 +604,24 @@ impl<'a> DirectoryBuilder<'a> {
         self.insert(path, Node::Symlink(target.to_owned()))
     }
 
-    /// Stores the Directory messages and returns the root's digest.
+    /// Stores the Directory messages (in one transaction) and returns the root's digest.
     pub fn build(self) -> Result<Digest, StoreError> {
-        store_node(self.store, &self.root)
+        let mut encoded: Vec<(Digest, Vec<u8>)> = Vec::new();
+        let root = encode_node(&self.root, &mut encoded)?;
+        let items: Vec<(Digest, &[u8])> = encoded.iter().map(|(d, b)| (*d, &b[..])).collect();
+        if items.iter().all(|(d, _)| self.store.is_small(d.size_bytes)) {
+            self.store.put_small_batch(&items)?;
+        } else {
+            for (_, bytes) in &items {
+                self.store.store_bytes(bytes)?;
+            }
+        }
+        Ok(root)
     }
 }
 
-fn store_node(store: &LocalStore, node: &Node) -> Result<Digest, StoreError> {
+/// Encodes `node`'s Directory messages bottom-up into `out` (validated), returning its digest.
+fn encode_node(node: &Node, out: &mut Vec<(Digest, Vec<u8>)>) -> Result<Digest, StoreError> {
     match node {
         Node::Stored(d) => Ok(*d),
         Node::Dir(map) => {
@@ -631,12 +642,16 @@ fn store_node(store: &LocalStore, node: &Node) -> Result<Digest, StoreError> {
                     Node::Stored(_) | Node::Dir(_) => {
                         msg.directories.push(remexec::DirectoryNode {
                             name: name.clone(),
-                            digest: Some(store_node(store, child)?.into()),
+                            digest: Some(encode_node(child, out)?.into()),
                         })
                     }
                 }
             }
-            store.store_directory(&msg)
+            validate_directory(&msg)?;
+            let bytes = msg.encode_to_vec();
+            let digest = Digest::of_bytes(&bytes);
+            out.push((digest, bytes));
+            Ok(digest)
         }
         Node::File { .. } | Node::Symlink(_) => {
             Err(StoreError::invalid("the root must be a directory"))

@@ -225,13 +225,16 @@ impl Store {
             .partition(|d| d.size_bytes <= batch_max && self.local.is_small(d.size_bytes));
         if !small.is_empty() {
             let got = remote.provider.load_batch(small.clone()).await?;
+            let mut items = Vec::with_capacity(small.len());
             for d in &small {
                 let bytes = got
                     .get(d)
                     .ok_or_else(|| StoreError::missing(*d).context("the remote cache lost it"))?;
-                self.local.put_small(*d, bytes)?;
+                items.push((*d, &bytes[..]));
                 summary.add(*d);
             }
+            // Providers verify every blob of a batch; one local transaction for all of them.
+            self.local.put_small_batch(&items)?;
         }
         let fetched: Vec<Digest> = futures::stream::iter(large)
             .map(|d| async move {

@@ -245,6 +245,29 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Stores several verified small blobs in one transaction. Every digest must be correct
+    /// for its bytes (callers verified them) and below the pool threshold.
+    pub(crate) fn put_small_batch(&self, items: &[(Digest, &[u8])]) -> Result<(), StoreError> {
+        let items: Vec<(Digest, &[u8])> = items
+            .iter()
+            .filter(|(d, _)| *d != EMPTY_DIGEST)
+            .copied()
+            .collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let (count, bytes) = self.inner.db.put_many(&items, now_millis())?;
+        self.inner
+            .usage
+            .small_blobs
+            .fetch_add(count, Ordering::Relaxed);
+        self.inner
+            .usage
+            .small_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(crate) fn note_pool_added(&self, digest: Digest) -> Result<(), StoreError> {
         self.inner.usage.large_blobs.fetch_add(1, Ordering::Relaxed);
         self.inner

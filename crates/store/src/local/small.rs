@@ -89,6 +89,38 @@ impl SmallDb {
         Ok(!existed)
     }
 
+    /// Stores several verified blobs in one transaction (one commit instead of one per blob:
+    /// on a cache hit with many small outputs this is most of the local cost). Returns how many
+    /// were new, with their total size.
+    pub(crate) fn put_many(
+        &self,
+        items: &[(Digest, &[u8])],
+        now: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for (digest, data) in items {
+            let key = digest.hash.as_bytes();
+            let existed = self
+                .blobs
+                .get(&w, key)
+                .map_err(|e| db_err("get", e))?
+                .is_some_and(|v| v.len() as u64 == digest.size_bytes);
+            if !existed {
+                self.blobs
+                    .put(&mut w, key, data)
+                    .map_err(|e| db_err("put", e))?;
+                count += 1;
+                bytes += digest.size_bytes;
+            }
+            self.atime
+                .put(&mut w, key, &now)
+                .map_err(|e| db_err("put atime", e))?;
+        }
+        w.commit().map_err(|e| db_err("commit", e))?;
+        Ok((count, bytes))
+    }
+
     /// The blob, copied out of the map. A stored value whose length does not match the digest is
     /// treated as absent.
     pub(crate) fn get(&self, digest: Digest) -> Result<Option<Bytes>, StoreError> {

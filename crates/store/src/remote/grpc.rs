@@ -44,6 +44,11 @@ const BATCH_OVERHEAD_FIXED: u64 = 16 * 1024;
 const FIND_MISSING_BATCH: usize = 10_000;
 /// Header REAPI servers read the RequestMetadata from.
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+/// HTTP/2 receive windows. The default 64 KiB caps a loopback stream near 1.5 GB/s; 8 MiB per
+/// stream removes that cap while bounding what can pile up in memory when the disk is slower
+/// than the network (measured: 16/32 MiB windows grew a 256 MiB download's peak RSS by ≈ 40 MiB).
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest decompressed chunk held in memory while inflating a zstd stream.
 const ZSTD_OUT_BUFFER: usize = 1024 * 1024;
 
@@ -136,9 +141,10 @@ impl GrpcProvider {
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
-            // Windows large enough that one big download is not window-bound on a fast link.
-            .initial_stream_window_size(Some(16 * 1024 * 1024))
-            .initial_connection_window_size(Some(32 * 1024 * 1024))
+            // Windows large enough that one big download is not window-bound on a fast link,
+            // small enough that data piling up ahead of a slower disk stays bounded.
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if tls {

@@ -1,0 +1,124 @@
+//! Prints ONE JSON object of medians measured in this run, so ratios compare like with like on a
+//! noisy machine:
+//!
+//! - `hit_{fetch,validate,defer}_us`: one cache hit through `remote_cache::CommandRunner`
+//!   (10 outputs of 4 KiB, in-process REAPI server on loopback), a fresh local store each time;
+//! - `floor_{fetch,validate,defer}_us`: the bare RPCs that hit must make (GetActionResult;
+//!   + FindMissingBlobs for validate; + BatchReadBlobs for fetch), plain tonic clients;
+//! - `spawn_true_us`: spawning and waiting for `/bin/true`;
+//! - `download_mib_s`, `upload_mib_s`, `hash_mib_s`: a `blob_mib` MiB blob through the server,
+//!   and hashing the same bytes in memory;
+//! - `download_peak_rss_growth_mib`: peak memory growth of one download.
+//!
+//! `cargo run --release -p benches --bin perf-report -- [--quick]` (quick: fewer repetitions).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use benches::hit::{HitFixture, median};
+use benches::transfer::{TransferFixture, mib_per_s};
+use remote_cache::CacheContentBehavior;
+
+fn us(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e7).round() / 10.0
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let hit_reps = if quick { 300 } else { 2000 };
+    let spawn_reps = if quick { 200 } else { 1000 };
+    let transfer_reps = if quick { 3 } else { 7 };
+    let blob_mib = benches::blob_mib(256);
+    let started = Instant::now();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Runners start their write-behind task on construction: keep the runtime entered.
+    let _entered = rt.enter();
+    let mut report = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        report.insert(k.to_owned(), serde_json::json!(v));
+    };
+
+    // Cache hits and their floors, interleaved so drift affects both alike.
+    let fixture = rt.block_on(HitFixture::new());
+    for (behavior, name) in [
+        (CacheContentBehavior::Fetch, "fetch"),
+        (CacheContentBehavior::Validate, "validate"),
+        (CacheContentBehavior::Defer, "defer"),
+    ] {
+        // Machines are made outside the timed part (each opens a fresh local store).
+        let machines: Vec<_> = (0..hit_reps + 20)
+            .map(|_| fixture.machine(behavior))
+            .collect();
+        let (mut hits, mut floors) = (vec![], vec![]);
+        for (i, m) in machines.iter().enumerate() {
+            // Alternate which goes first, so neither always runs in the other's wake.
+            let (h, f) = if i % 2 == 0 {
+                let h = rt.block_on(fixture.hit(m));
+                (h, rt.block_on(fixture.floor(behavior)))
+            } else {
+                let f = rt.block_on(fixture.floor(behavior));
+                (rt.block_on(fixture.hit(m)), f)
+            };
+            if i >= 20 {
+                hits.push(h);
+                floors.push(f);
+            }
+        }
+        drop(machines);
+        put(&format!("hit_{name}_us"), us(median(&mut hits)));
+        put(&format!("floor_{name}_us"), us(median(&mut floors)));
+    }
+
+    let mut spawns: Vec<Duration> = (0..spawn_reps)
+        .map(|_| {
+            let s = Instant::now();
+            std::process::Command::new("/bin/true").status().unwrap();
+            s.elapsed()
+        })
+        .collect();
+    put("spawn_true_us", us(median(&mut spawns)));
+
+    // Large blob: download, upload, hash-only.
+    // Where the downloads land: RECACHE_BENCH_DIR, else the system temp dir.
+    let tmp = std::env::var_os("RECACHE_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let t = rt.block_on(TransferFixture::new(blob_mib, &tmp));
+    let growth = rt.block_on(t.download_peak_rss_growth_mib());
+    let mut downloads: Vec<Duration> = (0..transfer_reps)
+        .map(|_| rt.block_on(t.download()))
+        .collect();
+    let (_keep, path) = rt.block_on(t.local_copy());
+    let mut uploads: Vec<Duration> = (0..transfer_reps)
+        .map(|_| rt.block_on(t.upload(&path)))
+        .collect();
+    let data = t.bytes();
+    let mut hashes: Vec<Duration> = (0..transfer_reps).map(|_| t.hash_only(&data)).collect();
+    put(
+        "download_mib_s",
+        (mib_per_s(t.size, median(&mut downloads)) * 10.0).round() / 10.0,
+    );
+    put(
+        "upload_mib_s",
+        (mib_per_s(t.size, median(&mut uploads)) * 10.0).round() / 10.0,
+    );
+    put(
+        "hash_mib_s",
+        (mib_per_s(t.size, median(&mut hashes)) * 10.0).round() / 10.0,
+    );
+    put(
+        "download_peak_rss_growth_mib",
+        (growth * 10.0).round() / 10.0,
+    );
+    put("blob_mib", blob_mib as f64);
+    put(
+        "elapsed_s",
+        (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    );
+    println!("{}", serde_json::Value::Object(report));
+}

@@ -1,0 +1,186 @@
+//! One cache hit through `remote_cache::CommandRunner`, and its floor: the bare RPCs that hit
+//! has to make, issued with plain tonic clients against the same in-process server.
+//!
+//! The action has 10 output files of 4 KiB. Floors: `defer` = GetActionResult;
+//! `validate` = + FindMissingBlobs of the 10 outputs; `fetch` = + BatchReadBlobs of them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use hashing::Digest;
+use process_execution::action::make_action;
+use process_execution::{
+    CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
+};
+use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use store::remote::grpc::{GrpcOptions, GrpcProvider};
+use store::{LocalStore, LocalStoreOptions, Store};
+use testutil::server::TestServer;
+use tonic::transport::Channel;
+
+/// Number of output files of the benchmarked action.
+pub const OUTPUTS: usize = 10;
+/// Size of each output file.
+pub const OUTPUT_BYTES: usize = 4 * 1024;
+
+/// A server holding one cached action, plus what is needed to hit it.
+pub struct HitFixture {
+    /// The in-process server.
+    pub server: TestServer,
+    /// The process whose result is cached.
+    pub process: Process,
+    /// Its action digest.
+    pub action: Digest,
+    /// The output blobs.
+    pub outputs: Vec<Digest>,
+    provider: Arc<GrpcProvider>,
+    channel: Channel,
+    dir: tempfile::TempDir,
+}
+
+/// A fresh machine: a runner over an empty local store.
+pub struct Machine {
+    /// The runner.
+    pub runner: CommandRunner,
+    _dir: tempfile::TempDir,
+}
+
+impl HitFixture {
+    /// Starts the server and caches the action on it.
+    pub async fn new() -> HitFixture {
+        let server = TestServer::start().await;
+        let process =
+            Process::new(["/bin/true"]).output_files((0..OUTPUTS).map(|i| format!("out/{i}.bin")));
+        let action = make_action(&process).action_digest;
+        let mut output_files = vec![];
+        let mut outputs = vec![];
+        for i in 0..OUTPUTS {
+            let d = server.put_blob(&crate::pseudo_random_bytes(OUTPUT_BYTES, i as u64 + 1));
+            outputs.push(d);
+            output_files.push(remexec::OutputFile {
+                path: format!("out/{i}.bin"),
+                digest: Some(d.into()),
+                ..Default::default()
+            });
+        }
+        server.put_action_result(
+            action,
+            remexec::ActionResult {
+                output_files,
+                ..Default::default()
+            },
+        );
+        let provider = Arc::new(
+            GrpcProvider::connect(&server.address(), GrpcOptions::default())
+                .await
+                .expect("connect"),
+        );
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", server.socket_addr()))
+                .expect("endpoint")
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .expect("connect");
+        HitFixture {
+            server,
+            process,
+            action,
+            outputs,
+            provider,
+            channel,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A runner on a fresh, empty local store (so a fetch hit really downloads).
+    pub fn machine(&self, behavior: CacheContentBehavior) -> Machine {
+        let dir = tempfile::tempdir_in(self.dir.path()).expect("tempdir");
+        let local =
+            LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).expect("store");
+        let store = Store::with_remote(local, self.provider.clone());
+        let inner_store = match behavior {
+            CacheContentBehavior::Fetch => store.into_local_only(),
+            _ => store.clone(),
+        };
+        let inner = LocalRunner::new(inner_store, LocalRunnerOptions::new(dir.path().join("sb")));
+        let runner = CommandRunner::new(
+            Arc::new(inner),
+            store,
+            self.provider.clone(),
+            RemoteCacheOptions {
+                cache_content_behavior: behavior,
+                cache_write: false,
+                ..Default::default()
+            },
+        );
+        Machine { runner, _dir: dir }
+    }
+
+    /// One hit through the runner; panics if it is not a hit.
+    pub async fn hit(&self, machine: &Machine) -> Duration {
+        let start = Instant::now();
+        let r = machine
+            .runner
+            .run(Context::default(), self.process.clone())
+            .await
+            .expect("hit");
+        let took = start.elapsed();
+        assert_eq!(
+            r.metadata.source,
+            ResultSource::RemoteCacheHit,
+            "benchmark expects a hit"
+        );
+        took
+    }
+
+    /// The bare RPCs a hit of `behavior` must make, with plain tonic clients.
+    pub async fn floor(&self, behavior: CacheContentBehavior) -> Duration {
+        let start = Instant::now();
+        let mut ac = ActionCacheClient::new(self.channel.clone());
+        let ar = ac
+            .get_action_result(remexec::GetActionResultRequest {
+                action_digest: Some(self.action.into()),
+                ..Default::default()
+            })
+            .await
+            .expect("GetActionResult")
+            .into_inner();
+        let digests: Vec<remexec::Digest> = ar
+            .output_files
+            .iter()
+            .filter_map(|f| f.digest.clone())
+            .collect();
+        let mut cas = ContentAddressableStorageClient::new(self.channel.clone());
+        match behavior {
+            CacheContentBehavior::Defer => {}
+            CacheContentBehavior::Validate => {
+                cas.find_missing_blobs(remexec::FindMissingBlobsRequest {
+                    blob_digests: digests,
+                    ..Default::default()
+                })
+                .await
+                .expect("FindMissingBlobs");
+            }
+            CacheContentBehavior::Fetch => {
+                cas.batch_read_blobs(remexec::BatchReadBlobsRequest {
+                    digests,
+                    ..Default::default()
+                })
+                .await
+                .expect("BatchReadBlobs");
+            }
+        }
+        start.elapsed()
+    }
+}
+
+/// Median of `samples` (sorted in place).
+pub fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples.get(samples.len() / 2).copied().unwrap_or_default()
+}
