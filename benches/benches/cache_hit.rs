@@ -6,7 +6,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use benches::hit::HitFixture;
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use remote_cache::CacheContentBehavior;
 
 fn cache_hit(c: &mut Criterion) {
@@ -24,15 +24,18 @@ fn cache_hit(c: &mut Criterion) {
         (CacheContentBehavior::Validate, "validate"),
         (CacheContentBehavior::Defer, "defer"),
     ] {
+        let machine = fixture.machine(behavior);
         g.bench_function(format!("hit/{name}"), |b| {
-            b.iter_batched(
-                || fixture.machine(behavior),
-                |m| {
-                    rt.block_on(fixture.hit(&m));
-                    m
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| {
+                        if behavior == CacheContentBehavior::Fetch {
+                            machine.forget_outputs(); // untimed: the next hit must download
+                        }
+                        rt.block_on(fixture.hit(&machine))
+                    })
+                    .sum()
+            })
         });
         g.bench_function(format!("floor/{name}"), |b| {
             b.iter(|| rt.block_on(fixture.floor(behavior)))

@@ -42,11 +42,20 @@ pub struct HitFixture {
     dir: tempfile::TempDir,
 }
 
-/// A fresh machine: a runner over an empty local store.
+/// A machine: a runner over its own local store, opened once and kept warm, as a build engine
+/// keeps its store open for a whole build.
 pub struct Machine {
     /// The runner.
     pub runner: CommandRunner,
+    store: Store,
     _dir: tempfile::TempDir,
+}
+
+impl Machine {
+    /// Empties the local store (outside any timing), so the next fetch hit really downloads.
+    pub fn forget_outputs(&self) {
+        self.store.local().gc(0).expect("gc");
+    }
 }
 
 impl HitFixture {
@@ -97,7 +106,7 @@ impl HitFixture {
         }
     }
 
-    /// A runner on a fresh, empty local store (so a fetch hit really downloads).
+    /// A runner on a new, empty local store.
     pub fn machine(&self, behavior: CacheContentBehavior) -> Machine {
         let dir = tempfile::tempdir_in(self.dir.path()).expect("tempdir");
         let local =
@@ -110,7 +119,7 @@ impl HitFixture {
         let inner = LocalRunner::new(inner_store, LocalRunnerOptions::new(dir.path().join("sb")));
         let runner = CommandRunner::new(
             Arc::new(inner),
-            store,
+            store.clone(),
             self.provider.clone(),
             RemoteCacheOptions {
                 cache_content_behavior: behavior,
@@ -118,7 +127,11 @@ impl HitFixture {
                 ..Default::default()
             },
         );
-        Machine { runner, _dir: dir }
+        Machine {
+            runner,
+            store,
+            _dir: dir,
+        }
     }
 
     /// One hit through the runner; panics if it is not a hit.
