@@ -7,20 +7,9 @@
 pub mod hit;
 pub mod transfer;
 
-/// Deterministic pseudo-random bytes (xorshift64), so benchmarks need no fixtures and hash
-/// realistic, incompressible data.
-pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes, so benchmarks need no fixtures and hash realistic,
+/// incompressible data.
+pub use testutil::data::pseudo_random as pseudo_random_bytes;
 
 /// Resets the kernel's peak-RSS mark for this process (Linux ≥ 4.0), so a following
 /// [`peak_rss_mib`] reports the peak of what runs in between.

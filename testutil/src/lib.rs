@@ -4,5 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod data;
 pub mod real_servers;
 pub mod server;

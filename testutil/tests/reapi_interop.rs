@@ -19,19 +19,9 @@ use futures::StreamExt;
 use hashing::Digest;
 use testutil::real_servers::{RealServer, ServerKind};
 
-/// Fresh, incompressible content: a random prefix makes every run's blobs new to the server.
+/// Fresh, incompressible content: every run's blobs are new to the server.
 fn unique_blob(len: usize) -> Vec<u8> {
-    let seed = uuid::Uuid::new_v4().as_u128();
-    let mut x = (seed as u64) | 1;
-    let mut out = seed.to_le_bytes().to_vec();
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    testutil::data::unique(len)
 }
 
 async fn capabilities(server: &RealServer) {

@@ -54,6 +54,23 @@ fn store_inline(
     }
 }
 
+/// stdout or stderr of a cached result: by digest, or inline (checked against the digest when
+/// both are given), or empty.
+fn output_stream(
+    local: &LocalStore,
+    name: &str,
+    digest: Option<&remexec::Digest>,
+    raw: &[u8],
+) -> Result<Digest, StoreError> {
+    let field = format!("{name}_digest");
+    let digest = digest.map(|d| digest_field(&field, Some(d))).transpose()?;
+    match (digest, raw.is_empty()) {
+        (Some(d), true) => Ok(d),
+        (d, false) => store_inline(local, name, raw, d),
+        (None, true) => Ok(hashing::EMPTY_DIGEST),
+    }
+}
+
 fn duration_between(start: Option<&Timestamp>, end: Option<&Timestamp>) -> Option<Duration> {
     let (s, e) = (start?, end?);
     let nanos = |t: &Timestamp| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
@@ -73,30 +90,8 @@ pub(crate) async fn parse_action_result(
     let mut directories = HashSet::new();
     let mut trees = HashSet::new();
 
-    let stdout = match (&ar.stdout_digest, ar.stdout_raw.is_empty()) {
-        (Some(d), true) => digest_field("stdout_digest", Some(d))?,
-        (d, false) => store_inline(
-            local,
-            "stdout",
-            &ar.stdout_raw,
-            d.as_ref()
-                .map(|d| digest_field("stdout_digest", Some(d)))
-                .transpose()?,
-        )?,
-        (None, true) => hashing::EMPTY_DIGEST,
-    };
-    let stderr = match (&ar.stderr_digest, ar.stderr_raw.is_empty()) {
-        (Some(d), true) => digest_field("stderr_digest", Some(d))?,
-        (d, false) => store_inline(
-            local,
-            "stderr",
-            &ar.stderr_raw,
-            d.as_ref()
-                .map(|d| digest_field("stderr_digest", Some(d)))
-                .transpose()?,
-        )?,
-        (None, true) => hashing::EMPTY_DIGEST,
-    };
+    let stdout = output_stream(local, "stdout", ar.stdout_digest.as_ref(), &ar.stdout_raw)?;
+    let stderr = output_stream(local, "stderr", ar.stderr_digest.as_ref(), &ar.stderr_raw)?;
     files.insert(stdout);
     files.insert(stderr);
 

@@ -294,7 +294,8 @@ impl Store {
                 "no remote store to upload to",
             ));
         };
-        let (all_dirs, dir_files) = self.local_only_expand(dirs)?;
+        // Only local directories can be uploaded: walk them without the remote.
+        let (all_dirs, dir_files) = self.into_local_only().expand_directories(dirs).await?;
         let mut all = files;
         all.extend(dir_files);
         all.extend(all_dirs);
@@ -326,28 +327,6 @@ impl Store {
             summary.add(d);
         }
         Ok(summary)
-    }
-
-    fn local_only_expand(
-        &self,
-        roots: HashSet<Digest>,
-    ) -> Result<(HashSet<Digest>, HashSet<Digest>), StoreError> {
-        let mut dirs = HashSet::new();
-        let mut files = HashSet::new();
-        let mut queue: VecDeque<Digest> = roots.into_iter().collect();
-        while let Some(d) = queue.pop_front() {
-            if !dirs.insert(d) {
-                continue;
-            }
-            let dir = self.local.load_directory(d)?;
-            for f in &dir.files {
-                files.insert(node_digest(f.digest.as_ref())?);
-            }
-            for sub in &dir.directories {
-                queue.push_back(node_digest(sub.digest.as_ref())?);
-            }
-        }
-        Ok((dirs, files))
     }
 }
 

@@ -11,19 +11,7 @@ use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::{LocalStore, LocalStoreOptions, Store};
 use testutil::real_servers::{RealServer, ServerKind};
 
-fn unique(len: usize) -> Vec<u8> {
-    let seed = uuid::Uuid::new_v4().as_u128();
-    let mut x = (seed as u64) | 1;
-    let mut out = seed.to_le_bytes().to_vec();
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use testutil::data::unique;
 
 async fn provider(server: &RealServer) -> Arc<GrpcProvider> {
     Arc::new(
