@@ -188,6 +188,7 @@ pub struct TestServer {
     addr: SocketAddr,
     state: Arc<State>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    tls: bool,
 }
 
 impl TestServer {
@@ -198,6 +199,29 @@ impl TestServer {
 
     /// Starts a server with `knobs`.
     pub async fn start_with(knobs: Knobs) -> TestServer {
+        Self::start_inner(knobs, None).await
+    }
+
+    /// Starts a TLS server (address `grpcs://127.0.0.1:PORT`) presenting `cert_pem`/`key_pem`;
+    /// with `client_ca_pem`, clients must present a certificate signed by that CA.
+    pub async fn start_tls(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: Option<&str>,
+    ) -> TestServer {
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        if let Some(ca) = client_ca_pem {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        Self::start_inner(Knobs::default(), Some(tls)).await
+    }
+
+    async fn start_inner(
+        knobs: Knobs,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> TestServer {
+        let is_tls = tls.is_some();
         let state = Arc::new(State {
             knobs: Mutex::new(knobs),
             ..Default::default()
@@ -207,7 +231,11 @@ impl TestServer {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = Svc(state.clone());
         let max = 64 * 1024 * 1024;
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).expect("TLS configuration");
+        }
+        let router = builder
             .initial_stream_window_size(Some(16 * 1024 * 1024))
             .initial_connection_window_size(Some(32 * 1024 * 1024))
             .add_service(CapabilitiesServer::new(svc.clone()))
@@ -239,12 +267,14 @@ impl TestServer {
             addr,
             state,
             shutdown: Some(tx),
+            tls: is_tls,
         }
     }
 
-    /// `grpc://127.0.0.1:PORT`
+    /// `grpc://127.0.0.1:PORT` (or `grpcs://` for a TLS server)
     pub fn address(&self) -> String {
-        format!("grpc://{}", self.addr)
+        let scheme = if self.tls { "grpcs" } else { "grpc" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The socket address.
