@@ -6,6 +6,7 @@
 //!   for fetch, is emptied (untimed) before each hit so the outputs are really downloaded;
 //! - `floor_{fetch,validate,defer}_us`: the bare RPCs that hit must make (GetActionResult;
 //!   + FindMissingBlobs for validate; + BatchReadBlobs for fetch), plain tonic clients;
+//! - the same with `_ct` before `_us`: on a current-thread runtime, as the CLI runs;
 //! - `spawn_true_us`: spawning and waiting for `/bin/true`;
 //! - `download_mib_s`, `upload_mib_s`, `hash_mib_s`: a `blob_mib` MiB blob through the server,
 //!   and hashing the same bytes in memory;
@@ -25,28 +26,12 @@ fn us(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e7).round() / 10.0
 }
 
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let hit_reps = if quick { 300 } else { 2000 };
-    let spawn_reps = if quick { 200 } else { 1000 };
-    let transfer_reps = if quick { 3 } else { 7 };
-    let blob_mib = benches::blob_mib(256);
-    let started = Instant::now();
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+/// Medians of hits and floors for each behavior, interleaved so drift affects both alike.
+fn hits_and_floors(rt: &tokio::runtime::Runtime, reps: usize, suffix: &str) -> Vec<(String, f64)> {
     // Runners start their write-behind task on construction: keep the runtime entered.
     let _entered = rt.enter();
-    let mut report = serde_json::Map::new();
-    let mut put = |k: &str, v: f64| {
-        report.insert(k.to_owned(), serde_json::json!(v));
-    };
-
-    // Cache hits and their floors, interleaved so drift affects both alike.
     let fixture = rt.block_on(HitFixture::new());
+    let mut out = vec![];
     for (behavior, name) in [
         (CacheContentBehavior::Fetch, "fetch"),
         (CacheContentBehavior::Validate, "validate"),
@@ -56,7 +41,7 @@ fn main() {
         // hit the local store is emptied (untimed) so the outputs are really downloaded.
         let machine = fixture.machine(behavior);
         let (mut hits, mut floors) = (vec![], vec![]);
-        for i in 0..hit_reps + 20 {
+        for i in 0..reps + 20 {
             if behavior == CacheContentBehavior::Fetch {
                 machine.forget_outputs();
             }
@@ -73,8 +58,41 @@ fn main() {
                 floors.push(f);
             }
         }
-        put(&format!("hit_{name}_us"), us(median(&mut hits)));
-        put(&format!("floor_{name}_us"), us(median(&mut floors)));
+        out.push((format!("hit_{name}{suffix}_us"), us(median(&mut hits))));
+        out.push((format!("floor_{name}{suffix}_us"), us(median(&mut floors))));
+    }
+    out
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let hit_reps = if quick { 300 } else { 2000 };
+    let spawn_reps = if quick { 200 } else { 1000 };
+    let transfer_reps = if quick { 3 } else { 7 };
+    let blob_mib = benches::blob_mib(256);
+    let started = Instant::now();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut report = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        report.insert(k.to_owned(), serde_json::json!(v));
+    };
+
+    // Cache hits and their floors on a multi-thread runtime (as build engines embed us), then
+    // on a current-thread runtime (as the `recache` CLI runs; keys ending in `_ct_us`).
+    for (key, value) in hits_and_floors(&rt, hit_reps, "") {
+        put(&key, value);
+    }
+    let ct = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (key, value) in hits_and_floors(&ct, hit_reps, "_ct") {
+        put(&key, value);
     }
 
     let mut spawns: Vec<Duration> = (0..spawn_reps)

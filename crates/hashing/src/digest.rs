@@ -69,36 +69,69 @@ impl Fingerprint {
     /// assert!(Fingerprint::from_hex("E3B0").is_err());
     /// ```
     pub fn from_hex(input: &str) -> Result<Fingerprint, DigestError> {
+        // Fast path: one pass over exactly 64 lowercase hex digits (every digest from a server
+        // goes through here, several per cache hit).
+        let bytes = input.as_bytes();
+        if bytes.len() == FINGERPRINT_SIZE * 2 {
+            let mut out = [0u8; FINGERPRINT_SIZE];
+            let mut ok = true;
+            for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                match (nibble(pair[0]), nibble(pair[1])) {
+                    (Some(hi), Some(lo)) => *o = (hi << 4) | lo,
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                return Ok(Fingerprint(out));
+            }
+        }
+        Err(Self::explain_bad_hex(input))
+    }
+
+    /// The slow path: says exactly what is wrong with `input`.
+    fn explain_bad_hex(input: &str) -> DigestError {
         let err = |reason: String| DigestError::InvalidFingerprint {
             input: shorten(input),
             reason,
         };
         if input.len() != FINGERPRINT_SIZE * 2 {
-            return Err(err(format!(
+            return err(format!(
                 "expected {} hex characters, got {}",
                 FINGERPRINT_SIZE * 2,
                 input.chars().count()
-            )));
+            ));
         }
-        if let Some((pos, c)) = input
+        match input
             .char_indices()
             .find(|&(_, c)| !matches!(c, '0'..='9' | 'a'..='f'))
         {
-            let reason = if c.is_ascii_hexdigit() {
-                format!("uppercase {c:?} at position {pos}; digests are lowercase hex")
-            } else {
-                format!("{c:?} at position {pos} is not a hex digit")
-            };
-            return Err(err(reason));
+            Some((pos, c)) if c.is_ascii_hexdigit() => err(format!(
+                "uppercase {c:?} at position {pos}; digests are lowercase hex"
+            )),
+            Some((pos, c)) => err(format!("{c:?} at position {pos} is not a hex digit")),
+            None => err("not hex".to_owned()),
         }
-        let mut bytes = [0u8; FINGERPRINT_SIZE];
-        hex::decode_to_slice(input, &mut bytes).map_err(|e| err(e.to_string()))?;
-        Ok(Fingerprint(bytes))
     }
 
     /// The 64 lowercase hex characters of this fingerprint.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let mut buf = [0u8; FINGERPRINT_SIZE * 2];
+        self.write_hex(&mut buf);
+        // Only ASCII hex digits were written, so this never falls back.
+        std::str::from_utf8(&buf)
+            .map(str::to_owned)
+            .unwrap_or_default()
+    }
+
+    fn write_hex(&self, buf: &mut [u8; FINGERPRINT_SIZE * 2]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, b) in buf.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[(b >> 4) as usize];
+            pair[1] = DIGITS[(b & 0xf) as usize];
+        }
     }
 
     /// The raw 32 bytes.
@@ -109,10 +142,19 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let mut buf = [0u8; FINGERPRINT_SIZE * 2];
+        self.write_hex(&mut buf);
+        // Only ASCII hex digits were written.
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// The value of a lowercase hex digit.
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
     }
 }
 

@@ -58,7 +58,7 @@ struct Shared {
     writes_done: Notify,
     /// For deferred hits: which process produced each output blob, so a missing one can be
     /// re-created by re-running its producer.
-    producers: Mutex<HashMap<Digest, Process>>,
+    producers: Mutex<HashMap<Digest, Arc<Process>>>,
 }
 
 /// How a cache lookup ended.
@@ -136,7 +136,7 @@ impl CommandRunner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
-            .cloned()
+            .map(|p| Process::clone(p))
     }
 
     /// Recovers from a blob found missing after a deferred hit: re-runs the process that
@@ -161,7 +161,7 @@ impl CommandRunner {
             .producers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, p| *p != process);
+            .retain(|_, p| **p != process);
         Ok(Some(result))
     }
 
@@ -286,11 +286,12 @@ impl Shared {
                 self.store.exists_recursive(blobs, HashSet::new()).await?;
             }
             CacheContentBehavior::Defer => {
+                let producer = Arc::new(process.clone());
                 let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
                 for d in outputs.files.iter().chain(&outputs.directories) {
-                    producers.insert(*d, process.clone());
+                    producers.insert(*d, producer.clone());
                 }
-                producers.insert(outputs.output_root, process.clone());
+                producers.insert(outputs.output_root, producer);
             }
         }
         let wall_time = start.elapsed();

@@ -256,7 +256,21 @@ impl LocalStore {
         if items.is_empty() {
             return Ok(());
         }
-        let (count, bytes) = self.inner.db.put_many(&items, now_millis())?;
+        // Most hits on a machine that built before find their Directory messages (and often
+        // their outputs) already stored: then no write transaction at all, only an access
+        // record in memory, as for a read.
+        let missing: Vec<(Digest, &[u8])> = items
+            .iter()
+            .filter(|(d, _)| !self.inner.db.contains(*d).unwrap_or(false))
+            .copied()
+            .collect();
+        for (d, _) in &items {
+            self.touch(*d);
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (count, bytes) = self.inner.db.put_many(&missing, now_millis())?;
         self.inner
             .usage
             .small_blobs

@@ -258,7 +258,7 @@ impl GrpcProvider {
     pub async fn capabilities(&self) -> Result<&ServerCapabilities, StoreError> {
         self.capabilities
             .get_or_try_init(|| async {
-                let mut retry = Retry::new(self.options.retry, format!("GetCapabilities from {}", self.address));
+                let mut retry = Retry::new(self.options.retry, || format!("GetCapabilities from {}", self.address));
                 let caps = loop {
                     let mut client = CapabilitiesClient::new(self.channel.clone());
                     let req = self.request(remexec::GetCapabilitiesRequest {
@@ -623,10 +623,9 @@ impl GrpcProvider {
         R: Fn() -> std::io::Result<Box<dyn Read + Send>> + Send + Sync + Clone + 'static,
     {
         let small = self.fits_batch(digest.size_bytes).await?;
-        let mut retry = Retry::new(
-            self.options.retry,
-            format!("uploading {digest} to {}", self.address),
-        );
+        let mut retry = Retry::new(self.options.retry, || {
+            format!("uploading {digest} to {}", self.address)
+        });
         loop {
             let result = match (&bytes, small) {
                 (Some(b), true) => self.batch_update_once(&[(digest, b.clone())]).await,
@@ -739,10 +738,9 @@ impl ByteStoreProvider for GrpcProvider {
             return Ok(true);
         }
         let small = self.fits_batch(digest.size_bytes).await?;
-        let mut retry = Retry::new(
-            self.options.retry,
-            format!("downloading {digest} from {}", self.address),
-        );
+        let mut retry = Retry::new(self.options.retry, || {
+            format!("downloading {digest} from {}", self.address)
+        });
         loop {
             if retry.attempt() > 1 {
                 dest.reset()
@@ -775,10 +773,9 @@ impl ByteStoreProvider for GrpcProvider {
         let limit = self.batch_limit().await?;
         let batches = Self::split_batches(digests, limit);
         let results = futures::future::try_join_all(batches.into_iter().map(|batch| async move {
-            let mut retry = Retry::new(
-                self.options.retry,
-                format!("BatchReadBlobs from {}", self.address),
-            );
+            let mut retry = Retry::new(self.options.retry, || {
+                format!("BatchReadBlobs from {}", self.address)
+            });
             loop {
                 match self.batch_read_once(&batch).await {
                     Ok(m) => return Ok::<_, StoreError>(m),
@@ -797,10 +794,9 @@ impl ByteStoreProvider for GrpcProvider {
         let all: Vec<Digest> = digests.filter(|d| *d != hashing::EMPTY_DIGEST).collect();
         let mut missing = HashSet::new();
         for chunk in all.chunks(FIND_MISSING_BATCH) {
-            let mut retry = Retry::new(
-                self.options.retry,
-                format!("FindMissingBlobs on {}", self.address),
-            );
+            let mut retry = Retry::new(self.options.retry, || {
+                format!("FindMissingBlobs on {}", self.address)
+            });
             let resp = loop {
                 let mut client = ContentAddressableStorageClient::new(self.channel.clone());
                 let req = self.request(remexec::FindMissingBlobsRequest {
@@ -845,10 +841,9 @@ impl ActionCacheProvider for GrpcProvider {
         &self,
         action_digest: Digest,
     ) -> Result<Option<remexec::ActionResult>, StoreError> {
-        let mut retry = Retry::new(
-            self.options.retry,
-            format!("GetActionResult on {}", self.address),
-        );
+        let mut retry = Retry::new(self.options.retry, || {
+            format!("GetActionResult on {}", self.address)
+        });
         loop {
             let mut client = ActionCacheClient::new(self.channel.clone())
                 .max_decoding_message_size(64 * 1024 * 1024);
@@ -886,10 +881,9 @@ impl ActionCacheProvider for GrpcProvider {
         action_digest: Digest,
         result: remexec::ActionResult,
     ) -> Result<(), StoreError> {
-        let mut retry = Retry::new(
-            self.options.retry,
-            format!("UpdateActionResult on {}", self.address),
-        );
+        let mut retry = Retry::new(self.options.retry, || {
+            format!("UpdateActionResult on {}", self.address)
+        });
         loop {
             let mut client = ActionCacheClient::new(self.channel.clone());
             let req = self.request(remexec::UpdateActionResultRequest {

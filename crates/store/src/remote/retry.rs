@@ -41,7 +41,7 @@ impl Default for RetryPolicy {
 /// The loop every operation runs:
 ///
 /// ```text
-/// let mut retry = Retry::new(policy, "BatchReadBlobs");
+/// let mut retry = Retry::new(policy, || format!("BatchReadBlobs on {address}"));
 /// loop {
 ///     match call().await {
 ///         Ok(v) => return Ok(v),
@@ -49,18 +49,19 @@ impl Default for RetryPolicy {
 ///     }
 /// }
 /// ```
-#[derive(Debug)]
-pub(crate) struct Retry {
+pub(crate) struct Retry<W: Fn() -> String> {
     policy: RetryPolicy,
-    what: String,
+    /// Names the operation in errors and logs; only called when something failed, so the hot
+    /// path formats nothing.
+    what: W,
     attempt: u32,
 }
 
-impl Retry {
-    pub(crate) fn new(policy: RetryPolicy, what: impl Into<String>) -> Retry {
+impl<W: Fn() -> String> Retry<W> {
+    pub(crate) fn new(policy: RetryPolicy, what: W) -> Retry<W> {
         Retry {
             policy,
-            what: what.into(),
+            what,
             attempt: 1,
         }
     }
@@ -76,14 +77,14 @@ impl Retry {
         let attempts = self.policy.attempts.max(1);
         if !err.is_retryable() || self.attempt >= attempts {
             let note = if err.is_retryable() {
-                format!("{}: gave up after {} attempts", self.what, self.attempt)
+                format!("{}: gave up after {} attempts", (self.what)(), self.attempt)
             } else {
-                self.what.clone()
+                (self.what)()
             };
             return Err(err.context(note));
         }
         let delay = self.delay();
-        tracing::debug!(what = %self.what, attempt = self.attempt, ?delay, error = %err, "retrying");
+        tracing::debug!(what = %(self.what)(), attempt = self.attempt, ?delay, error = %err, "retrying");
         tokio::time::sleep(delay).await;
         self.attempt += 1;
         Ok(())
@@ -113,7 +114,7 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(2),
         };
-        let mut retry = Retry::new(policy, "op");
+        let mut retry = Retry::new(policy, || "op".to_owned());
         let mut calls = 0;
         let err = loop {
             calls += 1;
@@ -131,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn does_not_retry_fatal_errors() {
-        let mut retry = Retry::new(RetryPolicy::default(), "op");
+        let mut retry = Retry::new(RetryPolicy::default(), || "op".to_owned());
         let e = StoreError::invalid("bad");
         assert!(retry.backoff_or_fail(e).await.is_err());
         assert_eq!(retry.attempt(), 1);
@@ -144,7 +145,7 @@ mod tests {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(400),
         };
-        let mut r = Retry::new(policy, "op");
+        let mut r = Retry::new(policy, || "op".to_owned());
         let d1 = r.delay();
         assert!(d1 >= Duration::from_millis(50) && d1 < Duration::from_millis(150));
         r.attempt = 8;
