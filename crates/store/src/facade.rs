@@ -266,14 +266,8 @@ impl Store {
                 "no remote store to validate against",
             ));
         };
-        let (all_dirs, dir_files) = self.expand_directories(dirs).await?;
-        let mut all = files;
-        all.extend(dir_files);
-        all.extend(all_dirs);
-        let missing = remote
-            .provider
-            .list_missing_digests(&mut all.into_iter())
-            .await?;
+        let expanded = self.expand_directories(dirs).await?;
+        let missing = missing_remotely(remote, files, expanded).await?;
         match missing.into_iter().min() {
             None => Ok(()),
             Some(d) => Err(StoreError::missing(d).context("the remote cache does not have it")),
@@ -295,14 +289,8 @@ impl Store {
             ));
         };
         // Only local directories can be uploaded: walk them without the remote.
-        let (all_dirs, dir_files) = self.into_local_only().expand_directories(dirs).await?;
-        let mut all = files;
-        all.extend(dir_files);
-        all.extend(all_dirs);
-        let missing = remote
-            .provider
-            .list_missing_digests(&mut all.into_iter())
-            .await?;
+        let expanded = self.into_local_only().expand_directories(dirs).await?;
+        let missing = missing_remotely(remote, files, expanded).await?;
         let uploaded: Vec<Digest> = futures::stream::iter(missing)
             .map(|d| async move {
                 if let Some(path) = self.local.load_file(d)? {
@@ -328,6 +316,21 @@ impl Store {
         }
         Ok(summary)
     }
+}
+
+/// Which of `files` and of the expanded directories (their Directory messages and files) the
+/// remote lacks, in as few `FindMissingBlobs` calls as the message cap allows.
+async fn missing_remotely(
+    remote: &Remote,
+    mut files: HashSet<Digest>,
+    (dirs, dir_files): (HashSet<Digest>, HashSet<Digest>),
+) -> Result<HashSet<Digest>, StoreError> {
+    files.extend(dir_files);
+    files.extend(dirs);
+    remote
+        .provider
+        .list_missing_digests(&mut files.into_iter())
+        .await
 }
 
 fn node_digest(d: Option<&remexec::Digest>) -> Result<Digest, StoreError> {
