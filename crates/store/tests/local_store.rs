@@ -252,6 +252,22 @@ fn leftover_temp_files_are_cleaned_at_open() {
     assert_eq!(store.usage().large_blobs, 1);
 }
 
+#[test]
+fn a_write_in_progress_in_another_process_survives_open_and_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    // PID 1 always runs: this stands for another recache process mid-download.
+    let busy = dir.path().join("large/.tmp-1-0123456789abcdef");
+    std::fs::write(&busy, b"partial, still being written").unwrap();
+    let store = open(dir.path());
+    assert!(
+        busy.exists(),
+        "opening the store must not delete a live writer's temp file"
+    );
+    store.gc(0).unwrap();
+    assert!(busy.exists(), "nor may GC");
+}
+
 /// A reader that yields `len` bytes and then blocks forever, so the writer is mid-write when
 /// the parent test kills the process.
 struct StallingReader {

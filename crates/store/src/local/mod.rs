@@ -443,8 +443,8 @@ impl LocalStore {
         for e in self.inner.db.list()? {
             entries.push((e.atime, e.digest, true));
         }
-        let (_, large) = Pool::open(&self.inner.root.join("large"))?;
-        for d in large {
+        // A listing only: temp files of writes in progress (here or in another process) stay.
+        for d in self.inner.pool.list()? {
             let atime = match atimes.get(&d.hash) {
                 Some(t) => *t,
                 None => fs::metadata(self.inner.pool.path(&d))

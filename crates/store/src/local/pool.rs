@@ -33,40 +33,12 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// Opens (creating if needed) the pool under `dir`, removing leftover temp files.
-    /// Returns the pool and the digests it holds.
+    /// Opens (creating if needed) the pool under `dir`, removing temp files whose writer is gone
+    /// (a crash). Returns the pool and the digests it holds.
     pub(crate) fn open(dir: &Path) -> Result<(Pool, Vec<Digest>), StoreError> {
         fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating pool directory {}", dir.display()), e))?;
-        let mut digests = Vec::new();
-        let mut cleaned = 0usize;
-        for shard in read_dir(dir)? {
-            let shard =
-                shard.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
-            let name = shard.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(TEMP_PREFIX) {
-                remove_temp(&shard.path(), &mut cleaned);
-                continue;
-            }
-            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            for entry in read_dir(&shard.path())? {
-                let entry =
-                    entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
-                let fname = entry.file_name();
-                let fname = fname.to_string_lossy();
-                if fname.starts_with(TEMP_PREFIX) {
-                    remove_temp(&entry.path(), &mut cleaned);
-                } else if let Some(d) = parse_pool_name(&fname) {
-                    digests.push(d);
-                }
-            }
-        }
-        if cleaned > 0 {
-            tracing::info!(cleaned, pool = %dir.display(), "removed leftover temp files from an interrupted write");
-        }
+        let digests = scan(dir, true)?;
         Ok((
             Pool {
                 dir: dir.to_path_buf(),
@@ -74,6 +46,11 @@ impl Pool {
             },
             digests,
         ))
+    }
+
+    /// The digests the pool holds, read from file names; removes nothing.
+    pub(crate) fn list(&self) -> Result<Vec<Digest>, StoreError> {
+        scan(&self.dir, false)
     }
 
     /// Where `digest` lives (whether or not it is there).
@@ -89,9 +66,14 @@ impl Pool {
     }
 
     /// A fresh temp path inside the pool (same filesystem as the final place, so rename works).
+    /// The name carries our PID, so another process opening the store can tell an abandoned
+    /// write from one in progress.
     pub(crate) fn temp_path(&self) -> PathBuf {
-        self.dir
-            .join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()))
+        self.dir.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ))
     }
 
     /// Waits until no one else is writing `digest`; the returned guard must be held while writing.
@@ -220,6 +202,54 @@ impl Pool {
 
 fn read_dir(dir: &Path) -> Result<fs::ReadDir, StoreError> {
     fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))
+}
+
+/// Lists the pool's blobs from file names. With `clean`, removes temp files left by writers
+/// that no longer run: several processes may share a store, and one opening it must not delete
+/// another's write in progress.
+fn scan(dir: &Path, clean: bool) -> Result<Vec<Digest>, StoreError> {
+    let mut digests = Vec::new();
+    let mut cleaned = 0usize;
+    let mut visit = |path: PathBuf, name: &str| {
+        if name.starts_with(TEMP_PREFIX) {
+            if clean && writer_is_gone(name) {
+                remove_temp(&path, &mut cleaned);
+            }
+        } else if let Some(d) = parse_pool_name(name) {
+            digests.push(d);
+        }
+    };
+    for shard in read_dir(dir)? {
+        let shard = shard.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        let name = shard.file_name().to_string_lossy().into_owned();
+        if shard.file_type().is_ok_and(|t| t.is_dir()) {
+            for entry in read_dir(&shard.path())? {
+                let entry =
+                    entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+                visit(entry.path(), &entry.file_name().to_string_lossy());
+            }
+        } else {
+            visit(shard.path(), &name);
+        }
+    }
+    if cleaned > 0 {
+        tracing::info!(cleaned, pool = %dir.display(), "removed leftover temp files from an interrupted write");
+    }
+    Ok(digests)
+}
+
+/// Whether the process that wrote temp file `name` (`.tmp-<pid>-<uuid>`) is gone. Names without
+/// a PID are abandoned by definition; our own PID is never gone.
+fn writer_is_gone(name: &str) -> bool {
+    let pid = name
+        .strip_prefix(TEMP_PREFIX)
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(pid, _)| pid.parse::<u32>().ok());
+    match pid {
+        None => true,
+        Some(pid) if pid == std::process::id() => false,
+        Some(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+    }
 }
 
 fn remove_temp(path: &Path, cleaned: &mut usize) {
