@@ -36,10 +36,15 @@ pub async fn run(args: RunArgs) -> Result<i32, CliError> {
     let providers = providers(&args, &cache).await?;
     let store = Store::with_remote(local.clone(), providers.bytes.clone());
 
-    // Inputs: the current directory, or the --input paths.
-    let input_root = capture_inputs(&local, &cwd, &args.inputs, &cache).await?;
-
-    let process = build_process(&args, input_root)?;
+    // Inputs: the current directory (minus the declared outputs), or the --input paths.
+    let mut process = build_process(&args, hashing::EMPTY_DIGEST)?;
+    let outputs: Vec<String> = process
+        .output_files
+        .iter()
+        .chain(&process.output_directories)
+        .cloned()
+        .collect();
+    process.input_root = capture_inputs(&local, &cwd, &args.inputs, &outputs, &cache).await?;
     let action_digest = make_action(&process).action_digest;
     let inner_store = match behavior {
         CacheContentBehavior::Fetch => store.into_local_only(),
@@ -166,6 +171,7 @@ async fn capture_inputs(
     local: &LocalStore,
     cwd: &Path,
     inputs: &[PathBuf],
+    outputs: &[String],
     cache: &CacheDir,
 ) -> Result<Digest, CliError> {
     if inputs.is_empty() && cache.root().starts_with(cwd) {
@@ -178,11 +184,20 @@ async fn capture_inputs(
     let local = local.clone();
     let cwd = cwd.to_path_buf();
     let inputs = inputs.to_vec();
+    let outputs = outputs.to_vec();
     tokio::task::spawn_blocking(move || -> Result<Digest, CliError> {
         if inputs.is_empty() {
-            return local
-                .capture_directory(&cwd)
-                .map_err(|e| CliError::new(format!("capturing the current directory as input: {e}")));
+            // Outputs restored by an earlier run must not become inputs of the next one, or the
+            // key would change every time and the command would never hit.
+            let err = |e: store::StoreError| {
+                CliError::new(format!("capturing the current directory as input: {e}"))
+            };
+            let root = local.capture_directory(&cwd).map_err(err)?;
+            let mut b = DirectoryBuilder::from_directory(&local, root);
+            for out in &outputs {
+                b.remove(out).map_err(err)?;
+            }
+            return b.build().map_err(err);
         }
         let mut b = DirectoryBuilder::new(&local);
         for input in &inputs {

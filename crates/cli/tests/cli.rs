@@ -111,6 +111,38 @@ fn miss_then_hit_on_the_embedded_default() {
 }
 
 #[test]
+fn the_default_input_ignores_restored_outputs() {
+    // No --input: the whole directory is the input, and the outputs the first run restores
+    // into it must not change the key of the second.
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "run", "--output", "out.txt", "--output", "gen/", "--", "sh", "-c", BUILD,
+    ];
+    let first = recache(ws.path(), cache.path(), &args);
+    assert!(
+        stderr(&first).contains("recache: miss"),
+        "{}",
+        stderr(&first)
+    );
+    assert!(ws.path().join("out.txt").exists());
+    let second = recache(ws.path(), cache.path(), &args);
+    assert!(
+        stderr(&second).contains("recache: hit"),
+        "{}",
+        stderr(&second)
+    );
+    // A real input change is still a miss.
+    std::fs::write(ws.path().join("src/in.txt"), "other\n").unwrap();
+    let third = recache(ws.path(), cache.path(), &args);
+    assert!(
+        stderr(&third).contains("recache: miss"),
+        "{}",
+        stderr(&third)
+    );
+}
+
+#[test]
 fn exit_codes_pass_through_and_json_names_the_action() {
     let ws = workspace();
     let cache = tempfile::tempdir().unwrap();

@@ -576,6 +576,45 @@ impl<'a> DirectoryBuilder<'a> {
         }
     }
 
+    /// Starts from the stored directory `digest` (to add to it or remove from it).
+    pub fn from_directory(store: &'a LocalStore, digest: Digest) -> DirectoryBuilder<'a> {
+        DirectoryBuilder {
+            store,
+            root: Node::Stored(digest),
+        }
+    }
+
+    /// Removes the entry at `path` (file, symlink or directory); absent is fine.
+    pub fn remove(&mut self, path: &str) -> Result<(), StoreError> {
+        let parts = Self::components(path)?;
+        let Some((last, parents)) = parts.split_last() else {
+            return Err(StoreError::invalid("cannot remove the root"));
+        };
+        let mut cur = std::mem::replace(&mut self.root, Node::Dir(Default::default()));
+        let result = self.remove_at(&mut cur, parents, last);
+        self.root = cur;
+        result
+    }
+
+    fn remove_at(&self, node: &mut Node, parents: &[&str], last: &str) -> Result<(), StoreError> {
+        if let Node::Stored(d) = node {
+            *node = self.expand(*d)?;
+        }
+        let Node::Dir(map) = node else {
+            return Ok(()); // the path goes through a file: nothing to remove
+        };
+        match parents.split_first() {
+            None => {
+                map.remove(last);
+                Ok(())
+            }
+            Some((first, rest)) => match map.get_mut(*first) {
+                Some(child) => self.remove_at(child, rest, last),
+                None => Ok(()),
+            },
+        }
+    }
+
     /// Adds a file.
     pub fn add_file(
         &mut self,

@@ -314,3 +314,33 @@ fn capture_refuses_special_files() {
     let err = store.capture_directory(src.path()).unwrap_err();
     assert!(err.to_string().contains("a.sock"), "{err}");
 }
+
+#[test]
+fn directory_builder_removes_paths_from_a_stored_tree() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    make_tree(&work.path().join("src"));
+    let full = store.capture_directory(&work.path().join("src")).unwrap();
+
+    let mut b = store::directory::DirectoryBuilder::from_directory(&store, full);
+    b.remove("data/big.bin").unwrap();
+    b.remove("bin").unwrap();
+    b.remove("not/there").unwrap(); // absent is fine
+    let trimmed = b.build().unwrap();
+
+    // The same as capturing a copy without those paths.
+    std::fs::remove_file(work.path().join("src/data/big.bin")).unwrap();
+    std::fs::remove_dir_all(work.path().join("src/bin")).unwrap();
+    assert_eq!(
+        store.capture_directory(&work.path().join("src")).unwrap(),
+        trimmed
+    );
+    // Removing nothing leaves the digest alone.
+    assert_eq!(
+        store::directory::DirectoryBuilder::from_directory(&store, full)
+            .build()
+            .unwrap(),
+        full
+    );
+}
