@@ -207,11 +207,8 @@ impl Store {
         dirs: HashSet<Digest>,
     ) -> Result<TransferSummary, StoreError> {
         let (_, dir_files) = self.expand_directories(dirs).await?;
-        let wanted: Vec<Digest> = files
-            .into_iter()
-            .chain(dir_files)
-            .filter(|d| !self.local.contains(*d))
-            .collect();
+        let all: HashSet<Digest> = files.into_iter().chain(dir_files).collect();
+        let wanted = self.local.missing(all);
         let mut summary = TransferSummary::default();
         if wanted.is_empty() {
             return Ok(summary);

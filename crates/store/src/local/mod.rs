@@ -259,9 +259,12 @@ impl LocalStore {
         // Most hits on a machine that built before find their Directory messages (and often
         // their outputs) already stored: then no write transaction at all, only an access
         // record in memory, as for a read.
+        let digests: Vec<Digest> = items.iter().map(|(d, _)| *d).collect();
+        let absent: std::collections::HashSet<Digest> =
+            self.inner.db.missing(&digests)?.into_iter().collect();
         let missing: Vec<(Digest, &[u8])> = items
             .iter()
-            .filter(|(d, _)| !self.inner.db.contains(*d).unwrap_or(false))
+            .filter(|(d, _)| absent.contains(d))
             .copied()
             .collect();
         for (d, _) in &items {
@@ -340,6 +343,19 @@ impl LocalStore {
             }
             Ok(())
         }
+    }
+
+    /// Which of `digests` the store does not hold: small ones checked in one database read
+    /// transaction, pool ones by file. The empty blob is always held.
+    pub fn missing(&self, digests: impl IntoIterator<Item = Digest>) -> Vec<Digest> {
+        let (small, large): (Vec<Digest>, Vec<Digest>) = digests
+            .into_iter()
+            .filter(|d| *d != EMPTY_DIGEST)
+            .partition(|d| self.is_small(d.size_bytes));
+        // A database error reads as "missing": the caller then fetches or rebuilds the blob.
+        let mut out = self.inner.db.missing(&small).unwrap_or(small);
+        out.extend(large.into_iter().filter(|d| !self.inner.pool.contains(d)));
+        out
     }
 
     /// True when the store holds `digest`.

@@ -134,12 +134,25 @@ impl SmallDb {
     }
 
     pub(crate) fn contains(&self, digest: Digest) -> Result<bool, StoreError> {
+        Ok(self.missing(&[digest])?.is_empty())
+    }
+
+    /// Which of `digests` are not stored, in one read transaction (a cache hit checks all its
+    /// outputs at once).
+    pub(crate) fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
-        Ok(self
-            .blobs
-            .get(&r, digest.hash.as_bytes())
-            .map_err(|e| db_err("get", e))?
-            .is_some_and(|v| v.len() as u64 == digest.size_bytes))
+        let mut out = Vec::new();
+        for d in digests {
+            let present = self
+                .blobs
+                .get(&r, d.hash.as_bytes())
+                .map_err(|e| db_err("get", e))?
+                .is_some_and(|v| v.len() as u64 == d.size_bytes);
+            if !present {
+                out.push(*d);
+            }
+        }
+        Ok(out)
     }
 
     /// Every small blob with its last recorded access (0 when never recorded).
