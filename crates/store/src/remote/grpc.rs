@@ -294,18 +294,13 @@ impl GrpcProvider {
 
     /// Bytes of blob data one batch message may carry.
     async fn batch_limit(&self) -> Result<u64, StoreError> {
-        let caps = self.capabilities().await?;
-        let server = match caps.max_batch_total_size_bytes {
-            0 => GRPC_MESSAGE_CAP,
-            n => n.min(GRPC_MESSAGE_CAP),
-        };
-        Ok(server.saturating_sub(BATCH_OVERHEAD_FIXED))
+        Ok(batch_budget(Some(self.capabilities().await?)))
     }
 
     /// Whether a blob of `size` goes through the batch calls rather than ByteStream.
     async fn fits_batch(&self, size: u64) -> Result<bool, StoreError> {
-        Ok(size < self.options.bytestream_min_size
-            && size + BATCH_OVERHEAD_PER_BLOB <= self.batch_limit().await?)
+        self.capabilities().await?; // max_batch_blob_size reads the cached limits
+        Ok(size <= self.max_batch_blob_size())
     }
 
     async fn use_zstd(&self, size: u64) -> Result<bool, StoreError> {
@@ -639,6 +634,16 @@ impl GrpcProvider {
     }
 }
 
+/// Bytes of blob data one batch message may carry: the server's limit (0 = unstated), never
+/// more than the 4 MiB message cap, minus room for the request's other fields.
+fn batch_budget(caps: Option<&ServerCapabilities>) -> u64 {
+    let server = match caps.map_or(0, |c| c.max_batch_total_size_bytes) {
+        0 => GRPC_MESSAGE_CAP,
+        n => n.min(GRPC_MESSAGE_CAP),
+    };
+    server.saturating_sub(BATCH_OVERHEAD_FIXED)
+}
+
 fn timeout_error(what: &str, timeout: Duration, idempotent: bool) -> StoreError {
     let kind = if idempotent {
         ErrorKind::Retryable(tonic::Code::DeadlineExceeded)
@@ -823,14 +828,8 @@ impl ByteStoreProvider for GrpcProvider {
     }
 
     fn max_batch_blob_size(&self) -> u64 {
-        let server = self.capabilities.get().map_or(GRPC_MESSAGE_CAP, |c| {
-            match c.max_batch_total_size_bytes {
-                0 => GRPC_MESSAGE_CAP,
-                n => n.min(GRPC_MESSAGE_CAP),
-            }
-        });
-        server
-            .saturating_sub(BATCH_OVERHEAD_FIXED + BATCH_OVERHEAD_PER_BLOB)
+        batch_budget(self.capabilities.get())
+            .saturating_sub(BATCH_OVERHEAD_PER_BLOB)
             .min(self.options.bytestream_min_size.saturating_sub(1))
     }
 }
