@@ -5,7 +5,7 @@
 //! ```text
 //! db/                     LMDB environment (tables `blobs` and `atime`)
 //! large/ab/<hash>-<size>  one read-only file per blob at or above the threshold
-//! large/.tmp-*            writes in progress (removed at open if a crash left them behind)
+//! large/.tmp-<pid>-<uuid>  writes in progress (removed at open once their writer is gone)
 //! ```
 
 pub(crate) mod pool;
