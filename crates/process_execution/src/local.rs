@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use hashing::Digest;
-use store::directory::{DirectoryBuilder, symlink_stays_inside, validate_name};
+use store::directory::{DirectoryBuilder, validate_name};
 use store::{LocalStore, MaterializeOptions, Store};
 use tokio::sync::Semaphore;
 
@@ -325,11 +325,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| unclassified(format!("blocking task failed: {e}")))?
 }
 
-/// The directory of `path` relative to the input root, for symlink checks.
-fn rel_dir(working_directory: &str, output: &str) -> PathBuf {
-    let full = Path::new(working_directory).join(output);
-    full.parent().map(Path::to_path_buf).unwrap_or_default()
-}
 
 /// Captures the declared outputs that exist into one directory, at their paths relative to the
 /// working directory.
@@ -357,9 +352,6 @@ fn capture_outputs(
             let target = std::fs::read_link(&p)
                 .map_err(|e| unclassified(format!("reading symlink {}: {e}", p.display())))?;
             let target = target.to_string_lossy().into_owned();
-            if !symlink_stays_inside(&rel_dir(&process.working_directory, f), &target) {
-                return Err(escapes("file", f));
-            }
             builder.add_symlink(f, &target)?;
             continue;
         }
@@ -395,30 +387,16 @@ fn capture_outputs(
             )));
         }
         let digest = store.capture_directory(&real)?;
-        check_tree_symlinks(
-            store,
-            digest,
-            &Path::new(&process.working_directory).join(d),
-        )
-        .map_err(|_| escapes("directory", d))?;
         builder.add_directory(d, digest)?;
     }
-    Ok(builder.build()?)
+    let output_root = builder.build()?;
+    // One rule for every symlink (store::directory::symlink_resolves_inside): it must resolve
+    // inside the output root, following the links in it.
+    store.check_symlinks(output_root).map_err(|e| {
+        unclassified(format!(
+            "an output escapes the sandbox through a symlink; refusing to capture it: {e}"
+        ))
+    })?;
+    Ok(output_root)
 }
 
-/// Fails if any symlink inside the captured directory `digest` (located at `at`, relative to the
-/// sandbox root) points outside the sandbox.
-fn check_tree_symlinks(store: &LocalStore, digest: Digest, at: &Path) -> Result<(), ProcessError> {
-    let dir = store.load_directory(digest)?;
-    for s in &dir.symlinks {
-        if !symlink_stays_inside(at, &s.target) {
-            return Err(unclassified("symlink escapes"));
-        }
-    }
-    for sub in &dir.directories {
-        let d = hashing::reapi::require_digest("digest", sub.digest.as_ref())
-            .map_err(|e| unclassified(e.to_string()))?;
-        check_tree_symlinks(store, d, &at.join(&sub.name))?;
-    }
-    Ok(())
-}

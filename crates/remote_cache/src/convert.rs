@@ -6,7 +6,6 @@
 //! store: nothing touches a workspace until the result has been fully accepted.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
@@ -15,7 +14,7 @@ use hashing::Digest;
 use hashing::reapi::require_digest;
 use process_execution::{Process, ProcessResult};
 use prost::Message;
-use store::directory::{DirectoryBuilder, symlink_stays_inside};
+use store::directory::DirectoryBuilder;
 use store::{LocalStore, Store, StoreError};
 
 /// What a cached ActionResult turned into.
@@ -125,13 +124,6 @@ pub(crate) async fn parse_action_result(
         .chain(&ar.output_file_symlinks)
         .chain(&ar.output_directory_symlinks)
     {
-        let parent = Path::new(&s.path).parent().unwrap_or(Path::new(""));
-        if !symlink_stays_inside(parent, &s.target) {
-            return Err(StoreError::invalid(format!(
-                "ActionResult: output symlink {:?} -> {:?} points outside the output root",
-                s.path, s.target
-            )));
-        }
         builder
             .add_symlink(&s.path, &s.target)
             .map_err(|e| e.context("ActionResult output symlink"))?;
@@ -149,6 +141,11 @@ pub(crate) async fn parse_action_result(
         directories.insert(root);
     }
     let output_root = builder.build()?;
+    // Symlinks are checked against the whole output root, following links inside it (a chain
+    // such as `a -> .`, `b -> a/a/../..` is textually inside but really escapes).
+    local
+        .check_symlinks(output_root)
+        .map_err(|e| e.context("ActionResult"))?;
 
     let original_run_time = ar.execution_metadata.as_ref().and_then(|m| {
         duration_between(

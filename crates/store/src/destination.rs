@@ -79,10 +79,9 @@ impl LocalDestination {
             ))
         } else {
             let guard = store.pool().lock(expected).await;
-            let temp = store.pool().temp_path();
-            let file = tokio::fs::File::create(&temp)
-                .await
-                .map_err(|e| StoreError::io(format!("creating {}", temp.display()), e))?;
+            // Locked (flock) until this destination is committed or dropped.
+            let (temp, file) = store.pool().create_temp()?;
+            let file = tokio::fs::File::from_std(file);
             Sink::Pool(Box::new(PoolSink {
                 file,
                 temp,
@@ -130,9 +129,7 @@ impl LocalDestination {
                 check(expected, actual)?;
                 let is_new = self.store.pool().commit_temp(temp, &expected)?;
                 *committed = true;
-                if is_new {
-                    self.store.note_pool_added(expected)?;
-                }
+                self.store.note_pool_added(expected, is_new)?;
             }
         }
         Ok(expected)

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
@@ -100,28 +100,134 @@ pub fn decode_directory(bytes: &[u8]) -> Result<remexec::Directory, StoreError> 
     Ok(dir)
 }
 
-/// Checks that a symlink at `link_dir/…` (relative to the root) with `target` resolves inside the
-/// root, lexically. Absolute targets are refused.
-pub fn symlink_stays_inside(link_dir: &Path, target: &str) -> bool {
-    let target = Path::new(target);
-    if target.is_absolute() {
-        return false;
+/// The most symlinks one resolution may follow before it is refused as a loop (Linux's own
+/// limit).
+pub const MAX_SYMLINK_FOLLOWS: usize = 40;
+
+/// What a tree holds at a path, for [`symlink_resolves_inside`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeEntry {
+    /// A directory.
+    Dir,
+    /// A file.
+    File,
+    /// A symlink with this target.
+    Symlink(String),
+    /// Nothing in this tree (the path is resolved lexically from here on).
+    Absent,
+}
+
+/// The symlink rule, applied everywhere a symlink is accepted (capture, materialize, a cached
+/// ActionResult, sandbox outputs): a symlink at `link_dir/<name>` (relative to the root of its
+/// tree) with `target` must resolve inside that root **as the kernel would resolve it**, walking
+/// the target one component at a time through the tree itself:
+///
+/// - a component that is a symlink in the tree is followed (its target replaces it, resolved
+///   from the directory holding it), at most [`MAX_SYMLINK_FOLLOWS`] times, so a loop is refused;
+/// - `..` goes to the parent of where the walk *is*, not of the text before it, so `a/a/../..`
+///   with `a -> .` climbs two levels from the link's directory;
+/// - a component the tree does not hold is taken as a plain directory name (lexically);
+/// - an absolute target, or a walk that climbs above the root, is refused.
+///
+/// `lookup(path)` tells what the tree holds at `path` (relative to the root). The error says why.
+///
+/// ```
+/// use std::path::Path;
+/// use store::directory::{TreeEntry, symlink_resolves_inside};
+/// // gen/a -> .   and   gen/b -> a/a/../..  : textually inside, really two levels up.
+/// let lookup = |p: &Path| match p.to_str() {
+///     Some("gen") => TreeEntry::Dir,
+///     Some("gen/a") => TreeEntry::Symlink(".".into()),
+///     _ => TreeEntry::Absent,
+/// };
+/// assert!(symlink_resolves_inside(Path::new("gen"), "a/x", &lookup).is_ok());
+/// assert!(symlink_resolves_inside(Path::new("gen"), "a/a/../..", &lookup).is_err());
+/// ```
+pub fn symlink_resolves_inside(
+    link_dir: &Path,
+    target: &str,
+    lookup: &dyn Fn(&Path) -> TreeEntry,
+) -> Result<(), String> {
+    if target.starts_with('/') {
+        return Err("absolute targets are not allowed".into());
     }
-    let mut depth: usize = link_dir.components().count();
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if depth == 0 {
-                    return false;
-                }
-                depth -= 1;
+    let mut at: PathBuf = link_dir.to_path_buf();
+    let mut pending: VecDeque<String> = target_components(target);
+    let mut follows = 0usize;
+    while let Some(c) = pending.pop_front() {
+        if c == ".." {
+            if !at.pop() {
+                return Err("it leaves the root".into());
             }
-            Component::RootDir | Component::Prefix(_) => return false,
+            continue;
+        }
+        at.push(&c);
+        match lookup(&at) {
+            TreeEntry::Dir | TreeEntry::Absent => {}
+            // A file in the middle of a path stops the kernel's walk (ENOTDIR): nothing escapes.
+            TreeEntry::File => return Ok(()),
+            TreeEntry::Symlink(t) => {
+                follows += 1;
+                if follows > MAX_SYMLINK_FOLLOWS {
+                    return Err(format!(
+                        "it follows more than {MAX_SYMLINK_FOLLOWS} symlinks (a loop)"
+                    ));
+                }
+                if t.starts_with('/') {
+                    return Err(format!(
+                        "it goes through {} -> {t:?}, an absolute target",
+                        at.display()
+                    ));
+                }
+                at.pop();
+                for (i, part) in target_components(&t).into_iter().enumerate() {
+                    pending.insert(i, part);
+                }
+            }
         }
     }
-    true
+    Ok(())
+}
+
+fn target_components(target: &str) -> VecDeque<String> {
+    target
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every entry of a stored directory tree by path, for materializing and for symlink checks.
+#[derive(Debug, Default)]
+struct TreeIndex {
+    /// Directories, parents first (BFS order), the root (`""`) included.
+    dirs: Vec<PathBuf>,
+    files: Vec<(PathBuf, Digest, bool)>,
+    links: Vec<(PathBuf, String)>,
+    entries: HashMap<PathBuf, TreeEntry>,
+}
+
+impl TreeIndex {
+    /// Applies [`symlink_resolves_inside`] to every symlink of the tree.
+    fn check_links(&self, root_name: &dyn Fn() -> String) -> Result<(), StoreError> {
+        let lookup = |p: &Path| {
+            self.entries
+                .get(p)
+                .cloned()
+                .unwrap_or(TreeEntry::Absent)
+        };
+        for (path, target) in &self.links {
+            let dir = path.parent().unwrap_or(Path::new(""));
+            symlink_resolves_inside(dir, target, &lookup).map_err(|why| {
+                StoreError::invalid(format!(
+                    "symlink {} -> {target:?} would point outside {}: {why}",
+                    path.display(),
+                    root_name()
+                ))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl LocalStore {
@@ -219,39 +325,15 @@ impl LocalStore {
         dest: &Path,
         options: MaterializeOptions,
     ) -> Result<(), StoreError> {
-        // 1. Load and validate every Directory, collecting what to create.
-        let mut dirs: Vec<PathBuf> = vec![PathBuf::new()];
-        let mut files: Vec<(PathBuf, Digest, bool)> = Vec::new();
-        let mut links: Vec<(PathBuf, String)> = Vec::new();
-        let mut queue = VecDeque::from([(PathBuf::new(), digest)]);
-        while let Some((rel, d)) = queue.pop_front() {
-            let dir = self
-                .load_directory(d)
-                .map_err(|e| e.context(format!("materializing {}", dest.join(&rel).display())))?;
-            for f in dir.files {
-                let fd = Digest::try_from(f.digest.as_ref().unwrap_or(&Default::default()))
-                    .map_err(|e| StoreError::invalid(e.to_string()))?;
-                files.push((rel.join(&f.name), fd, f.is_executable));
-            }
-            for s in dir.symlinks {
-                if !symlink_stays_inside(&rel, &s.target) {
-                    return Err(StoreError::invalid(format!(
-                        "symlink {} -> {:?} would point outside {}",
-                        rel.join(&s.name).display(),
-                        s.target,
-                        dest.display()
-                    )));
-                }
-                links.push((rel.join(&s.name), s.target));
-            }
-            for sub in dir.directories {
-                let sd = Digest::try_from(sub.digest.as_ref().unwrap_or(&Default::default()))
-                    .map_err(|e| StoreError::invalid(e.to_string()))?;
-                let sub_rel = rel.join(&sub.name);
-                dirs.push(sub_rel.clone());
-                queue.push_back((sub_rel, sd));
-            }
-        }
+        // 1. Load and validate every Directory, collecting what to create; check every symlink
+        //    against the whole tree.
+        let index = self
+            .index_tree(digest)
+            .map_err(|e| e.context(format!("materializing {}", dest.display())))?;
+        index.check_links(&|| dest.display().to_string())?;
+        let TreeIndex {
+            dirs, files, links, ..
+        } = index;
         for (_, d, _) in &files {
             if !self.contains(*d) {
                 return Err(
@@ -304,6 +386,50 @@ impl LocalStore {
         }
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
             .map_err(|e| io_err("setting the mode of", e))
+    }
+
+    /// Loads (and validates) every Directory of the tree `digest` into a [`TreeIndex`].
+    fn index_tree(&self, digest: Digest) -> Result<TreeIndex, StoreError> {
+        let mut index = TreeIndex {
+            dirs: vec![PathBuf::new()],
+            ..Default::default()
+        };
+        index.entries.insert(PathBuf::new(), TreeEntry::Dir);
+        let mut queue = VecDeque::from([(PathBuf::new(), digest)]);
+        while let Some((rel, d)) = queue.pop_front() {
+            let dir = self.load_directory(d)?;
+            for f in dir.files {
+                let fd = require_digest("files[].digest", f.digest.as_ref())
+                    .map_err(|e| StoreError::invalid(e.to_string()))?;
+                let p = rel.join(&f.name);
+                index.entries.insert(p.clone(), TreeEntry::File);
+                index.files.push((p, fd, f.is_executable));
+            }
+            for s in dir.symlinks {
+                let p = rel.join(&s.name);
+                index
+                    .entries
+                    .insert(p.clone(), TreeEntry::Symlink(s.target.clone()));
+                index.links.push((p, s.target));
+            }
+            for sub in dir.directories {
+                let sd = require_digest("directories[].digest", sub.digest.as_ref())
+                    .map_err(|e| StoreError::invalid(e.to_string()))?;
+                let p = rel.join(&sub.name);
+                index.entries.insert(p.clone(), TreeEntry::Dir);
+                index.dirs.push(p.clone());
+                queue.push_back((p, sd));
+            }
+        }
+        Ok(index)
+    }
+
+    /// Checks every symlink in the stored directory `digest` against the symlink rule (see
+    /// [`symlink_resolves_inside`]), with the directory itself as the root. The error names the
+    /// first offending link.
+    pub fn check_symlinks(&self, digest: Digest) -> Result<(), StoreError> {
+        self.index_tree(digest)?
+            .check_links(&|| "its directory tree".to_owned())
     }
 
     /// Builds a REAPI `Tree` (root plus every distinct descendant) for the directory `digest`.

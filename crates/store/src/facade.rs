@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use futures::{StreamExt, TryStreamExt};
 use hashing::Digest;
 use prost::Message;
@@ -16,6 +16,14 @@ use crate::remote::ByteStoreProvider;
 
 /// Large downloads or uploads in flight at once for one `ensure_*` call.
 const TRANSFER_CONCURRENCY: usize = 16;
+
+/// Small blobs are fetched and committed in groups of at most this many bytes: memory stays flat
+/// in the number of outputs (a hit with 20 000 small outputs holds one group per slot, not
+/// everything until one final commit).
+const SMALL_GROUP_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Groups of small blobs fetched at once (each is one or more batch RPCs, then one commit).
+const SMALL_GROUP_CONCURRENCY: usize = 4;
 
 /// Local store first, remote provider behind it. Cheap to clone.
 ///
@@ -29,12 +37,38 @@ pub struct Store {
     remote: Option<Arc<Remote>>,
 }
 
-type Download = Shared<BoxFuture<'static, Result<bool, StoreError>>>;
+type DownloadFuture = BoxFuture<'static, Result<bool, StoreError>>;
 
 #[derive(Debug)]
 struct Remote {
     provider: Arc<dyn ByteStoreProvider>,
-    inflight: Mutex<HashMap<Digest, Download>>,
+    /// Downloads in progress, held *weakly*: a download lives only as long as someone awaits
+    /// it. When every waiter is gone (a lost speculation race, an engine cancelling a run), the
+    /// download future is dropped at once, and with it the pool lock and the temp file of its
+    /// destination; a later write of the same digest never waits on an orphan.
+    inflight: Mutex<HashMap<Digest, WeakShared<DownloadFuture>>>,
+}
+
+/// Forgets a download's map entry when its future is dropped unfinished (cancelled).
+struct ForgetOnDrop {
+    remote: Arc<Remote>,
+    digest: Digest,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .remote
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if inflight
+            .get(&self.digest)
+            .is_some_and(|w| w.upgrade().is_none())
+        {
+            inflight.remove(&self.digest);
+        }
+    }
 }
 
 /// What an `ensure_*` call moved.
@@ -120,14 +154,18 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(false);
         };
-        let fut = {
+        let fut: Shared<DownloadFuture> = {
             let mut inflight = remote.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            inflight
-                .entry(digest)
-                .or_insert_with(|| {
+            match inflight.get(&digest).and_then(WeakShared::upgrade) {
+                Some(running) => running,
+                None => {
                     let local = self.local.clone();
                     let remote = remote.clone();
-                    async move {
+                    let fut: DownloadFuture = async move {
+                        let forget = ForgetOnDrop {
+                            remote: remote.clone(),
+                            digest,
+                        };
                         let result = async {
                             let mut dest = local.begin_write(digest).await?;
                             if !remote.provider.load(digest, &mut dest).await? {
@@ -142,12 +180,17 @@ impl Store {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&digest);
+                        drop(forget);
                         result
                     }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
+                    .boxed();
+                    let shared = fut.shared();
+                    if let Some(weak) = shared.downgrade() {
+                        inflight.insert(digest, weak);
+                    }
+                    shared
+                }
+            }
         };
         fut.await
     }
@@ -220,18 +263,32 @@ impl Store {
         let (small, large): (Vec<Digest>, Vec<Digest>) = wanted
             .into_iter()
             .partition(|d| d.size_bytes <= batch_max && self.local.is_small(d.size_bytes));
-        if !small.is_empty() {
-            let got = remote.provider.load_batch(small.clone()).await?;
-            let mut items = Vec::with_capacity(small.len());
-            for d in &small {
-                let bytes = got
-                    .get(d)
-                    .ok_or_else(|| StoreError::missing(*d).context("the remote cache lost it"))?;
-                items.push((*d, &bytes[..]));
-                summary.add(*d);
-            }
-            // Providers verify every blob of a batch; one local transaction for all of them.
-            self.local.put_small_batch(&items)?;
+        // Small blobs: groups of ≤ SMALL_GROUP_BYTES, a few at once, each committed in one
+        // transaction as it arrives.
+        let groups = crate::group_by_size(small, SMALL_GROUP_BYTES, 0);
+        let committed: Vec<TransferSummary> = futures::stream::iter(groups)
+            .map(|group| async move {
+                let got = remote.provider.load_batch(group.clone()).await?;
+                let mut items = Vec::with_capacity(group.len());
+                let mut part = TransferSummary::default();
+                for d in &group {
+                    let bytes = got.get(d).ok_or_else(|| {
+                        StoreError::missing(*d).context("the remote cache lost it")
+                    })?;
+                    items.push((*d, &bytes[..]));
+                    part.add(*d);
+                }
+                // Providers verify every blob of a batch; one local transaction per group
+                // (inline: an LMDB commit without fsync costs less than a thread hand-off).
+                self.local.put_small_batch(&items)?;
+                Ok::<_, StoreError>(part)
+            })
+            .buffer_unordered(SMALL_GROUP_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for part in committed {
+            summary.blobs += part.blobs;
+            summary.bytes += part.bytes;
         }
         let fetched: Vec<Digest> = futures::stream::iter(large)
             .map(|d| async move {
@@ -288,32 +345,50 @@ impl Store {
         // Only local directories can be uploaded: walk them without the remote.
         let expanded = self.into_local_only().expand_directories(dirs).await?;
         let missing = missing_remotely(remote, files, expanded).await?;
-        let uploaded: Vec<Digest> = futures::stream::iter(missing)
+        // Small blobs go up in batches (as many per request as the server allows), large
+        // ones streamed from the pool, a bounded number at once.
+        let batch_max = remote.provider.max_batch_blob_size();
+        let (small, large): (Vec<Digest>, Vec<Digest>) = missing
+            .into_iter()
+            .partition(|d| d.size_bytes <= batch_max && self.local.is_small(d.size_bytes));
+        let mut summary = TransferSummary::default();
+        for group in crate::group_by_size(small, SMALL_GROUP_BYTES, 0) {
+            let mut blobs = Vec::with_capacity(group.len());
+            for d in group {
+                let bytes = self
+                    .local
+                    .load_bytes(d)?
+                    .ok_or_else(|| StoreError::missing(d).context("uploading to the remote"))?;
+                blobs.push((d, bytes));
+            }
+            let moved: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+            remote.provider.store_batch(blobs).await?;
+            for d in moved {
+                summary.add(d);
+            }
+        }
+        let uploaded: Vec<Digest> = futures::stream::iter(large)
             .map(|d| async move {
-                if let Some(path) = self.local.load_file(d)? {
-                    let file = tokio::fs::File::open(&path)
-                        .await
-                        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
-                    remote.provider.store_file(d, file).await?;
-                } else {
-                    let bytes = self
-                        .local
-                        .load_bytes(d)?
-                        .ok_or_else(|| StoreError::missing(d).context("uploading to the remote"))?;
-                    remote.provider.store_bytes(d, bytes).await?;
-                }
+                let path = self
+                    .local
+                    .load_file(d)?
+                    .ok_or_else(|| StoreError::missing(d).context("uploading to the remote"))?;
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
+                remote.provider.store_file(d, file).await?;
                 Ok::<_, StoreError>(d)
             })
             .buffer_unordered(TRANSFER_CONCURRENCY)
             .try_collect()
             .await?;
-        let mut summary = TransferSummary::default();
         for d in uploaded {
             summary.add(d);
         }
         Ok(summary)
     }
 }
+
 
 /// Which of `files` and of the expanded directories (their Directory messages and files) the
 /// remote lacks, in as few `FindMissingBlobs` calls as the message cap allows.

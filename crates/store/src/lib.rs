@@ -23,3 +23,29 @@ pub use directory::MaterializeOptions;
 pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
 pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, StoreUsage};
+
+/// Splits `digests` into groups whose sizes (plus `per_item` bytes each) add up to at most
+/// `limit`, in order; a blob larger than the limit is a group of its own. One packing rule for
+/// batch RPCs and for bounded local commits.
+pub(crate) fn group_by_size(
+    digests: Vec<hashing::Digest>,
+    limit: u64,
+    per_item: u64,
+) -> Vec<Vec<hashing::Digest>> {
+    let mut groups: Vec<Vec<hashing::Digest>> = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0u64;
+    for d in digests {
+        let cost = d.size_bytes + per_item;
+        if !current.is_empty() && size + cost > limit {
+            groups.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += cost;
+        current.push(d);
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
-use store::directory::{symlink_stays_inside, validate_directory};
+use store::directory::{TreeEntry, symlink_resolves_inside, validate_directory};
 use store::{ErrorKind, LocalStore, LocalStoreOptions, MaterializeOptions};
 
 fn open(dir: &Path) -> LocalStore {
@@ -255,11 +255,13 @@ fn unsafe_names_are_rejected() {
 
 #[test]
 fn escaping_symlinks_are_refused_before_writing() {
-    assert!(symlink_stays_inside(Path::new(""), "a/b"));
-    assert!(symlink_stays_inside(Path::new("x/y"), "../../z"));
-    assert!(!symlink_stays_inside(Path::new("x/y"), "../../../z"));
-    assert!(!symlink_stays_inside(Path::new(""), "/etc/passwd"));
-    assert!(!symlink_stays_inside(Path::new(""), ".."));
+    let nothing = |_: &Path| TreeEntry::Absent;
+    let inside = |dir: &str, t: &str| symlink_resolves_inside(Path::new(dir), t, &nothing).is_ok();
+    assert!(inside("", "a/b"));
+    assert!(inside("x/y", "../../z"));
+    assert!(!inside("x/y", "../../../z"));
+    assert!(!inside("", "/etc/passwd"));
+    assert!(!inside("", ".."));
 
     let store_dir = tempfile::tempdir().unwrap();
     let store = open(store_dir.path());
@@ -343,4 +345,76 @@ fn directory_builder_removes_paths_from_a_stored_tree() {
             .unwrap(),
         full
     );
+}
+
+/// Materializes a directory holding `links` (name -> target) under `gen/` and returns the error.
+fn materialize_links(links: &[(&str, &str)]) -> Result<(), store::StoreError> {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = open(store_dir.path());
+    let mut symlinks: Vec<remexec::SymlinkNode> = links
+        .iter()
+        .map(|(n, t)| remexec::SymlinkNode {
+            name: (*n).into(),
+            target: (*t).into(),
+            ..Default::default()
+        })
+        .collect();
+    symlinks.sort_by(|a, b| a.name.cmp(&b.name));
+    let gen_dir = store
+        .store_directory(&remexec::Directory {
+            symlinks,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut b = store::directory::DirectoryBuilder::new(&store);
+    b.add_directory("gen", gen_dir).unwrap();
+    let root = b.build().unwrap();
+    let checked = store.check_symlinks(root);
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("o");
+    let materialized = store.materialize_directory(root, &dest, MaterializeOptions::default());
+    // Both entry points apply the same rule, and a refusal writes nothing.
+    assert_eq!(checked.is_ok(), materialized.is_ok(), "{checked:?} vs {materialized:?}");
+    if materialized.is_err() {
+        assert!(!dest.exists(), "nothing may be written before the check");
+    }
+    materialized
+}
+
+#[test]
+fn a_chain_of_symlinks_that_escapes_is_refused() {
+    // The reported escape: `a -> .` and `b -> a/a/../..`. Textually `b` stays in gen/; resolved
+    // through `a` it climbs two levels from gen/, out of the output root.
+    let err = materialize_links(&[("a", "."), ("b", "a/a/../..")]).unwrap_err();
+    assert_eq!(err.kind(), &ErrorKind::InvalidData);
+    assert!(err.to_string().contains("gen/b"), "{err}");
+    // `..` after a symlink to a deeper directory is fine as long as it stays inside.
+    materialize_links(&[("a", "."), ("b", "a/a/..")]).unwrap();
+    // A symlink to a symlink that leaves.
+    assert!(materialize_links(&[("up", "../.."), ("via", "up")]).is_err());
+    assert!(materialize_links(&[("up", ".."), ("via", "up/x")]).is_ok());
+    // Loops are refused, not followed forever.
+    let err = materialize_links(&[("l1", "l2"), ("l2", "l1")]).unwrap_err();
+    assert!(err.to_string().contains("loop"), "{err}");
+    // A self-referencing chain that only ever stays inside is fine.
+    materialize_links(&[("a", "."), ("b", "a/a/a/a/c")]).unwrap();
+    // An absolute target reached through a chain.
+    assert!(materialize_links(&[("abs", "/etc"), ("via", "abs/passwd")]).is_err());
+}
+
+#[test]
+fn symlink_resolution_follows_links_in_the_tree() {
+    let tree = |p: &Path| match p.to_str() {
+        Some("d") | Some("d/e") => TreeEntry::Dir,
+        Some("d/up") => TreeEntry::Symlink("../..".into()),
+        Some("d/e/f") => TreeEntry::File,
+        Some("d/deep") => TreeEntry::Symlink("e".into()),
+        _ => TreeEntry::Absent,
+    };
+    let check = |dir: &str, t: &str| symlink_resolves_inside(Path::new(dir), t, &tree);
+    assert!(check("d", "deep/..").is_ok()); // d/e/.. = d
+    assert!(check("d", "deep/../..").is_ok()); // the root itself
+    assert!(check("d", "deep/../../..").is_err());
+    assert!(check("", "d/up").is_err()); // d/up climbs above the root
+    assert!(check("d", "e/f/../../../..").is_ok()); // walks through a file: ENOTDIR, no escape
 }

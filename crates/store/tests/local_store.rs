@@ -241,10 +241,10 @@ fn leftover_temp_files_are_cleaned_at_open() {
     let store = open(dir.path());
     let kept = store.store_bytes(&bytes(THRESHOLD as usize, 3)).unwrap();
     drop(store);
-    // Simulate a crash mid-write: temp files at the pool root and inside a shard.
-    let shard = pool_files(dir.path())[0].parent().unwrap().to_path_buf();
+    // Simulate crashes mid-write: unlocked temp files (one without a PID, one whose PID is not
+    // running on this machine).
     std::fs::write(dir.path().join("large/.tmp-crashed1"), b"partial").unwrap();
-    std::fs::write(shard.join(".tmp-crashed2"), b"partial").unwrap();
+    std::fs::write(dir.path().join("large/.tmp-999999999-abc"), b"partial").unwrap();
     let store = open(dir.path());
     let files = pool_files(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
@@ -256,9 +256,17 @@ fn leftover_temp_files_are_cleaned_at_open() {
 fn a_write_in_progress_in_another_process_survives_open_and_gc() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
-    // PID 1 always runs: this stands for another recache process mid-download.
-    let busy = dir.path().join("large/.tmp-1-0123456789abcdef");
+    // Another recache process (another container, another PID namespace: its PID means nothing
+    // here) mid-download holds the lock on its temp file. The lock is what must count.
+    let busy = dir.path().join("large/.tmp-999999999-0123456789abcdef");
     std::fs::write(&busy, b"partial, still being written").unwrap();
+    let writer = std::fs::File::open(&busy).unwrap();
+    writer.lock().unwrap();
+    let lock_holder = std::thread::spawn(move || {
+        // flock locks belong to the open file description: hold it from this thread.
+        std::thread::sleep(Duration::from_millis(500));
+        drop(writer);
+    });
     let store = open(dir.path());
     assert!(
         busy.exists(),
@@ -266,6 +274,107 @@ fn a_write_in_progress_in_another_process_survives_open_and_gc() {
     );
     store.gc(0).unwrap();
     assert!(busy.exists(), "nor may GC");
+    lock_holder.join().unwrap();
+    // Once the writer is gone (lock released), the next open cleans it.
+    drop(store);
+    drop(open(dir.path()));
+    assert!(!busy.exists(), "an abandoned temp file is removed");
+}
+
+#[test]
+fn writes_through_a_hardlinked_output_do_not_corrupt_later_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let original = bytes(1024 * 1024, 10);
+    let d = store.store_bytes(&original).unwrap();
+    // A hit restores the output as a read-only hardlink of the pool file.
+    let ws = tempfile::tempdir().unwrap();
+    let out = ws.path().join("out.bin");
+    store
+        .materialize_file(d, &out, false, store::MaterializeOptions::default())
+        .unwrap();
+    // The user makes it writable and patches it in place (no new inode: the pool's blob).
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+        f.seek(io::SeekFrom::Start(1000)).unwrap();
+        f.write_all(b"PATCHED").unwrap();
+    }
+    // The store notices before handing the blob out again, and evicts it.
+    assert!(!store.contains(d), "a modified pool blob must not count as present");
+    assert_eq!(store.load_file(d).unwrap(), None);
+    let again = ws.path().join("again.bin");
+    let err = store
+        .materialize_file(d, &again, false, store::MaterializeOptions::default())
+        .unwrap_err();
+    assert_eq!(err.missing_digest(), Some(d), "{err}");
+    // Storing it again (a re-fetch) gives the original content back.
+    store.store_bytes(&original).unwrap();
+    store
+        .materialize_file(d, &again, false, store::MaterializeOptions::default())
+        .unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), original);
+
+    // Only made writable, not changed: kept, and read-only again.
+    let d2 = store.store_bytes(&bytes(1024 * 1024, 11)).unwrap();
+    let out2 = ws.path().join("out2.bin");
+    store
+        .materialize_file(d2, &out2, false, store::MaterializeOptions::default())
+        .unwrap();
+    std::fs::set_permissions(&out2, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(store.contains(d2));
+    let mode = std::fs::metadata(&out2).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "made read-only again");
+}
+
+#[test]
+fn usage_counters_persist_without_a_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.store_bytes(&bytes(1000, 1)).unwrap();
+    store.store_bytes(&bytes(1000, 1)).unwrap(); // the same blob: counted once
+    store.store_bytes(&bytes(2000, 2)).unwrap();
+    store.store_bytes(&bytes(THRESHOLD as usize + 5, 3)).unwrap();
+    let usage = store.usage();
+    assert_eq!((usage.small_blobs, usage.small_bytes), (2, 3000));
+    assert_eq!((usage.large_blobs, usage.large_bytes), (1, THRESHOLD + 5));
+    drop(store);
+    // Reopening reads the counters; a pool file deleted behind the store's back is not seen
+    // until GC re-derives them (the proof that open no longer walks the pool).
+    let victim = pool_files(dir.path())
+        .into_iter()
+        .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .unwrap();
+    std::fs::remove_file(victim).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.usage(), usage);
+    store.gc(u64::MAX).unwrap();
+    assert_eq!(store.usage().large_blobs, 0);
+    assert_eq!(store.usage().small_blobs, 2);
+}
+
+#[test]
+fn a_size_bound_holds_by_itself_and_respects_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = LocalStoreOptions::new(dir.path());
+    options.max_size = Some(4 * 1024 * 1024);
+    let store = LocalStore::open(options).unwrap();
+    let first = store.store_bytes(&bytes(1024 * 1024, 100)).unwrap();
+    let _lease = store.lease([first]);
+    let mut later = Vec::new();
+    for i in 0..12 {
+        std::thread::sleep(Duration::from_millis(2));
+        later.push(store.store_bytes(&bytes(1024 * 1024, 200 + i)).unwrap());
+        assert!(
+            store.usage().total_bytes() <= 4 * 1024 * 1024,
+            "bound exceeded after write {i}: {:?}",
+            store.usage()
+        );
+    }
+    assert!(store.contains(first), "a leased blob is never evicted");
+    assert!(store.contains(*later.last().unwrap()), "the newest blob stays");
+    assert!(!store.contains(later[0]), "the oldest unleased blob went");
 }
 
 /// A reader that yields `len` bytes and then blocks forever, so the writer is mid-write when

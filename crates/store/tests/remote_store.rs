@@ -581,6 +581,24 @@ async fn local_directory_provider_round_trips_and_refuses_corruption() {
     let err = g.store.ensure_local(vd).await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::InvalidData, "{err}");
     assert!(!g.store.local().contains(vd));
+    // The damaged entry is gone, so it reads as missing and the next write repairs it.
+    assert!(!path.exists(), "a file that fails verification is removed");
+    let missing = p
+        .list_missing_digests(&mut [vd].into_iter())
+        .await
+        .unwrap();
+    assert_eq!(missing, HashSet::from([vd]));
+    p.store_bytes(vd, victim.clone().into()).await.unwrap();
+    assert_eq!(g.store.load_bytes(vd).await.unwrap().unwrap(), &victim[..]);
+    // A truncated entry (a torn write) is not "present": a write replaces it.
+    std::fs::write(&path, &victim[..1000]).unwrap();
+    let missing = p
+        .list_missing_digests(&mut [vd].into_iter())
+        .await
+        .unwrap();
+    assert_eq!(missing, HashSet::from([vd]));
+    p.store_bytes(vd, victim.clone().into()).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), victim);
 
     // Action cache.
     let action = Digest::of_bytes(b"act");
@@ -596,4 +614,82 @@ async fn local_directory_provider_round_trips_and_refuses_corruption() {
         std::fs::read_dir(cache.path().join("tmp")).unwrap().count(),
         0
     );
+}
+
+#[tokio::test]
+async fn a_cancelled_download_releases_its_lock_and_temp_file() {
+    let server = TestServer::start().await;
+    let data = noise(6 * 1024 * 1024, 77);
+    let d = server.put_blob(&data);
+    server
+        .knobs()
+        .delay
+        .insert(Method::Read, Duration::from_secs(30));
+    let f = store_with(provider(&server, 1).await);
+    // Every waiter gives up (a lost speculation race, an engine cancelling a run).
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), f.store.load_bytes(d)).await;
+    assert!(cancelled.is_err(), "the download was still in progress");
+    // Storing the same digest afterwards must not wait for the orphaned download.
+    let local = f.store.local().clone();
+    let content = data.clone();
+    let stored = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || local.store_verified(d, &mut &content[..])),
+    )
+    .await
+    .expect("store_verified hung behind a cancelled download")
+    .unwrap();
+    stored.unwrap();
+    assert!(f.store.local().contains(d));
+    let temps: Vec<_> = std::fs::read_dir(f.store.local().root().join("large"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "temp file left behind: {temps:?}");
+    // And a new download of another blob is not blocked either.
+    server.knobs().delay.clear();
+    let other = server.put_blob(&noise(6 * 1024 * 1024, 78));
+    tokio::time::timeout(Duration::from_secs(10), f.store.ensure_local(other))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn small_uploads_are_batched() {
+    let server = TestServer::start().await;
+    let f = store_with(provider(&server, 3).await);
+    let digests: HashSet<Digest> = (0..200)
+        .map(|i| f.store.store_bytes(&noise(2000, 1000 + i)).unwrap())
+        .collect();
+    let summary = f
+        .store
+        .ensure_remote_has_recursive(digests.clone(), HashSet::new())
+        .await
+        .unwrap();
+    assert_eq!(summary.blobs, 200);
+    assert_eq!(server.calls(Method::BatchUpdateBlobs), 1, "one batch for 400 KB");
+    assert_eq!(server.calls(Method::Write), 0);
+    for d in digests {
+        assert!(server.has_blob(d));
+    }
+}
+
+#[tokio::test]
+async fn many_small_downloads_commit_in_bounded_groups() {
+    let server = TestServer::start().await;
+    // 3 000 × 4 KiB = 12 MiB of small blobs: more than one commit group.
+    let digests: HashSet<Digest> = (0..3000)
+        .map(|i| server.put_blob(&noise(4096, 5000 + i)))
+        .collect();
+    let f = store_with(provider(&server, 3).await);
+    let summary = f
+        .store
+        .ensure_downloaded(digests.clone(), HashSet::new())
+        .await
+        .unwrap();
+    assert_eq!(summary.blobs, 3000);
+    assert!(f.store.local().missing(digests).is_empty());
+    assert!(server.calls(Method::BatchReadBlobs) >= 3);
 }

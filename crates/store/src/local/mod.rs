@@ -3,10 +3,15 @@
 //! Layout under the store root:
 //!
 //! ```text
-//! db/                     LMDB environment (tables `blobs` and `atime`)
+//! db/                     LMDB environment (tables `blobs`, `atime`, `pool`, `meta`)
 //! large/ab/<hash>-<size>  one read-only file per blob at or above the threshold
-//! large/.tmp-<pid>-<uuid>  writes in progress (removed at open once their writer is gone)
+//! large/.tmp-<pid>-<uuid>  writes in progress, each locked (`flock`) by its writer; removed
+//!                          at open once no one holds the lock
 //! ```
+//!
+//! Opening costs the same whatever the store holds: the usage counters live in the database
+//! (updated in the transactions that change them), and only the pool's top level is listed
+//! (where temp files live), never the shards.
 
 pub(crate) mod pool;
 mod small;
@@ -14,8 +19,9 @@ mod small;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,13 +31,21 @@ use hashing::{Digest, EMPTY_DIGEST, Fingerprint};
 use crate::destination::LocalDestination;
 use crate::error::StoreError;
 use pool::Pool;
-use small::SmallDb;
+use small::{Counters, SmallDb};
 
 /// Default size at and above which a blob lives in the large-file pool.
 pub const DEFAULT_LARGE_THRESHOLD: u64 = 512 * 1024;
 
 /// Default LMDB map size: address space reserved for the small-blob database, not disk.
 pub const DEFAULT_DB_MAP_SIZE: usize = 64 << 30;
+
+/// Access times gathered in memory before they are written in one transaction: bounds the map a
+/// long-running engine keeps (one write per this many distinct reads).
+const ACCESS_FLUSH_ENTRIES: usize = 8192;
+
+/// When a write takes the store above its `max_size`, GC evicts down to this fraction of it, so
+/// a store at its bound collects once per tenth of growth, not on every write.
+const GC_LOW_WATER_PERCENT: u64 = 90;
 
 /// Options for [`LocalStore::open`].
 #[derive(Debug, Clone)]
@@ -42,6 +56,10 @@ pub struct LocalStoreOptions {
     pub large_threshold: u64,
     /// Maximum size of the small-blob database. Default 64 GiB (reserved address space only).
     pub db_map_size: usize,
+    /// Bound on the bytes of blob content the store keeps. A write that takes it above runs an
+    /// LRU GC (leases respected) down to 90 % of the bound. `None` (the default for the library):
+    /// unbounded; the `recache` CLI sets 10 GiB.
+    pub max_size: Option<u64>,
 }
 
 impl LocalStoreOptions {
@@ -51,6 +69,7 @@ impl LocalStoreOptions {
             root: root.into(),
             large_threshold: DEFAULT_LARGE_THRESHOLD,
             db_map_size: DEFAULT_DB_MAP_SIZE,
+            max_size: None,
         }
     }
 }
@@ -116,7 +135,9 @@ struct Inner {
     threshold: u64,
     db: SmallDb,
     pool: Pool,
-    usage: Usage,
+    max_size: Option<u64>,
+    /// A size-bound GC is running (one at a time per process).
+    gc_running: AtomicBool,
     /// Reads since the last flush: fingerprint → unix milliseconds. Flushed in one transaction by
     /// `flush_access_times`, `gc` and drop, so a read never pays for a write transaction.
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
@@ -126,12 +147,13 @@ struct Inner {
     received: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Usage {
-    small_blobs: AtomicU64,
-    small_bytes: AtomicU64,
-    large_blobs: AtomicU64,
-    large_bytes: AtomicU64,
+
+/// A file's modification time in nanoseconds since the epoch (0 if unknown).
+fn mtime_nanos(meta: &fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Access times are unix milliseconds: seconds would make LRU order a coin toss within a busy
@@ -144,26 +166,30 @@ fn now_millis() -> u64 {
 
 impl LocalStore {
     /// Opens (creating if needed) the store described by `options`. Removes temp files left by
-    /// an interrupted write; reads no blob content.
+    /// an interrupted write; reads no blob content, and costs the same however much the store
+    /// holds (except once, for a store written before the usage counters were persisted).
     pub fn open(options: LocalStoreOptions) -> Result<LocalStore, StoreError> {
         let LocalStoreOptions {
             root,
             large_threshold,
             db_map_size,
+            max_size,
         } = options;
         let ctx = || format!("opening local store {}", root.display());
         let db = SmallDb::open(&root.join("db"), db_map_size).map_err(|e| e.context(ctx()))?;
-        let (pool, large) = Pool::open(&root.join("large")).map_err(|e| e.context(ctx()))?;
-        let usage = Usage::default();
-        for e in db.list().map_err(|e| e.context(ctx()))? {
-            usage.small_blobs.fetch_add(1, Ordering::Relaxed);
-            usage
-                .small_bytes
-                .fetch_add(e.digest.size_bytes, Ordering::Relaxed);
-        }
-        for d in large {
-            usage.large_blobs.fetch_add(1, Ordering::Relaxed);
-            usage.large_bytes.fetch_add(d.size_bytes, Ordering::Relaxed);
+        let pool = Pool::open(&root.join("large")).map_err(|e| e.context(ctx()))?;
+        if db.counters().map_err(|e| e.context(ctx()))?.is_none() {
+            // First open of this store (or of one from before the counters): count once.
+            let mut c = Counters::default();
+            for e in db.list().map_err(|e| e.context(ctx()))? {
+                c.small_blobs += 1;
+                c.small_bytes += e.digest.size_bytes;
+            }
+            for d in pool.list().map_err(|e| e.context(ctx()))? {
+                c.large_blobs += 1;
+                c.large_bytes += d.size_bytes;
+            }
+            db.set_counters(c).map_err(|e| e.context(ctx()))?;
         }
         Ok(LocalStore {
             inner: Arc::new(Inner {
@@ -171,7 +197,8 @@ impl LocalStore {
                 threshold: large_threshold.max(1),
                 db,
                 pool,
-                usage,
+                max_size,
+                gc_running: AtomicBool::new(false),
                 recent_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 received: AtomicU64::new(0),
@@ -204,12 +231,38 @@ impl LocalStore {
     }
 
     fn touch(&self, digest: Digest) {
-        let mut recent = self
-            .inner
-            .recent_access
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        recent.insert(digest.hash, now_millis());
+        let full = {
+            let mut recent = self
+                .inner
+                .recent_access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            recent.insert(digest.hash, now_millis());
+            recent.len() >= ACCESS_FLUSH_ENTRIES
+        };
+        if full && let Err(e) = self.write_access_times() {
+            tracing::warn!(error = %e, "could not record access times");
+        }
+    }
+
+    /// Called with the totals after every write that can grow the store: enforces `max_size`.
+    fn after_growth(&self, totals: Counters) {
+        let Some(max) = self.inner.max_size else {
+            return;
+        };
+        if totals.total_bytes() <= max || self.inner.gc_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let target = max / 100 * GC_LOW_WATER_PERCENT;
+        match self.gc(target) {
+            Ok(report) => tracing::info!(
+                removed_bytes = report.removed_bytes,
+                max,
+                "local store reached its size bound; evicted least-recently-used blobs"
+            ),
+            Err(e) => tracing::warn!(error = %e, "local store is over its size bound and GC failed"),
+        }
+        self.inner.gc_running.store(false, Ordering::Release);
     }
 
     /// Stores `bytes`, returning their digest.
@@ -223,9 +276,7 @@ impl LocalStore {
             Ok(digest)
         } else {
             let (digest, new) = self.inner.pool.write_from(&mut &bytes[..], None)?;
-            if new {
-                self.note_pool_added(digest)?;
-            }
+            self.note_pool_added(digest, new)?;
             Ok(digest)
         }
     }
@@ -235,13 +286,8 @@ impl LocalStore {
         if digest == EMPTY_DIGEST {
             return Ok(());
         }
-        if self.inner.db.put(digest, bytes, now_millis())? {
-            self.inner.usage.small_blobs.fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .usage
-                .small_bytes
-                .fetch_add(digest.size_bytes, Ordering::Relaxed);
-        }
+        let totals = self.inner.db.put(digest, bytes, now_millis())?;
+        self.after_growth(totals);
         Ok(())
     }
 
@@ -273,26 +319,80 @@ impl LocalStore {
         if missing.is_empty() {
             return Ok(());
         }
-        let (count, bytes) = self.inner.db.put_many(&missing, now_millis())?;
-        self.inner
-            .usage
-            .small_blobs
-            .fetch_add(count, Ordering::Relaxed);
-        self.inner
-            .usage
-            .small_bytes
-            .fetch_add(bytes, Ordering::Relaxed);
+        let totals = self.inner.db.put_many(&missing, now_millis())?;
+        self.after_growth(totals);
         Ok(())
     }
 
-    pub(crate) fn note_pool_added(&self, digest: Digest) -> Result<(), StoreError> {
-        self.inner.usage.large_blobs.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .usage
-            .large_bytes
-            .fetch_add(digest.size_bytes, Ordering::Relaxed);
-        self.touch(digest);
+    /// Records a pool blob just committed by this process (`new`: the rename created it): its
+    /// modification time for the integrity check, and the counters.
+    pub(crate) fn note_pool_added(&self, digest: Digest, new: bool) -> Result<(), StoreError> {
+        if !new {
+            self.touch(digest);
+            return Ok(());
+        }
+        let path = self.inner.pool.path(&digest);
+        let meta = fs::metadata(&path)
+            .map_err(|e| StoreError::io(format!("inspecting {}", path.display()), e))?;
+        let totals = self
+            .inner
+            .db
+            .pool_added(digest, mtime_nanos(&meta), new, now_millis())?;
+        self.after_growth(totals);
         Ok(())
+    }
+
+    /// Whether the pool file of `digest` still holds what was committed. Pool files are handed
+    /// out as read-only hardlinks; a user who makes one writable (`chmod u+w`) and edits it in
+    /// place edits the stored blob. Cheap check first: the file must still be read-only for
+    /// everyone, of the right size, with the modification time recorded at commit. If any of that
+    /// changed, the content is hashed: intact → the file is made read-only again and the new time
+    /// recorded; changed → the blob is evicted (a later hit fetches or rebuilds it).
+    fn pool_file_intact(&self, digest: Digest) -> bool {
+        let path = self.inner.pool.path(&digest);
+        let Ok(meta) = fs::metadata(&path) else {
+            return false;
+        };
+        if !meta.is_file() {
+            return false;
+        }
+        let recorded = self.inner.db.pool_mtime(digest).ok().flatten();
+        let read_only = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o222 == 0;
+        if meta.len() == digest.size_bytes
+            && read_only
+            && recorded.is_none_or(|t| t == mtime_nanos(&meta))
+        {
+            return true;
+        }
+        let intact = meta.len() == digest.size_bytes
+            && fs::File::open(&path)
+                .ok()
+                .and_then(|mut f| {
+                    let mut h = hashing::WriterHasher::new(std::io::sink());
+                    std::io::copy(&mut f, &mut h).ok()?;
+                    Some(h.finish().0 == digest)
+                })
+                .unwrap_or(false);
+        if intact {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(pool::POOL_FILE_MODE));
+            if let Ok(meta) = fs::metadata(&path) {
+                let _ = self
+                    .inner
+                    .db
+                    .pool_added(digest, mtime_nanos(&meta), false, now_millis());
+            }
+            tracing::info!(%digest, "pool file was made writable but is intact; read-only again");
+            return true;
+        }
+        tracing::warn!(
+            %digest,
+            path = %path.display(),
+            "a stored blob was modified in place (through a hardlinked output?); evicting it"
+        );
+        if self.inner.pool.remove(&digest).unwrap_or(false) {
+            let _ = self.inner.db.pool_removed(&[digest]);
+        }
+        false
     }
 
     /// Stores the file at `path`, streaming it (a large file is never held in memory; a
@@ -317,9 +417,7 @@ impl LocalStore {
         } else {
             self.inner.pool.write_from(&mut file, None)?
         };
-        if new {
-            self.note_pool_added(digest)?;
-        }
+        self.note_pool_added(digest, new)?;
         Ok(digest)
     }
 
@@ -338,10 +436,8 @@ impl LocalStore {
             self.put_small(expected, &buf)
         } else {
             let (_, new) = self.inner.pool.write_from(src, Some(expected))?;
-            if new {
-                self.note_pool_added(expected)?;
-            }
-            Ok(())
+            self.note_pool_added(expected, new)
+
         }
     }
 
@@ -354,7 +450,7 @@ impl LocalStore {
             .partition(|d| self.is_small(d.size_bytes));
         // A database error reads as "missing": the caller then fetches or rebuilds the blob.
         let mut out = self.inner.db.missing(&small).unwrap_or(small);
-        out.extend(large.into_iter().filter(|d| !self.inner.pool.contains(d)));
+        out.extend(large.into_iter().filter(|d| !self.pool_file_intact(*d)));
         out
     }
 
@@ -366,7 +462,7 @@ impl LocalStore {
         if self.is_small(digest.size_bytes) {
             self.inner.db.contains(digest).unwrap_or(false)
         } else {
-            self.inner.pool.contains(&digest)
+            self.pool_file_intact(digest)
         }
     }
 
@@ -399,23 +495,23 @@ impl LocalStore {
         if self.is_small(digest.size_bytes) {
             return Ok(None);
         }
-        let path = self.inner.pool.path(&digest);
-        if path.is_file() {
+        if self.pool_file_intact(digest) {
             self.touch(digest);
-            Ok(Some(path))
+            Ok(Some(self.inner.pool.path(&digest)))
         } else {
             Ok(None)
         }
     }
 
-    /// How much the store holds.
+    /// How much the store holds (the persistent counters: one read transaction, shared by every
+    /// process using the store).
     pub fn usage(&self) -> StoreUsage {
-        let u = &self.inner.usage;
+        let c = self.inner.db.counters().ok().flatten().unwrap_or_default();
         StoreUsage {
-            small_blobs: u.small_blobs.load(Ordering::Relaxed),
-            small_bytes: u.small_bytes.load(Ordering::Relaxed),
-            large_blobs: u.large_blobs.load(Ordering::Relaxed),
-            large_bytes: u.large_bytes.load(Ordering::Relaxed),
+            small_blobs: c.small_blobs,
+            small_bytes: c.small_bytes,
+            large_blobs: c.large_blobs,
+            large_bytes: c.large_bytes,
         }
     }
 
@@ -435,6 +531,12 @@ impl LocalStore {
     /// Writes the access times gathered since the last flush in one transaction, and syncs the
     /// database to disk.
     pub fn flush_access_times(&self) -> Result<(), StoreError> {
+        self.write_access_times()?;
+        self.inner.db.sync()
+    }
+
+    /// Writes the gathered access times in one transaction (no sync).
+    fn write_access_times(&self) -> Result<(), StoreError> {
         let pending: Vec<(Fingerprint, u64)> = {
             let mut recent = self
                 .inner
@@ -443,8 +545,7 @@ impl LocalStore {
                 .unwrap_or_else(|p| p.into_inner());
             recent.drain().collect()
         };
-        self.inner.db.set_atimes(&pending)?;
-        self.inner.db.sync()
+        self.inner.db.set_atimes(&pending)
     }
 
     /// Evicts least-recently-used blobs until the store holds at most `target_bytes`. Leased
@@ -521,26 +622,24 @@ impl LocalStore {
 
         // Reset the counters to what the listing found, minus what was removed: this also
         // corrects any drift (e.g. a pool file deleted by hand). Writes racing with GC may be
-        // off by their own size until the next GC or reopen.
-        let u = &self.inner.usage;
-        let (mut sb, mut sn, mut lb, mut ln) = (0u64, 0u64, 0u64, 0u64);
+        // off by their own size until the next GC.
+        let mut c = Counters::default();
         for (_, d, is_small) in &listed {
             if *is_small {
-                sn += 1;
-                sb += d.size_bytes;
+                c.small_blobs += 1;
+                c.small_bytes += d.size_bytes;
             } else {
-                ln += 1;
-                lb += d.size_bytes;
+                c.large_blobs += 1;
+                c.large_bytes += d.size_bytes;
             }
         }
         let small_removed: u64 = small_victims.iter().map(|d| d.size_bytes).sum();
         let large_removed: u64 = removed_large.iter().map(|d| d.size_bytes).sum();
-        u.small_blobs
-            .store(sn - small_victims.len() as u64, Ordering::Relaxed);
-        u.small_bytes.store(sb - small_removed, Ordering::Relaxed);
-        u.large_blobs
-            .store(ln - removed_large.len() as u64, Ordering::Relaxed);
-        u.large_bytes.store(lb - large_removed, Ordering::Relaxed);
+        c.small_blobs -= small_victims.len() as u64;
+        c.small_bytes -= small_removed;
+        c.large_blobs -= removed_large.len() as u64;
+        c.large_bytes -= large_removed;
+        self.inner.db.set_counters(c)?;
         report.removed_blobs = (small_victims.len() + removed_large.len()) as u64;
         report.removed_bytes = small_victims
             .iter()

@@ -1,10 +1,17 @@
 //! The large-file pool: one read-only file per blob at `large/<2 hex>/<hash>-<size>`.
 //!
-//! Writes go to a `.tmp-*` file in the pool (same filesystem), are hashed while written, fsynced,
-//! made read-only and renamed into place only when the digest verifies. A rename is atomic, so a
-//! reader sees either no file or the whole verified file, also after a `kill -9` mid-write; the
-//! leftover `.tmp-*` files are removed when the pool is next opened (a directory listing, no blob
-//! is read).
+//! Writes go to a `.tmp-*` file at the pool's top level (same filesystem), are hashed while
+//! written, fsynced, made read-only and renamed into place only when the digest verifies; the
+//! shard directory is fsynced after the rename, so a committed blob survives a power cut. A
+//! rename is atomic, so a reader sees either no file or the whole verified file, also after a
+//! `kill -9` mid-write.
+//!
+//! Every temp file is locked (`flock`, exclusive) by its writer until it is committed or removed.
+//! Opening the pool lists its top level only and removes the temp files no one holds a lock on
+//! (a crashed writer's locks died with it); this works across processes, containers sharing a
+//! volume, and systems without `/proc`. To close the instant between a writer creating its file
+//! and locking it, an unlocked temp file is removed only when its writer's PID (in the name) is
+//! gone from this machine or the file is older than [`STALE_TEMP_AGE`].
 
 use std::collections::HashMap;
 use std::fs;
@@ -23,6 +30,10 @@ pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 /// in place (which would corrupt every other link to the blob).
 pub(crate) const POOL_FILE_MODE: u32 = 0o444;
 
+/// An unlocked temp file whose writer PID still runs here is left alone this young (see the
+/// module docs).
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Buffer for streaming copies into the pool.
 const COPY_BUFFER_BYTES: usize = 1024 * 1024;
 
@@ -34,23 +45,20 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// Opens (creating if needed) the pool under `dir`, removing temp files whose writer is gone
-    /// (a crash). Returns the pool and the digests it holds.
-    pub(crate) fn open(dir: &Path) -> Result<(Pool, Vec<Digest>), StoreError> {
+    /// (a crash). Lists the top level only: the cost does not grow with the blobs held.
+    pub(crate) fn open(dir: &Path) -> Result<Pool, StoreError> {
         fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating pool directory {}", dir.display()), e))?;
-        let digests = scan(dir, true)?;
-        Ok((
-            Pool {
-                dir: dir.to_path_buf(),
-                inflight: InFlight::default(),
-            },
-            digests,
-        ))
+        clean_temps(dir)?;
+        Ok(Pool {
+            dir: dir.to_path_buf(),
+            inflight: InFlight::default(),
+        })
     }
 
     /// The digests the pool holds, read from file names; removes nothing.
     pub(crate) fn list(&self) -> Result<Vec<Digest>, StoreError> {
-        scan(&self.dir, false)
+        scan(&self.dir)
     }
 
     /// Where `digest` lives (whether or not it is there).
@@ -66,14 +74,25 @@ impl Pool {
     }
 
     /// A fresh temp path inside the pool (same filesystem as the final place, so rename works).
-    /// The name carries our PID, so another process opening the store can tell an abandoned
-    /// write from one in progress.
-    pub(crate) fn temp_path(&self) -> PathBuf {
+    fn temp_path(&self) -> PathBuf {
         self.dir.join(format!(
             "{TEMP_PREFIX}{}-{}",
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ))
+    }
+
+    /// Creates a temp file and locks it for as long as the returned file stays open: the lock
+    /// is what tells another process opening the pool that this write is alive.
+    pub(crate) fn create_temp(&self) -> Result<(PathBuf, fs::File), StoreError> {
+        let temp = self.temp_path();
+        let file = fs::File::create(&temp)
+            .map_err(|e| StoreError::io(format!("creating {}", temp.display()), e))?;
+        if let Err(e) = file.lock() {
+            let _ = fs::remove_file(&temp);
+            return Err(StoreError::io(format!("locking {}", temp.display()), e));
+        }
+        Ok((temp, file))
     }
 
     /// Waits until no one else is writing `digest`; the returned guard must be held while writing.
@@ -104,6 +123,10 @@ impl Pool {
             let _ = fs::remove_file(temp);
             StoreError::io(format!("renaming into {}", dest.display()), e)
         })?;
+        // The rename is durable only once the directory holding the new name is on disk.
+        if let Some(parent) = dest.parent() {
+            fsync_dir(parent)?;
+        }
         Ok(true)
     }
 
@@ -120,14 +143,16 @@ impl Pool {
         {
             return Ok((d, false));
         }
-        let temp = self.temp_path();
-        let result = self.write_temp(&temp, src, expected).and_then(|digest| {
+        let (temp, file) = self.create_temp()?;
+        // The file (and its lock) stays open until the rename is done.
+        let result = self.write_temp(&temp, &file, src, expected).and_then(|digest| {
             let new = self.commit_temp(&temp, &digest)?;
             Ok((digest, new))
         });
         if result.is_err() {
             let _ = fs::remove_file(&temp);
         }
+        drop(file);
         result
     }
 
@@ -136,11 +161,11 @@ impl Pool {
     fn write_temp(
         &self,
         temp: &Path,
+        file: &fs::File,
         src: &mut dyn Read,
         expected: Option<Digest>,
     ) -> Result<Digest, StoreError> {
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
-        let file = fs::File::create(temp).map_err(|e| io_err("creating", e))?;
         let mut out = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, file);
         let digest = match expected {
             Some(d) => hashing::copy_verified(src, &mut out, d)?,
@@ -186,8 +211,24 @@ impl Pool {
             drop(_guard);
             return self.write_from(&mut f, Some(digest));
         }
-        let new = self.commit_temp(&temp, &digest)?;
-        Ok((digest, new))
+        // Lock the linked temp like any other, and make its data durable before it becomes
+        // visible (the writer of `src` never fsynced it).
+        let result = fs::File::open(&temp)
+            .and_then(|f| {
+                f.lock()?;
+                f.sync_all()?;
+                Ok(f)
+            })
+            .map_err(|e| StoreError::io(format!("syncing {}", temp.display()), e))
+            .and_then(|f| {
+                let new = self.commit_temp(&temp, &digest)?;
+                drop(f);
+                Ok(new)
+            });
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        Ok((digest, result?))
     }
 
     /// Removes `digest`'s file. Missing is fine (someone else removed it).
@@ -204,61 +245,91 @@ fn read_dir(dir: &Path) -> Result<fs::ReadDir, StoreError> {
     fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))
 }
 
-/// Lists the pool's blobs from file names. With `clean`, removes temp files left by writers
-/// that no longer run: several processes may share a store, and one opening it must not delete
-/// another's write in progress.
-fn scan(dir: &Path, clean: bool) -> Result<Vec<Digest>, StoreError> {
+/// Lists the pool's blobs from file names (the shards); removes nothing.
+fn scan(dir: &Path) -> Result<Vec<Digest>, StoreError> {
     let mut digests = Vec::new();
-    let mut cleaned = 0usize;
-    let mut visit = |path: PathBuf, name: &str| {
-        if name.starts_with(TEMP_PREFIX) {
-            if clean && writer_is_gone(name) {
-                remove_temp(&path, &mut cleaned);
-            }
-        } else if let Some(d) = parse_pool_name(name) {
-            digests.push(d);
-        }
-    };
     for shard in read_dir(dir)? {
         let shard = shard.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
-        let name = shard.file_name().to_string_lossy().into_owned();
-        if shard.file_type().is_ok_and(|t| t.is_dir()) {
-            for entry in read_dir(&shard.path())? {
-                let entry =
-                    entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
-                visit(entry.path(), &entry.file_name().to_string_lossy());
+        if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for entry in read_dir(&shard.path())? {
+            let entry =
+                entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+            if let Some(d) = parse_pool_name(&entry.file_name().to_string_lossy()) {
+                digests.push(d);
             }
-        } else {
-            visit(shard.path(), &name);
+        }
+    }
+    Ok(digests)
+}
+
+/// Removes the temp files at the pool's top level whose writer is gone: no one holds their lock
+/// (and, to close the creation race, their writer PID is not running here or they are stale).
+fn clean_temps(dir: &Path) -> Result<(), StoreError> {
+    let mut cleaned = 0usize;
+    for entry in read_dir(dir)? {
+        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = fs::File::open(&path) else {
+            continue; // already gone
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => continue, // a live writer holds it
+            Err(fs::TryLockError::Error(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot lock temp file; leaving it");
+                continue;
+            }
+        }
+        let young = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < STALE_TEMP_AGE);
+        if young && !writer_pid_is_gone(&name) {
+            continue; // its writer runs and may be about to lock it
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => cleaned += 1,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove leftover temp file")
+            }
         }
     }
     if cleaned > 0 {
         tracing::info!(cleaned, pool = %dir.display(), "removed leftover temp files from an interrupted write");
     }
-    Ok(digests)
+    Ok(())
 }
 
-/// Whether the process that wrote temp file `name` (`.tmp-<pid>-<uuid>`) is gone. Names without
-/// a PID are abandoned by definition; our own PID is never gone.
-fn writer_is_gone(name: &str) -> bool {
+/// Whether the PID in temp file `name` (`.tmp-<pid>-<uuid>`) is known not to run on this
+/// machine. A name without a PID is not one of ours: gone. Without `/proc` nothing is known:
+/// false (the age decides).
+fn writer_pid_is_gone(name: &str) -> bool {
     let pid = name
         .strip_prefix(TEMP_PREFIX)
         .and_then(|rest| rest.split_once('-'))
         .and_then(|(pid, _)| pid.parse::<u32>().ok());
     match pid {
         None => true,
-        Some(pid) if pid == std::process::id() => false,
-        Some(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+        Some(pid) if Path::new("/proc/self").exists() => {
+            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+        }
+        Some(_) => false,
     }
 }
 
-fn remove_temp(path: &Path, cleaned: &mut usize) {
-    match fs::remove_file(path) {
-        Ok(()) => *cleaned += 1,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove leftover temp file")
-        }
-    }
+/// fsyncs a directory, so the renames in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(format!("syncing directory {}", dir.display()), e))
 }
 
 /// Parses `<64 hex>-<size>`; anything else in the pool is ignored.

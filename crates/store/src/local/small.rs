@@ -1,5 +1,11 @@
-//! Small blobs in LMDB (through heed): one `blobs` table keyed by the 32-byte fingerprint, and an
-//! `atime` table (fingerprint → last access, unix milliseconds) used by garbage collection.
+//! Small blobs in LMDB (through heed): one `blobs` table keyed by the 32-byte fingerprint, an
+//! `atime` table (fingerprint → last access, unix milliseconds) used by garbage collection, a
+//! `pool` table (fingerprint → modification time of the committed pool file, for the integrity
+//! check before a pool file is linked again), and a `meta` table holding the usage counters.
+//!
+//! The counters are updated in the same transaction as the change they count, so opening a store
+//! reads four numbers instead of walking every row and every pool file; GC re-derives them from
+//! a full listing (which also corrects drift, e.g. pool files deleted by hand).
 //!
 //! LMDB was chosen over redb and file-per-blob by `cargo bench -p benches --bench small_blob_db`
 //! (figures in ARCHITECTURE.md): faster single-blob commits, reads and concurrent writers, and it
@@ -29,6 +35,55 @@ pub(crate) struct SmallDb {
     env: Env<WithoutTls>,
     blobs: Database<Raw, Raw>,
     atime: Database<Raw, Atime>,
+    pool: Database<Raw, Atime>,
+    meta: Database<Raw, Raw>,
+}
+
+/// Key of the usage counters in `meta`: four little-endian u64 (small blobs, small bytes, large
+/// blobs, large bytes).
+const USAGE_KEY: &[u8] = b"usage";
+
+/// The persistent usage counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub small_blobs: u64,
+    pub small_bytes: u64,
+    pub large_blobs: u64,
+    pub large_bytes: u64,
+}
+
+impl Counters {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, v) in [
+            self.small_blobs,
+            self.small_bytes,
+            self.large_blobs,
+            self.large_bytes,
+        ]
+        .iter()
+        .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Counters> {
+        let n = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(b.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+        };
+        Some(Counters {
+            small_blobs: n(0)?,
+            small_bytes: n(1)?,
+            large_blobs: n(2)?,
+            large_bytes: n(3)?,
+        })
+    }
+
+    pub(crate) fn total_bytes(&self) -> u64 {
+        self.small_bytes + self.large_bytes
+    }
 }
 
 /// A small blob as listed for accounting and GC.
@@ -45,7 +100,7 @@ impl SmallDb {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size).max_dbs(2).max_readers(1024);
+        opts.map_size(map_size).max_dbs(4).max_readers(1024);
         // SAFETY: heed's open is unsafe because LMDB must not be opened twice by one process
         // with different options, and the file must not be modified other than through LMDB.
         // heed itself de-duplicates environments opened twice in one process, every LocalStore
@@ -64,12 +119,120 @@ impl SmallDb {
         let atime = env
             .create_database(&mut w, Some("atime"))
             .map_err(|e| db_err("creating table atime", e))?;
+        let pool = env
+            .create_database(&mut w, Some("pool"))
+            .map_err(|e| db_err("creating table pool", e))?;
+        let meta = env
+            .create_database(&mut w, Some("meta"))
+            .map_err(|e| db_err("creating table meta", e))?;
         w.commit().map_err(|e| db_err("commit", e))?;
-        Ok(SmallDb { env, blobs, atime })
+        Ok(SmallDb {
+            env,
+            blobs,
+            atime,
+            pool,
+            meta,
+        })
     }
 
-    /// Stores a verified blob. Returns true when it was not there before.
-    pub(crate) fn put(&self, digest: Digest, bytes: &[u8], now: u64) -> Result<bool, StoreError> {
+    fn counters_in(&self, txn: &heed::RoTxn<'_, WithoutTls>) -> Result<Option<Counters>, StoreError> {
+        Ok(self
+            .meta
+            .get(txn, USAGE_KEY)
+            .map_err(|e| db_err("get usage", e))?
+            .and_then(Counters::decode))
+    }
+
+    /// Adds to the counters inside `w` (a missing record counts from zero; `open` derives it
+    /// first). Returns the new totals.
+    fn bump(
+        &self,
+        w: &mut heed::RwTxn<'_>,
+        f: impl FnOnce(&mut Counters),
+    ) -> Result<Counters, StoreError> {
+        let mut c = self.counters_in(w)?.unwrap_or_default();
+        f(&mut c);
+        self.meta
+            .put(w, USAGE_KEY, &c.encode())
+            .map_err(|e| db_err("put usage", e))?;
+        Ok(c)
+    }
+
+    /// The persistent counters, or `None` for a store written before they existed.
+    pub(crate) fn counters(&self) -> Result<Option<Counters>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        self.counters_in(&r)
+    }
+
+    /// Replaces the counters (after a full listing: at first open of an old store, and by GC).
+    pub(crate) fn set_counters(&self, c: Counters) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.meta
+            .put(&mut w, USAGE_KEY, &c.encode())
+            .map_err(|e| db_err("put usage", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Records a pool blob that was just committed (its file's modification time, for the
+    /// integrity check) and counts it if `new`. Returns the new totals.
+    pub(crate) fn pool_added(
+        &self,
+        digest: Digest,
+        mtime_nanos: u64,
+        new: bool,
+        now: u64,
+    ) -> Result<Counters, StoreError> {
+        let key = digest.hash.as_bytes();
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.pool
+            .put(&mut w, key, &mtime_nanos)
+            .map_err(|e| db_err("put pool", e))?;
+        self.atime
+            .put(&mut w, key, &now)
+            .map_err(|e| db_err("put atime", e))?;
+        let c = self.bump(&mut w, |c| {
+            if new {
+                c.large_blobs += 1;
+                c.large_bytes += digest.size_bytes;
+            }
+        })?;
+        w.commit().map_err(|e| db_err("commit", e))?;
+        Ok(c)
+    }
+
+    /// The modification time recorded when pool blob `digest` was committed.
+    pub(crate) fn pool_mtime(&self, digest: Digest) -> Result<Option<u64>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        self.pool
+            .get(&r, digest.hash.as_bytes())
+            .map_err(|e| db_err("get pool", e))
+    }
+
+    /// Forgets pool blobs that were removed (GC, or evicted as corrupt) and uncounts them.
+    pub(crate) fn pool_removed(&self, digests: &[Digest]) -> Result<(), StoreError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        for d in digests {
+            self.pool
+                .delete(&mut w, d.hash.as_bytes())
+                .map_err(|e| db_err("delete pool", e))?;
+            self.atime
+                .delete(&mut w, d.hash.as_bytes())
+                .map_err(|e| db_err("delete atime", e))?;
+        }
+        self.bump(&mut w, |c| {
+            c.large_blobs = c.large_blobs.saturating_sub(digests.len() as u64);
+            c.large_bytes = c
+                .large_bytes
+                .saturating_sub(digests.iter().map(|d| d.size_bytes).sum());
+        })?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Stores a verified blob. Returns the new totals.
+    pub(crate) fn put(&self, digest: Digest, bytes: &[u8], now: u64) -> Result<Counters, StoreError> {
         let key = digest.hash.as_bytes();
         let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
         let existed = self
@@ -85,18 +248,24 @@ impl SmallDb {
         self.atime
             .put(&mut w, key, &now)
             .map_err(|e| db_err("put atime", e))?;
+        let c = self.bump(&mut w, |c| {
+            if !existed {
+                c.small_blobs += 1;
+                c.small_bytes += digest.size_bytes;
+            }
+        })?;
         w.commit().map_err(|e| db_err("commit", e))?;
-        Ok(!existed)
+        Ok(c)
     }
 
     /// Stores several verified blobs in one transaction (one commit instead of one per blob:
-    /// on a cache hit with many small outputs this is most of the local cost). Returns how many
-    /// were new, with their total size.
+    /// on a cache hit with many small outputs this is most of the local cost). Returns the new
+    /// totals.
     pub(crate) fn put_many(
         &self,
         items: &[(Digest, &[u8])],
         now: u64,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<Counters, StoreError> {
         let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
         let (mut count, mut bytes) = (0u64, 0u64);
         for (digest, data) in items {
@@ -117,8 +286,12 @@ impl SmallDb {
                 .put(&mut w, key, &now)
                 .map_err(|e| db_err("put atime", e))?;
         }
+        let c = self.bump(&mut w, |c| {
+            c.small_blobs += count;
+            c.small_bytes += bytes;
+        })?;
         w.commit().map_err(|e| db_err("commit", e))?;
-        Ok((count, bytes))
+        Ok(c)
     }
 
     /// The blob, copied out of the map. A stored value whose length does not match the digest is
@@ -203,7 +376,8 @@ impl SmallDb {
     }
 
     /// Removes blobs and their access times in one transaction; `atime_only` drops just the
-    /// access rows (for pool blobs, whose data lives in files).
+    /// access and pool rows (for pool blobs, whose data lives in files). Counters are left to the
+    /// caller (GC re-derives them).
     pub(crate) fn remove(
         &self,
         blobs: &[Fingerprint],
@@ -219,6 +393,11 @@ impl SmallDb {
             self.atime
                 .delete(&mut w, hash.as_bytes())
                 .map_err(|e| db_err("delete atime", e))?;
+        }
+        for hash in atime_only {
+            self.pool
+                .delete(&mut w, hash.as_bytes())
+                .map_err(|e| db_err("delete pool", e))?;
         }
         w.commit().map_err(|e| db_err("commit", e))
     }

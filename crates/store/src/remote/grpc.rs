@@ -310,24 +310,9 @@ impl GrpcProvider {
         })
     }
 
-    /// Groups blobs into batches whose data stays under `limit`.
+    /// Groups blobs into batches whose data (with per-blob framing) stays under `limit`.
     fn split_batches(digests: Vec<Digest>, limit: u64) -> Vec<Vec<Digest>> {
-        let mut batches: Vec<Vec<Digest>> = Vec::new();
-        let mut current = Vec::new();
-        let mut size = 0u64;
-        for d in digests {
-            let cost = d.size_bytes + BATCH_OVERHEAD_PER_BLOB;
-            if !current.is_empty() && size + cost > limit {
-                batches.push(std::mem::take(&mut current));
-                size = 0;
-            }
-            size += cost;
-            current.push(d);
-        }
-        if !current.is_empty() {
-            batches.push(current);
-        }
-        batches
+        crate::group_by_size(digests, limit, BATCH_OVERHEAD_PER_BLOB)
     }
 
     async fn batch_read_once(
@@ -723,6 +708,28 @@ impl ByteStoreProvider for GrpcProvider {
         .await
     }
 
+    async fn store_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        let limit = self.batch_limit().await?;
+        let by_digest: HashMap<Digest, Bytes> = blobs.into_iter().collect();
+        let batches = Self::split_batches(by_digest.keys().copied().collect(), limit);
+        for batch in batches {
+            let items: Vec<(Digest, Bytes)> = batch
+                .iter()
+                .filter_map(|d| by_digest.get(d).map(|b| (*d, b.clone())))
+                .collect();
+            let mut retry = Retry::new(self.options.retry, || {
+                format!("BatchUpdateBlobs of {} blobs to {}", items.len(), self.address)
+            });
+            loop {
+                match self.batch_update_once(&items).await {
+                    Ok(()) => break,
+                    Err(e) => retry.backoff_or_fail(e).await?,
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn store_file(&self, digest: Digest, file: tokio::fs::File) -> Result<(), StoreError> {
         let file = Arc::new(file.into_std().await);
         self.upload(digest, None, move || {
@@ -873,6 +880,10 @@ impl ActionCacheProvider for GrpcProvider {
             drop(_slot);
             retry.backoff_or_fail(result).await?;
         }
+    }
+
+    async fn update_enabled(&self) -> Result<bool, StoreError> {
+        Ok(self.capabilities().await?.action_cache_update_enabled)
     }
 
     async fn update_action_result(

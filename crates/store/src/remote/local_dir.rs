@@ -4,11 +4,17 @@
 //! <root>/cas/ab/<hash>-<size>       blob content
 //! <root>/ac/ab/<hash>-<size>        encoded ActionResult for that action digest
 //! <root>/tmp/<uuid>                 writes in progress
+//! <root>/usage                      bytes held (approximate; re-derived by GC), 8 bytes LE
 //! ```
 //!
-//! Every write goes to `tmp/` and is renamed into place, so several processes (or machines on a
-//! shared filesystem) can use one directory: a reader sees a whole file or none. Blob content is
-//! verified by the caller's destination on load, so a corrupted file is refused, never trusted.
+//! Every write goes to `tmp/`, is fsynced and renamed into place (and the directory fsynced), so
+//! several processes (or machines on a shared filesystem) can use one directory: a reader sees a
+//! whole file or none, also after a power cut. A file counts as present only with the right
+//! length; every read is verified against the digest, and a file that fails is removed, so a
+//! damaged entry is repaired by the next write instead of being trusted or kept forever.
+//!
+//! With a size bound ([`LocalDirProvider::with_max_size`]) a write that takes the directory above
+//! it evicts least-recently-used entries (reads refresh a file's modification time) down to 90 %.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -32,6 +38,7 @@ const BATCH_BLOB_MAX: u64 = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct LocalDirProvider {
     root: PathBuf,
+    max_size: Option<u64>,
 }
 
 impl LocalDirProvider {
@@ -45,7 +52,108 @@ impl LocalDirProvider {
         }
         Ok(LocalDirProvider {
             root: root.to_path_buf(),
+            max_size: None,
         })
+    }
+
+    /// Bounds the directory to `max_bytes` of entries (LRU eviction on write).
+    pub fn with_max_size(mut self, max_bytes: u64) -> LocalDirProvider {
+        self.max_size = Some(max_bytes);
+        self
+    }
+
+    /// Whether the entry at `path` is present whole (right length). A shorter file (a torn
+    /// write on a filesystem without atomic renames, a disk error) is as good as absent.
+    fn present(path: &Path, size: u64) -> bool {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Removes a file that failed verification, so the next write repairs it.
+    fn discard_corrupt(path: &Path, why: &str) -> StoreError {
+        let _ = std::fs::remove_file(path);
+        tracing::warn!(path = %path.display(), "removed a damaged cache entry: {why}");
+        StoreError::invalid(format!("{}: {why} (removed)", path.display()))
+    }
+
+    /// Marks an entry as just used (LRU order for GC). Best effort.
+    fn refresh(path: &Path) {
+        if let Ok(f) = std::fs::File::options().append(true).open(path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Adds `delta` bytes to the usage counter (under a file lock, shared by every process) and
+    /// returns the new value.
+    fn add_usage(&self, delta: i64) -> std::io::Result<u64> {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.root.join("usage"))?;
+        f.lock()?;
+        let mut buf = [0u8; 8];
+        let current = match f.read_exact(&mut buf) {
+            Ok(()) => u64::from_le_bytes(buf),
+            Err(_) => 0,
+        };
+        let next = current.saturating_add_signed(delta);
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.write_all(&next.to_le_bytes())?;
+        Ok(next)
+    }
+
+    /// Bytes held, as counted (re-derived exactly by [`gc`](Self::gc)).
+    pub fn approximate_size(&self) -> u64 {
+        self.add_usage(0).unwrap_or(0)
+    }
+
+    /// Evicts least-recently-used entries (oldest modification time first) until at most
+    /// `target_bytes` remain. Returns the bytes removed.
+    pub fn gc(&self, target_bytes: u64) -> Result<u64, StoreError> {
+        let mut entries: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
+        for kind in ["cas", "ac"] {
+            let dir = self.root.join(kind);
+            for shard in read_dir(&dir)? {
+                for entry in read_dir(&shard.path())? {
+                    if let Ok(m) = entry.metadata() {
+                        let t = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                        entries.push((t, entry.path(), m.len()));
+                    }
+                }
+            }
+        }
+        entries.sort();
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        let mut removed = 0u64;
+        for (_, path, len) in entries {
+            if total <= target_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                removed += len;
+            }
+        }
+        let counted = self.add_usage(0).unwrap_or(0);
+        let _ = self.add_usage(total as i64 - counted as i64);
+        Ok(removed)
+    }
+
+    /// After a write of `bytes`: count it and enforce the bound.
+    fn grew(&self, bytes: u64) {
+        let Ok(size) = self.add_usage(bytes as i64) else {
+            return;
+        };
+        if let Some(max) = self.max_size
+            && size > max
+        {
+            match self.gc(max / 100 * 90) {
+                Ok(removed) => tracing::info!(removed, max, "cache directory reached its size bound; evicted least-recently-used entries"),
+                Err(e) => tracing::warn!(error = %e, "cache directory is over its size bound and GC failed"),
+            }
+        }
     }
 
     /// The directory this provider uses.
@@ -75,15 +183,24 @@ impl LocalDirProvider {
             let mut f = std::fs::File::create(&tmp)?;
             write(&mut f)?;
             f.flush()?;
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::rename(&tmp, dest)
+            f.sync_all()?;
+            let len = f.metadata()?.len();
+            let parent = dest.parent().unwrap_or(&self.root);
+            std::fs::create_dir_all(parent)?;
+            std::fs::rename(&tmp, dest)?;
+            std::fs::File::open(parent)?.sync_all()?;
+            Ok(len)
         })();
-        result.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            StoreError::io(format!("writing {}", dest.display()), e)
-        })
+        match result {
+            Ok(len) => {
+                self.grew(len);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(StoreError::io(format!("writing {}", dest.display()), e))
+            }
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -98,13 +215,21 @@ impl LocalDirProvider {
     }
 }
 
+fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StoreError> {
+    let io = |e| StoreError::io(format!("listing {}", dir.display()), e);
+    std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)
+}
+
 #[async_trait]
 impl ByteStoreProvider for LocalDirProvider {
     async fn store_bytes(&self, digest: Digest, bytes: Bytes) -> Result<(), StoreError> {
         let this = self.clone();
         Self::blocking(move || {
             let dest = this.path("cas", &digest);
-            if dest.is_file() {
+            if Self::present(&dest, digest.size_bytes) {
                 return Ok(());
             }
             this.write_atomic(&dest, |f| f.write_all(&bytes))
@@ -117,7 +242,7 @@ impl ByteStoreProvider for LocalDirProvider {
         let mut file = file.into_std().await;
         Self::blocking(move || {
             let dest = this.path("cas", &digest);
-            if dest.is_file() {
+            if Self::present(&dest, digest.size_bytes) {
                 return Ok(());
             }
             this.write_atomic(&dest, |f| {
@@ -134,22 +259,44 @@ impl ByteStoreProvider for LocalDirProvider {
         digest: Digest,
         dest: &mut dyn LoadDestination,
     ) -> Result<bool, StoreError> {
+        use tokio::io::AsyncReadExt;
         let path = self.path("cas", &digest);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
         };
-        match tokio::io::copy(&mut file, dest).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(StoreError::invalid(format!("{}: {e}", path.display())));
+        // Verified here as well as by the destination: a damaged file must be removed, not
+        // just refused, or it would be refused forever.
+        let mut hasher = hashing::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            if n == 0 {
+                break;
             }
-            Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+            if hasher.size_bytes() + n as u64 > digest.size_bytes {
+                return Err(Self::discard_corrupt(&path, "longer than its digest says"));
+            }
+            hasher.update(&buf[..n]);
+            match dest.write_all(&buf[..n]).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(Self::discard_corrupt(&path, &e.to_string()));
+                }
+                Err(e) => return Err(StoreError::io("writing to the local store", e)),
+            }
+        }
+        if hasher.finish() != digest {
+            return Err(Self::discard_corrupt(&path, "content does not match its digest"));
         }
         dest.flush()
             .await
             .map_err(|e| StoreError::io("writing to the local store", e))?;
+        Self::refresh(&path);
         Ok(true)
     }
 
@@ -162,11 +309,11 @@ impl ByteStoreProvider for LocalDirProvider {
                 match std::fs::read(&path) {
                     Ok(data) => {
                         if Digest::of_bytes(&data) != d {
-                            return Err(StoreError::invalid(format!(
-                                "{} is corrupt: its content does not match {d}",
-                                path.display()
-                            )));
+                            // Removed, and reported absent: the caller fetches or rebuilds it.
+                            Self::discard_corrupt(&path, "content does not match its digest");
+                            continue;
                         }
+                        Self::refresh(&path);
                         out.insert(d, Bytes::from(data));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -183,7 +330,9 @@ impl ByteStoreProvider for LocalDirProvider {
         digests: &mut (dyn Iterator<Item = Digest> + Send),
     ) -> Result<HashSet<Digest>, StoreError> {
         Ok(digests
-            .filter(|d| *d != hashing::EMPTY_DIGEST && !self.path("cas", d).is_file())
+            .filter(|d| {
+                *d != hashing::EMPTY_DIGEST && !Self::present(&self.path("cas", d), d.size_bytes)
+            })
             .collect())
     }
 
@@ -200,14 +349,16 @@ impl ActionCacheProvider for LocalDirProvider {
     ) -> Result<Option<remexec::ActionResult>, StoreError> {
         let path = self.path("ac", &action_digest);
         match tokio::fs::read(&path).await {
-            Ok(bytes) => remexec::ActionResult::decode(&bytes[..])
-                .map(Some)
-                .map_err(|e| {
-                    StoreError::invalid(format!(
-                        "{} holds an undecodable ActionResult: {e}",
-                        path.display()
-                    ))
-                }),
+            Ok(bytes) => match remexec::ActionResult::decode(&bytes[..]) {
+                Ok(ar) => {
+                    Self::refresh(&path);
+                    Ok(Some(ar))
+                }
+                Err(e) => Err(Self::discard_corrupt(
+                    &path,
+                    &format!("undecodable ActionResult: {e}"),
+                )),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
         }

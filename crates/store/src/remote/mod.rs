@@ -28,6 +28,16 @@ pub trait ByteStoreProvider: Send + Sync + std::fmt::Debug + 'static {
     /// Uploads a blob held in memory. `digest` must be the digest of `bytes`.
     async fn store_bytes(&self, digest: Digest, bytes: Bytes) -> Result<(), StoreError>;
 
+    /// Uploads several small blobs (each under [`max_batch_blob_size`](Self::max_batch_blob_size)).
+    /// Providers that can send many blobs per request override this; the default sends them one
+    /// by one.
+    async fn store_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        for (d, b) in blobs {
+            self.store_bytes(d, b).await?;
+        }
+        Ok(())
+    }
+
     /// Uploads a blob from a file, streaming it (never read whole into memory).
     async fn store_file(&self, digest: Digest, file: tokio::fs::File) -> Result<(), StoreError>;
 
@@ -62,6 +72,13 @@ pub trait ActionCacheProvider: Send + Sync + std::fmt::Debug + 'static {
         &self,
         action_digest: Digest,
     ) -> Result<Option<remexec::ActionResult>, StoreError>;
+
+    /// Whether the cache accepts [`update_action_result`](Self::update_action_result) from this
+    /// client (REAPI's `action_cache_update_enabled`). A writer skips its uploads when it does
+    /// not. Default: true.
+    async fn update_enabled(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 
     /// Records `result` for `action_digest`.
     async fn update_action_result(
