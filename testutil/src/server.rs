@@ -82,6 +82,9 @@ pub struct Knobs {
     pub read_chunk_size: usize,
     /// Advertise (and accept) zstd.
     pub zstd: bool,
+    /// Advertised `action_cache_update_enabled`; when false, UpdateActionResult is refused
+    /// with PERMISSION_DENIED, as a read-only cache does.
+    pub update_enabled: bool,
 }
 
 impl Default for Knobs {
@@ -97,6 +100,7 @@ impl Default for Knobs {
             batch_limit: 4 * 1024 * 1024 - 1024,
             read_chunk_size: 2 * 1024 * 1024,
             zstd: false,
+            update_enabled: true,
         }
     }
 }
@@ -420,7 +424,7 @@ impl Capabilities for Svc {
                 supported_compressors: compressors.clone(),
                 supported_batch_update_compressors: compressors,
                 action_cache_update_capabilities: Some(remexec::ActionCacheUpdateCapabilities {
-                    update_enabled: true,
+                    update_enabled: k.update_enabled,
                 }),
                 ..Default::default()
             }),
@@ -610,6 +614,9 @@ impl ActionCache for Svc {
         req: Request<remexec::UpdateActionResultRequest>,
     ) -> Result<Response<remexec::ActionResult>, Status> {
         self.0.enter(Method::UpdateActionResult).await?;
+        if !self.0.knobs().update_enabled {
+            return Err(Status::permission_denied("this cache is read-only"));
+        }
         let req = req.into_inner();
         let d = parse_digest(req.action_digest.as_ref())?;
         let result = req

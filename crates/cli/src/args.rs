@@ -1,6 +1,7 @@
 //! Command-line flags. Every flag can also be set by a `RECACHE_*` environment variable.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -62,9 +63,9 @@ pub struct RunArgs {
     )]
     pub instance_name: String,
 
-    /// Extra gRPC header for every call, e.g. `authorization=Bearer TOKEN` (repeatable;
-    /// in RECACHE_HEADER separate several with commas).
-    #[arg(long = "header", env = "RECACHE_HEADER", value_name = "K=V", value_delimiter = ',', value_parser = parse_key_value)]
+    /// Extra gRPC header for every call, e.g. `authorization=Bearer TOKEN` (repeatable; the
+    /// value is taken whole, commas included). Environment: RECACHE_HEADER, one K=V per line.
+    #[arg(long = "header", value_name = "K=V", value_parser = parse_key_value)]
     pub headers: Vec<(String, String)>,
 
     /// PEM CA bundle to verify a grpcs:// server (default: the system's roots).
@@ -102,33 +103,27 @@ pub struct RunArgs {
     #[arg(long, env = "RECACHE_NO_CACHE_WRITE")]
     pub no_cache_write: bool,
 
-    /// Environment variable for the command (repeatable). The command sees only these, plus
-    /// PATH from your environment unless you set PATH yourself.
-    #[arg(long = "env", env = "RECACHE_ENV", value_name = "K=V", value_delimiter = ',', value_parser = parse_key_value)]
+    /// Environment variable for the command (repeatable; the value is taken whole, so
+    /// `--env LDFLAGS=-Wl,-O1` works). The command sees only these, plus PATH from your
+    /// environment unless you set PATH yourself. Environment: RECACHE_ENV, one K=V per line.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
 
     /// Kill the command after this many seconds (part of the cache key).
     #[arg(long, env = "RECACHE_TIMEOUT", value_name = "SECONDS")]
     pub timeout: Option<f64>,
 
-    /// Input file or directory, relative to the current directory (repeatable). Default: the
-    /// whole current directory. Inputs are part of the cache key.
-    #[arg(
-        long = "input",
-        env = "RECACHE_INPUT",
-        value_name = "PATH",
-        value_delimiter = ','
-    )]
+    /// Input file or directory, relative to the current directory (repeatable). Default (or
+    /// `--input .`): the whole current directory, minus the declared outputs and the cache
+    /// directory if it is inside. Inputs are part of the cache key. Environment: RECACHE_INPUT,
+    /// several separated by commas.
+    #[arg(long = "input", value_name = "PATH")]
     pub inputs: Vec<PathBuf>,
 
     /// Output to capture and restore into the current directory (repeatable). A path ending in
-    /// `/` is a directory, anything else a file.
-    #[arg(
-        long = "output",
-        env = "RECACHE_OUTPUT",
-        value_name = "PATH",
-        value_delimiter = ','
-    )]
+    /// `/` is a directory, anything else a file. Environment: RECACHE_OUTPUT, several separated
+    /// by commas.
+    #[arg(long = "output", value_name = "PATH")]
     pub outputs: Vec<String>,
 
     /// Salt for the cache key, to keep caches apart (e.g. per toolchain version).
@@ -144,14 +139,31 @@ pub struct RunArgs {
     #[arg(long, env = "RECACHE_CACHE_FAILURES")]
     pub cache_failures: bool,
 
-    /// Seconds to wait for the cache lookup before running locally anyway.
+    /// Seconds to wait for the cache lookup before running locally anyway (`inf`: no limit).
     #[arg(
         long,
         env = "RECACHE_READ_TIMEOUT",
-        default_value_t = 10.0,
-        value_name = "SECONDS"
+        default_value = "10",
+        value_name = "SECONDS",
+        value_parser = parse_seconds
     )]
-    pub read_timeout: f64,
+    pub read_timeout: Duration,
+
+    /// Start the command locally too if the cache has not answered after this many seconds,
+    /// and take whichever finishes first (0: off).
+    #[arg(
+        long,
+        env = "RECACHE_SPECULATION_DELAY",
+        default_value = "0",
+        value_name = "SECONDS",
+        value_parser = parse_seconds
+    )]
+    pub speculation_delay: Duration,
+
+    /// Bound on the local cache directory's size (LRU eviction as it fills), e.g. 10G, 500M.
+    /// With no --remote it is split evenly between the local store and the default cache.
+    #[arg(long, env = "RECACHE_MAX_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: u64,
 
     /// Print a JSON record (including the action digest) on stderr instead of the summary line.
     #[arg(long, env = "RECACHE_JSON")]
@@ -160,6 +172,63 @@ pub struct RunArgs {
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// Fills the list flags from their environment variables when none were given on the
+    /// command line: RECACHE_INPUT and RECACHE_OUTPUT split on commas (paths rarely hold one),
+    /// RECACHE_ENV and RECACHE_HEADER one K=V per line (values often hold commas).
+    pub fn apply_list_env(&mut self) -> Result<(), String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if self.inputs.is_empty()
+            && let Some(v) = var("RECACHE_INPUT")
+        {
+            self.inputs = v
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect();
+        }
+        if self.outputs.is_empty()
+            && let Some(v) = var("RECACHE_OUTPUT")
+        {
+            self.outputs = v
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        for (name, list) in [
+            ("RECACHE_ENV", &mut self.env),
+            ("RECACHE_HEADER", &mut self.headers),
+        ] {
+            if list.is_empty()
+                && let Some(v) = var(name)
+            {
+                for line in v.lines().filter(|l| !l.trim().is_empty()) {
+                    list.push(parse_key_value(line).map_err(|e| format!("{name}: {e}"))?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Seconds as a duration: a non-negative number, or `inf` for no limit.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid number of seconds {s:?}: expected e.g. 10, 0.5 or inf"))?;
+    if v.is_nan() || v < 0.0 {
+        return Err(format!(
+            "invalid number of seconds {s:?}: must be 0 or more"
+        ));
+    }
+    // "No limit": a year is as good as forever for one lookup, and safe for timer arithmetic.
+    Ok(Duration::try_from_secs_f64(v)
+        .unwrap_or(Duration::MAX)
+        .min(Duration::from_secs(365 * 24 * 3600)))
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -215,6 +284,36 @@ mod tests {
         );
         assert!(parse_key_value("=x").is_err());
         assert!(parse_key_value("novalue").is_err());
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_seconds("0.5").unwrap(), Duration::from_millis(500));
+        assert!(parse_seconds("inf").unwrap() >= Duration::from_secs(24 * 3600));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("NaN").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn list_values_are_taken_whole_on_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "recache",
+            "run",
+            "--env",
+            "LDFLAGS=-Wl,-O1",
+            "--output",
+            "a,b",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.env, vec![("LDFLAGS".into(), "-Wl,-O1".into())]);
+        assert_eq!(args.outputs, vec!["a,b".to_owned()]);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! <cache dir>/store/       the local store (LMDB + large-file pool)
 //! <cache dir>/cache/       the embedded default remote (cas/, ac/), when no --remote is given
 //! <cache dir>/sandboxes/   process sandboxes while they run
-//! <cache dir>/runs.jsonl   one JSON line per `recache run` (appended; safe for concurrent runs)
+//! <cache dir>/runs.jsonl   one JSON line per `recache run` (appended; safe for concurrent runs;
+//!                          rotated to runs.jsonl.1 at 4 MiB)
+//! <cache dir>/totals.json  running totals over every run, updated under a file lock: what
+//!                          `recache stats` reads, so it never reads the whole history
 //! ```
 
 use std::io::Write;
@@ -24,31 +27,37 @@ pub struct CacheDir {
 }
 
 impl CacheDir {
-    /// `--cache-dir`, else `$XDG_CACHE_HOME/recache`, else `~/.cache/recache`.
+    /// `--cache-dir`, else `$XDG_CACHE_HOME/recache`, else `~/.cache/recache`, created if
+    /// missing.
     pub fn resolve(flag: Option<PathBuf>) -> Result<CacheDir, CliError> {
-        let root = match flag {
-            Some(p) => p,
+        CacheDir::create(CacheDir::locate(flag)?).map_err(CliError::new)
+    }
+
+    /// Where the cache directory is (not touching the disk). An error only when there is no
+    /// way to tell: that is the user's to fix.
+    pub fn locate(flag: Option<PathBuf>) -> Result<PathBuf, CliError> {
+        match flag {
+            Some(p) => Ok(p),
             None => match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-                Some(x) => PathBuf::from(x).join("recache"),
+                Some(x) => Ok(PathBuf::from(x).join("recache")),
                 None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-                    Some(h) => PathBuf::from(h).join(".cache").join("recache"),
-                    None => {
-                        return Err(CliError::new(
-                            "cannot find a cache directory: set --cache-dir, RECACHE_CACHE_DIR, XDG_CACHE_HOME or HOME",
-                        ));
-                    }
+                    Some(h) => Ok(PathBuf::from(h).join(".cache").join("recache")),
+                    None => Err(CliError::new(
+                        "cannot find a cache directory: set --cache-dir, RECACHE_CACHE_DIR, XDG_CACHE_HOME or HOME",
+                    )),
                 },
             },
-        };
-        std::fs::create_dir_all(&root).map_err(|e| {
-            CliError::new(format!(
-                "cannot create the cache directory {}: {e}",
-                root.display()
-            ))
-        })?;
+        }
+    }
+
+    /// Creates (if needed) the cache directory at `root`. An error here is the disk's (full,
+    /// read-only, no permission), and `recache run` then runs without the cache.
+    pub fn create(root: PathBuf) -> Result<CacheDir, String> {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| format!("cannot create the cache directory {}: {e}", root.display()))?;
         let root = root
             .canonicalize()
-            .map_err(|e| CliError::new(format!("cache directory {}: {e}", root.display())))?;
+            .map_err(|e| format!("cache directory {}: {e}", root.display()))?;
         Ok(CacheDir { root })
     }
 
@@ -67,37 +76,96 @@ impl CacheDir {
     fn runs_file(&self) -> PathBuf {
         self.root.join("runs.jsonl")
     }
+    fn totals_file(&self) -> PathBuf {
+        self.root.join("totals.json")
+    }
 
-    /// Appends one run's record. A failure to record is a warning, never an error.
+    /// Appends one run's record and adds it to the running totals. A failure to record is a
+    /// warning, never an error.
     pub fn append_record(&self, record: &RunRecord) {
-        let line = format!("{}\n", record.to_json());
-        let result = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.runs_file())
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        if let Err(e) = result {
-            tracing::warn!(
-                "could not record this run in {}: {e}",
-                self.runs_file().display()
-            );
+        if let Err(e) = self.try_append(record) {
+            tracing::warn!("could not record this run in {}: {e}", self.root.display());
         }
     }
 
-    /// Every recorded run (unreadable lines are skipped).
-    pub fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.runs_file())
+    fn try_append(&self, record: &RunRecord) -> std::io::Result<()> {
+        use std::io::{Read, Seek};
+        // The totals file is the lock: read, add, write back while holding it.
+        let mut totals_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.totals_file())?;
+        totals_file.lock()?;
+        let mut text = String::new();
+        totals_file.read_to_string(&mut text)?;
+        let mut totals: Totals = serde_json::from_str(&text).unwrap_or_default();
+        totals.add(record);
+        let json = serde_json::to_string(&totals).map_err(std::io::Error::other)?;
+        totals_file.set_len(0)?;
+        totals_file.seek(std::io::SeekFrom::Start(0))?;
+        totals_file.write_all(json.as_bytes())?;
+
+        let runs = self.runs_file();
+        if std::fs::metadata(&runs).is_ok_and(|m| m.len() > RUNS_FILE_ROTATE_BYTES) {
+            std::fs::rename(&runs, self.root.join("runs.jsonl.1"))?;
+        }
+        let line = format!("{}\n", record.to_json());
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(runs)?
+            .write_all(line.as_bytes())
+    }
+
+    /// The running totals over every recorded run.
+    pub fn totals(&self) -> Totals {
+        std::fs::read_to_string(self.totals_file())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+    }
+}
+
+/// `runs.jsonl` is rotated (to `runs.jsonl.1`, replacing the previous one) past this size; the
+/// totals keep counting.
+const RUNS_FILE_ROTATE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Sums over every `recache run`, kept in `totals.json`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Totals {
+    pub runs: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub misses_after_error: u64,
+    pub uncached_after_error: u64,
+    pub bytes_downloaded: u64,
+    pub bytes_uploaded: u64,
+    pub time_saved_ms: f64,
+}
+
+impl Totals {
+    fn add(&mut self, r: &RunRecord) {
+        self.runs += 1;
+        match r.cache {
+            "hit" => self.hits += 1,
+            "miss-after-error" => self.misses_after_error += 1,
+            "uncached-after-error" => self.uncached_after_error += 1,
+            _ => self.misses += 1,
+        }
+        self.bytes_downloaded += r.bytes_downloaded;
+        self.bytes_uploaded += r.bytes_uploaded;
+        self.time_saved_ms += r.time_saved_ms;
     }
 }
 
 /// What one `recache run` did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunRecord {
-    /// "hit", "miss", or "miss-after-error" (the cache failed and the command ran locally).
+    /// "hit", "miss", "miss-after-error" (the cache failed and the command ran locally), or
+    /// "uncached-after-error" (the cache could not be used at all; the command ran without it).
     pub cache: &'static str,
     pub behavior: &'static str,
     pub action_digest: String,
@@ -155,6 +223,24 @@ impl RunRecord {
         }
     }
 
+    /// A run that could not use the cache at all (see `run::run`).
+    pub fn uncached(
+        result: &ProcessResult,
+        behavior: CacheContentBehavior,
+        wall: Duration,
+    ) -> RunRecord {
+        let mut r = RunRecord::new(
+            result,
+            &CacheStats::default(),
+            hashing::EMPTY_DIGEST,
+            behavior,
+            wall,
+        );
+        r.cache = "uncached-after-error";
+        r.action_digest = String::new();
+        r
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
@@ -167,6 +253,7 @@ impl RunRecord {
                 "recache: miss ({}; the cache failed, ran locally)",
                 self.behavior
             ),
+            "uncached-after-error" => "recache: ran without the cache (it failed)".to_owned(),
             _ => format!("recache: miss ({})", self.behavior),
         };
         s += &format!(", exit {}", self.exit_code);
@@ -179,12 +266,16 @@ impl RunRecord {
                 s += &format!(", saved {}", human_ms(self.time_saved_ms));
             }
             s += &format!(", {} down", human_bytes(self.bytes_downloaded));
+        } else if self.cache == "uncached-after-error" {
         } else if self.cache_written {
             s += &format!(", cached ({} up)", human_bytes(self.bytes_uploaded));
         } else {
             s += ", not cached";
         }
-        s + &format!(", action {}", &self.action_digest[..12])
+        match self.action_digest.get(..12) {
+            Some(short) => s + &format!(", action {short}"),
+            None => s,
+        }
     }
 }
 

@@ -86,14 +86,7 @@ fn open_store(cache: &CacheDir) -> Result<LocalStore, CliError> {
 fn stats(dir: Option<std::path::PathBuf>) -> Result<(), CliError> {
     let cache = CacheDir::resolve(dir)?;
     let usage = open_store(&cache)?.usage();
-    let records = cache.records();
-    let count = |what: &str| records.iter().filter(|r| r["cache"] == what).count();
-    let sum = |field: &str| {
-        records
-            .iter()
-            .filter_map(|r| r[field].as_f64())
-            .sum::<f64>()
-    };
+    let t = cache.totals();
     println!("cache directory   {}", cache.root().display());
     println!(
         "local store       {} blobs, {} ({} small in the database, {} large in the pool)",
@@ -103,18 +96,15 @@ fn stats(dir: Option<std::path::PathBuf>) -> Result<(), CliError> {
         usage.large_blobs
     );
     println!(
-        "runs              {} ({} hits, {} misses, {} misses after a cache error)",
-        records.len(),
-        count("hit"),
-        count("miss"),
-        count("miss-after-error")
+        "runs              {} ({} hits, {} misses, {} misses after a cache error, {} without the cache)",
+        t.runs, t.hits, t.misses, t.misses_after_error, t.uncached_after_error
     );
     println!(
         "transferred       {} down, {} up",
-        human_bytes(sum("bytes_downloaded") as u64),
-        human_bytes(sum("bytes_uploaded") as u64)
+        human_bytes(t.bytes_downloaded),
+        human_bytes(t.bytes_uploaded)
     );
-    println!("time saved        {:.2} s", sum("time_saved_ms") / 1000.0);
+    println!("time saved        {:.2} s", t.time_saved_ms / 1000.0);
     Ok(())
 }
 

@@ -16,35 +16,100 @@ use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
 use store::directory::DirectoryBuilder;
 use store::remote::grpc::GrpcOptions;
 use store::remote::{RemoteProviders, local_dir::LocalDirProvider, provider_from_address};
-use store::{LocalStore, LocalStoreOptions, MaterializeOptions, Store};
+use store::{ErrorKind, LocalStore, LocalStoreOptions, MaterializeOptions, Store};
 
 use crate::CliError;
 use crate::args::RunArgs;
 use crate::cache_dir::{CacheDir, RunRecord};
 
+/// Why a cached run could not go on.
+enum Failure {
+    /// The user's mistake (bad input path, a command that cannot be started): exit 125.
+    Usage(CliError),
+    /// The cache (its directory, its disk, its server) failed: run the command without it.
+    Cache(String),
+}
+
+impl From<CliError> for Failure {
+    fn from(e: CliError) -> Self {
+        Failure::Usage(e)
+    }
+}
+
 /// Runs the command; returns the exit code recache should exit with.
-pub async fn run(args: RunArgs) -> Result<i32, CliError> {
+///
+/// The promise: nothing a cache server or the cache directory does turns into a failed run.
+/// A hit whose outputs cannot be fetched or restored is re-run locally; a store that cannot
+/// take anything (a full disk) makes recache run the command without the cache, once, with a
+/// warning. Exit 125 is left for recache's own usage errors.
+pub async fn run(mut args: RunArgs) -> Result<i32, CliError> {
     let started = Instant::now();
-    let cache = CacheDir::resolve(args.cache_dir.cache_dir.clone())?;
+    args.apply_list_env().map_err(CliError::new)?;
+    let cache_root = CacheDir::locate(args.cache_dir.cache_dir.clone())?;
     let cwd = std::env::current_dir()
         .map_err(|e| CliError::new(format!("cannot read the current directory: {e}")))?;
     let behavior: CacheContentBehavior =
         args.cache_content_behavior.parse().map_err(CliError::new)?;
+    let process = build_process(&args, hashing::EMPTY_DIGEST)?;
 
-    let local = LocalStore::open(LocalStoreOptions::new(cache.store_dir()))
-        .map_err(|e| CliError::new(format!("cannot open the local store: {e}")))?;
-    let providers = providers(&args, &cache).await?;
+    let cache = CacheDir::create(cache_root);
+    let outcome = match &cache {
+        Ok(cache) => cached_run(&args, cache, &cwd, behavior, process.clone(), started).await,
+        Err(why) => Err(Failure::Cache(why.clone())),
+    };
+    match outcome {
+        Ok(code) => Ok(code),
+        Err(Failure::Usage(e)) => Err(e),
+        Err(Failure::Cache(why)) => {
+            eprintln!(
+                "recache: warning: the cache is unusable for this run ({why}); running the command without it"
+            );
+            let result = run_uncached(&process, &cwd).await?;
+            let record = RunRecord::uncached(&result, behavior, started.elapsed());
+            if let Ok(cache) = &cache {
+                cache.append_record(&record);
+            }
+            if args.json {
+                eprintln!("{}", record.to_json());
+            } else {
+                eprintln!("{}", record.summary());
+            }
+            Ok(exit_code(&result))
+        }
+    }
+}
+
+/// The whole cached path: inputs into the store, lookup or local run, outputs restored.
+async fn cached_run(
+    args: &RunArgs,
+    cache: &CacheDir,
+    cwd: &Path,
+    behavior: CacheContentBehavior,
+    mut process: Process,
+    started: Instant,
+) -> Result<i32, Failure> {
+    // With the embedded default cache, the bound is shared by the store and the cache itself.
+    let store_bound = if args.remote.is_none() {
+        args.max_size / 2
+    } else {
+        args.max_size
+    };
+    let mut store_options = LocalStoreOptions::new(cache.store_dir());
+    store_options.max_size = Some(store_bound);
+    let local = LocalStore::open(store_options)
+        .map_err(|e| Failure::Cache(format!("cannot open the local store: {e}")))?;
+    let providers = providers(args, cache).await?;
     let store = Store::with_remote(local.clone(), providers.bytes.clone());
 
-    // Inputs: the current directory (minus the declared outputs), or the --input paths.
-    let mut process = build_process(&args, hashing::EMPTY_DIGEST)?;
+    // Inputs: the current directory (minus the declared outputs and the cache directory), or
+    // the --input paths.
     let outputs: Vec<String> = process
         .output_files
         .iter()
         .chain(&process.output_directories)
         .cloned()
         .collect();
-    process.input_root = capture_inputs(&local, &cwd, &args.inputs, &outputs, &cache).await?;
+    process.input_root = capture_inputs(&local, cwd, &args.inputs, &outputs, cache).await?;
     let action_digest = make_action(&process).action_digest;
     let inner_store = match behavior {
         CacheContentBehavior::Fetch => store.into_local_only(),
@@ -59,7 +124,8 @@ pub async fn run(args: RunArgs) -> Result<i32, CliError> {
             cache_read: !args.no_cache_read,
             cache_write: !args.no_cache_write,
             cache_content_behavior: behavior,
-            read_timeout: Duration::from_secs_f64(args.read_timeout.max(0.001)),
+            read_timeout: args.read_timeout.max(Duration::from_millis(1)),
+            speculation_delay: args.speculation_delay,
             ..Default::default()
         },
     );
@@ -68,34 +134,43 @@ pub async fn run(args: RunArgs) -> Result<i32, CliError> {
     let ctx = Context::default();
     let mut result = run_with_recovery(&runner, ctx.clone(), process.clone()).await?;
 
-    // Outputs the user asked for, stdout and stderr must be local now (deferred hits fetch here;
-    // a blob the cache lost is re-created by re-running the command).
-    let needed = (
-        HashSet::from([result.stdout, result.stderr]),
-        HashSet::from([result.output_root]),
-    );
-    if let Err(e) = store.ensure_downloaded(needed.0, needed.1).await {
-        match e.missing_digest() {
-            Some(d) => {
-                tracing::warn!("the cache lost {d} after the hit; running the command locally");
-                result = runner
-                    .recover_missing(ctx.clone(), d)
-                    .await
-                    .map_err(|e| CliError::new(format!("re-running after a lost cache blob: {e}")))?
-                    .ok_or_else(|| {
-                        CliError::new(format!("blob {d} is missing and nothing can re-create it"))
-                    })?;
-            }
-            None => {
-                return Err(CliError::new(format!(
-                    "fetching the command's outputs: {e}"
-                )));
-            }
-        }
+    // Outputs the user asked for, stdout and stderr must be local now (deferred and validated
+    // hits fetch here). If that fails for any reason (a blob gone or corrupt, the server gone),
+    // the hit is worthless: run the command locally instead.
+    if was_hit(&result)
+        && let Err(e) = make_local(&store, &result).await
+    {
+        result = runner
+            .run_after_failed_hit(ctx.clone(), process.clone(), &e)
+            .await
+            .map_err(process_failure)?;
     }
     progress.finish();
 
-    restore_outputs(&local, &cwd, &process, &result)?;
+    if let Err(e) = restore_outputs(&local, cwd, &process, &result) {
+        match e {
+            // A blob the store lost between the hit and the restore (evicted, or found modified
+            // in place): run locally and restore that.
+            Restore::Store(e) if was_hit(&result) => {
+                result = runner
+                    .run_after_failed_hit(ctx.clone(), process.clone(), &e)
+                    .await
+                    .map_err(process_failure)?;
+                restore_outputs(&local, cwd, &process, &result).map_err(|e| match e {
+                    Restore::Store(e) => {
+                        Failure::Cache(format!("restoring outputs from the local store: {e}"))
+                    }
+                    Restore::Workspace(e) => Failure::Usage(e),
+                })?;
+            }
+            Restore::Store(e) => {
+                return Err(Failure::Cache(format!(
+                    "restoring outputs from the local store: {e}"
+                )));
+            }
+            Restore::Workspace(e) => return Err(Failure::Usage(e)),
+        }
+    }
     replay(&local, result.stdout, &mut std::io::stdout())?;
     replay(&local, result.stderr, &mut std::io::stderr())?;
 
@@ -116,32 +191,110 @@ pub async fn run(args: RunArgs) -> Result<i32, CliError> {
     Ok(exit_code(&result))
 }
 
+/// Fetches what a hit needs locally: every output, stdout and stderr; then checks they are all
+/// there (a provider that answers without error but without the blob counts as missing).
+async fn make_local(store: &Store, result: &ProcessResult) -> Result<(), store::StoreError> {
+    let files = HashSet::from([result.stdout, result.stderr]);
+    store
+        .ensure_downloaded(files.clone(), HashSet::from([result.output_root]))
+        .await?;
+    match store.local().missing(files).first() {
+        Some(d) => Err(store::StoreError::missing(*d).context("after fetching the hit's outputs")),
+        None => Ok(()),
+    }
+}
+
+/// Maps a runner error to a failure: storage trouble is the cache's, anything else the user's.
+fn process_failure(e: ProcessError) -> Failure {
+    match e {
+        ProcessError::Storage(m) => Failure::Cache(m),
+        ProcessError::MissingDigest { digest, context } => Failure::Cache(format!(
+            "{context}: blob {digest} is missing from the local store"
+        )),
+        ProcessError::Unclassified(m) => Failure::Usage(CliError::new(m)),
+    }
+}
+
 /// Runs, and if a deferred hit's blob turns out to be gone, re-runs its producer.
 async fn run_with_recovery(
     runner: &CommandRunner,
     ctx: Context,
     process: Process,
-) -> Result<ProcessResult, CliError> {
+) -> Result<ProcessResult, Failure> {
     match runner.run(ctx.clone(), process).await {
         Ok(r) => Ok(r),
         Err(ProcessError::MissingDigest { digest, context }) => {
             match runner.recover_missing(ctx, digest).await {
                 Ok(Some(r)) => Ok(r),
-                _ => Err(CliError::new(format!(
-                    "{context}: blob {digest} is missing. If it is an input, check that the file exists and is readable."
+                Ok(None) => Err(Failure::Cache(format!(
+                    "{context}: blob {digest} is missing and nothing in this run can re-create it"
                 ))),
+                Err(e) => Err(process_failure(e)),
             }
         }
-        Err(e) => Err(CliError::new(e.to_string())),
+        Err(e) => Err(process_failure(e)),
     }
 }
 
-async fn providers(args: &RunArgs, cache: &CacheDir) -> Result<RemoteProviders, CliError> {
+/// The fallback when the cache cannot be used at all: the command runs in the current
+/// directory with the same environment (no sandbox, nothing stored), and its exit code is
+/// returned as usual.
+async fn run_uncached(process: &Process, cwd: &Path) -> Result<ProcessResult, CliError> {
+    let started = Instant::now();
+    let program = process
+        .argv
+        .first()
+        .ok_or_else(|| CliError::new("no command given"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&process.argv[1..])
+        .env_clear()
+        .envs(&process.env)
+        .current_dir(cwd)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CliError::new(format!("could not start {program:?}: {e}")))?;
+    let waited = match process.timeout {
+        Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),
+        None => Some(child.wait().await),
+    };
+    let (status, timed_out) = match waited {
+        Some(s) => (s, false),
+        None => {
+            let _ = child.kill().await;
+            (child.wait().await, true)
+        }
+    };
+    let status = status.map_err(|e| CliError::new(format!("waiting for {program:?}: {e}")))?;
+    let exit_code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => -sig,
+        (None, None) => -1,
+    };
+    Ok(ProcessResult {
+        stdout: hashing::EMPTY_DIGEST,
+        stderr: hashing::EMPTY_DIGEST,
+        exit_code,
+        output_root: hashing::EMPTY_DIGEST,
+        metadata: process_execution::ResultMetadata {
+            source: ResultSource::RanLocally,
+            wall_time: started.elapsed(),
+            original_run_time: None,
+            timed_out,
+        },
+    })
+}
+
+async fn providers(args: &RunArgs, cache: &CacheDir) -> Result<RemoteProviders, Failure> {
     match &args.remote {
         None => {
             let p = Arc::new(
                 LocalDirProvider::open(&cache.default_cache_dir())
-                    .map_err(|e| CliError::new(format!("cannot open the local cache: {e}")))?,
+                    .map_err(|e| Failure::Cache(format!("cannot open the local cache: {e}")))?
+                    .with_max_size(args.max_size - args.max_size / 2),
             );
             Ok(RemoteProviders {
                 bytes: p.clone(),
@@ -161,69 +314,119 @@ async fn providers(args: &RunArgs, cache: &CacheDir) -> Result<RemoteProviders, 
             };
             provider_from_address(address, options)
                 .await
-                .map_err(|e| CliError::new(format!("--remote: {e}")))
+                .map_err(|e| match e.kind() {
+                    // A malformed address is the user's; anything else (a file:// directory that
+                    // cannot be created, …) is the cache's.
+                    store::ErrorKind::InvalidData => {
+                        Failure::Usage(CliError::new(format!("--remote: {e}")))
+                    }
+                    _ => Failure::Cache(format!("--remote: {e}")),
+                })
         }
     }
 }
 
 /// Stores the inputs and returns the input root digest.
+///
+/// `--input .` (or no `--input`) means the whole current directory, minus the declared outputs
+/// (restored by an earlier run, they must not change the key of the next) and minus the cache
+/// directory when it is inside. Symlinks must stay inside the input root (the same rule as for
+/// outputs).
 async fn capture_inputs(
     local: &LocalStore,
     cwd: &Path,
     inputs: &[PathBuf],
     outputs: &[String],
     cache: &CacheDir,
-) -> Result<Digest, CliError> {
-    if inputs.is_empty() && cache.root().starts_with(cwd) {
-        return Err(CliError::new(format!(
-            "the cache directory {} is inside the current directory, which is the default input; \
-             name the inputs with --input, or use --cache-dir outside it",
-            cache.root().display()
-        )));
-    }
+) -> Result<Digest, Failure> {
     let local = local.clone();
     let cwd = cwd.to_path_buf();
-    let inputs = inputs.to_vec();
+    let inputs: Vec<String> = inputs_as_given(inputs)?;
     let outputs = outputs.to_vec();
-    tokio::task::spawn_blocking(move || -> Result<Digest, CliError> {
-        if inputs.is_empty() {
-            // Outputs restored by an earlier run must not become inputs of the next one, or the
-            // key would change every time and the command would never hit.
-            let err = |e: store::StoreError| {
-                CliError::new(format!("capturing the current directory as input: {e}"))
-            };
-            let root = local.capture_directory(&cwd).map_err(err)?;
-            let mut b = DirectoryBuilder::from_directory(&local, root);
-            for out in &outputs {
-                b.remove(out).map_err(err)?;
+    let cache_root = cache.root().to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<Digest, Failure> {
+        // A store that cannot take the inputs is the cache's problem; an input that cannot be
+        // read (or a bad path) is the user's.
+        let store_err = |what: String, e: store::StoreError| match e.kind() {
+            ErrorKind::StorageFull => Failure::Cache(format!("{what}: {e}")),
+            _ => Failure::Usage(CliError::new(format!("{what}: {e}"))),
+        };
+        let root = if inputs.is_empty() {
+            let mut exclude: Vec<PathBuf> = outputs
+                .iter()
+                .map(|o| PathBuf::from(o.trim_end_matches('/')))
+                .collect();
+            if let Ok(rel) = cache_root.strip_prefix(&cwd) {
+                if rel.as_os_str().is_empty() {
+                    return Err(Failure::Usage(CliError::new(format!(
+                        "the cache directory {} is the current directory; use --cache-dir elsewhere",
+                        cache_root.display()
+                    ))));
+                }
+                exclude.push(rel.to_path_buf());
             }
-            return b.build().map_err(err);
-        }
-        let mut b = DirectoryBuilder::new(&local);
-        for input in &inputs {
-            let rel = input
-                .to_str()
-                .ok_or_else(|| CliError::new(format!("--input {}: not UTF-8", input.display())))?
-                .trim_end_matches('/');
-            let path = cwd.join(rel);
-            let meta = std::fs::symlink_metadata(&path)
-                .map_err(|e| CliError::new(format!("--input {rel}: {e}")))?;
-            let added = if meta.is_dir() {
-                local.capture_directory(&path).and_then(|d| b.add_directory(rel, d))
-            } else if meta.file_type().is_symlink() {
-                std::fs::read_link(&path)
-                    .map_err(|e| store::StoreError::io(format!("reading {}", path.display()), e))
-                    .and_then(|t| b.add_symlink(rel, &t.to_string_lossy()))
-            } else {
-                let exec = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
-                local.store_file(&path, false).and_then(|d| b.add_file(rel, d, exec))
-            };
-            added.map_err(|e| CliError::new(format!("--input {rel}: {e} (inputs must be relative paths inside the current directory)")))?;
-        }
-        b.build().map_err(|e| CliError::new(format!("building the input root: {e}")))
+            local
+                .capture_directory_excluding(&cwd, &exclude)
+                .map_err(|e| store_err("capturing the current directory as input".into(), e))?
+        } else {
+            let mut b = DirectoryBuilder::new(&local);
+            for rel in &inputs {
+                let path = cwd.join(rel);
+                let meta = std::fs::symlink_metadata(&path)
+                    .map_err(|e| Failure::Usage(CliError::new(format!("--input {rel}: {e}"))))?;
+                let added = if meta.is_dir() {
+                    local.capture_directory(&path).and_then(|d| b.add_directory(rel, d))
+                } else if meta.file_type().is_symlink() {
+                    std::fs::read_link(&path)
+                        .map_err(|e| store::StoreError::io(format!("reading {}", path.display()), e))
+                        .and_then(|t| b.add_symlink(rel, &t.to_string_lossy()))
+                } else {
+                    let exec =
+                        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+                    local.store_file(&path, false).and_then(|d| b.add_file(rel, d, exec))
+                };
+                added.map_err(|e| store_err(format!("--input {rel}"), e))?;
+            }
+            b.build()
+                .map_err(|e| store_err("building the input root".into(), e))?
+        };
+        local.check_symlinks(root).map_err(|e| {
+            Failure::Usage(CliError::new(format!(
+                "an input symlink points outside the inputs: {e}"
+            )))
+        })?;
+        Ok(root)
     })
     .await
-    .map_err(|e| CliError::new(format!("input capture failed: {e}")))?
+    .map_err(|e| Failure::Cache(format!("input capture failed: {e}")))?
+}
+
+/// The `--input` paths as relative, `/`-separated strings; empty when they name the whole
+/// current directory (`.`, `./`).
+fn inputs_as_given(inputs: &[PathBuf]) -> Result<Vec<String>, Failure> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let s = input.to_str().ok_or_else(|| {
+            Failure::Usage(CliError::new(format!(
+                "--input {}: not UTF-8",
+                input.display()
+            )))
+        })?;
+        let parts: Vec<&str> = s
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        if s.starts_with('/') || parts.contains(&"..") {
+            return Err(Failure::Usage(CliError::new(format!(
+                "--input {s}: inputs must be relative paths inside the current directory"
+            ))));
+        }
+        if parts.is_empty() {
+            return Ok(Vec::new()); // `.`: the whole current directory
+        }
+        out.push(parts.join("/"));
+    }
+    Ok(out)
 }
 
 fn build_process(args: &RunArgs, input_root: Digest) -> Result<Process, CliError> {
@@ -243,6 +446,7 @@ fn build_process(args: &RunArgs, input_root: Digest) -> Result<Process, CliError
         }
     }
     if let Some(t) = args.timeout {
+        // The same check as --read-timeout's, but zero makes no sense for a command.
         if !(t > 0.0 && t.is_finite()) {
             return Err(CliError::new(format!(
                 "--timeout {t}: must be a positive number of seconds"
@@ -263,12 +467,19 @@ fn build_process(args: &RunArgs, input_root: Digest) -> Result<Process, CliError
 /// Puts the declared outputs that were produced into the current directory, replacing what is
 /// there. Large files are hardlinked read-only from the pool unless recache runs as root (root
 /// could write through the link and corrupt the store), in which case they are copied.
+/// Why restoring outputs failed: the store could not provide them, or the workspace could not
+/// take them.
+enum Restore {
+    Store(store::StoreError),
+    Workspace(CliError),
+}
+
 fn restore_outputs(
     local: &LocalStore,
     cwd: &Path,
     process: &Process,
     result: &ProcessResult,
-) -> Result<(), CliError> {
+) -> Result<(), Restore> {
     if process.output_files.is_empty() && process.output_directories.is_empty() {
         return Ok(());
     }
@@ -276,16 +487,22 @@ fn restore_outputs(
         .prefix(".recache-restore-")
         .tempdir_in(cwd)
         .map_err(|e| {
-            CliError::new(format!(
+            Restore::Workspace(CliError::new(format!(
                 "cannot restore outputs into {}: {e}",
                 cwd.display()
-            ))
+            )))
         })?;
     let mutable = nix::unistd::geteuid().is_root();
     let root = staging.path().join("o");
     local
         .materialize_directory(result.output_root, &root, MaterializeOptions { mutable })
-        .map_err(|e| CliError::new(format!("restoring outputs: {e}")))?;
+        .map_err(|e| match e.kind() {
+            ErrorKind::MissingDigest(_) | ErrorKind::InvalidData | ErrorKind::StorageFull => {
+                Restore::Store(e)
+            }
+            _ => Restore::Workspace(CliError::new(format!("restoring outputs: {e}"))),
+        })?;
+    let ws = |e: CliError| Restore::Workspace(e);
     for out in process
         .output_files
         .iter()
@@ -302,32 +519,46 @@ fn restore_outputs(
             } else {
                 std::fs::remove_file(&to)
             };
-            removed
-                .map_err(|e| CliError::new(format!("replacing output {}: {e}", to.display())))?;
+            removed.map_err(|e| {
+                ws(CliError::new(format!(
+                    "replacing output {}: {e}",
+                    to.display()
+                )))
+            })?;
         }
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| CliError::new(format!("creating {}: {e}", parent.display())))?;
+                .map_err(|e| ws(CliError::new(format!("creating {}: {e}", parent.display()))))?;
         }
-        std::fs::rename(&from, &to)
-            .map_err(|e| CliError::new(format!("restoring output {}: {e}", to.display())))?;
+        std::fs::rename(&from, &to).map_err(|e| {
+            ws(CliError::new(format!(
+                "restoring output {}: {e}",
+                to.display()
+            )))
+        })?;
     }
     Ok(())
 }
 
-/// Writes a stored blob (stdout or stderr) to `out`, streaming pool files.
-fn replay(local: &LocalStore, digest: Digest, out: &mut dyn Write) -> Result<(), CliError> {
-    let err = |e: std::io::Error| CliError::new(format!("writing the command's output: {e}"));
-    if let Some(path) = local
-        .load_file(digest)
-        .map_err(|e| CliError::new(e.to_string()))?
-    {
+/// Writes a stored blob (stdout or stderr) to `out`, streaming pool files. A blob that is not
+/// there is an error, never silently nothing (the caller made sure it is local).
+fn replay(local: &LocalStore, digest: Digest, out: &mut dyn Write) -> Result<(), Failure> {
+    let err = |e: std::io::Error| {
+        Failure::Usage(CliError::new(format!("writing the command's output: {e}")))
+    };
+    let store_err = |e: store::StoreError| {
+        Failure::Cache(format!(
+            "reading the command's output from the local store: {e}"
+        ))
+    };
+    if let Some(path) = local.load_file(digest).map_err(store_err)? {
         let mut f = std::fs::File::open(&path).map_err(err)?;
         std::io::copy(&mut f, out).map_err(err)?;
-    } else if let Some(bytes) = local
-        .load_bytes(digest)
-        .map_err(|e| CliError::new(e.to_string()))?
-    {
+    } else {
+        let bytes = local
+            .load_bytes(digest)
+            .map_err(store_err)?
+            .ok_or_else(|| store_err(store::StoreError::missing(digest)))?;
         out.write_all(&bytes).map_err(err)?;
     }
     out.flush().map_err(err)

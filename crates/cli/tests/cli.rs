@@ -298,3 +298,361 @@ fn miss_then_hit_against_buildgrid() {
     );
     assert_eq!(stdout(&second), "built\n");
 }
+
+/// Where the embedded default cache keeps the blob `content`.
+fn default_cache_blob(cache: &Path, content: &[u8]) -> std::path::PathBuf {
+    let d = hashing::Digest::of_bytes(content);
+    let hex = d.hash.to_hex();
+    cache
+        .join("cache/cas")
+        .join(&hex[..2])
+        .join(format!("{hex}-{}", d.size_bytes))
+}
+
+/// The JSON record a run printed last on stderr.
+fn record(o: &Output) -> serde_json::Value {
+    let line = stderr(o).lines().last().unwrap().to_owned();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {}", stderr(o)))
+}
+
+/// Makes the next run start from a fresh machine: no local store, no outputs in the workspace.
+fn fresh_machine(ws: &Path, cache: &Path) {
+    let _ = std::fs::remove_dir_all(cache.join("store"));
+    let _ = std::fs::remove_file(ws.join("out.txt"));
+    let _ = std::fs::remove_dir_all(ws.join("gen"));
+}
+
+#[test]
+fn a_hit_whose_outputs_are_gone_or_corrupt_never_fails_the_run() {
+    // gen/copy.txt is a file nested in an output directory: defer recovery used to know only
+    // top-level outputs, and validate/defer exited 125 when fetching failed.
+    for behavior in ["fetch", "validate", "defer"] {
+        for damage in ["delete", "corrupt", "stdout"] {
+            let ws = workspace();
+            let cache = tempfile::tempdir().unwrap();
+            let args = build_args(&["run", "--json", "--cache-content-behavior", behavior]);
+            let first = recache(ws.path(), cache.path(), &args);
+            assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+            let victim = if damage == "stdout" {
+                default_cache_blob(cache.path(), b"built\n")
+            } else {
+                default_cache_blob(cache.path(), b"HELLO\n")
+            };
+            assert!(victim.exists(), "{}", victim.display());
+            if damage == "corrupt" {
+                std::fs::write(&victim, b"HELLX\n").unwrap();
+            } else {
+                std::fs::remove_file(&victim).unwrap();
+            }
+            fresh_machine(ws.path(), cache.path());
+            let o = recache(ws.path(), cache.path(), &args);
+            let what = format!("{behavior}/{damage}: {}", stderr(&o));
+            assert_eq!(o.status.code(), Some(0), "{what}");
+            assert_eq!(
+                std::fs::read_to_string(ws.path().join("gen/copy.txt")).unwrap(),
+                "HELLO\n",
+                "{what}"
+            );
+            assert_eq!(stdout(&o), "built\n", "stdout is shown, never lost: {what}");
+            assert_eq!(record(&o)["cache"], "miss-after-error", "{what}");
+            // The local run wrote the entry back: the next fresh machine hits.
+            fresh_machine(ws.path(), cache.path());
+            let again = recache(ws.path(), cache.path(), &args);
+            assert_eq!(
+                record(&again)["cache"],
+                "hit",
+                "repaired: {behavior}/{damage}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_planted_symlink_chain_never_leaves_the_workspace() {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+    use prost::Message;
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let args = build_args(&["run", "--json"]);
+    let first = recache(ws.path(), cache.path(), &args);
+    let action: String = record(&first)["action_digest"].as_str().unwrap().into();
+    let (hash, size) = action.split_once('/').unwrap();
+    // A hostile server's entry for that action: gen/ holds `a -> .` and `b -> a/a/../..`,
+    // textually inside gen/, really two levels up (outside the workspace).
+    let tree = remexec::Tree {
+        root: Some(remexec::Directory {
+            symlinks: vec![
+                remexec::SymlinkNode {
+                    name: "a".into(),
+                    target: ".".into(),
+                    node_properties: None,
+                },
+                remexec::SymlinkNode {
+                    name: "b".into(),
+                    target: "a/a/../..".into(),
+                    node_properties: None,
+                },
+            ],
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    let tree_bytes = tree.encode_to_vec();
+    let tree_path = default_cache_blob(cache.path(), &tree_bytes);
+    std::fs::create_dir_all(tree_path.parent().unwrap()).unwrap();
+    std::fs::write(&tree_path, &tree_bytes).unwrap();
+    let tree_digest = hashing::Digest::of_bytes(&tree_bytes);
+    let evil = remexec::ActionResult {
+        output_directories: vec![remexec::OutputDirectory {
+            path: "gen".into(),
+            tree_digest: Some(tree_digest.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ac = cache
+        .path()
+        .join("cache/ac")
+        .join(&hash[..2])
+        .join(format!("{hash}-{size}"));
+    std::fs::write(&ac, evil.encode_to_vec()).unwrap();
+    fresh_machine(ws.path(), cache.path());
+    let o = recache(ws.path(), cache.path(), &args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(record(&o)["cache"], "miss-after-error", "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(ws.path().join("gen/b")).is_err(),
+        "the escaping link was never created"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("gen/copy.txt")).unwrap(),
+        "HELLO\n"
+    );
+}
+
+#[test]
+fn newcomer_papercuts() {
+    let ws = workspace();
+    let cache_in_ws = ws.path().join(".recache");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_recache"))
+            .current_dir(ws.path())
+            .env_remove("RECACHE_REMOTE")
+            .env("RECACHE_CACHE_DIR", &cache_in_ws)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A cache directory inside the current directory is left out of the default input (and
+    // `--input .` means the default), so the second run hits.
+    let cmd = [
+        "--env",
+        "LDFLAGS=-Wl,-O1",
+        "--read-timeout",
+        "inf",
+        "--speculation-delay",
+        "5",
+        "--output",
+        "e.txt",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$LDFLAGS\" > e.txt",
+    ];
+    let mut first_args = vec!["run", "--input", "."];
+    first_args.extend(cmd);
+    let first = run(&first_args);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(record(&first)["cache"], "miss");
+    // Commas in a value are part of it.
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("e.txt")).unwrap(),
+        "-Wl,-O1\n"
+    );
+    let mut second_args = vec!["run"];
+    second_args.extend(cmd);
+    let second = run(&second_args);
+    assert_eq!(record(&second)["cache"], "hit", "{}", stderr(&second));
+
+    // Bad values are clear errors, never a panic.
+    let o = run(&["run", "--read-timeout=-1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("must be 0 or more"), "{}", stderr(&o));
+
+    // RECACHE_ENV takes one K=V per line, values whole.
+    let o = Command::new(env!("CARGO_BIN_EXE_recache"))
+        .current_dir(ws.path())
+        .env_remove("RECACHE_REMOTE")
+        .env("RECACHE_CACHE_DIR", &cache_in_ws)
+        .env("RECACHE_ENV", "A=1,2\nB=3")
+        .args(["run", "--input", "src", "--", "sh", "-c", "echo $A $B"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "1,2 3\n", "{}", stderr(&o));
+}
+
+#[test]
+fn stats_read_running_totals() {
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        recache(ws.path(), cache.path(), &build_args(&["run"]));
+    }
+    // The per-run log may be rotated or lost; the totals stay.
+    std::fs::remove_file(cache.path().join("runs.jsonl")).unwrap();
+    let stats = recache(ws.path(), cache.path(), &["stats"]);
+    assert!(
+        stdout(&stats).contains("runs              3 (2 hits, 1 misses"),
+        "{}",
+        stdout(&stats)
+    );
+}
+
+/// Runs `f` with an 8 MiB tmpfs mounted at a fresh directory (needs root; under `CI=true` a
+/// machine without it fails the test rather than skipping it).
+fn with_small_tmpfs(f: impl FnOnce(&Path)) {
+    let root_user = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if !root_user {
+        assert!(
+            std::env::var("CI").is_err(),
+            "the full-disk test needs root (to mount a tmpfs) and CI=true is set"
+        );
+        eprintln!("SKIPPED: the full-disk test needs root to mount a tmpfs");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path());
+    f(mnt.path());
+}
+
+#[test]
+fn a_full_cache_disk_never_fails_the_build() {
+    with_small_tmpfs(|disk| {
+        let cache = disk.join("cache");
+        let ws = workspace();
+        // A first run while there is room, then the disk fills up.
+        let first = recache(ws.path(), &cache, &build_args(&["run"]));
+        assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+        let filler = vec![0u8; 1024 * 1024];
+        let mut f = std::fs::File::create(disk.join("filler")).unwrap();
+        while std::io::Write::write_all(&mut f, &filler).is_ok() {}
+        drop(f);
+
+        for cmd in ["echo small > s.txt", "echo other > s.txt; exit 3"] {
+            let o = recache(
+                ws.path(),
+                &cache,
+                &["run", "--output", "s.txt", "--", "sh", "-c", cmd],
+            );
+            let expected = if cmd.contains("exit 3") { 3 } else { 0 };
+            assert_eq!(o.status.code(), Some(expected), "{cmd}: {}", stderr(&o));
+            assert!(
+                std::fs::read_to_string(ws.path().join("s.txt"))
+                    .unwrap()
+                    .starts_with(if expected == 0 { "small" } else { "other" })
+            );
+            assert!(stderr(&o).contains("without"), "{}", stderr(&o));
+        }
+        // A cache directory that cannot even be created is no reason to fail either.
+        let o = recache(
+            ws.path(),
+            &disk.join("new-cache"),
+            &["run", "--", "sh", "-c", "echo fine"],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(stdout(&o), "fine\n");
+        // Nothing partial is counted as a blob.
+        std::fs::remove_file(disk.join("filler")).unwrap();
+        let stats = recache(ws.path(), &cache, &["stats"]);
+        assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
+    });
+}
+
+#[test]
+fn an_output_patched_through_its_hardlink_comes_back_intact() {
+    // Unprivileged users get read-only hardlinks of pool files (root gets copies): run recache
+    // as `nobody` when we are root, so the hardlink path is the one tested.
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let root_user = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let run = |args: &[&str]| {
+        let mut c = if root_user {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_recache"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_recache"))
+        };
+        c.current_dir(ws.path())
+            .env_remove("RECACHE_REMOTE")
+            .env("RECACHE_CACHE_DIR", cache.path())
+            .env("HOME", cache.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    if root_user {
+        for d in [ws.path(), cache.path()] {
+            let ok = Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(d)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+    let args = [
+        "run",
+        "--json",
+        "--input",
+        "src",
+        "--output",
+        "big.bin",
+        "--",
+        "sh",
+        "-c",
+        "head -c 1048576 /dev/urandom > big.bin",
+    ];
+    let first = run(&args);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let original = std::fs::read(ws.path().join("big.bin")).unwrap();
+    let hit = run(&args);
+    assert_eq!(record(&hit)["cache"], "hit", "{}", stderr(&hit));
+    // The user makes the restored output writable and patches it in place.
+    let patch = Command::new(if root_user { "setpriv" } else { "sh" })
+        .args(if root_user {
+            vec!["--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh"]
+        } else {
+            vec![]
+        })
+        .args([
+            "-c",
+            "chmod u+w big.bin && printf PATCHED | dd of=big.bin bs=1 seek=1000 conv=notrunc 2>/dev/null",
+        ])
+        .current_dir(ws.path())
+        .status()
+        .unwrap();
+    assert!(patch.success());
+    assert_ne!(std::fs::read(ws.path().join("big.bin")).unwrap(), original);
+    let again = run(&args);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(
+        std::fs::read(ws.path().join("big.bin")).unwrap(),
+        original,
+        "the next run restores the original bytes, not the patched ones"
+    );
+}

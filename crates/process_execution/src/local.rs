@@ -97,6 +97,11 @@ fn unclassified(what: impl std::fmt::Display) -> ProcessError {
     ProcessError::Unclassified(what.to_string())
 }
 
+/// The sandbox directory (under the cache directory) could not take what the run needs.
+fn storage(what: impl std::fmt::Display) -> ProcessError {
+    ProcessError::Storage(what.to_string())
+}
+
 /// Checks a relative path from a Process (working directory, output path).
 fn validate_relative(kind: &str, path: &str) -> Result<(), ProcessError> {
     if path.is_empty() {
@@ -161,7 +166,7 @@ impl CommandRunner for LocalRunner {
         }
 
         std::fs::create_dir_all(&self.options.sandbox_root).map_err(|e| {
-            unclassified(format!(
+            storage(format!(
                 "creating sandbox root {}: {e}",
                 self.options.sandbox_root.display()
             ))
@@ -169,7 +174,7 @@ impl CommandRunner for LocalRunner {
         let sandbox = tempfile::Builder::new()
             .prefix("recache-sandbox-")
             .tempdir_in(&self.options.sandbox_root)
-            .map_err(|e| unclassified(format!("creating a sandbox: {e}")))?;
+            .map_err(|e| storage(format!("creating a sandbox: {e}")))?;
         let root = sandbox.path().join("root");
 
         // Inputs: must be local (a local-only store reports MissingDigest otherwise).
@@ -198,17 +203,16 @@ impl CommandRunner for LocalRunner {
         {
             if let Some(parent) = cwd.join(p).parent() {
                 std::fs::create_dir_all(parent)
-                    .map_err(|e| unclassified(format!("creating {}: {e}", parent.display())))?;
+                    .map_err(|e| storage(format!("creating {}: {e}", parent.display())))?;
             }
         }
         std::fs::create_dir_all(&cwd)
-            .map_err(|e| unclassified(format!("creating {}: {e}", cwd.display())))?;
+            .map_err(|e| storage(format!("creating {}: {e}", cwd.display())))?;
 
         let stdout_path = sandbox.path().join("stdout");
         let stderr_path = sandbox.path().join("stderr");
         let open = |p: &Path| {
-            std::fs::File::create(p)
-                .map_err(|e| unclassified(format!("creating {}: {e}", p.display())))
+            std::fs::File::create(p).map_err(|e| storage(format!("creating {}: {e}", p.display())))
         };
         let program = resolve_program(&process.argv[0], process.env.get("PATH"), &cwd)?;
         let mut cmd = tokio::process::Command::new(&program);
@@ -325,7 +329,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| unclassified(format!("blocking task failed: {e}")))?
 }
 
-
 /// Captures the declared outputs that exist into one directory, at their paths relative to the
 /// working directory.
 fn capture_outputs(
@@ -399,4 +402,3 @@ fn capture_outputs(
     })?;
     Ok(output_root)
 }
-

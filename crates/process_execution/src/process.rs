@@ -152,6 +152,11 @@ pub enum ProcessError {
         /// What was being done.
         context: String,
     },
+    /// The local store or the sandbox directory could not take what the run needed (a full
+    /// or read-only disk, a database failure). The process itself may be fine: a caller that
+    /// must not fail a build because of its cache runs it another way.
+    #[error("{0}")]
+    Storage(String),
     /// Anything else, with context.
     #[error("{0}")]
     Unclassified(String),
@@ -165,6 +170,7 @@ impl ProcessError {
                 digest,
                 context: format!("{ctx}: {context}"),
             },
+            ProcessError::Storage(m) => ProcessError::Storage(format!("{ctx}: {m}")),
             ProcessError::Unclassified(m) => ProcessError::Unclassified(format!("{ctx}: {m}")),
         }
     }
@@ -177,6 +183,7 @@ impl From<StoreError> for ProcessError {
                 digest: *d,
                 context: e.to_string(),
             },
+            ErrorKind::Io | ErrorKind::StorageFull => ProcessError::Storage(e.to_string()),
             _ => ProcessError::Unclassified(e.to_string()),
         }
     }

@@ -25,6 +25,11 @@ use crate::{CacheContentBehavior, RemoteCacheOptions};
 /// Write-behind jobs uploaded at once.
 const WRITE_CONCURRENCY: usize = 8;
 
+/// Output digests of deferred hits remembered for recovery (see [`ProducerMap`]). An engine that
+/// serves more keeps the most recent; a digest whose producer was forgotten just means that a
+/// missing blob is recovered by the consumer's own miss-and-rerun instead.
+const MAX_REMEMBERED_OUTPUTS: usize = 200_000;
+
 /// A finished local run whose result is to be written to the cache.
 #[derive(Debug)]
 struct WriteJob {
@@ -58,7 +63,68 @@ struct Shared {
     writes_done: Notify,
     /// For deferred hits: which process produced each output blob, so a missing one can be
     /// re-created by re-running its producer.
-    producers: Mutex<HashMap<Digest, Arc<Process>>>,
+    producers: Mutex<ProducerMap>,
+    /// Whether the ActionCache accepts writes: unknown until the first write asks.
+    update_enabled: tokio::sync::OnceCell<bool>,
+}
+
+/// Output digest → producing process, bounded: the oldest entries go first (FIFO by insertion).
+#[derive(Debug)]
+struct ProducerMap {
+    by_digest: HashMap<Digest, (u64, Arc<Process>)>,
+    order: std::collections::VecDeque<(Digest, u64)>,
+    next: u64,
+    capacity: usize,
+}
+
+impl Default for ProducerMap {
+    fn default() -> Self {
+        ProducerMap::with_capacity(MAX_REMEMBERED_OUTPUTS)
+    }
+}
+
+impl ProducerMap {
+    fn with_capacity(capacity: usize) -> ProducerMap {
+        ProducerMap {
+            by_digest: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            next: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn insert(&mut self, digest: Digest, producer: Arc<Process>) {
+        self.next += 1;
+        self.by_digest.insert(digest, (self.next, producer));
+        self.order.push_back((digest, self.next));
+        while self.by_digest.len() > self.capacity {
+            let Some((d, seq)) = self.order.pop_front() else {
+                break;
+            };
+            // Only the entry's latest insertion removes it.
+            if self.by_digest.get(&d).is_some_and(|(s, _)| *s == seq) {
+                self.by_digest.remove(&d);
+            }
+        }
+        if self.order.len() > 2 * self.capacity {
+            // Re-inserted digests left stale positions behind: drop them (amortized O(1)).
+            let live = &self.by_digest;
+            self.order
+                .retain(|(d, seq)| live.get(d).is_some_and(|(s, _)| s == seq));
+        }
+    }
+
+    fn get(&self, digest: &Digest) -> Option<Arc<Process>> {
+        self.by_digest.get(digest).map(|(_, p)| p.clone())
+    }
+
+    fn forget(&mut self, process: &Process) {
+        self.by_digest.retain(|_, (_, p)| **p != *process);
+    }
+
+    fn len(&self) -> usize {
+        self.by_digest.len()
+    }
 }
 
 /// How a cache lookup ended.
@@ -86,7 +152,8 @@ impl CommandRunner {
             warnings,
             pending_writes: AtomicU64::new(0),
             writes_done: Notify::new(),
-            producers: Mutex::new(HashMap::new()),
+            producers: Mutex::new(ProducerMap::default()),
+            update_enabled: tokio::sync::OnceCell::new(),
         });
         let writer_shared = shared.clone();
         let handle = tokio::spawn(async move {
@@ -136,7 +203,39 @@ impl CommandRunner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
-            .map(|p| Process::clone(p))
+            .map(|p| Process::clone(&p))
+    }
+
+    /// How many output digests this runner remembers producers for (bounded).
+    pub fn remembered_outputs(&self) -> usize {
+        self.shared
+            .producers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// For a hit whose outputs then could not be used (a blob gone, corrupt, the cache
+    /// unreachable while fetching them): counts it as an error miss instead of a hit, runs
+    /// `process` locally with cache reads off, and writes the fresh result back. This is how a
+    /// caller keeps the promise that the cache never fails a build.
+    pub async fn run_after_failed_hit(
+        &self,
+        ctx: Context,
+        process: Process,
+        error: &StoreError,
+    ) -> Result<ProcessResult, ProcessError> {
+        let c = &self.shared.counters;
+        let _ = c
+            .hits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| h.checked_sub(1));
+        Counters::add(&c.error_misses, 1);
+        self.shared.warnings.warn(
+            &format!("outputs-after-hit/{}", error.kind().label()),
+            &format!("a cache hit's outputs could not be used, running locally: {error}"),
+        );
+        let messages = make_action(&process);
+        self.run_locally_and_write(ctx, process, messages).await
     }
 
     /// Recovers from a blob found missing after a deferred hit: re-runs the process that
@@ -161,7 +260,7 @@ impl CommandRunner {
             .producers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, p| **p != process);
+            .forget(&process);
         Ok(Some(result))
     }
 
@@ -185,14 +284,20 @@ impl CommandRunner {
         if !self.shared.options.cache_write || !cacheable(&process, result) {
             return;
         }
+        if self.shared.update_enabled.get() == Some(&false) {
+            // A read-only cache: said once, when the first write found out.
+            Counters::add(&self.shared.counters.writes_skipped, 1);
+            return;
+        }
         let sender = {
             let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             writer.as_ref().map(|(tx, _)| tx.clone())
         };
         let Some(sender) = sender else {
-            self.shared
-                .warnings
-                .warn("cache write skipped: the runner is shut down");
+            self.shared.warnings.warn(
+                "write/shut-down",
+                "cache write skipped: the runner is shut down",
+            );
             return;
         };
         self.shared.pending_writes.fetch_add(1, Ordering::AcqRel);
@@ -225,8 +330,10 @@ impl Shared {
     /// Records an error that turned a lookup into a miss.
     fn error_miss(&self, err: &StoreError) {
         Counters::add(&self.counters.error_misses, 1);
-        self.warnings
-            .warn(&format!("cache lookup failed, running locally: {err}"));
+        self.warnings.warn(
+            &format!("lookup/{}", err.kind().label()),
+            &format!("cache lookup failed, running locally: {err}"),
+        );
     }
 
     /// GetActionResult, then fetch / validate / defer. `Err` = an error miss.
@@ -286,12 +393,21 @@ impl Shared {
                 self.store.exists_recursive(blobs, HashSet::new()).await?;
             }
             CacheContentBehavior::Defer => {
+                // Every digest a consumer may find missing: stdout, stderr, output files, the
+                // output directories' Trees and roots, and every file nested in them (their
+                // Directory messages are local: the Trees were expanded).
+                let mut all: Vec<Digest> = outputs.files.iter().copied().collect();
+                all.extend(&outputs.trees);
+                all.extend(&outputs.directories);
+                all.push(outputs.output_root);
+                for d in &outputs.directories {
+                    all.extend(self.store.local().file_digests(*d)?);
+                }
                 let producer = Arc::new(process.clone());
                 let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
-                for d in outputs.files.iter().chain(&outputs.directories) {
-                    producers.insert(*d, producer.clone());
+                for d in all {
+                    producers.insert(d, producer.clone());
                 }
-                producers.insert(outputs.output_root, producer);
             }
         }
         let wall_time = start.elapsed();
@@ -316,6 +432,30 @@ impl Shared {
     /// Uploads what the remote lacks, then records the ActionResult. Failures are warnings.
     async fn write(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
+        // A cache that refuses ActionCache updates (REAPI's action_cache_update_enabled = false)
+        // gets no uploads at all: one warning, then every later write is skipped up front.
+        let enabled = self
+            .update_enabled
+            .get_or_init(|| async {
+                match self.action_cache.update_enabled().await {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        self.warnings.warn(
+                            "write/read-only",
+                            "the cache does not accept results from this client (read-only); \
+                             results of local runs will not be written",
+                        );
+                        false
+                    }
+                    // Unknown: try the write; its own error is reported below.
+                    Err(_) => true,
+                }
+            })
+            .await;
+        if !*enabled {
+            Counters::add(&self.counters.writes_skipped, 1);
+            return;
+        }
         let result = async {
             let local = self.store.local().clone();
             let (process, result, finished) =
@@ -343,9 +483,10 @@ impl Shared {
             Ok(()) => Counters::add(&self.counters.writes, 1),
             Err(e) => {
                 Counters::add(&self.counters.write_errors, 1);
-                self.warnings.warn(&format!(
-                    "could not write {action_digest} to the cache: {e}"
-                ));
+                self.warnings.warn(
+                    &format!("write/{}", e.kind().label()),
+                    &format!("could not write {action_digest} to the cache: {e}"),
+                );
             }
         }
     }
@@ -445,5 +586,29 @@ impl CommandRunnerTrait for CommandRunner {
             ));
         }
         inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_map_is_bounded_and_keeps_the_newest() {
+        let mut m = ProducerMap::with_capacity(4);
+        let p = |i: u32| Arc::new(Process::new(["/bin/echo".to_owned(), i.to_string()]));
+        let d = |i: u32| Digest::of_bytes(&i.to_le_bytes());
+        for i in 0..10 {
+            m.insert(d(i), p(i));
+        }
+        assert_eq!(m.len(), 4);
+        assert!(m.get(&d(5)).is_none(), "the oldest went");
+        assert_eq!(m.get(&d(9)).map(|q| q.argv[1].clone()), Some("9".into()));
+        // Re-inserting a digest many times does not grow the order queue without bound.
+        for _ in 0..100 {
+            m.insert(d(9), p(9));
+        }
+        assert!(m.order.len() <= 8);
+        assert_eq!(m.len(), 4);
     }
 }

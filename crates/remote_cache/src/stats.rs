@@ -17,6 +17,7 @@ pub(crate) struct Counters {
     pub bytes_uploaded: AtomicU64,
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
+    pub writes_skipped: AtomicU64,
     pub recoveries: AtomicU64,
     pub time_saved_micros: AtomicU64,
 }
@@ -40,6 +41,7 @@ impl Counters {
             bytes_uploaded: get(&self.bytes_uploaded),
             writes: get(&self.writes),
             write_errors: get(&self.write_errors),
+            writes_skipped: get(&self.writes_skipped),
             recoveries: get(&self.recoveries),
             time_saved: Duration::from_micros(get(&self.time_saved_micros)),
             warnings_logged,
@@ -73,6 +75,8 @@ pub struct CacheStats {
     pub writes: u64,
     /// Write-behind jobs that failed.
     pub write_errors: u64,
+    /// Results not written because the cache is read-only (`action_cache_update_enabled` off).
+    pub writes_skipped: u64,
     /// Processes re-run to recover a blob missing after a deferred hit.
     pub recoveries: u64,
     /// Sum over hits of (original run time − time the hit took).

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Which occurrences of a recurring cache error get a log line. Errors are told apart by their
-/// kind and message, so one flaky server does not drown out a different problem.
+/// Which occurrences of a recurring cache error get a log line. Errors are told apart by a key
+/// naming the operation and the error's kind (never its message, which names action digests and
+/// would make every occurrence "new"), so one flaky server does not drown out a different problem
+/// and the number of keys stays small.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WarningsBehavior {
     /// Never log (the counters still count).
@@ -36,12 +38,16 @@ impl WarningsTracker {
         }
     }
 
-    /// Records one occurrence of `message`; logs it (as a warning) if the behavior says so.
+    /// Records one occurrence of the error `key` (operation and kind, e.g.
+    /// `lookup/retryable-Unavailable`); logs `message` (as a warning) if the behavior says so.
     /// Returns whether it was logged.
-    pub fn warn(&self, message: &str) -> bool {
+    pub fn warn(&self, key: &str, message: &str) -> bool {
         let n = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let n = seen.entry(message.to_owned()).or_default();
+            let n = match seen.get_mut(key) {
+                Some(n) => n,
+                None => seen.entry(key.to_owned()).or_default(),
+            };
             *n += 1;
             *n
         };
@@ -75,7 +81,9 @@ mod tests {
     /// Which occurrences (1-based) of one repeated error were logged.
     fn logged_occurrences(behavior: WarningsBehavior, n: u64) -> Vec<u64> {
         let t = WarningsTracker::new(behavior);
-        (1..=n).filter(|_| t.warn("same error")).collect()
+        (1..=n)
+            .filter(|i| t.warn("lookup/io", &format!("error for action {i}")))
+            .collect()
     }
 
     #[test]
@@ -86,10 +94,10 @@ mod tests {
         );
         let t = WarningsTracker::new(WarningsBehavior::Backoff);
         for _ in 0..3 {
-            t.warn("server unavailable");
+            t.warn("lookup/retryable-Unavailable", "server unavailable");
         }
         // A different error has its own count: its first occurrence is logged.
-        assert!(t.warn("digest mismatch"));
+        assert!(t.warn("lookup/invalid-data", "digest mismatch"));
         assert_eq!(t.logged(), 3); // unavailable #1, #2, and mismatch #1
     }
 

@@ -210,12 +210,7 @@ struct TreeIndex {
 impl TreeIndex {
     /// Applies [`symlink_resolves_inside`] to every symlink of the tree.
     fn check_links(&self, root_name: &dyn Fn() -> String) -> Result<(), StoreError> {
-        let lookup = |p: &Path| {
-            self.entries
-                .get(p)
-                .cloned()
-                .unwrap_or(TreeEntry::Absent)
-        };
+        let lookup = |p: &Path| self.entries.get(p).cloned().unwrap_or(TreeEntry::Absent);
         for (path, target) in &self.links {
             let dir = path.parent().unwrap_or(Path::new(""));
             symlink_resolves_inside(dir, target, &lookup).map_err(|why| {
@@ -256,9 +251,21 @@ impl LocalStore {
     ///
     /// Blocking: call it from `spawn_blocking` in async code.
     pub fn capture_directory(&self, path: &Path) -> Result<Digest, StoreError> {
+        self.capture_directory_excluding(path, &[])
+    }
+
+    /// [`capture_directory`](Self::capture_directory), leaving out the entries at the relative
+    /// paths `exclude` (files or whole directories; absent ones are ignored) without reading
+    /// them: e.g. a command's declared outputs, or a cache directory inside a workspace.
+    pub fn capture_directory_excluding(
+        &self,
+        path: &Path,
+        exclude: &[PathBuf],
+    ) -> Result<Digest, StoreError> {
         // 1. Walk, collecting the shape and the list of files.
         let mut files: Vec<PathBuf> = Vec::new();
-        let root = walk(path, Path::new(""), &mut files)
+        let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
+        let root = walk(path, Path::new(""), &exclude, &mut files)
             .map_err(|e| e.context(format!("capturing {}", path.display())))?;
         // 2. Store every file, in parallel.
         let digests: Vec<Result<Digest, StoreError>> = files
@@ -523,7 +530,12 @@ struct Walked {
     symlinks: Vec<(String, String)>,
 }
 
-fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) -> Result<Walked, StoreError> {
+fn walk(
+    root: &Path,
+    rel: &Path,
+    exclude: &HashSet<&Path>,
+    files: &mut Vec<PathBuf>,
+) -> Result<Walked, StoreError> {
     let dir = root.join(rel);
     let io_err =
         |what: &str, p: &Path, e: io::Error| StoreError::io(format!("{what} {}", p.display()), e);
@@ -542,8 +554,11 @@ fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) -> Result<Walked, Sto
     let mut out = Walked::default();
     for (name, entry) in entries {
         let path = entry.path();
-        let meta = fs::symlink_metadata(&path).map_err(|e| io_err("inspecting", &path, e))?;
         let child_rel = rel.join(&name);
+        if exclude.contains(child_rel.as_path()) {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&path).map_err(|e| io_err("inspecting", &path, e))?;
         let ft = meta.file_type();
         if ft.is_symlink() {
             let target = fs::read_link(&path).map_err(|e| io_err("reading symlink", &path, e))?;
@@ -555,7 +570,8 @@ fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) -> Result<Walked, Sto
             })?;
             out.symlinks.push((name, target));
         } else if ft.is_dir() {
-            out.dirs.push((name, walk(root, &child_rel, files)?));
+            out.dirs
+                .push((name, walk(root, &child_rel, exclude, files)?));
         } else if ft.is_file() {
             let exec = meta.permissions().mode() & 0o111 != 0;
             files.push(child_rel.clone());

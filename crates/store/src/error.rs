@@ -15,10 +15,29 @@ pub enum ErrorKind {
     InvalidData,
     /// A local I/O or database failure.
     Io,
+    /// The local disk (or the database's map) is full, or the store is on a read-only or
+    /// over-quota filesystem: the cache cannot take more, and callers degrade (run without
+    /// caching) rather than fail.
+    StorageFull,
     /// A transient failure a retry may cure, with the gRPC code that said so.
     Retryable(tonic::Code),
     /// Anything else.
     Other,
+}
+
+impl ErrorKind {
+    /// A short, stable name for the kind (no digests or messages): what warnings are grouped by,
+    /// so a recurring failure is recognised as one however many actions it hits.
+    pub fn label(&self) -> String {
+        match self {
+            ErrorKind::MissingDigest(_) => "missing-digest".into(),
+            ErrorKind::InvalidData => "invalid-data".into(),
+            ErrorKind::Io => "io".into(),
+            ErrorKind::StorageFull => "storage-full".into(),
+            ErrorKind::Retryable(code) => format!("retryable-{code:?}"),
+            ErrorKind::Other => "other".into(),
+        }
+    }
 }
 
 /// An error from the store, with context.
@@ -61,7 +80,7 @@ impl StoreError {
 
     /// A local I/O failure, naming what was being done.
     pub fn io(what: impl fmt::Display, source: std::io::Error) -> StoreError {
-        StoreError::new(ErrorKind::Io, format!("{what}: {source}"))
+        StoreError::new(io_kind(&source), format!("{what}: {source}"))
     }
 
     /// Adds a layer of context (e.g. "storing out/app.jar"), shown before earlier messages.
@@ -141,5 +160,16 @@ pub trait ResultExt<T> {
 impl<T> ResultExt<T> for Result<T, StoreError> {
     fn context_with(self, f: impl FnOnce() -> String) -> Result<T, StoreError> {
         self.map_err(|e| e.context(f()))
+    }
+}
+
+/// `StorageFull` for the I/O errors that mean "no room to store" (ENOSPC, EDQUOT, EROFS),
+/// `Io` for the rest.
+pub(crate) fn io_kind(e: &std::io::Error) -> ErrorKind {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull
+        | std::io::ErrorKind::QuotaExceeded
+        | std::io::ErrorKind::ReadOnlyFilesystem => ErrorKind::StorageFull,
+        _ => ErrorKind::Io,
     }
 }

@@ -389,7 +389,6 @@ impl Store {
     }
 }
 
-
 /// Which of `files` and of the expanded directories (their Directory messages and files) the
 /// remote lacks, in as few `FindMissingBlobs` calls as the message cap allows.
 async fn missing_remotely(

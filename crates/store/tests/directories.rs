@@ -374,7 +374,11 @@ fn materialize_links(links: &[(&str, &str)]) -> Result<(), store::StoreError> {
     let dest = out.path().join("o");
     let materialized = store.materialize_directory(root, &dest, MaterializeOptions::default());
     // Both entry points apply the same rule, and a refusal writes nothing.
-    assert_eq!(checked.is_ok(), materialized.is_ok(), "{checked:?} vs {materialized:?}");
+    assert_eq!(
+        checked.is_ok(),
+        materialized.is_ok(),
+        "{checked:?} vs {materialized:?}"
+    );
     if materialized.is_err() {
         assert!(!dest.exists(), "nothing may be written before the check");
     }

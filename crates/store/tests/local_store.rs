@@ -302,7 +302,10 @@ fn writes_through_a_hardlinked_output_do_not_corrupt_later_hits() {
         f.write_all(b"PATCHED").unwrap();
     }
     // The store notices before handing the blob out again, and evicts it.
-    assert!(!store.contains(d), "a modified pool blob must not count as present");
+    assert!(
+        !store.contains(d),
+        "a modified pool blob must not count as present"
+    );
     assert_eq!(store.load_file(d).unwrap(), None);
     let again = ws.path().join("again.bin");
     let err = store
@@ -335,7 +338,9 @@ fn usage_counters_persist_without_a_walk() {
     store.store_bytes(&bytes(1000, 1)).unwrap();
     store.store_bytes(&bytes(1000, 1)).unwrap(); // the same blob: counted once
     store.store_bytes(&bytes(2000, 2)).unwrap();
-    store.store_bytes(&bytes(THRESHOLD as usize + 5, 3)).unwrap();
+    store
+        .store_bytes(&bytes(THRESHOLD as usize + 5, 3))
+        .unwrap();
     let usage = store.usage();
     assert_eq!((usage.small_blobs, usage.small_bytes), (2, 3000));
     assert_eq!((usage.large_blobs, usage.large_bytes), (1, THRESHOLD + 5));
@@ -373,7 +378,10 @@ fn a_size_bound_holds_by_itself_and_respects_leases() {
         );
     }
     assert!(store.contains(first), "a leased blob is never evicted");
-    assert!(store.contains(*later.last().unwrap()), "the newest blob stays");
+    assert!(
+        store.contains(*later.last().unwrap()),
+        "the newest blob stays"
+    );
     assert!(!store.contains(later[0]), "the oldest unleased blob went");
 }
 

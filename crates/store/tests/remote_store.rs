@@ -583,19 +583,13 @@ async fn local_directory_provider_round_trips_and_refuses_corruption() {
     assert!(!g.store.local().contains(vd));
     // The damaged entry is gone, so it reads as missing and the next write repairs it.
     assert!(!path.exists(), "a file that fails verification is removed");
-    let missing = p
-        .list_missing_digests(&mut [vd].into_iter())
-        .await
-        .unwrap();
+    let missing = p.list_missing_digests(&mut [vd].into_iter()).await.unwrap();
     assert_eq!(missing, HashSet::from([vd]));
     p.store_bytes(vd, victim.clone().into()).await.unwrap();
     assert_eq!(g.store.load_bytes(vd).await.unwrap().unwrap(), &victim[..]);
     // A truncated entry (a torn write) is not "present": a write replaces it.
     std::fs::write(&path, &victim[..1000]).unwrap();
-    let missing = p
-        .list_missing_digests(&mut [vd].into_iter())
-        .await
-        .unwrap();
+    let missing = p.list_missing_digests(&mut [vd].into_iter()).await.unwrap();
     assert_eq!(missing, HashSet::from([vd]));
     p.store_bytes(vd, victim.clone().into()).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), victim);
@@ -669,7 +663,11 @@ async fn small_uploads_are_batched() {
         .await
         .unwrap();
     assert_eq!(summary.blobs, 200);
-    assert_eq!(server.calls(Method::BatchUpdateBlobs), 1, "one batch for 400 KB");
+    assert_eq!(
+        server.calls(Method::BatchUpdateBlobs),
+        1,
+        "one batch for 400 KB"
+    );
     assert_eq!(server.calls(Method::Write), 0);
     for d in digests {
         assert!(server.has_blob(d));

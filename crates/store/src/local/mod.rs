@@ -147,7 +147,6 @@ struct Inner {
     received: AtomicU64,
 }
 
-
 /// A file's modification time in nanoseconds since the epoch (0 if unknown).
 fn mtime_nanos(meta: &fs::Metadata) -> u64 {
     meta.modified()
@@ -260,7 +259,9 @@ impl LocalStore {
                 max,
                 "local store reached its size bound; evicted least-recently-used blobs"
             ),
-            Err(e) => tracing::warn!(error = %e, "local store is over its size bound and GC failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "local store is over its size bound and GC failed")
+            }
         }
         self.inner.gc_running.store(false, Ordering::Release);
     }
@@ -437,7 +438,6 @@ impl LocalStore {
         } else {
             let (_, new) = self.inner.pool.write_from(src, Some(expected))?;
             self.note_pool_added(expected, new)
-
         }
     }
 

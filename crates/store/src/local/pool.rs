@@ -145,10 +145,12 @@ impl Pool {
         }
         let (temp, file) = self.create_temp()?;
         // The file (and its lock) stays open until the rename is done.
-        let result = self.write_temp(&temp, &file, src, expected).and_then(|digest| {
-            let new = self.commit_temp(&temp, &digest)?;
-            Ok((digest, new))
-        });
+        let result = self
+            .write_temp(&temp, &file, src, expected)
+            .and_then(|digest| {
+                let new = self.commit_temp(&temp, &digest)?;
+                Ok((digest, new))
+            });
         if result.is_err() {
             let _ = fs::remove_file(&temp);
         }

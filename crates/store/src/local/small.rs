@@ -27,7 +27,12 @@ use crate::error::{ErrorKind, StoreError};
 type Atime = U64<heed::byteorder::LittleEndian>;
 
 fn db_err(what: &str, e: heed::Error) -> StoreError {
-    StoreError::new(ErrorKind::Io, format!("small-blob database: {what}: {e}"))
+    let kind = match &e {
+        heed::Error::Io(io) => crate::error::io_kind(io),
+        heed::Error::Mdb(heed::MdbError::MapFull) => ErrorKind::StorageFull,
+        _ => ErrorKind::Io,
+    };
+    StoreError::new(kind, format!("small-blob database: {what}: {e}"))
 }
 
 #[derive(Debug)]
@@ -71,7 +76,9 @@ impl Counters {
 
     fn decode(b: &[u8]) -> Option<Counters> {
         let n = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(b.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+            Some(u64::from_le_bytes(
+                b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
         };
         Some(Counters {
             small_blobs: n(0)?,
@@ -99,6 +106,7 @@ impl SmallDb {
     pub(crate) fn open(dir: &Path, map_size: usize) -> Result<SmallDb, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        preallocate_lock_file(dir)?;
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
         opts.map_size(map_size).max_dbs(4).max_readers(1024);
         // SAFETY: heed's open is unsafe because LMDB must not be opened twice by one process
@@ -135,7 +143,10 @@ impl SmallDb {
         })
     }
 
-    fn counters_in(&self, txn: &heed::RoTxn<'_, WithoutTls>) -> Result<Option<Counters>, StoreError> {
+    fn counters_in(
+        &self,
+        txn: &heed::RoTxn<'_, WithoutTls>,
+    ) -> Result<Option<Counters>, StoreError> {
         Ok(self
             .meta
             .get(txn, USAGE_KEY)
@@ -232,7 +243,12 @@ impl SmallDb {
     }
 
     /// Stores a verified blob. Returns the new totals.
-    pub(crate) fn put(&self, digest: Digest, bytes: &[u8], now: u64) -> Result<Counters, StoreError> {
+    pub(crate) fn put(
+        &self,
+        digest: Digest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<Counters, StoreError> {
         let key = digest.hash.as_bytes();
         let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
         let existed = self
@@ -406,6 +422,36 @@ impl SmallDb {
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
         self.env.force_sync().map_err(|e| db_err("sync", e))
     }
+}
+
+/// Bytes of real (not sparse) zeros a new `lock.mdb` gets before LMDB opens it; LMDB needs
+/// ≈ 64 KiB for 1024 readers and adopts a larger file as room for more readers.
+const LOCK_FILE_BYTES: usize = 256 * 1024;
+
+/// LMDB sizes its lock file with `ftruncate` and then writes it through a memory map. On a full
+/// disk the truncate succeeds (the file is sparse) and the first write through the map kills the
+/// process with SIGBUS: no error to handle, a crashed build. So a new lock file is written out
+/// with real zeros first; on a full disk that write fails with ENOSPC, which is an error the
+/// caller can degrade on. An existing lock file (already backed by LMDB) is left alone.
+fn preallocate_lock_file(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write;
+    let path = dir.join("lock.mdb");
+    if path.exists() {
+        return Ok(());
+    }
+    // Written under a private name and linked into place (a link never replaces an existing
+    // file), so two processes creating one store at once never see a half-written lock file.
+    let temp = dir.join(format!("lock.mdb.{}", uuid::Uuid::new_v4().simple()));
+    let written = std::fs::File::create(&temp).and_then(|mut f| {
+        f.write_all(&vec![0u8; LOCK_FILE_BYTES])?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| match std::fs::hard_link(&temp, &path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    });
+    let _ = std::fs::remove_file(&temp);
+    linked.map_err(|e| StoreError::io(format!("preparing {}", path.display()), e))
 }
 
 fn fingerprint(k: &[u8]) -> Option<Fingerprint> {

@@ -718,7 +718,11 @@ impl ByteStoreProvider for GrpcProvider {
                 .filter_map(|d| by_digest.get(d).map(|b| (*d, b.clone())))
                 .collect();
             let mut retry = Retry::new(self.options.retry, || {
-                format!("BatchUpdateBlobs of {} blobs to {}", items.len(), self.address)
+                format!(
+                    "BatchUpdateBlobs of {} blobs to {}",
+                    items.len(),
+                    self.address
+                )
             });
             loop {
                 match self.batch_update_once(&items).await {

@@ -150,8 +150,14 @@ impl LocalDirProvider {
             && size > max
         {
             match self.gc(max / 100 * 90) {
-                Ok(removed) => tracing::info!(removed, max, "cache directory reached its size bound; evicted least-recently-used entries"),
-                Err(e) => tracing::warn!(error = %e, "cache directory is over its size bound and GC failed"),
+                Ok(removed) => tracing::info!(
+                    removed,
+                    max,
+                    "cache directory reached its size bound; evicted least-recently-used entries"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache directory is over its size bound and GC failed")
+                }
             }
         }
     }
@@ -291,7 +297,10 @@ impl ByteStoreProvider for LocalDirProvider {
             }
         }
         if hasher.finish() != digest {
-            return Err(Self::discard_corrupt(&path, "content does not match its digest"));
+            return Err(Self::discard_corrupt(
+                &path,
+                "content does not match its digest",
+            ));
         }
         dest.flush()
             .await
