@@ -263,6 +263,13 @@ pub(crate) fn make_action_result(
             let tree_digest = local.store_bytes(&tree.encode_to_vec())?;
             blobs.insert(tree_digest);
             blobs.extend(local.file_digests(root)?);
+            // The Directory messages too (root and every subdirectory), not only the Tree:
+            // buildbox-casd will not serve an entry whose output directory has subdirectories
+            // unless they are in its CAS, and `root_directory_digest` names the root one.
+            blobs.insert(root);
+            for child in &tree.children {
+                blobs.insert(Digest::of_bytes(&child.encode_to_vec()));
+            }
             ar.output_directories.push(remexec::OutputDirectory {
                 path: path.clone(),
                 tree_digest: Some(tree_digest.into()),

@@ -1,4 +1,5 @@
-//! miss → write → hit → deleted blob falls back, against BuildGrid and buildbox-casd.
+//! miss → write → hit (an output file and an output directory with nested subdirectories) →
+//! deleted blob falls back, against BuildGrid and buildbox-casd.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -66,9 +67,12 @@ async fn scenario(server: RealServer) {
         let scratch = tempfile::tempdir().unwrap();
         let counter = scratch.path().join("count");
         // Unique content per run, so a warm server does not turn the first run into a hit.
+        // The output directory has subdirectories: buildbox-casd serves such an entry only if
+        // the writer uploaded its Directory messages, not just the Tree.
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let script = format!(
-            "echo run >> {}; echo {tag} > out.txt; mkdir -p gen; echo nested-{tag} > gen/n.txt",
+            "echo run >> {}; echo {tag} > out.txt; mkdir -p gen/sub/deeper; \
+             echo nested-{tag} > gen/sub/n.txt; echo deep > gen/sub/deeper/d.txt",
             counter.display()
         );
         let p = Process::new(["/bin/sh", "-c", &script])
