@@ -12,7 +12,6 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use hashing::Digest;
-use process_execution::action::make_action;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
@@ -61,28 +60,8 @@ impl Machine {
 impl HitFixture {
     /// Starts the server and caches the action on it.
     pub async fn new() -> HitFixture {
-        let server = TestServer::start().await;
-        let process =
-            Process::new(["/bin/true"]).output_files((0..OUTPUTS).map(|i| format!("out/{i}.bin")));
-        let action = make_action(&process).action_digest;
-        let mut output_files = vec![];
-        let mut outputs = vec![];
-        for i in 0..OUTPUTS {
-            let d = server.put_blob(&crate::pseudo_random_bytes(OUTPUT_BYTES, i as u64 + 1));
-            outputs.push(d);
-            output_files.push(remexec::OutputFile {
-                path: format!("out/{i}.bin"),
-                digest: Some(d.into()),
-                ..Default::default()
-            });
-        }
-        server.put_action_result(
-            action,
-            remexec::ActionResult {
-                output_files,
-                ..Default::default()
-            },
-        );
+        let (server, process, action, outputs) =
+            crate::scale::server_with_outputs(OUTPUTS, OUTPUT_BYTES).await;
         let provider = Arc::new(
             GrpcProvider::connect(&server.address(), GrpcOptions::default())
                 .await

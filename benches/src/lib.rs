@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod hit;
+pub mod scale;
 pub mod transfer;
 
 /// Deterministic pseudo-random bytes, so benchmarks need no fixtures and hash realistic,
@@ -39,4 +40,40 @@ pub fn blob_mib(default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Current anonymous resident memory (heap, stacks; not file-backed pages), MiB.
+pub fn rss_anon_mib() -> f64 {
+    status_kib("RssAnon:").unwrap_or(0) as f64 / 1024.0
+}
+
+/// Samples [`rss_anon_mib`] every millisecond on a thread of its own while alive; `peak()`
+/// stops it and returns the highest sample. The kernel keeps no peak of anonymous memory, so a
+/// sampler is the way to see it apart from clean file pages mapped into the process.
+pub struct AnonPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<f64>,
+}
+
+impl AnonPeak {
+    /// Starts sampling.
+    pub fn start() -> AnonPeak {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = rss_anon_mib();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_anon_mib());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak.max(rss_anon_mib())
+        });
+        AnonPeak { stop, handle }
+    }
+
+    /// Stops sampling; the highest anonymous RSS seen, MiB.
+    pub fn peak(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(0.0)
+    }
 }

@@ -10,7 +10,15 @@
 //! - `spawn_true_us`: spawning and waiting for `/bin/true`;
 //! - `download_mib_s`, `upload_mib_s`, `hash_mib_s`: a `blob_mib` MiB blob through the server,
 //!   and hashing the same bytes in memory;
-//! - `download_peak_rss_growth_mib`: peak memory growth of one download.
+//! - `download_peak_rss_growth_mib`: peak memory growth of one download;
+//! - `fetch_20k_outputs_peak_rss_growth_mib` / `_anon_growth_mib`: peak memory growth of one
+//!   fetch hit with 20 000 outputs of 4 KiB (goal ≤ 64: memory flat in the number of outputs).
+//!   The RSS figure includes clean LMDB file pages the kernel maps around each touched page (see
+//!   `benches::scale::HitMemory`); the anonymous figure is what the hit holds;
+//! - `cli_hit_store_empty_us`, `cli_hit_store_200k_us` and their ratio `cli_hit_store_ratio`:
+//!   the CLI's in-process hit path (open the store, build the runner, a fetch hit with outputs
+//!   already local; current-thread runtime) on an empty store and on one with 200 000 blobs
+//!   (goal ≤ 1.1: opening must not read the store).
 //!
 //! `cargo run --release -p benches --bin perf-report -- [--quick]` (quick: fewer repetitions).
 
@@ -136,6 +144,51 @@ fn main() {
         (growth * 10.0).round() / 10.0,
     );
     put("blob_mib", blob_mib as f64);
+
+    // Scale: many outputs, big stores.
+    let mem = rt.block_on(benches::scale::many_outputs_fetch_memory(20_000, 4 * 1024));
+    put(
+        "fetch_20k_outputs_peak_rss_growth_mib",
+        (mem.rss_mib * 10.0).round() / 10.0,
+    );
+    put(
+        "fetch_20k_outputs_peak_anon_growth_mib",
+        (mem.anon_mib * 10.0).round() / 10.0,
+    );
+    let (server, process, _, _) = rt.block_on(benches::scale::server_with_outputs(
+        benches::hit::OUTPUTS,
+        benches::hit::OUTPUT_BYTES,
+    ));
+    let stores = tempfile::tempdir_in(&tmp).unwrap();
+    let (empty, full) = (stores.path().join("empty"), stores.path().join("full"));
+    benches::scale::fill_store(&empty, 0);
+    benches::scale::fill_store(&full, 200_000);
+    let cli_reps = if quick { 100 } else { 400 };
+    let (mut e, mut f) = (vec![], vec![]);
+    // Interleaved rounds, so drift affects both alike.
+    for _ in 0..4 {
+        e.push(benches::scale::cli_path_hit(
+            &ct,
+            &server,
+            &process,
+            &empty,
+            cli_reps / 4,
+        ));
+        f.push(benches::scale::cli_path_hit(
+            &ct,
+            &server,
+            &process,
+            &full,
+            cli_reps / 4,
+        ));
+    }
+    let (e, f) = (median(&mut e), median(&mut f));
+    put("cli_hit_store_empty_us", us(e));
+    put("cli_hit_store_200k_us", us(f));
+    put(
+        "cli_hit_store_ratio",
+        (f.as_secs_f64() / e.as_secs_f64() * 100.0).round() / 100.0,
+    );
     put(
         "elapsed_s",
         (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,

@@ -66,14 +66,7 @@ pub async fn run(mut args: RunArgs) -> Result<i32, CliError> {
             );
             let result = run_uncached(&process, &cwd).await?;
             let record = RunRecord::uncached(&result, behavior, started.elapsed());
-            if let Ok(cache) = &cache {
-                cache.append_record(&record);
-            }
-            if args.json {
-                eprintln!("{}", record.to_json());
-            } else {
-                eprintln!("{}", record.summary());
-            }
+            report(cache.as_ref().ok(), &record, args.json);
             Ok(exit_code(&result))
         }
     }
@@ -182,13 +175,21 @@ async fn cached_run(
     }
 
     let record = RunRecord::new(&result, &stats, action_digest, behavior, started.elapsed());
-    cache.append_record(&record);
-    if args.json {
+    report(Some(cache), &record, args.json);
+    Ok(exit_code(&result))
+}
+
+/// Records the run (when there is a cache directory to record it in) and prints its summary
+/// line, or the JSON record with `--json`.
+fn report(cache: Option<&CacheDir>, record: &RunRecord, json: bool) {
+    if let Some(cache) = cache {
+        cache.append_record(record);
+    }
+    if json {
         eprintln!("{}", record.to_json());
     } else {
         eprintln!("{}", record.summary());
     }
-    Ok(exit_code(&result))
 }
 
 /// Fetches what a hit needs locally: every output, stdout and stderr; then checks they are all
@@ -266,14 +267,7 @@ async fn run_uncached(process: &Process, cwd: &Path) -> Result<ProcessResult, Cl
         }
     };
     let status = status.map_err(|e| CliError::new(format!("waiting for {program:?}: {e}")))?;
-    let exit_code = match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => -sig,
-        (None, None) => -1,
-    };
+    let exit_code = process_execution::exit_code_of(&status);
     Ok(ProcessResult {
         stdout: hashing::EMPTY_DIGEST,
         stderr: hashing::EMPTY_DIGEST,

@@ -23,3 +23,16 @@ pub use process::{
     CacheScope, CommandRunner, Context, Process, ProcessError, ProcessResult, ResultMetadata,
     ResultSource,
 };
+
+/// A finished process's exit code as [`ProcessResult::exit_code`] holds it: the code, or the
+/// negated signal number when a signal ended it (-1 if neither is known).
+pub fn exit_code_of(status: &std::process::ExitStatus) -> i32 {
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(status),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => -sig,
+        (None, None) => -1,
+    }
+}

@@ -244,14 +244,7 @@ impl CommandRunner for LocalRunner {
         // Whatever the process left behind in its group (daemonized children) goes too.
         group.kill();
         let status = status.map_err(|e| unclassified(format!("waiting for the process: {e}")))?;
-        let exit_code = match (
-            status.code(),
-            std::os::unix::process::ExitStatusExt::signal(&status),
-        ) {
-            (Some(c), _) => c,
-            (None, Some(sig)) => -sig,
-            (None, None) => -1,
-        };
+        let exit_code = crate::exit_code_of(&status);
 
         // Capture stdout, stderr and outputs (blocking file work).
         let local = self.store.local().clone();

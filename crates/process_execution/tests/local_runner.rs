@@ -174,6 +174,18 @@ async fn output_symlinks_escaping_the_sandbox_are_rejected() {
         ("mkdir d && ln -s ../../../../.. d/up", vec![], vec!["d"]),
         // An output directory that is itself a symlink out of the sandbox.
         ("ln -s /tmp d", vec![], vec!["d"]),
+        // A chain: textually inside d/, really out through `a -> .`.
+        (
+            "mkdir d && ln -s . d/a && ln -s a/a/../.. d/b",
+            vec![],
+            vec!["d"],
+        ),
+        // A symlink to a symlink that leaves.
+        (
+            "mkdir d && ln -s .. d/up && ln -s up/.. d/via",
+            vec![],
+            vec!["d"],
+        ),
     ] {
         let p = sh(script).output_files(files).output_directories(dirs);
         let err = f.runner.run(Context::default(), p).await.unwrap_err();
@@ -182,8 +194,10 @@ async fn output_symlinks_escaping_the_sandbox_are_rejected() {
             "{script}: {err}"
         );
     }
-    // A symlink that stays inside is fine.
+    // A symlink that stays inside is fine, chains included.
     let p = sh("echo hi > real && ln -s real ok").output_files(["ok", "real"]);
+    assert_eq!(run(&f, p).await.exit_code, 0);
+    let p = sh("mkdir -p d/e && ln -s e d/deep && ln -s deep/.. d/back").output_directories(["d"]);
     assert_eq!(run(&f, p).await.exit_code, 0);
 }
 

@@ -142,10 +142,18 @@ pub(crate) async fn parse_action_result(
     }
     let output_root = builder.build()?;
     // Symlinks are checked against the whole output root, following links inside it (a chain
-    // such as `a -> .`, `b -> a/a/../..` is textually inside but really escapes).
-    local
-        .check_symlinks(output_root)
-        .map_err(|e| e.context("ActionResult"))?;
+    // such as `a -> .`, `b -> a/a/../..` is textually inside but really escapes). Only output
+    // symlinks and output directories can bring one: a result of plain files (the common hit)
+    // skips the walk.
+    let may_hold_symlinks = !ar.output_symlinks.is_empty()
+        || !ar.output_file_symlinks.is_empty()
+        || !ar.output_directory_symlinks.is_empty()
+        || !ar.output_directories.is_empty();
+    if may_hold_symlinks {
+        local
+            .check_symlinks(output_root)
+            .map_err(|e| e.context("ActionResult"))?;
+    }
 
     let original_run_time = ar.execution_metadata.as_ref().and_then(|m| {
         duration_between(

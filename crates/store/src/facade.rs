@@ -17,13 +17,15 @@ use crate::remote::ByteStoreProvider;
 /// Large downloads or uploads in flight at once for one `ensure_*` call.
 const TRANSFER_CONCURRENCY: usize = 16;
 
-/// Small blobs are fetched and committed in groups of at most this many bytes: memory stays flat
-/// in the number of outputs (a hit with 20 000 small outputs holds one group per slot, not
-/// everything until one final commit).
-const SMALL_GROUP_BYTES: u64 = 8 * 1024 * 1024;
+/// Small blobs are fetched and committed in groups of at most this many bytes (one batch
+/// message at the common 4 MiB cap): memory stays flat in the number of outputs. A hit with
+/// 20 000 × 4 KiB outputs grows anonymous memory by ≈ 55 MiB (client and in-process server
+/// together) with 4 MiB × 2; 8 MiB × 4 gave ≈ 93 MiB, and fetching everything at once
+/// (the first version) far more (`perf-report`, `fetch_20k_outputs_*`).
+const SMALL_GROUP_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Groups of small blobs fetched at once (each is one or more batch RPCs, then one commit).
-const SMALL_GROUP_CONCURRENCY: usize = 4;
+const SMALL_GROUP_CONCURRENCY: usize = 2;
 
 /// Local store first, remote provider behind it. Cheap to clone.
 ///

@@ -691,3 +691,41 @@ async fn many_small_downloads_commit_in_bounded_groups() {
     assert!(f.store.local().missing(digests).is_empty());
     assert!(server.calls(Method::BatchReadBlobs) >= 3);
 }
+
+#[tokio::test]
+async fn a_bounded_cache_directory_evicts_least_recently_used_entries() {
+    use store::remote::local_dir::LocalDirProvider;
+    let cache = tempfile::tempdir().unwrap();
+    let p = LocalDirProvider::open(cache.path())
+        .unwrap()
+        .with_max_size(3 * 1024 * 1024);
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let b = noise(1024 * 1024, 900 + i);
+            (Digest::of_bytes(&b), b)
+        })
+        .collect();
+    let keep = blobs[0].0;
+    for (i, (d, b)) in blobs.iter().enumerate() {
+        p.store_bytes(*d, b.clone().into()).await.unwrap();
+        // Reading the first one keeps it recently used.
+        let f = store_with(Arc::new(p.clone()));
+        f.store.ensure_local(keep).await.unwrap();
+        assert!(
+            p.approximate_size() <= 3 * 1024 * 1024,
+            "after write {i}: {}",
+            p.approximate_size()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let missing = p
+        .list_missing_digests(&mut blobs.iter().map(|(d, _)| *d))
+        .await
+        .unwrap();
+    assert!(!missing.contains(&keep), "the recently read entry stays");
+    assert!(!missing.contains(&blobs[7].0), "the newest stays");
+    assert!(
+        missing.contains(&blobs[1].0),
+        "the least recently used went"
+    );
+}

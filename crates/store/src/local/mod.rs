@@ -690,3 +690,29 @@ impl Drop for Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn access_times_are_flushed_before_the_map_grows_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(LocalStoreOptions::new(dir.path())).unwrap();
+        let digests: Vec<Digest> = (0..ACCESS_FLUSH_ENTRIES + 100)
+            .map(|i| store.store_bytes(format!("blob {i}").as_bytes()).unwrap())
+            .collect();
+        for d in &digests {
+            store.load_bytes(*d).unwrap();
+        }
+        let pending = store.inner.recent_access.lock().unwrap().len();
+        assert!(
+            pending < ACCESS_FLUSH_ENTRIES,
+            "{pending} access records held in memory"
+        );
+        // What was flushed is on disk: GC sees recorded times, not zero.
+        let recorded = store.inner.db.atimes().unwrap().len();
+        assert!(recorded >= ACCESS_FLUSH_ENTRIES, "{recorded}");
+    }
+}
