@@ -1,4 +1,4 @@
-//! One cache hit end to end through `remote_cache::CommandRunner` for each behavior, next to its
+//! One cache hit end to end through `remote_cache::RemoteCacheRunner` for each behavior, next to its
 //! floor in the same run: the bare RPCs that hit must make, issued with plain tonic clients.
 //!
 //! `cargo bench -p benches --bench cache_hit`

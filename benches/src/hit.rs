@@ -1,4 +1,4 @@
-//! One cache hit through `remote_cache::CommandRunner`, and its floor: the bare RPCs that hit
+//! One cache hit through `remote_cache::RemoteCacheRunner`, and its floor: the bare RPCs that hit
 //! has to make, issued with plain tonic clients against the same in-process server.
 //!
 //! The action has 10 output files of 4 KiB. Floors: `defer` = GetActionResult;
@@ -15,7 +15,7 @@ use hashing::Digest;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::{LocalStore, LocalStoreOptions, Store};
 use testutil::server::TestServer;
@@ -45,7 +45,7 @@ pub struct HitFixture {
 /// keeps its store open for a whole build.
 pub struct Machine {
     /// The runner.
-    pub runner: CommandRunner,
+    pub runner: RemoteCacheRunner,
     store: Store,
     _dir: tempfile::TempDir,
 }
@@ -96,7 +96,7 @@ impl HitFixture {
             _ => store.clone(),
         };
         let inner = LocalRunner::new(inner_store, LocalRunnerOptions::new(dir.path().join("sb")));
-        let runner = CommandRunner::new(
+        let runner = RemoteCacheRunner::new(
             Arc::new(inner),
             store.clone(),
             self.provider.clone(),

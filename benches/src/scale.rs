@@ -16,7 +16,7 @@ use process_execution::action::make_action;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::{LocalStore, LocalStoreOptions, Store};
 use testutil::server::TestServer;
@@ -55,9 +55,9 @@ fn runner(
     store: &Store,
     provider: Arc<GrpcProvider>,
     sandboxes: &std::path::Path,
-) -> CommandRunner {
+) -> RemoteCacheRunner {
     let inner = LocalRunner::new(store.into_local_only(), LocalRunnerOptions::new(sandboxes));
-    CommandRunner::new(
+    RemoteCacheRunner::new(
         Arc::new(inner),
         store.clone(),
         provider,

@@ -1,7 +1,7 @@
 //! Prints ONE JSON object of medians measured in this run, so ratios compare like with like on a
 //! noisy machine:
 //!
-//! - `hit_{fetch,validate,defer}_us`: one cache hit through `remote_cache::CommandRunner`
+//! - `hit_{fetch,validate,defer}_us`: one cache hit through `remote_cache::RemoteCacheRunner`
 //!   (10 outputs of 4 KiB, in-process REAPI server on loopback) on a warm local store that,
 //!   for fetch, is emptied (untimed) before each hit so the outputs are really downloaded;
 //! - `floor_{fetch,validate,defer}_us`: the bare RPCs that hit must make (GetActionResult;

@@ -12,7 +12,7 @@ use process_execution::{
     CacheScope, CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process,
     ProcessError, ProcessResult, ResultSource,
 };
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::directory::DirectoryBuilder;
 use store::remote::grpc::GrpcOptions;
 use store::remote::{RemoteProviders, local_dir::LocalDirProvider, provider_from_address};
@@ -104,13 +104,8 @@ async fn cached_run(
         .collect();
     process.input_root = capture_inputs(&local, cwd, &args.inputs, &outputs, cache).await?;
     let action_digest = make_action(&process).action_digest;
-    let inner_store = match behavior {
-        CacheContentBehavior::Fetch => store.into_local_only(),
-        _ => store.clone(),
-    };
-    let inner = LocalRunner::new(inner_store, LocalRunnerOptions::new(cache.sandbox_dir()));
-    let runner = CommandRunner::new(
-        Arc::new(inner),
+    let sandboxes = cache.sandbox_dir();
+    let runner = RemoteCacheRunner::wrapping(
         store.clone(),
         providers.action_cache.clone(),
         RemoteCacheOptions {
@@ -120,6 +115,12 @@ async fn cached_run(
             read_timeout: args.read_timeout.max(Duration::from_millis(1)),
             speculation_delay: args.speculation_delay,
             ..Default::default()
+        },
+        |inner_store| {
+            Arc::new(LocalRunner::new(
+                inner_store,
+                LocalRunnerOptions::new(sandboxes),
+            ))
         },
     );
 
@@ -218,7 +219,7 @@ fn process_failure(e: ProcessError) -> Failure {
 
 /// Runs, and if a deferred hit's blob turns out to be gone, re-runs its producer.
 async fn run_with_recovery(
-    runner: &CommandRunner,
+    runner: &RemoteCacheRunner,
     ctx: Context,
     process: Process,
 ) -> Result<ProcessResult, Failure> {
@@ -278,6 +279,8 @@ async fn run_uncached(process: &Process, cwd: &Path) -> Result<ProcessResult, Cl
             wall_time: started.elapsed(),
             original_run_time: None,
             timed_out,
+            action_digest: None,
+            cache: process_execution::CacheOutcome::NotLookedUp,
         },
     })
 }

@@ -20,8 +20,8 @@ mod process;
 
 pub use local::{KeepSandboxes, LocalRunner, LocalRunnerOptions};
 pub use process::{
-    CacheScope, CommandRunner, Context, Process, ProcessError, ProcessResult, ResultMetadata,
-    ResultSource,
+    CacheOutcome, CacheScope, CommandRunner, Context, Process, ProcessError, ProcessResult,
+    ResultMetadata, ResultSource,
 };
 
 /// A finished process's exit code as [`ProcessResult::exit_code`] holds it: the code, or the

@@ -10,6 +10,12 @@
 //!    produced are simply absent; outputs that escape the sandbox (through a symlink) are an
 //!    error.
 //! 6. Remove the sandbox (or keep it, for debugging).
+//!
+//! A sandbox is removed when its last user is done: the `run` future *and* any blocking task
+//! still writing into it (a cancelled run's materialize keeps going on its thread; removing the
+//! directory under it would let it re-create half a tree). Each sandbox holds a `lock` file,
+//! flock'd while it is in use, so a runner starting up clears the sandboxes crashed or killed
+//! runs left behind, and never one in use by another process.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -69,13 +75,15 @@ pub struct LocalRunner {
 }
 
 impl LocalRunner {
-    /// A runner reading inputs from and writing outputs to `store`.
+    /// A runner reading inputs from and writing outputs to `store`. Clears sandboxes left
+    /// under `sandbox_root` by runs that no longer exist (kept ones are left alone).
     pub fn new(store: Store, options: LocalRunnerOptions) -> LocalRunner {
         let LocalRunnerOptions {
             sandbox_root,
             parallelism,
             keep_sandboxes,
         } = options;
+        clear_stale_sandboxes(&sandbox_root);
         LocalRunner {
             store,
             slots: Arc::new(Semaphore::new(parallelism.max(1))),
@@ -90,6 +98,69 @@ impl LocalRunner {
     /// The store the runner uses.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+/// Prefix of sandbox directories under the sandbox root.
+const SANDBOX_PREFIX: &str = "recache-sandbox-";
+/// File in a sandbox, flock'd by the run using it.
+const SANDBOX_LOCK: &str = "lock";
+/// File in a sandbox kept for debugging: never cleared.
+const SANDBOX_KEPT: &str = "KEPT";
+
+/// A sandbox directory and the lock that says it is in use. Shared (`Arc`) by the run and the
+/// blocking tasks working in it; the directory goes when the last of them drops it.
+struct Sandbox {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+impl Sandbox {
+    fn create(root: &Path) -> Result<Arc<Sandbox>, ProcessError> {
+        let dir = tempfile::Builder::new()
+            .prefix(SANDBOX_PREFIX)
+            .tempdir_in(root)
+            .map_err(|e| storage(format!("creating a sandbox: {e}")))?;
+        let lock_path = dir.path().join(SANDBOX_LOCK);
+        let lock = std::fs::File::create(&lock_path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| storage(format!("locking {}: {e}", lock_path.display())))?;
+        Ok(Arc::new(Sandbox { dir, _lock: lock }))
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Removes sandboxes no run holds: their lock is free (its run crashed or was killed), or they
+/// have no lock file and are older than a minute (an interrupted creation). Kept ones stay.
+fn clear_stale_sandboxes(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut cleared = 0usize;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(SANDBOX_PREFIX) || path.join(SANDBOX_KEPT).exists() {
+            continue;
+        }
+        let stale = match std::fs::File::open(path.join(SANDBOX_LOCK)) {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60)),
+        };
+        if stale && std::fs::remove_dir_all(&path).is_ok() {
+            cleared += 1;
+        }
+    }
+    if cleared > 0 {
+        tracing::info!(cleared, root = %root.display(), "removed sandboxes left by interrupted runs");
     }
 }
 
@@ -171,10 +242,7 @@ impl CommandRunner for LocalRunner {
                 self.options.sandbox_root.display()
             ))
         })?;
-        let sandbox = tempfile::Builder::new()
-            .prefix("recache-sandbox-")
-            .tempdir_in(&self.options.sandbox_root)
-            .map_err(|e| storage(format!("creating a sandbox: {e}")))?;
+        let sandbox = Sandbox::create(&self.options.sandbox_root)?;
         let root = sandbox.path().join("root");
 
         // Inputs: must be local (a local-only store reports MissingDigest otherwise).
@@ -185,7 +253,9 @@ impl CommandRunner for LocalRunner {
         let local = self.store.local().clone();
         let input_root = process.input_root;
         let root_for_blocking = root.clone();
+        let in_use = sandbox.clone();
         blocking(move || {
+            let _in_use = in_use; // the sandbox outlives this task, even if the run is cancelled
             local
                 .materialize_directory(
                     input_root,
@@ -249,7 +319,9 @@ impl CommandRunner for LocalRunner {
         // Capture stdout, stderr and outputs (blocking file work).
         let local = self.store.local().clone();
         let p = process.clone();
+        let in_use = sandbox.clone();
         let (stdout, stderr, output_root) = blocking(move || {
+            let _in_use = in_use;
             let stdout = local.store_file(&stdout_path, true)?;
             let stderr = local.store_file(&stderr_path, true)?;
             let output_root = capture_outputs(&local, &root, &p)?;
@@ -263,8 +335,12 @@ impl CommandRunner for LocalRunner {
             KeepSandboxes::Never => false,
         };
         if keep {
-            let kept = sandbox.keep();
-            tracing::info!(sandbox = %kept.display(), "kept sandbox for debugging");
+            // The blocking tasks are done: this is the last holder.
+            if let Ok(sandbox) = Arc::try_unwrap(sandbox) {
+                let _ = std::fs::write(sandbox.path().join(SANDBOX_KEPT), b"");
+                let kept = sandbox.dir.keep();
+                tracing::info!(sandbox = %kept.display(), "kept sandbox for debugging");
+            }
         }
         Ok(ProcessResult {
             stdout,
@@ -276,6 +352,8 @@ impl CommandRunner for LocalRunner {
                 wall_time: start.elapsed(),
                 original_run_time: None,
                 timed_out,
+                action_digest: None,
+                cache: crate::CacheOutcome::NotLookedUp,
             },
         })
     }

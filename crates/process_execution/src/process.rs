@@ -110,6 +110,29 @@ pub enum ResultSource {
     RemoteCacheHit,
 }
 
+/// What a cache layer did for one result, so an engine can show "cache: hit" per action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// No cache layer handled this result (a bare runner).
+    #[default]
+    NotLookedUp,
+    /// Not looked up: cache reads are off, or the process may not be cached.
+    Skipped,
+    /// Served from the cache.
+    Hit,
+    /// The cache had no usable result; the process ran locally.
+    Miss,
+    /// The cache failed (an RPC error, a timeout, a missing or corrupt blob, an unsafe result,
+    /// a hit whose outputs could not be used) with this kind of error; the process ran locally.
+    ErrorMiss(ErrorKind),
+    /// Speculation: the local run finished before the cache answered.
+    SpeculationLocalWin,
+    /// Re-run to re-create a blob found missing after a deferred hit.
+    Recovered,
+    /// The cache breaker is open after repeated failures: not asked; ran locally.
+    BreakerOpen,
+}
+
 /// Facts about how a result was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResultMetadata {
@@ -121,6 +144,10 @@ pub struct ResultMetadata {
     pub original_run_time: Option<Duration>,
     /// The process was killed for exceeding its timeout.
     pub timed_out: bool,
+    /// The action digest (the cache key), when a cache layer computed it.
+    pub action_digest: Option<Digest>,
+    /// What the cache layer did.
+    pub cache: CacheOutcome,
 }
 
 /// What a process produced. All digests are in the store the runner was given.

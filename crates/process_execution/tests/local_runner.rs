@@ -368,3 +368,60 @@ async fn the_environment_map_is_passed_exactly() {
     let r = run(&f, p).await;
     assert_eq!(text(&f, r.stdout), "A=1\nB=two words\nPATH=/bin\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_runs_leave_no_sandbox_behind() {
+    let f = Fixture::new();
+    // An input root large enough that materializing it takes a while on its blocking thread.
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..400 {
+        std::fs::write(src.path().join(format!("f{i}")), format!("input {i}\n")).unwrap();
+    }
+    let input = f.local().capture_directory(src.path()).unwrap();
+    for i in 0..80u64 {
+        let p = sh("true").input_root(input);
+        // Cancel at different points: before, during and after materializing.
+        let _ = tokio::time::timeout(
+            Duration::from_micros(200 * (i % 20)),
+            f.runner.run(Context::default(), p),
+        )
+        .await;
+    }
+    // The blocking tasks of cancelled runs finish on their own; then nothing may be left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.sandbox_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} sandbox(es) left behind by cancelled runs",
+            f.sandbox_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn stale_sandboxes_are_cleared_at_start_but_not_live_or_kept_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sandboxes");
+    let make = |name: &str| {
+        let d = root.join(name);
+        std::fs::create_dir_all(d.join("root/deep")).unwrap();
+        std::fs::write(d.join("lock"), b"").unwrap();
+        d
+    };
+    let crashed = make("recache-sandbox-crashed");
+    let live = make("recache-sandbox-live");
+    let held = std::fs::File::open(live.join("lock")).unwrap();
+    held.lock().unwrap();
+    let kept = make("recache-sandbox-kept");
+    std::fs::write(kept.join("KEPT"), b"").unwrap();
+    let other = root.join("not-a-sandbox");
+    std::fs::create_dir_all(&other).unwrap();
+    let local = LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).unwrap();
+    let _runner = LocalRunner::new(Store::local_only(local), LocalRunnerOptions::new(&root));
+    assert!(!crashed.exists(), "a crashed run's sandbox is cleared");
+    assert!(live.exists(), "a sandbox in use elsewhere stays");
+    assert!(kept.exists(), "a kept sandbox stays");
+    assert!(other.exists(), "only sandboxes are touched");
+    drop(held);
+}

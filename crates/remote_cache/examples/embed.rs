@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use process_execution::{CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process};
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::provider_from_address;
 use store::{LocalStore, LocalStoreOptions, Store};
 
@@ -27,38 +27,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let remote = provider_from_address(&cache_address, Default::default()).await?;
         let local = LocalStore::open(LocalStoreOptions::new(work.path().join(machine)))?;
         let store = Store::with_remote(local, remote.bytes);
-        // Fetch mode: the inner runner only ever sees the local store.
-        let inner = LocalRunner::new(
-            store.into_local_only(),
-            LocalRunnerOptions::new(work.path().join("sandboxes")),
-        );
-        let runner = CommandRunner::new(
-            Arc::new(inner),
+        // The runner hands the inner runner the store its behavior needs (here, fetch: a
+        // local-only store, so nothing below the cache ever reaches the remote).
+        let sandboxes = work.path().join("sandboxes");
+        let runner = RemoteCacheRunner::wrapping(
             store.clone(),
             remote.action_cache,
             RemoteCacheOptions {
                 cache_content_behavior: CacheContentBehavior::Fetch,
                 ..Default::default()
             },
+            |inner_store| {
+                Arc::new(LocalRunner::new(
+                    inner_store,
+                    LocalRunnerOptions::new(sandboxes),
+                ))
+            },
         );
 
         let result = runner.run(Context::default(), process.clone()).await?;
-        runner.shutdown().await?; // flush the write-behind queue
+        let report = runner.finish().await; // flush the write-behind queue
         let stats = runner.stats();
         println!(
-            "{machine}: {:?} in {:?} (hits {}, misses {}, written {})",
-            result.metadata.source,
+            "{machine}: cache {:?} in {:?} (action {}; {report})",
+            result.metadata.cache,
             result.metadata.wall_time,
-            stats.hits,
-            stats.true_misses,
-            stats.writes
+            result
+                .metadata
+                .action_digest
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
         );
-        // The output is in the local store either way.
-        let out = work.path().join(format!("{machine}-out"));
-        store
-            .local()
-            .materialize_directory(result.output_root, &out, Default::default())?;
-        print!("  app.o: {}", std::fs::read_to_string(out.join("app.o"))?);
+        assert_eq!(stats.hits + stats.true_misses, 1);
+        // Read the output back through the store (fetched now if it were not local).
+        let app_o = store.read_file(result.output_root, "app.o").await?;
+        print!("  app.o: {}", String::from_utf8_lossy(&app_o));
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `remote_cache::CommandRunner`: wraps any [`process_execution::CommandRunner`] with a REAPI
+//! `remote_cache::RemoteCacheRunner`: wraps any [`process_execution::CommandRunner`] with a REAPI
 //! ActionCache lookup, so that a cached process costs one round trip.
 //!
 //! The flow of one process:
@@ -10,7 +10,7 @@
 //! 3. On a hit, by [`CacheContentBehavior`]: `Fetch` downloads every output into the local store
 //!    now; `Validate` proves with `FindMissingBlobs` that the remote has them all; `Defer` trusts
 //!    the entry, and remembers which process produced each output so that a blob found missing
-//!    later can be re-created ([`CommandRunner::recover_missing`]).
+//!    later can be re-created ([`RemoteCacheRunner::recover_missing`]).
 //! 4. Any error on that path (RPC failure, timeout, missing or corrupt blob, unsafe path) is a
 //!    miss plus a warning: the process runs locally and the build goes on.
 //! 5. After a local run whose result is cacheable, a write-behind job uploads what the remote
@@ -21,14 +21,14 @@
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use process_execution::{LocalRunner, LocalRunnerOptions};
-//! use remote_cache::{CommandRunner, RemoteCacheOptions};
+//! use remote_cache::{RemoteCacheRunner, RemoteCacheOptions};
 //! use store::{LocalStore, LocalStoreOptions, Store};
 //!
 //! let remote = store::remote::provider_from_address("grpc://127.0.0.1:8980", Default::default()).await?;
 //! let store = Store::with_remote(LocalStore::open(LocalStoreOptions::new("/tmp/recache"))?, remote.bytes);
 //! // Fetch mode: the inner runner never sees the remote.
 //! let local = LocalRunner::new(store.into_local_only(), LocalRunnerOptions::new("/tmp/sandboxes"));
-//! let runner = CommandRunner::new(Arc::new(local), store, remote.action_cache, RemoteCacheOptions::default());
+//! let runner = RemoteCacheRunner::new(Arc::new(local), store, remote.action_cache, RemoteCacheOptions::default());
 //! # Ok(()) }
 //! ```
 
@@ -39,7 +39,7 @@ mod warnings;
 
 use std::time::Duration;
 
-pub use runner::CommandRunner;
+pub use runner::{FlushReport, RemoteCacheRunner};
 pub use stats::CacheStats;
 pub use warnings::{WarningsBehavior, WarningsTracker};
 
@@ -71,7 +71,7 @@ impl std::str::FromStr for CacheContentBehavior {
     }
 }
 
-/// Options for [`CommandRunner::new`]. `RemoteCacheOptions::default()` documents the defaults.
+/// Options for [`RemoteCacheRunner::new`]. `RemoteCacheOptions::default()` documents the defaults.
 #[derive(Debug, Clone)]
 pub struct RemoteCacheOptions {
     /// Look results up in the cache. Default true.
@@ -91,6 +91,12 @@ pub struct RemoteCacheOptions {
     pub write_queue_size: usize,
     /// Longest wait at shutdown for queued writes. Default 60 s.
     pub flush_deadline: Duration,
+    /// Consecutive "cache unreachable" failures (retryable errors, timeouts) after which the
+    /// cache is left alone for `breaker_cooldown`: those actions run locally without asking.
+    /// Default 5; 0 turns the breaker off.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one lookup probes the cache again. Default 30 s.
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for RemoteCacheOptions {
@@ -104,6 +110,8 @@ impl Default for RemoteCacheOptions {
             read_timeout: Duration::from_secs(10),
             write_queue_size: 64,
             flush_deadline: Duration::from_secs(60),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
         }
     }
 }

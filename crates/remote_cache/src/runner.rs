@@ -1,21 +1,22 @@
-//! `remote_cache::CommandRunner`: see the crate docs for the flow.
+//! `remote_cache::RemoteCacheRunner`: see the crate docs for the flow.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use hashing::Digest;
 use process_execution::action::{ActionMessages, make_action};
 use process_execution::{
-    CacheScope, CommandRunner as CommandRunnerTrait, Context, Process, ProcessError, ProcessResult,
-    ResultMetadata, ResultSource,
+    CacheOutcome, CacheScope, CommandRunner as CommandRunnerTrait, Context, Process, ProcessError,
+    ProcessResult, ResultMetadata, ResultSource,
 };
 use store::remote::ActionCacheProvider;
 use store::{ErrorKind, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
+use tracing::Instrument;
 
 use crate::convert::{CachedOutputs, make_action_result, parse_action_result};
 use crate::stats::{CacheStats, Counters};
@@ -41,10 +42,29 @@ struct WriteJob {
 
 /// Wraps an inner runner with a remote-cache lookup, local fallback and write-behind.
 ///
-/// In `fetch` mode the inner runner must have been built with `store.into_local_only()`; in
-/// `validate` and `defer` modes it needs the full store, since outputs are fetched lazily.
+/// Build it with [`RemoteCacheRunner::wrapping`], which hands your inner runner the store its
+/// behavior needs: in `fetch` mode a local-only store (nothing below the cache ever reaches the
+/// remote), in `validate` and `defer` modes the full store (outputs are fetched lazily).
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use remote_cache::{RemoteCacheOptions, RemoteCacheRunner};
+/// use process_execution::{CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process};
+/// use store::{LocalStore, LocalStoreOptions, Store};
+///
+/// let remote = store::remote::provider_from_address("grpc://127.0.0.1:8980", Default::default()).await?;
+/// let store = Store::with_remote(LocalStore::open(LocalStoreOptions::new("/tmp/recache"))?, remote.bytes);
+/// let runner = RemoteCacheRunner::wrapping(store, remote.action_cache, RemoteCacheOptions::default(),
+///     |inner_store| Arc::new(LocalRunner::new(inner_store, LocalRunnerOptions::new("/tmp/sandboxes"))));
+/// let result = runner.run(Context::default(), Process::new(["/bin/echo", "hi"])).await?;
+/// println!("cache: {:?}", result.metadata.cache);        // Hit, Miss, ErrorMiss(kind), …
+/// let report = runner.finish().await;                      // flush write-behind
+/// println!("{report}");
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
-pub struct CommandRunner {
+pub struct RemoteCacheRunner {
     inner: Arc<dyn CommandRunnerTrait>,
     shared: Arc<Shared>,
     writer: Mutex<Option<(mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>)>>,
@@ -66,6 +86,132 @@ struct Shared {
     producers: Mutex<ProducerMap>,
     /// Whether the ActionCache accepts writes: unknown until the first write asks.
     update_enabled: tokio::sync::OnceCell<bool>,
+    /// Stops asking a cache that keeps failing.
+    breaker: Breaker,
+}
+
+/// A circuit breaker for a dead or hung cache. After `breaker_threshold` consecutive failures
+/// that say "the cache is unreachable" (retryable errors and timeouts, not a missing or corrupt
+/// blob), lookups and writes are skipped for `breaker_cooldown` (those actions run locally,
+/// counted as error misses); then one lookup probes, and success closes the breaker.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    /// Set while open: lookups are skipped until this instant.
+    open_until: Mutex<Option<Instant>>,
+    /// A probe is in flight (half-open): everyone else keeps skipping.
+    probing: AtomicBool,
+    /// Times the breaker opened.
+    trips: AtomicU64,
+}
+
+/// What the breaker says about one lookup.
+#[derive(Debug, PartialEq, Eq)]
+enum Gate {
+    /// Closed: ask the cache.
+    Ask,
+    /// Half-open: ask, as the probe.
+    Probe,
+    /// Open: do not ask.
+    Skip,
+}
+
+impl Breaker {
+    fn gate(&self, threshold: u32) -> Gate {
+        if threshold == 0 {
+            return Gate::Ask;
+        }
+        let open_until = *self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        match open_until {
+            None => Gate::Ask,
+            Some(t) if Instant::now() < t => Gate::Skip,
+            Some(_) => {
+                if self.probing.swap(true, Ordering::AcqRel) {
+                    Gate::Skip
+                } else {
+                    Gate::Probe
+                }
+            }
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn success(&self) {
+        self.consecutive_failures.store(0, Ordering::Release);
+        let mut open = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        if open.take().is_some() {
+            tracing::warn!("remote cache: reachable again; the breaker is closed");
+        }
+        self.probing.store(false, Ordering::Release);
+    }
+
+    fn failure(&self, threshold: u32, cooldown: Duration) {
+        if threshold == 0 {
+            return;
+        }
+        let n = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut open = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        let probing = self.probing.swap(false, Ordering::AcqRel);
+        if n >= threshold || probing {
+            if open.is_none() {
+                self.trips.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    failures = n,
+                    "remote cache: {n} failures in a row; not asking it for {cooldown:?} (actions run locally)"
+                );
+            }
+            *open = Some(Instant::now() + cooldown);
+        }
+    }
+}
+
+/// Whether an error says the cache itself is unreachable or overloaded (what the breaker counts),
+/// rather than something about one entry.
+fn is_outage(e: &StoreError) -> bool {
+    matches!(e.kind(), ErrorKind::Retryable(_))
+}
+
+/// What [`RemoteCacheRunner::finish`] did with the write-behind queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Results written to the cache over the runner's life.
+    pub written: u64,
+    /// Writes that failed (each was warned about).
+    pub failed: u64,
+    /// Writes still queued or running when the flush deadline passed.
+    pub abandoned: u64,
+    /// Results not written: the cache is read-only, or the breaker was open.
+    pub skipped: u64,
+}
+
+impl FlushReport {
+    /// True when every result meant for the cache reached it.
+    pub fn is_complete(&self) -> bool {
+        self.failed == 0 && self.abandoned == 0
+    }
+}
+
+impl std::fmt::Display for FlushReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cache writes: {} written, {} failed, {} abandoned at the flush deadline, {} skipped",
+            self.written, self.failed, self.abandoned, self.skipped
+        )?;
+        if !self.is_complete() {
+            write!(
+                f,
+                " (the builds' results are fine; only the cache missed them)"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Output digest → producing process, bounded: the oldest entries go first (FIFO by insertion).
@@ -129,19 +275,47 @@ impl ProducerMap {
 
 /// How a cache lookup ended.
 enum Lookup {
-    Hit(ProcessResult),
+    Hit(Box<ProcessResult>),
     Miss,
 }
 
-impl CommandRunner {
-    /// Wraps `inner`. `store` must have the remote byte store behind it; `action_cache` is the
-    /// remote ActionCache. Must be called inside a tokio runtime (it starts the writer task).
+impl RemoteCacheRunner {
+    /// The safe way to build one: `make_inner` receives the store the inner runner must use for
+    /// `options.cache_content_behavior` (local-only for fetch, the full store for validate and
+    /// defer) and returns the inner runner. Must be called inside a tokio runtime.
+    pub fn wrapping(
+        store: Store,
+        action_cache: Arc<dyn ActionCacheProvider>,
+        options: RemoteCacheOptions,
+        make_inner: impl FnOnce(Store) -> Arc<dyn CommandRunnerTrait>,
+    ) -> RemoteCacheRunner {
+        let inner = make_inner(Self::inner_store_for(
+            &store,
+            options.cache_content_behavior,
+        ));
+        Self::new(inner, store, action_cache, options)
+    }
+
+    /// The store an inner runner must use under `behavior`: local-only for `Fetch` (a hit has
+    /// made every output local, so nothing below may reach the remote), the full store for
+    /// `Validate` and `Defer` (a lazily fetched output would otherwise be missing).
+    pub fn inner_store_for(store: &Store, behavior: CacheContentBehavior) -> Store {
+        match behavior {
+            CacheContentBehavior::Fetch => store.into_local_only(),
+            CacheContentBehavior::Validate | CacheContentBehavior::Defer => store.clone(),
+        }
+    }
+
+    /// Wraps `inner`, which must use [`inner_store_for`](Self::inner_store_for)`(store,
+    /// behavior)`; prefer [`wrapping`](Self::wrapping), which does that for you. `store` must
+    /// have the remote byte store behind it; `action_cache` is the remote ActionCache. Must be
+    /// called inside a tokio runtime (it starts the writer task).
     pub fn new(
         inner: Arc<dyn CommandRunnerTrait>,
         store: Store,
         action_cache: Arc<dyn ActionCacheProvider>,
         options: RemoteCacheOptions,
-    ) -> CommandRunner {
+    ) -> RemoteCacheRunner {
         let warnings = WarningsTracker::new(options.warnings_behavior);
         let (tx, rx) = mpsc::channel::<WriteJob>(options.write_queue_size.max(1));
         let shared = Arc::new(Shared {
@@ -154,6 +328,7 @@ impl CommandRunner {
             writes_done: Notify::new(),
             producers: Mutex::new(ProducerMap::default()),
             update_enabled: tokio::sync::OnceCell::new(),
+            breaker: Breaker::default(),
         });
         let writer_shared = shared.clone();
         let handle = tokio::spawn(async move {
@@ -168,7 +343,7 @@ impl CommandRunner {
                 })
                 .await;
         });
-        CommandRunner {
+        RemoteCacheRunner {
             inner,
             shared,
             writer: Mutex::new(Some((tx, handle))),
@@ -177,7 +352,32 @@ impl CommandRunner {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
-        self.shared.counters.snapshot(self.shared.warnings.logged())
+        let mut s = self.shared.counters.snapshot(self.shared.warnings.logged());
+        s.breaker_trips = self.shared.breaker.trips.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Closes the write-behind queue, waits for it at most `flush_deadline`, and reports what
+    /// reached the cache. Later results are not written. Call it once, at the end of a build.
+    pub async fn finish(&self) -> FlushReport {
+        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut abandoned = 0;
+        if let Some((tx, handle)) = taken {
+            drop(tx); // closes the queue; the writer drains it and ends
+            let deadline = self.shared.options.flush_deadline;
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(deadline, handle).await.is_err() {
+                abort.abort();
+                abandoned = self.pending_writes();
+            }
+        }
+        let s = self.stats();
+        FlushReport {
+            written: s.writes,
+            failed: s.write_errors,
+            abandoned,
+            skipped: s.writes_skipped,
+        }
     }
 
     /// Write-behind jobs queued or in progress.
@@ -235,7 +435,9 @@ impl CommandRunner {
             &format!("a cache hit's outputs could not be used, running locally: {error}"),
         );
         let messages = make_action(&process);
-        self.run_locally_and_write(ctx, process, messages).await
+        let action = messages.action_digest;
+        let r = self.run_locally_and_write(ctx, process, messages).await?;
+        Ok(tag(r, action, CacheOutcome::ErrorMiss(*error.kind())))
     }
 
     /// Recovers from a blob found missing after a deferred hit: re-runs the process that
@@ -252,9 +454,11 @@ impl CommandRunner {
         tracing::info!(%missing, process = %process.description, "re-running the producer of a missing blob");
         Counters::add(&self.shared.counters.recoveries, 1);
         let messages = make_action(&process);
+        let action = messages.action_digest;
         let result = self
             .run_locally_and_write(ctx, process.clone(), messages)
             .await?;
+        let result = tag(result, action, CacheOutcome::Recovered);
         // Its old outputs are superseded: forget them.
         self.shared
             .producers
@@ -284,8 +488,9 @@ impl CommandRunner {
         if !self.shared.options.cache_write || !cacheable(&process, result) {
             return;
         }
-        if self.shared.update_enabled.get() == Some(&false) {
-            // A read-only cache: said once, when the first write found out.
+        if self.shared.update_enabled.get() == Some(&false) || self.shared.breaker.is_open() {
+            // A read-only cache (said once, when the first write found out), or one the breaker
+            // stopped asking.
             Counters::add(&self.shared.counters.writes_skipped, 1);
             return;
         }
@@ -300,17 +505,19 @@ impl CommandRunner {
             );
             return;
         };
+        // A full queue makes the caller wait: back-pressure, not unbounded hidden work. The
+        // slot is reserved before anything is counted, so a caller cancelled while waiting
+        // leaves nothing behind (`wait_for_writes` would otherwise wait forever).
+        let Ok(permit) = sender.reserve().await else {
+            return; // the writer is gone (shut down)
+        };
         self.shared.pending_writes.fetch_add(1, Ordering::AcqRel);
-        let job = WriteJob {
+        permit.send(WriteJob {
             messages,
             process,
             result: result.clone(),
             finished_at: SystemTime::now(),
-        };
-        // A full queue makes the caller wait: back-pressure, not unbounded hidden work.
-        if sender.send(job).await.is_err() {
-            self.shared.pending_writes.fetch_sub(1, Ordering::AcqRel);
-        }
+        });
     }
 }
 
@@ -330,6 +537,12 @@ impl Shared {
     /// Records an error that turned a lookup into a miss.
     fn error_miss(&self, err: &StoreError) {
         Counters::add(&self.counters.error_misses, 1);
+        if is_outage(err) {
+            self.breaker.failure(
+                self.options.breaker_threshold,
+                self.options.breaker_cooldown,
+            );
+        }
         self.warnings.warn(
             &format!("lookup/{}", err.kind().label()),
             &format!("cache lookup failed, running locally: {err}"),
@@ -362,6 +575,7 @@ impl Shared {
             }
             Ok(r) => r?,
         };
+        self.breaker.success();
         let Some(ar) = ar else {
             return Ok(Lookup::Miss);
         };
@@ -415,7 +629,7 @@ impl Shared {
             let saved = original.saturating_sub(wall_time);
             Counters::add(&self.counters.time_saved_micros, saved.as_micros() as u64);
         }
-        Ok(Lookup::Hit(ProcessResult {
+        Ok(Lookup::Hit(Box::new(ProcessResult {
             stdout: outputs.stdout,
             stderr: outputs.stderr,
             exit_code: outputs.exit_code,
@@ -425,13 +639,25 @@ impl Shared {
                 wall_time,
                 original_run_time: outputs.original_run_time,
                 timed_out: false,
+                action_digest: Some(action_digest),
+                cache: CacheOutcome::Hit,
             },
-        }))
+        })))
     }
 
     /// Uploads what the remote lacks, then records the ActionResult. Failures are warnings.
     async fn write(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
+        let span = tracing::debug_span!("remote_cache.write", action = %action_digest);
+        self.write_inner(job).instrument(span).await
+    }
+
+    async fn write_inner(&self, job: WriteJob) {
+        let action_digest = job.messages.action_digest;
+        if self.breaker.is_open() {
+            Counters::add(&self.counters.writes_skipped, 1);
+            return;
+        }
         // A cache that refuses ActionCache updates (REAPI's action_cache_update_enabled = false)
         // gets no uploads at all: one warning, then every later write is skipped up front.
         let enabled = self
@@ -483,6 +709,12 @@ impl Shared {
             Ok(()) => Counters::add(&self.counters.writes, 1),
             Err(e) => {
                 Counters::add(&self.counters.write_errors, 1);
+                if is_outage(&e) {
+                    self.breaker.failure(
+                        self.options.breaker_threshold,
+                        self.options.breaker_cooldown,
+                    );
+                }
                 self.warnings.warn(
                     &format!("write/{}", e.kind().label()),
                     &format!("could not write {action_digest} to the cache: {e}"),
@@ -492,21 +724,37 @@ impl Shared {
     }
 }
 
-#[async_trait]
-impl CommandRunnerTrait for CommandRunner {
-    async fn run(&self, ctx: Context, process: Process) -> Result<ProcessResult, ProcessError> {
-        let messages = make_action(&process);
-        let action_digest = messages.action_digest;
-        if process.cache_scope == CacheScope::Never || !self.shared.options.cache_read {
-            if process.cache_scope == CacheScope::Never {
-                Counters::add(&self.shared.counters.uncacheable, 1);
-                return self.inner.run(ctx, process).await;
-            }
-            return self.run_locally_and_write(ctx, process, messages).await;
+impl RemoteCacheRunner {
+    /// The body of `run`: the result and what the cache did.
+    async fn run_cached(
+        &self,
+        ctx: Context,
+        process: Process,
+        messages: ActionMessages,
+    ) -> Result<(ProcessResult, CacheOutcome), ProcessError> {
+        if process.cache_scope == CacheScope::Never {
+            Counters::add(&self.shared.counters.uncacheable, 1);
+            return Ok((self.inner.run(ctx, process).await?, CacheOutcome::Skipped));
+        }
+        if !self.shared.options.cache_read {
+            let r = self.run_locally_and_write(ctx, process, messages).await?;
+            return Ok((r, CacheOutcome::Skipped));
+        }
+        let gate = self
+            .shared
+            .breaker
+            .gate(self.shared.options.breaker_threshold);
+        if gate == Gate::Skip {
+            Counters::add(&self.shared.counters.error_misses, 1);
+            let r = self.run_locally_and_write(ctx, process, messages).await?;
+            return Ok((r, CacheOutcome::BreakerOpen));
         }
 
         let delay = self.shared.options.speculation_delay;
-        let lookup = self.shared.lookup(&process, &messages);
+        let lookup = self
+            .shared
+            .lookup(&process, &messages)
+            .instrument(tracing::debug_span!("remote_cache.lookup"));
         let outcome = if delay.is_zero() {
             lookup.await
         } else {
@@ -528,62 +776,86 @@ impl CommandRunnerTrait for CommandRunner {
                 r = &mut lookup => match r {
                     Ok(Lookup::Hit(hit)) => Ok(Lookup::Hit(hit)),
                     other => {
-                        match &other {
-                            Ok(_) => Counters::add(&self.shared.counters.true_misses, 1),
-                            Err(e) => self.shared.error_miss(e),
-                        }
+                        let outcome = match &other {
+                            Ok(_) => {
+                                Counters::add(&self.shared.counters.true_misses, 1);
+                                CacheOutcome::Miss
+                            }
+                            Err(e) => {
+                                self.shared.error_miss(e);
+                                CacheOutcome::ErrorMiss(*e.kind())
+                            }
+                        };
                         // Start the local run now (if still waiting) and use it.
                         let _ = go_tx.send(());
                         let result = local.await?;
                         self.maybe_write(messages.clone(), process.clone(), &result).await;
-                        return Ok(result);
+                        return Ok((result, outcome));
                     }
                 },
                 r = &mut local => {
                     Counters::add(&self.shared.counters.speculation_local_wins, 1);
-                    tracing::debug!(%action_digest, "speculation: local run finished before the cache lookup");
+                    tracing::debug!("speculation: local run finished before the cache lookup");
                     let result = r?;
                     self.maybe_write(messages.clone(), process.clone(), &result).await;
-                    return Ok(result);
+                    return Ok((result, CacheOutcome::SpeculationLocalWin));
                 }
             }
         };
         match outcome {
             Ok(Lookup::Hit(hit)) => {
                 Counters::add(&self.shared.counters.hits, 1);
-                tracing::debug!(%action_digest, "cache hit");
-                Ok(hit)
+                tracing::debug!("cache hit");
+                Ok((*hit, CacheOutcome::Hit))
             }
             Ok(Lookup::Miss) => {
                 Counters::add(&self.shared.counters.true_misses, 1);
-                self.run_locally_and_write(ctx, process, messages).await
+                tracing::debug!("cache miss");
+                let r = self.run_locally_and_write(ctx, process, messages).await?;
+                Ok((r, CacheOutcome::Miss))
             }
             Err(e) => {
                 self.shared.error_miss(&e);
-                self.run_locally_and_write(ctx, process, messages).await
+                let r = self.run_locally_and_write(ctx, process, messages).await?;
+                Ok((r, CacheOutcome::ErrorMiss(*e.kind())))
             }
         }
     }
+}
 
-    /// Flushes the write-behind queue, waiting at most `flush_deadline`, and reports what could
-    /// not be written.
+/// Stamps a result with its action digest and what the cache did.
+fn tag(mut result: ProcessResult, action: Digest, outcome: CacheOutcome) -> ProcessResult {
+    result.metadata.action_digest = Some(action);
+    result.metadata.cache = outcome;
+    result
+}
+
+#[async_trait]
+impl CommandRunnerTrait for RemoteCacheRunner {
+    async fn run(&self, ctx: Context, process: Process) -> Result<ProcessResult, ProcessError> {
+        let messages = make_action(&process);
+        let action_digest = messages.action_digest;
+        // One span per action, carrying its digest: a user can follow one action through the
+        // logs (lookup, local run, write) with RECACHE_LOG=debug or any tracing subscriber.
+        let span = tracing::debug_span!(
+            "remote_cache.run",
+            action = %action_digest,
+            process = %process.description
+        );
+        let (result, outcome) = self
+            .run_cached(ctx, process, messages)
+            .instrument(span)
+            .await?;
+        Ok(tag(result, action_digest, outcome))
+    }
+
+    /// [`finish`](RemoteCacheRunner::finish), then the inner runner's shutdown; an error when
+    /// any result failed to reach the cache (the report says how many).
     async fn shutdown(&self) -> Result<(), String> {
-        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some((tx, handle)) = taken else {
-            return Ok(());
-        };
-        drop(tx); // closes the queue; the writer drains it and ends
-        let deadline = self.shared.options.flush_deadline;
-        let abort = handle.abort_handle();
-        let flushed = tokio::time::timeout(deadline, handle).await;
+        let report = self.finish().await;
         let inner = self.inner.shutdown().await;
-        if flushed.is_err() {
-            abort.abort();
-            let lost = self.pending_writes();
-            return Err(format!(
-                "{lost} cache write(s) did not finish within {deadline:?} and were abandoned \
-                 (the builds' results are fine; only the cache missed them)"
-            ));
+        if !report.is_complete() {
+            return Err(report.to_string());
         }
         inner
     }

@@ -42,6 +42,7 @@ impl Counters {
             writes: get(&self.writes),
             write_errors: get(&self.write_errors),
             writes_skipped: get(&self.writes_skipped),
+            breaker_trips: 0,
             recoveries: get(&self.recoveries),
             time_saved: Duration::from_micros(get(&self.time_saved_micros)),
             warnings_logged,
@@ -75,8 +76,11 @@ pub struct CacheStats {
     pub writes: u64,
     /// Write-behind jobs that failed.
     pub write_errors: u64,
-    /// Results not written because the cache is read-only (`action_cache_update_enabled` off).
+    /// Results not written because the cache is read-only (`action_cache_update_enabled` off)
+    /// or the breaker was open.
     pub writes_skipped: u64,
+    /// Times the circuit breaker opened (the cache kept failing and was left alone a while).
+    pub breaker_trips: u64,
     /// Processes re-run to recover a blob missing after a deferred hit.
     pub recoveries: u64,
     /// Sum over hits of (original run time − time the hit took).

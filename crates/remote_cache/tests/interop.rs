@@ -10,14 +10,14 @@ use hashing::Digest;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::{LocalStore, LocalStoreOptions, Store};
 use testutil::real_servers::{RealServer, ServerKind};
 
 struct Machine {
     _dir: tempfile::TempDir,
-    runner: CommandRunner,
+    runner: RemoteCacheRunner,
 }
 
 async fn machine(server: &RealServer, behavior: CacheContentBehavior) -> Machine {
@@ -42,7 +42,7 @@ async fn machine(server: &RealServer, behavior: CacheContentBehavior) -> Machine
         _ => store.clone(),
     };
     let inner = LocalRunner::new(inner_store, LocalRunnerOptions::new(dir.path().join("sb")));
-    let runner = CommandRunner::new(
+    let runner = RemoteCacheRunner::new(
         Arc::new(inner),
         store,
         provider,

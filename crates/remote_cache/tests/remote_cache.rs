@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
+use process_execution::CacheOutcome;
 use process_execution::action::make_action;
 use process_execution::{
     CacheScope, CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process,
     ProcessError, ResultSource,
 };
 use prost::Message;
-use remote_cache::{CacheContentBehavior, CommandRunner, RemoteCacheOptions, WarningsBehavior};
+use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner, WarningsBehavior};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::remote::retry::RetryPolicy;
 use store::{LocalStore, LocalStoreOptions, MaterializeOptions, Store};
@@ -30,7 +31,7 @@ const ALL: [CacheContentBehavior; 3] = [
 struct Fixture {
     dir: tempfile::TempDir,
     server: Arc<TestServer>,
-    runner: CommandRunner,
+    runner: RemoteCacheRunner,
     store: Store,
 }
 
@@ -82,7 +83,7 @@ impl Fixture {
             ..Default::default()
         };
         tweak(&mut options);
-        let runner = CommandRunner::new(Arc::new(inner), store.clone(), provider, options);
+        let runner = RemoteCacheRunner::new(Arc::new(inner), store.clone(), provider, options);
         Fixture {
             dir,
             server,
@@ -561,7 +562,8 @@ async fn write_behind_applies_back_pressure_and_flushes_at_shutdown() {
         !tenth.is_finished(),
         "a full write queue must hold the caller back"
     );
-    assert_eq!(runner.runner.pending_writes(), 10, "nothing was dropped");
+    // Counted once it has its slot: 8 writing + 1 queued; the 10th waits outside.
+    assert_eq!(runner.runner.pending_writes(), 9);
     assert_eq!(
         runner.server.action_result_count(),
         0,
@@ -588,7 +590,7 @@ async fn shutdown_reports_writes_that_miss_the_deadline() {
     let counter = f.scratch().join("count");
     f.run(producer(&counter, "late")).await;
     let err = f.runner.shutdown().await.unwrap_err();
-    assert!(err.contains("1 cache write(s) did not finish"), "{err}");
+    assert!(err.contains("1 abandoned at the flush deadline"), "{err}");
 }
 
 #[tokio::test]
@@ -743,4 +745,202 @@ async fn a_hit_whose_outputs_fail_becomes_an_error_miss() {
     assert_eq!(g.text(out), "out-bad\n");
     let s = g.runner.stats();
     assert_eq!((s.hits, s.error_misses), (0, 1), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_cancelled_on_a_full_write_queue_leaves_no_pending_write() {
+    let f = Fixture::with(CacheContentBehavior::Fetch, |o| {
+        o.write_queue_size = 1;
+        o.cache_read = false;
+    })
+    .await;
+    f.server
+        .knobs()
+        .delay
+        .insert(Method::UpdateActionResult, Duration::from_secs(1));
+    let counter = f.scratch().join("count");
+    for i in 0..9 {
+        f.run(producer(&counter, &format!("c{i}"))).await;
+    }
+    let f = Arc::new(f);
+    let waiting = {
+        let f = f.clone();
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            f.runner
+                .run(Context::default(), producer(&counter, "x"))
+                .await
+        })
+    };
+    while runs(&counter) < 10 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The engine cancels the run while it waits for a queue slot.
+    waiting.abort();
+    let _ = waiting.await;
+    tokio::time::timeout(Duration::from_secs(20), f.runner.wait_for_writes())
+        .await
+        .expect("wait_for_writes must return: the cancelled run left nothing pending");
+    assert_eq!(f.runner.pending_writes(), 0);
+    assert_eq!(f.runner.stats().writes, 9);
+}
+
+#[tokio::test]
+async fn wrapping_hands_the_inner_runner_the_store_its_behavior_needs() {
+    for behavior in ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start().await;
+        let provider = Arc::new(
+            GrpcProvider::connect(&server.address(), GrpcOptions::default())
+                .await
+                .unwrap(),
+        );
+        let store = Store::with_remote(
+            LocalStore::open(LocalStoreOptions::new(dir.path().join("s"))).unwrap(),
+            provider.clone(),
+        );
+        let mut seen = None;
+        let options = RemoteCacheOptions {
+            cache_content_behavior: behavior,
+            ..Default::default()
+        };
+        let _runner = RemoteCacheRunner::wrapping(store, provider, options, |inner_store| {
+            seen = Some(inner_store.has_remote());
+            Arc::new(LocalRunner::new(
+                inner_store,
+                LocalRunnerOptions::new(dir.path().join("sb")),
+            ))
+        });
+        let expect_remote = behavior != CacheContentBehavior::Fetch;
+        assert_eq!(seen, Some(expect_remote), "{behavior:?}");
+    }
+    // And a deferred hit's output is readable by a consumer built that way.
+    let f = Fixture::new(CacheContentBehavior::Fetch).await;
+    let counter = f.scratch().join("count");
+    let p = producer(&counter, "lazy");
+    f.run(p.clone()).await;
+    f.runner.wait_for_writes().await;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(
+        GrpcProvider::connect(&f.server.address(), GrpcOptions::default())
+            .await
+            .unwrap(),
+    );
+    let store = Store::with_remote(
+        LocalStore::open(LocalStoreOptions::new(dir.path().join("s"))).unwrap(),
+        provider.clone(),
+    );
+    let sb = dir.path().join("sb");
+    let runner = RemoteCacheRunner::wrapping(
+        store,
+        provider,
+        RemoteCacheOptions {
+            cache_content_behavior: CacheContentBehavior::Defer,
+            ..Default::default()
+        },
+        |s| Arc::new(LocalRunner::new(s, LocalRunnerOptions::new(sb))),
+    );
+    let hit = runner.run(Context::default(), p).await.unwrap();
+    assert_eq!(hit.metadata.cache, CacheOutcome::Hit);
+    let consumer = Process::new(["/bin/sh", "-c", "cat gen/sub/n.txt"])
+        .env("PATH", "/usr/bin:/bin")
+        .input_root(hit.output_root);
+    let r = runner.run(Context::default(), consumer).await.unwrap();
+    assert_eq!(r.exit_code, 0);
+}
+
+#[tokio::test]
+async fn results_name_their_action_and_what_the_cache_did() {
+    let f = Fixture::new(CacheContentBehavior::Fetch).await;
+    let counter = f.scratch().join("count");
+    let p = producer(&counter, "o");
+    let action = make_action(&p).action_digest;
+    let miss = f.run(p.clone()).await;
+    assert_eq!(miss.metadata.cache, CacheOutcome::Miss);
+    assert_eq!(miss.metadata.action_digest, Some(action));
+    f.runner.wait_for_writes().await;
+    let hit = f.run(p.clone()).await;
+    assert_eq!(hit.metadata.cache, CacheOutcome::Hit);
+    assert_eq!(hit.metadata.action_digest, Some(action));
+    f.server
+        .knobs()
+        .error
+        .insert(Method::GetActionResult, Code::Unavailable);
+    let err = f.run(p.clone()).await;
+    assert_eq!(
+        err.metadata.cache,
+        CacheOutcome::ErrorMiss(store::ErrorKind::Retryable(Code::Unavailable))
+    );
+}
+
+#[tokio::test]
+async fn the_flush_report_says_when_writes_failed() {
+    let f = Fixture::with(CacheContentBehavior::Fetch, |o| o.cache_read = false).await;
+    f.server
+        .knobs()
+        .error
+        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+    let counter = f.scratch().join("count");
+    for i in 0..3 {
+        f.run(producer(&counter, &format!("f{i}"))).await;
+    }
+    let report = f.runner.finish().await;
+    assert_eq!((report.written, report.failed, report.abandoned), (0, 3, 0));
+    assert!(!report.is_complete());
+    assert!(report.to_string().contains("3 failed"), "{report}");
+    // shutdown() (the trait's) says so too instead of Ok.
+    let g = Fixture::with(CacheContentBehavior::Fetch, |o| o.cache_read = false).await;
+    g.server
+        .knobs()
+        .error
+        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+    g.run(producer(&counter, "g")).await;
+    let err = g.runner.shutdown().await.unwrap_err();
+    assert!(err.contains("1 failed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_dead_cache_trips_the_breaker_and_a_probe_closes_it() {
+    let f = Fixture::with(CacheContentBehavior::Fetch, |o| {
+        o.breaker_threshold = 3;
+        o.breaker_cooldown = Duration::from_millis(400);
+        o.cache_write = false;
+    })
+    .await;
+    f.server
+        .knobs()
+        .error
+        .insert(Method::GetActionResult, Code::Unavailable);
+    let counter = f.scratch().join("count");
+    let mut outcomes = vec![];
+    for i in 0..10 {
+        let r = f.run(producer(&counter, &format!("b{i}"))).await;
+        assert_eq!(r.exit_code, 0, "the build goes on");
+        outcomes.push(r.metadata.cache);
+    }
+    // Three failing lookups (2 attempts each: the fixture's retry policy), then none.
+    assert_eq!(f.server.calls(Method::GetActionResult), 6);
+    assert!(
+        outcomes[..3]
+            .iter()
+            .all(|o| matches!(o, CacheOutcome::ErrorMiss(_)))
+    );
+    assert!(
+        outcomes[3..]
+            .iter()
+            .all(|o| *o == CacheOutcome::BreakerOpen),
+        "{outcomes:?}"
+    );
+    let s = f.runner.stats();
+    assert_eq!((s.error_misses, s.breaker_trips), (10, 1));
+
+    // The cache comes back: after the cooldown one lookup probes, and the breaker closes.
+    f.server.knobs().error.clear();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let probe = f.run(producer(&counter, "probe")).await;
+    assert_eq!(probe.metadata.cache, CacheOutcome::Miss);
+    let next = f.run(producer(&counter, "after")).await;
+    assert_eq!(next.metadata.cache, CacheOutcome::Miss, "asked again");
+    assert_eq!(f.server.calls(Method::GetActionResult), 8);
 }

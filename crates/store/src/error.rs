@@ -5,7 +5,7 @@ use std::fmt;
 use hashing::Digest;
 
 /// What went wrong, as far as a caller needs to decide what to do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// A blob (or a directory it depends on) is not in the store that was asked. Callers recover
     /// by fetching or re-creating it (e.g. re-running the process that produced it).

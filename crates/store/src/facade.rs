@@ -229,6 +229,76 @@ impl Store {
         Ok((dirs, files))
     }
 
+    /// The file at `path` (`/`-separated, relative) below the directory `root`: its digest and
+    /// executable bit, or `None` when there is no file there. Directory messages are fetched
+    /// from the remote as needed (a deferred hit's output root, for instance); file content is
+    /// not.
+    pub async fn file_at(
+        &self,
+        root: Digest,
+        path: &str,
+    ) -> Result<Option<(Digest, bool)>, StoreError> {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Ok(None);
+        };
+        let mut current = root;
+        for part in dirs {
+            let dir = self.load_directory(current).await?;
+            match dir.directories.iter().find(|d| d.name == *part) {
+                Some(sub) => current = node_digest(sub.digest.as_ref())?,
+                None => return Ok(None),
+            }
+        }
+        let dir = self.load_directory(current).await?;
+        match dir.files.iter().find(|f| f.name == *name) {
+            Some(f) => Ok(Some((node_digest(f.digest.as_ref())?, f.is_executable))),
+            None => Ok(None),
+        }
+    }
+
+    /// The content of the file at `path` below the directory `root`, fetched from the remote if
+    /// it is not local (verified, and kept in the local store). `MissingDigest` when the path
+    /// names no file or the blob is nowhere. Reads the file whole: for large outputs prefer
+    /// [`materialize`](Self::materialize).
+    ///
+    /// ```no_run
+    /// # async fn f(store: store::Store, output_root: hashing::Digest) -> Result<(), store::StoreError> {
+    /// // After a deferred hit: the output is fetched now, verified, and kept locally.
+    /// let bytes = store.read_file(output_root, "gen/sub/n.txt").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_file(&self, root: Digest, path: &str) -> Result<Bytes, StoreError> {
+        let (digest, _) = self.file_at(root, path).await?.ok_or_else(|| {
+            StoreError::new(
+                ErrorKind::MissingDigest(root),
+                format!("no file {path:?} in directory {root}"),
+            )
+        })?;
+        self.load_bytes(digest)
+            .await?
+            .ok_or_else(|| StoreError::missing(digest).context(format!("reading {path:?}")))
+    }
+
+    /// Writes the directory `root` to `dest` (which must not exist or be empty), fetching
+    /// whatever is not local first (small blobs batched, large ones streamed), then
+    /// materializing on a blocking thread (pool files as read-only hardlinks unless
+    /// `options.mutable`).
+    pub async fn materialize(
+        &self,
+        root: Digest,
+        dest: &std::path::Path,
+        options: crate::MaterializeOptions,
+    ) -> Result<(), StoreError> {
+        self.ensure_downloaded(HashSet::new(), HashSet::from([root]))
+            .await?;
+        let local = self.local.clone();
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || local.materialize_directory(root, &dest, options))
+            .await
+            .map_err(|e| StoreError::new(ErrorKind::Other, format!("materialize task: {e}")))?
+    }
+
     /// Fetches a REAPI `Tree` blob, validates it, stores its directories locally and returns the
     /// root directory's digest. File content is not fetched.
     pub async fn load_tree(&self, tree_digest: Digest) -> Result<Digest, StoreError> {
