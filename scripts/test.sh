@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this):
-#   formatting, clippy, then the real REAPI servers (BuildGrid, buildbox-casd) on 127.0.0.1,
-#   then `cargo test --workspace` with the servers' addresses in the environment.
+#   formatting, clippy, rustdoc (warnings are errors in all three, and in the test build), then
+#   the real REAPI servers (BuildGrid, buildbox-casd) on 127.0.0.1, then `cargo test --workspace`
+#   with the servers' addresses in the environment.
 # The servers are stopped on exit, also when a step fails.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hashing`).
 set -euo pipefail
@@ -9,11 +10,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { echo; echo "==> $*"; }
 
+# Warnings are errors for our own builds (not a lint our dependents inherit). The same flags
+# for every step, so each crate is compiled once per configuration.
+export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
+export RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo doc (rustdoc warnings are errors)"
+cargo doc --no-deps --workspace --locked
 
 step "starting real REAPI servers"
 trap 'scripts/reapi-servers.sh stop' EXIT

@@ -99,7 +99,7 @@ impl StoreError {
         matches!(self.kind, ErrorKind::Retryable(_))
     }
 
-    /// Classifies a gRPC status from `what` (e.g. "ByteStream.Read of <digest>").
+    /// Classifies a gRPC status from `what` (e.g. "ByteStream.Read of `<digest>`").
     ///
     /// Retryable: UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, and
     /// DEADLINE_EXCEEDED when the call is `idempotent` (a read; a write that timed out may have

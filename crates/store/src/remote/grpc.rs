@@ -1,9 +1,9 @@
 //! The REAPI gRPC provider: CAS (batch + ByteStream, optional zstd) and ActionCache over tonic.
 //!
-//! Every call goes through [`GrpcProvider::call`]: wait for a concurrency slot, *then* start the
+//! Every call goes through `GrpcProvider::call`: wait for a concurrency slot, *then* start the
 //! per-request timeout (time queued for a slot does not count), attach the static headers and
 //! the REAPI `RequestMetadata`, and classify a failure once, from its gRPC code. Operations retry
-//! with [`Retry`](super::retry::Retry); a download resets its destination before each retry.
+//! with `retry::Retry`; a download resets its destination before each retry.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
