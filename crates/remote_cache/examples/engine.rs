@@ -43,7 +43,7 @@ fn process(i: usize, salt: &str) -> (Process, Vec<(String, Vec<u8>)>) {
         (format!("gen_{i}/top.txt"), b"top\n".to_vec()),
     ];
     let mut outputs = vec![format!("out_{i}.txt")];
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         // A pool-sized output: streamed, never batched.
         script += &format!("; yes '{salt} {i}' | head -c {LARGE_BYTES} > big_{i}.bin");
         let line = format!("{salt} {i}\n");
