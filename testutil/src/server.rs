@@ -121,6 +121,8 @@ struct State {
     /// Compressed (zstd) reads and writes served, to prove compression was used.
     zstd_transfers: Mutex<u64>,
     knobs: Mutex<Knobs>,
+    /// The `RequestMetadata` of every ActionCache call, in order.
+    request_metadata: Mutex<Vec<(Method, remexec::RequestMetadata)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +156,17 @@ impl State {
 
     fn knobs(&self) -> Knobs {
         lock(&self.knobs).clone()
+    }
+
+    /// Records the call's `RequestMetadata` header, if it decodes.
+    fn note_metadata(&self, method: Method, md: &tonic::metadata::MetadataMap) {
+        let decoded = md
+            .get_bin("build.bazel.remote.execution.v2.requestmetadata-bin")
+            .and_then(|v| v.to_bytes().ok())
+            .and_then(|b| <remexec::RequestMetadata as prost::Message>::decode(&b[..]).ok());
+        if let Some(m) = decoded {
+            lock(&self.request_metadata).push((method, m));
+        }
     }
 
     /// The blob as the server would serve it (corruption and truncation applied), or None if
@@ -344,6 +357,12 @@ impl TestServer {
     }
 
     /// Number of action results held.
+    /// The `RequestMetadata` each ActionCache call carried, in order.
+    pub fn request_metadata(&self) -> Vec<(Method, remexec::RequestMetadata)> {
+        lock(&self.state.request_metadata).clone()
+    }
+
+    /// How many action results the server holds.
     pub fn action_result_count(&self) -> usize {
         lock(&self.state.action_results).len()
     }
@@ -600,6 +619,8 @@ impl ActionCache for Svc {
         &self,
         req: Request<remexec::GetActionResultRequest>,
     ) -> Result<Response<remexec::ActionResult>, Status> {
+        self.0
+            .note_metadata(Method::GetActionResult, req.metadata());
         self.0.enter(Method::GetActionResult).await?;
         let d = parse_digest(req.into_inner().action_digest.as_ref())?;
         lock(&self.0.action_results)
@@ -613,6 +634,8 @@ impl ActionCache for Svc {
         &self,
         req: Request<remexec::UpdateActionResultRequest>,
     ) -> Result<Response<remexec::ActionResult>, Status> {
+        self.0
+            .note_metadata(Method::UpdateActionResult, req.metadata());
         self.0.enter(Method::UpdateActionResult).await?;
         if !self.0.knobs().update_enabled {
             return Err(Status::permission_denied("this cache is read-only"));

@@ -219,8 +219,13 @@ impl From<StoreError> for ProcessError {
 /// Per-call context from the build engine.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
-    /// Identifies the build (sent to remote caches as the invocation id).
+    /// Identifies the build: sent to remote caches with every call as the invocation id
+    /// (`RequestMetadata.tool_invocation_id`), so their logs can tell builds apart.
     pub build_id: String,
+    /// What kind of action this is (e.g. "Compile"), sent as `action_mnemonic`.
+    pub mnemonic: String,
+    /// What the action builds (e.g. "//app:main"), sent as `target_id`.
+    pub target: String,
 }
 
 /// Runs processes. Object-safe: runners wrap each other behind `Box`/`Arc<dyn CommandRunner>`.

@@ -13,7 +13,7 @@ use process_execution::{
     CacheOutcome, CacheScope, CommandRunner as CommandRunnerTrait, Context, Process, ProcessError,
     ProcessResult, ResultMetadata, ResultSource,
 };
-use store::remote::ActionCacheProvider;
+use store::remote::{ActionCacheProvider, RequestContext, with_request_context};
 use store::{ErrorKind, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
@@ -34,6 +34,8 @@ const MAX_REMEMBERED_OUTPUTS: usize = 200_000;
 /// A finished local run whose result is to be written to the cache.
 #[derive(Debug)]
 struct WriteJob {
+    /// Who asked, sent with the write's calls.
+    request: RequestContext,
     messages: ActionMessages,
     process: Process,
     result: ProcessResult,
@@ -513,6 +515,8 @@ impl RemoteCacheRunner {
         };
         self.shared.pending_writes.fetch_add(1, Ordering::AcqRel);
         permit.send(WriteJob {
+            // The run's context (set around it by `run`), carried to the writer task.
+            request: store::remote::current_request_context().unwrap_or_default(),
             messages,
             process,
             result: result.clone(),
@@ -649,7 +653,8 @@ impl Shared {
     async fn write(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
         let span = tracing::debug_span!("remote_cache.write", action = %action_digest);
-        self.write_inner(job).instrument(span).await
+        let request = job.request.clone();
+        with_request_context(request, self.write_inner(job).instrument(span)).await
     }
 
     async fn write_inner(&self, job: WriteJob) {
@@ -823,6 +828,16 @@ impl RemoteCacheRunner {
     }
 }
 
+/// What the provider sends with this action's calls.
+fn request_context(ctx: &Context, action: Digest) -> RequestContext {
+    RequestContext {
+        invocation_id: ctx.build_id.clone(),
+        action_id: action.hash.to_hex(),
+        action_mnemonic: ctx.mnemonic.clone(),
+        target_id: ctx.target.clone(),
+    }
+}
+
 /// Stamps a result with its action digest and what the cache did.
 fn tag(mut result: ProcessResult, action: Digest, outcome: CacheOutcome) -> ProcessResult {
     result.metadata.action_digest = Some(action);
@@ -842,10 +857,12 @@ impl CommandRunnerTrait for RemoteCacheRunner {
             action = %action_digest,
             process = %process.description
         );
-        let (result, outcome) = self
-            .run_cached(ctx, process, messages)
-            .instrument(span)
-            .await?;
+        let request = request_context(&ctx, action_digest);
+        let (result, outcome) = with_request_context(
+            request,
+            self.run_cached(ctx, process, messages).instrument(span),
+        )
+        .await?;
         Ok(tag(result, action_digest, outcome))
     }
 

@@ -944,3 +944,32 @@ async fn a_dead_cache_trips_the_breaker_and_a_probe_closes_it() {
     assert_eq!(next.metadata.cache, CacheOutcome::Miss, "asked again");
     assert_eq!(f.server.calls(Method::GetActionResult), 8);
 }
+
+#[tokio::test]
+async fn every_call_names_the_build_and_the_action() {
+    let f = Fixture::new(CacheContentBehavior::Fetch).await;
+    let counter = f.scratch().join("count");
+    let p = producer(&counter, "md");
+    let action = make_action(&p).action_digest;
+    let ctx = Context {
+        build_id: "build-42".into(),
+        mnemonic: "Genrule".into(),
+        target: "//pkg:gen".into(),
+    };
+    f.runner.run(ctx.clone(), p.clone()).await.unwrap(); // lookup (miss), then write-behind
+    f.runner.wait_for_writes().await;
+    let seen = f.server.request_metadata();
+    let methods: Vec<Method> = seen.iter().map(|(m, _)| *m).collect();
+    assert_eq!(
+        methods,
+        vec![Method::GetActionResult, Method::UpdateActionResult],
+        "the write carries the context too, though it runs on the writer task"
+    );
+    for (method, md) in seen {
+        assert_eq!(md.tool_invocation_id, "build-42", "{method:?}");
+        assert_eq!(md.action_id, action.hash.to_hex(), "{method:?}");
+        assert_eq!(md.action_mnemonic, "Genrule");
+        assert_eq!(md.target_id, "//pkg:gen");
+        assert_eq!(md.tool_details.unwrap().tool_name, "recache");
+    }
+}

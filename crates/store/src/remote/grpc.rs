@@ -217,7 +217,33 @@ impl GrpcProvider {
         for (k, v) in &self.headers {
             md.insert(k.clone(), v.clone());
         }
-        md.insert_bin(REQUEST_METADATA_HEADER, self.request_metadata.clone());
+        match super::current_request_context() {
+            // Per action: who asks, for the server's logs (a few hundred bytes, encoded here).
+            Some(ctx) => {
+                let metadata = remexec::RequestMetadata {
+                    tool_details: Some(remexec::ToolDetails {
+                        tool_name: "recache".into(),
+                        tool_version: env!("CARGO_PKG_VERSION").into(),
+                    }),
+                    tool_invocation_id: if ctx.invocation_id.is_empty() {
+                        self.options.invocation_id.clone()
+                    } else {
+                        ctx.invocation_id
+                    },
+                    action_id: ctx.action_id,
+                    action_mnemonic: ctx.action_mnemonic,
+                    target_id: ctx.target_id,
+                    ..Default::default()
+                };
+                md.insert_bin(
+                    REQUEST_METADATA_HEADER,
+                    BinaryMetadataValue::from_bytes(&metadata.encode_to_vec()),
+                );
+            }
+            None => {
+                md.insert_bin(REQUEST_METADATA_HEADER, self.request_metadata.clone());
+            }
+        }
         req
     }
 

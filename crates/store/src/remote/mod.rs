@@ -88,6 +88,35 @@ pub trait ActionCacheProvider: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
 }
 
+/// Who is asking, sent to REAPI servers with each call (as `RequestMetadata`) so their logs can
+/// tell builds and actions apart. Set it around a piece of work with [`with_request_context`];
+/// calls made outside one carry only the provider's own invocation id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// The build (`tool_invocation_id`); empty: the provider's own.
+    pub invocation_id: String,
+    /// The action (`action_id`: its digest's hash).
+    pub action_id: String,
+    /// What kind of action (`action_mnemonic`, e.g. "Compile").
+    pub action_mnemonic: String,
+    /// What it builds (`target_id`, e.g. "//app:main").
+    pub target_id: String,
+}
+
+tokio::task_local! {
+    static REQUEST_CONTEXT: RequestContext;
+}
+
+/// Runs `f` with `ctx` as the request context of every provider call it makes (on this task).
+pub async fn with_request_context<F: std::future::Future>(ctx: RequestContext, f: F) -> F::Output {
+    REQUEST_CONTEXT.scope(ctx, f).await
+}
+
+/// The request context of the current task, if one is set.
+pub fn current_request_context() -> Option<RequestContext> {
+    REQUEST_CONTEXT.try_with(Clone::clone).ok()
+}
+
 /// Both halves of a remote cache.
 #[derive(Debug, Clone)]
 pub struct RemoteProviders {
