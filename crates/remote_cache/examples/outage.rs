@@ -4,6 +4,9 @@
 //!
 //! `cargo run --release -p remote_cache --example outage`
 
+// A measurement harness: a setup failure must stop it loudly.
+#![allow(clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
