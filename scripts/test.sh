@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this):
 #   formatting, clippy, rustdoc (warnings are errors in all three, and in the test build), then
-#   the real REAPI servers (BuildGrid, buildbox-casd) on 127.0.0.1, then `cargo test --workspace`
+#   the real REAPI servers (BuildGrid, buildbox-casd, and our own `recache serve`, built first)
+#   on 127.0.0.1, then `cargo test --workspace`
 #   with the servers' addresses in the environment.
 # The servers are stopped on exit, also when a step fails.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hashing`).
@@ -23,6 +24,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo doc (rustdoc warnings are errors)"
 cargo doc --no-deps --workspace --locked
+
+step "cargo build --workspace (recache serve is one of the servers the tests use)"
+cargo build --workspace --locked
 
 step "starting real REAPI servers"
 trap 'scripts/reapi-servers.sh stop' EXIT

@@ -18,6 +18,8 @@ pub enum ServerKind {
     BuildGrid,
     /// buildbox-casd 1.4.x (C++), instance `""`.
     BuildboxCasd,
+    /// `recache serve`, this project's own server, started from the built binary.
+    Recache,
 }
 
 impl ServerKind {
@@ -26,6 +28,7 @@ impl ServerKind {
         match self {
             ServerKind::BuildGrid => "BuildGrid",
             ServerKind::BuildboxCasd => "buildbox-casd",
+            ServerKind::Recache => "recache serve",
         }
     }
 
@@ -34,6 +37,7 @@ impl ServerKind {
         match self {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD",
+            ServerKind::Recache => "RECACHE_TEST_RECACHE",
         }
     }
 
@@ -42,6 +46,7 @@ impl ServerKind {
         match self {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_STORAGE",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_STORAGE",
+            ServerKind::Recache => "RECACHE_TEST_RECACHE_STORAGE",
         }
     }
 
@@ -50,6 +55,7 @@ impl ServerKind {
         match self {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_INSTANCE",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_INSTANCE",
+            ServerKind::Recache => "RECACHE_TEST_RECACHE_INSTANCE",
         }
     }
 }
@@ -133,13 +139,24 @@ impl RealServer {
     }
 
     /// Deletes a blob behind the server's back (both BuildGrid's disk storage and casd keep
-    /// blobs at `cas/objects/<2 hex>/<62 hex>`), to simulate a cache that lost it.
+    /// blobs at `cas/objects/<2 hex>/<62 hex>`; `recache serve` keeps them in its store, which
+    /// several processes may open), to simulate a cache that lost it.
     /// Panics when the storage directory is unknown or the blob is not there.
     pub fn delete_blob(&self, digest: &hashing::Digest) {
         let storage = self
             .storage
             .as_ref()
             .unwrap_or_else(|| panic!("{} is not set", self.kind.storage_var()));
+        if self.kind == ServerKind::Recache {
+            let store =
+                store::LocalStore::open(store::LocalStoreOptions::new(storage.join("store")))
+                    .unwrap_or_else(|e| panic!("opening the recache serve store: {e}"));
+            let removed = store
+                .remove(&[*digest])
+                .unwrap_or_else(|e| panic!("removing {digest}: {e}"));
+            assert_eq!(removed, 1, "{digest} was not in the recache serve store");
+            return;
+        }
         let hex = digest.hash.to_hex();
         let path = storage.join("cas/objects").join(&hex[..2]).join(&hex[2..]);
         std::fs::remove_file(&path).unwrap_or_else(|e| {

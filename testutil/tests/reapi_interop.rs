@@ -322,3 +322,4 @@ macro_rules! interop_suite {
 
 interop_suite!(buildgrid, ServerKind::BuildGrid);
 interop_suite!(buildbox_casd, ServerKind::BuildboxCasd);
+interop_suite!(recache_serve, ServerKind::Recache);

@@ -25,6 +25,64 @@ pub enum Command {
     Stats(CacheDirArg),
     /// Shrink the local store to at most SIZE by evicting least-recently-used blobs.
     Gc(GcArgs),
+    /// Run a REAPI cache server (CAS, ByteStream, ActionCache) for a team's builds:
+    /// `recache serve --listen 127.0.0.1:8980`. Point Bazel at it with
+    /// `--remote_cache=grpc://HOST:PORT`, recache with `--remote grpc://HOST:PORT`.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub cache_dir: CacheDirArg,
+
+    /// Address to listen on (port 0: any free port; the real one is printed).
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_LISTEN",
+        default_value = "127.0.0.1:8980",
+        value_name = "HOST:PORT"
+    )]
+    pub listen: String,
+
+    /// Where the server keeps blobs and action results. Default: <cache dir>/server.
+    #[arg(long, env = "RECACHE_SERVE_STORAGE", value_name = "DIR")]
+    pub storage: Option<PathBuf>,
+
+    /// Bound on stored bytes; least-recently-used blobs are evicted past it.
+    #[arg(long, env = "RECACHE_SERVE_MAX_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: u64,
+
+    /// Largest blob accepted (uploads above it get RESOURCE_EXHAUSTED).
+    #[arg(long, env = "RECACHE_SERVE_MAX_BLOB_SIZE", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_blob_size: u64,
+
+    /// Instance name to serve (repeatable; default: any). Others get INVALID_ARGUMENT.
+    /// Environment: RECACHE_SERVE_INSTANCE_NAME, several separated by commas.
+    #[arg(long = "instance-name", value_name = "NAME")]
+    pub instance_names: Vec<String>,
+
+    /// PEM certificate chain to serve TLS (grpcs://), with --tls-key.
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// File holding a bearer token every client must send (`authorization: Bearer …`).
+    #[arg(long, env = "RECACHE_SERVE_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -247,13 +247,12 @@ fn an_unreachable_remote_degrades_to_running_locally() {
     assert!(err.contains("the cache failed, ran locally"), "{err}");
 }
 
-#[test]
-fn miss_then_hit_against_buildgrid() {
+fn miss_then_hit_against(kind: ServerKind) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let Some(server) = rt.block_on(RealServer::require(ServerKind::BuildGrid)) else {
+    let Some(server) = rt.block_on(RealServer::require(kind)) else {
         return;
     };
     let ws = workspace();
@@ -273,7 +272,7 @@ fn miss_then_hit_against_buildgrid() {
         "--instance-name",
         &server.instance,
     ];
-    // Two machines: separate local caches, shared BuildGrid.
+    // Two machines: separate local caches, one shared server.
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let first = recache(ws.path(), a.path(), &build_args(&remote));
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
@@ -297,6 +296,16 @@ fn miss_then_hit_against_buildgrid() {
         expected
     );
     assert_eq!(stdout(&second), "built\n");
+}
+
+#[test]
+fn miss_then_hit_against_buildgrid() {
+    miss_then_hit_against(ServerKind::BuildGrid);
+}
+
+#[test]
+fn miss_then_hit_against_recache_serve() {
+    miss_then_hit_against(ServerKind::Recache);
 }
 
 /// Where the embedded default cache keeps the blob `content`.

@@ -65,3 +65,8 @@ fn the_example_engine_against_buildgrid() {
 fn the_example_engine_against_buildbox_casd() {
     against(ServerKind::BuildboxCasd);
 }
+
+#[test]
+fn the_example_engine_against_recache_serve() {
+    against(ServerKind::Recache);
+}

@@ -17,6 +17,7 @@ mod error;
 mod facade;
 pub mod local;
 pub mod remote;
+pub mod zstd_stream;
 
 pub use destination::{LoadDestination, LocalDestination};
 pub use directory::MaterializeOptions;

@@ -131,3 +131,4 @@ macro_rules! suite {
 
 suite!(buildgrid, ServerKind::BuildGrid);
 suite!(buildbox_casd, ServerKind::BuildboxCasd);
+suite!(recache_serve, ServerKind::Recache);

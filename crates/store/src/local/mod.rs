@@ -147,6 +147,14 @@ struct Inner {
     received: AtomicU64,
 }
 
+/// The `refs` key of `digest`: hash and size, so two digests never share a record.
+fn ref_key(digest: Digest) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(digest.hash.as_bytes());
+    key[32..].copy_from_slice(&digest.size_bytes.to_le_bytes());
+    key
+}
+
 /// A file's modification time in nanoseconds since the epoch (0 if unknown).
 fn mtime_nanos(meta: &fs::Metadata) -> u64 {
     meta.modified()
@@ -501,6 +509,51 @@ impl LocalStore {
         } else {
             Ok(None)
         }
+    }
+
+    /// Removes blobs (an administrator's or a test's "this blob is lost"); absent ones are fine.
+    /// Returns how many were removed.
+    pub fn remove(&self, digests: &[Digest]) -> Result<u64, StoreError> {
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            digests.iter().partition(|d| self.is_small(d.size_bytes));
+        let present: std::collections::HashSet<Digest> = small
+            .iter()
+            .copied()
+            .filter(|d| self.inner.db.contains(*d).unwrap_or(false))
+            .collect();
+        let hashes: Vec<Fingerprint> = present.iter().map(|d| d.hash).collect();
+        self.inner.db.remove(&hashes, &[])?;
+        let mut removed_large = Vec::new();
+        for d in large {
+            if self.inner.pool.remove(&d)? {
+                removed_large.push(d);
+            }
+        }
+        self.inner.db.pool_removed(&removed_large)?;
+        let mut c = self.inner.db.counters()?.unwrap_or_default();
+        c.small_blobs = c.small_blobs.saturating_sub(present.len() as u64);
+        c.small_bytes = c
+            .small_bytes
+            .saturating_sub(present.iter().map(|d| d.size_bytes).sum());
+        self.inner.db.set_counters(c)?;
+        Ok((present.len() + removed_large.len()) as u64)
+    }
+
+    /// Records a small value under `key` (e.g. an encoded ActionResult under its action digest):
+    /// a named record beside the content-addressed blobs, replaced by a later `put_ref` of the
+    /// same key. Values are not counted as blobs and not collected by GC.
+    pub fn put_ref(&self, key: Digest, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.db.put_ref(&ref_key(key), value)
+    }
+
+    /// The value recorded under `key`, if any.
+    pub fn get_ref(&self, key: Digest) -> Result<Option<Bytes>, StoreError> {
+        self.inner.db.get_ref(&ref_key(key))
+    }
+
+    /// Forgets the value recorded under `key` (absent is fine).
+    pub fn remove_ref(&self, key: Digest) -> Result<(), StoreError> {
+        self.inner.db.remove_ref(&ref_key(key))
     }
 
     /// How much the store holds (the persistent counters: one read transaction, shared by every

@@ -42,6 +42,7 @@ pub(crate) struct SmallDb {
     atime: Database<Raw, Atime>,
     pool: Database<Raw, Atime>,
     meta: Database<Raw, Raw>,
+    refs: Database<Raw, Raw>,
 }
 
 /// Key of the usage counters in `meta`: four little-endian u64 (small blobs, small bytes, large
@@ -108,7 +109,7 @@ impl SmallDb {
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         preallocate_lock_file(dir)?;
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size).max_dbs(4).max_readers(1024);
+        opts.map_size(map_size).max_dbs(5).max_readers(1024);
         // SAFETY: heed's open is unsafe because LMDB must not be opened twice by one process
         // with different options, and the file must not be modified other than through LMDB.
         // heed itself de-duplicates environments opened twice in one process, every LocalStore
@@ -133,6 +134,9 @@ impl SmallDb {
         let meta = env
             .create_database(&mut w, Some("meta"))
             .map_err(|e| db_err("creating table meta", e))?;
+        let refs = env
+            .create_database(&mut w, Some("refs"))
+            .map_err(|e| db_err("creating table refs", e))?;
         w.commit().map_err(|e| db_err("commit", e))?;
         Ok(SmallDb {
             env,
@@ -140,6 +144,7 @@ impl SmallDb {
             atime,
             pool,
             meta,
+            refs,
         })
     }
 
@@ -415,6 +420,34 @@ impl SmallDb {
                 .delete(&mut w, hash.as_bytes())
                 .map_err(|e| db_err("delete pool", e))?;
         }
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Records `value` under `key` in the `refs` table (replacing any earlier value).
+    pub(crate) fn put_ref(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.refs
+            .put(&mut w, key, value)
+            .map_err(|e| db_err("put ref", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// The value recorded under `key`, copied out.
+    pub(crate) fn get_ref(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        Ok(self
+            .refs
+            .get(&r, key)
+            .map_err(|e| db_err("get ref", e))?
+            .map(Bytes::copy_from_slice))
+    }
+
+    /// Forgets `key`.
+    pub(crate) fn remove_ref(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.refs
+            .delete(&mut w, key)
+            .map_err(|e| db_err("delete ref", e))?;
         w.commit().map_err(|e| db_err("commit", e))
     }
 

@@ -51,8 +51,6 @@ const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestme
 /// ≈ 425 MiB/s; 4+8 ≈ 22–24 MiB / ≈ 360 MiB/s.
 const STREAM_WINDOW: u32 = 6 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 12 * 1024 * 1024;
-/// Largest decompressed chunk held in memory while inflating a zstd stream.
-const ZSTD_OUT_BUFFER: usize = 1024 * 1024;
 
 /// Options for [`GrpcProvider::connect`]. `GrpcOptions::default()` suits most servers.
 #[derive(Debug, Clone)]
@@ -495,7 +493,11 @@ impl GrpcProvider {
                 StoreError::io(format!("{what}: writing to the local store"), e)
             }
         };
-        let mut decoder = if zstd { Some(ZstdStream::new()?) } else { None };
+        let mut decoder = if zstd {
+            Some(crate::zstd_stream::ZstdStream::new()?)
+        } else {
+            None
+        };
         loop {
             let msg = match tokio::time::timeout(timeout, stream.next()).await {
                 Err(_) => return Err(timeout_error(&what, timeout, true)),
@@ -674,54 +676,6 @@ fn decompress_bounded(data: &[u8], expected_size: u64) -> Result<Vec<u8>, StoreE
     let cap = usize::try_from(expected_size).unwrap_or(usize::MAX);
     zstd::bulk::decompress(data, cap)
         .map_err(|e| StoreError::invalid(format!("undecodable zstd data: {e}")))
-}
-
-/// Streaming zstd decoder with a bounded output buffer: a hostile stream cannot make it hold more
-/// than [`ZSTD_OUT_BUFFER`] bytes, and the destination refuses anything past the expected size.
-struct ZstdStream {
-    decoder: zstd::stream::raw::Decoder<'static>,
-    out: Vec<u8>,
-}
-
-impl ZstdStream {
-    fn new() -> Result<ZstdStream, StoreError> {
-        Ok(ZstdStream {
-            decoder: zstd::stream::raw::Decoder::new()
-                .map_err(|e| StoreError::new(ErrorKind::Other, format!("zstd decoder: {e}")))?,
-            out: vec![0u8; ZSTD_OUT_BUFFER],
-        })
-    }
-
-    async fn feed(
-        &mut self,
-        mut input: &[u8],
-        dest: &mut dyn LoadDestination,
-    ) -> std::io::Result<()> {
-        use zstd::stream::raw::Operation;
-        let bad = |e: std::io::Error| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("undecodable zstd stream: {e}"),
-            )
-        };
-        loop {
-            let status = self
-                .decoder
-                .run_on_buffers(input, &mut self.out)
-                .map_err(bad)?;
-            input = &input[status.bytes_read..];
-            if status.bytes_written > 0 {
-                dest.write_all(&self.out[..status.bytes_written]).await?;
-            }
-            if input.is_empty() && status.bytes_written < self.out.len() {
-                return Ok(());
-            }
-        }
-    }
-
-    async fn finish(&mut self, dest: &mut dyn LoadDestination) -> std::io::Result<()> {
-        self.feed(&[], dest).await
-    }
 }
 
 #[async_trait]

@@ -1,0 +1,151 @@
+//! `recache serve`: a REAPI cache server (Capabilities, ContentAddressableStorage, ByteStream,
+//! ActionCache) on the recache local store.
+//!
+//! The server shares the client's store instead of growing a second one: small blobs in the
+//! LMDB database, large ones one file each in the verified pool (`<hash>-<size>` names, so a
+//! blob's size is known without opening it), usage counters persisted in the database, so a
+//! restart costs the same whatever the store holds. ActionCache entries are records in the
+//! store's `refs` table, keyed by action digest.
+//!
+//! Every request is untrusted: instance names are checked against the allow-list, digests and
+//! resource names parsed strictly (a bad one is INVALID_ARGUMENT naming the field), sizes
+//! checked against `max_blob_size` before a byte is accepted, and every upload verified against
+//! its digest before it becomes visible (a failed or interrupted upload leaves nothing).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = server::CacheServer::open(server::ServerOptions::new("/var/cache/recache-server"))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8980").await?;
+//! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+mod services;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use store::{LocalStore, LocalStoreOptions};
+use tokio_stream::StreamExt;
+
+/// Largest request message accepted (a batch of blobs plus framing).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
+
+/// `max_batch_total_size_bytes` advertised: what one batch request may carry.
+pub const MAX_BATCH_TOTAL_BYTES: i64 = 4 * 1024 * 1024;
+
+/// Bytes per ByteStream.Read response message.
+pub(crate) const READ_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Options for [`CacheServer::open`]; `ServerOptions::new(dir)` documents the defaults.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where blobs and action results live (created if missing).
+    pub storage: PathBuf,
+    /// Bound on stored blob bytes; least-recently-used blobs are evicted past it. Default
+    /// 10 GiB.
+    pub max_size: u64,
+    /// Largest blob accepted (logical size). Default 4 GiB.
+    pub max_blob_size: u64,
+    /// Instance names served; empty: any.
+    pub instance_names: Vec<String>,
+    /// When set, every call must carry `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+    /// PEM certificate chain and key: serve TLS (`grpcs://`).
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ServerOptions {
+    /// Defaults, storing under `storage`.
+    pub fn new(storage: impl Into<PathBuf>) -> ServerOptions {
+        ServerOptions {
+            storage: storage.into(),
+            max_size: 10 << 30,
+            max_blob_size: 4 << 30,
+            instance_names: Vec::new(),
+            auth_token: None,
+            tls: None,
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The storage directory could not be opened.
+    #[error("opening the storage {0}")]
+    Storage(#[from] store::StoreError),
+    /// The transport (listening, TLS) failed.
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The state every service shares.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub store: LocalStore,
+    pub options: ServerOptions,
+}
+
+/// A REAPI cache server over a store directory. See the crate docs.
+#[derive(Debug, Clone)]
+pub struct CacheServer {
+    inner: Arc<Inner>,
+}
+
+impl CacheServer {
+    /// Opens (creating if needed) the storage. Cheap whatever it holds: no walk of the blobs.
+    pub fn open(options: ServerOptions) -> Result<CacheServer, ServerError> {
+        let mut store_options = LocalStoreOptions::new(options.storage.join("store"));
+        store_options.max_size = Some(options.max_size);
+        let store = LocalStore::open(store_options)?;
+        Ok(CacheServer {
+            inner: Arc::new(Inner { store, options }),
+        })
+    }
+
+    /// The store behind the server (for tests and tools).
+    pub fn store(&self) -> &LocalStore {
+        &self.inner.store
+    }
+
+    /// Serves on `listener` until `shutdown` completes. In-flight calls then finish; an upload
+    /// cut off is discarded (never half-visible), and access times are flushed to disk.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let router = services::router(self.inner.clone())?;
+        // Small responses must not wait for Nagle + delayed ACK (a 40 ms stall per RPC).
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
+        let result = router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        if let Err(e) = self.inner.store.flush_access_times() {
+            tracing::warn!(error = %e, "could not flush access times at shutdown");
+        }
+        Ok(result?)
+    }
+}
+
+/// Resolves when the process gets SIGTERM or SIGINT (ctrl-c): the signal to stop serving.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => ctrl_c.await,
+    }
+}

@@ -1,0 +1,859 @@
+//! The four REAPI services. Each handler validates what it is given before touching the store:
+//! instance name, digests, resource names, sizes.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_server::ActionCache, action_cache_server::ActionCacheServer,
+    capabilities_server::Capabilities, capabilities_server::CapabilitiesServer, compressor,
+    content_addressable_storage_server::ContentAddressableStorage,
+    content_addressable_storage_server::ContentAddressableStorageServer, digest_function,
+};
+use bazel_remote_apis::build::bazel::semver::SemVer;
+use bazel_remote_apis::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse, byte_stream_server::ByteStream, byte_stream_server::ByteStreamServer,
+};
+use bazel_remote_apis::google::rpc::Status as RpcStatus;
+use futures::{Stream, StreamExt};
+use hashing::{Digest, EMPTY_DIGEST};
+use prost::Message;
+use store::{ErrorKind, StoreError};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, READ_CHUNK_BYTES, ServerError};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Directories per GetTree page when the client does not say.
+const DEFAULT_TREE_PAGE: usize = 1000;
+
+#[derive(Debug, Clone)]
+struct Svc(Arc<Inner>);
+
+/// Builds the router with every service (and the auth check when a token is set).
+pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Router, ServerError> {
+    let svc = Svc(inner.clone());
+    let token = inner.options.auth_token.clone();
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(token) = &token else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+            None => Err(Status::unauthenticated(
+                "this cache needs `authorization: Bearer <token>`",
+            )),
+        }
+    };
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(6 * 1024 * 1024))
+        .initial_connection_window_size(Some(12 * 1024 * 1024));
+    if let Some((cert, key)) = &inner.options.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    Ok(builder
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            CapabilitiesServer::new(svc.clone()),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ContentAddressableStorageServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ActionCacheServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(64 * 1024 * 1024),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ByteStreamServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth,
+        )))
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A store failure as a gRPC status: the server's own trouble is INTERNAL (or
+/// RESOURCE_EXHAUSTED when the disk is full), never a panic.
+fn store_status(what: &str, e: &StoreError) -> Status {
+    match e.kind() {
+        ErrorKind::StorageFull => Status::resource_exhausted(format!("{what}: {e}")),
+        ErrorKind::InvalidData => Status::invalid_argument(format!("{what}: {e}")),
+        ErrorKind::MissingDigest(d) => Status::not_found(format!("{what}: blob {d} not found")),
+        _ => Status::internal(format!("{what}: {e}")),
+    }
+}
+
+fn rpc_status(code: Code, message: String) -> Option<RpcStatus> {
+    Some(RpcStatus {
+        code: code as i32,
+        message,
+        details: vec![],
+    })
+}
+
+impl Svc {
+    fn store(&self) -> &store::LocalStore {
+        &self.0.store
+    }
+
+    /// Refuses instance names outside the allow-list.
+    fn check_instance(&self, name: &str) -> Result<(), Status> {
+        let allowed = &self.0.options.instance_names;
+        if allowed.is_empty() || allowed.iter().any(|a| a == name) {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "instance_name {name:?} is not served here (served: {allowed:?})"
+            )))
+        }
+    }
+
+    /// Only SHA-256 is spoken; unset (0) means the default, SHA-256.
+    fn check_digest_function(&self, f: i32) -> Result<(), Status> {
+        if f == 0 || f == digest_function::Value::Sha256 as i32 {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "digest_function {f} is not supported: this cache speaks SHA-256 only"
+            )))
+        }
+    }
+
+    fn check_size(&self, d: Digest) -> Result<(), Status> {
+        let max = self.0.options.max_blob_size;
+        if d.size_bytes > max {
+            Err(Status::resource_exhausted(format!(
+                "blob {d} is larger than this cache accepts ({max} bytes)"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Verifies `data` against `d` and stores it.
+    fn store_verified(&self, d: Digest, data: &[u8]) -> Result<(), Status> {
+        self.check_size(d)?;
+        if data.len() as u64 != d.size_bytes || Digest::of_bytes(data) != d {
+            return Err(Status::invalid_argument(format!(
+                "content does not match digest {d}"
+            )));
+        }
+        self.store()
+            .store_verified(d, &mut &data[..])
+            .map_err(|e| store_status("storing", &e))
+    }
+}
+
+fn digest(field: &str, d: Option<&remexec::Digest>) -> Result<Digest, Status> {
+    hashing::reapi::require_digest(field, d).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A parsed ByteStream resource name.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Resource {
+    pub instance: String,
+    pub digest: Digest,
+    pub compressed: bool,
+}
+
+/// Parses `{instance}/blobs/{hash}/{size}` (reads) or
+/// `{instance}/uploads/{uuid}/blobs/{hash}/{size}` (writes), with `compressed-blobs/zstd` in
+/// place of `blobs`; the instance may have several segments, and anything after the size is
+/// metadata the spec allows. Anything else is INVALID_ARGUMENT naming the problem.
+pub(crate) fn parse_resource(name: &str, write: bool) -> Result<Resource, Status> {
+    let bad = |why: &str| Status::invalid_argument(format!("resource_name {name:?}: {why}"));
+    let parts: Vec<&str> = name.split('/').collect();
+    let Some(pos) = parts
+        .iter()
+        .position(|p| *p == "blobs" || *p == "compressed-blobs")
+    else {
+        return Err(bad("no `blobs/` or `compressed-blobs/` segment"));
+    };
+    let mut prefix = &parts[..pos];
+    if write {
+        match prefix {
+            [rest @ .., "uploads", uuid] if !uuid.is_empty() => prefix = rest,
+            _ => return Err(bad("a write needs `uploads/<uuid>/` before the blob")),
+        }
+    } else if prefix.last() == Some(&"uploads") || prefix.contains(&"uploads") {
+        return Err(bad("`uploads/` is for writes"));
+    }
+    if prefix
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(bad("empty, `.` or `..` instance name segment"));
+    }
+    let compressed = parts[pos] == "compressed-blobs";
+    let rest = &parts[pos + 1..];
+    let (hash, size) = match (compressed, rest) {
+        (false, [h, s, ..]) => (*h, *s),
+        (true, ["zstd", h, s, ..]) => (*h, *s),
+        (true, [other, ..]) if *other != "zstd" => {
+            return Err(bad(&format!(
+                "compressor {other:?} is not supported (zstd is)"
+            )));
+        }
+        _ => return Err(bad("expected `<hash>/<size>`")),
+    };
+    let digest = format!("{hash}/{size}")
+        .parse::<Digest>()
+        .map_err(|e| bad(&e.to_string()))?;
+    Ok(Resource {
+        instance: prefix.join("/"),
+        digest,
+        compressed,
+    })
+}
+
+#[tonic::async_trait]
+impl Capabilities for Svc {
+    async fn get_capabilities(
+        &self,
+        req: Request<remexec::GetCapabilitiesRequest>,
+    ) -> Result<Response<remexec::ServerCapabilities>, Status> {
+        self.check_instance(&req.get_ref().instance_name)?;
+        let zstd = vec![compressor::Value::Zstd as i32];
+        Ok(Response::new(remexec::ServerCapabilities {
+            cache_capabilities: Some(remexec::CacheCapabilities {
+                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                action_cache_update_capabilities: Some(remexec::ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
+                max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES,
+                symlink_absolute_path_strategy:
+                    remexec::symlink_absolute_path_strategy::Value::Disallowed as i32,
+                supported_compressors: zstd.clone(),
+                supported_batch_update_compressors: zstd,
+                ..Default::default()
+            }),
+            // Bazel 4.x speaks REAPI 2.0 only and refuses a server whose range starts later.
+            low_api_version: Some(SemVer {
+                major: 2,
+                ..Default::default()
+            }),
+            high_api_version: Some(SemVer {
+                major: 2,
+                minor: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for Svc {
+    async fn find_missing_blobs(
+        &self,
+        req: Request<remexec::FindMissingBlobsRequest>,
+    ) -> Result<Response<remexec::FindMissingBlobsResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let mut digests = Vec::with_capacity(req.blob_digests.len());
+        for (i, d) in req.blob_digests.iter().enumerate() {
+            digests.push(digest(&format!("blob_digests[{i}]"), Some(d))?);
+        }
+        let missing = self.store().missing(digests);
+        Ok(Response::new(remexec::FindMissingBlobsResponse {
+            missing_blob_digests: missing.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        req: Request<remexec::BatchUpdateBlobsRequest>,
+    ) -> Result<Response<remexec::BatchUpdateBlobsResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let mut responses = Vec::with_capacity(req.requests.len());
+        for (i, r) in req.requests.into_iter().enumerate() {
+            let d = digest(&format!("requests[{i}].digest"), r.digest.as_ref())?;
+            let result = (|| -> Result<(), Status> {
+                self.check_size(d)?;
+                let data = match r.compressor {
+                    c if c == compressor::Value::Identity as i32 => r.data,
+                    c if c == compressor::Value::Zstd as i32 => {
+                        let cap = usize::try_from(d.size_bytes).unwrap_or(usize::MAX);
+                        zstd::bulk::decompress(&r.data, cap).map_err(|e| {
+                            Status::invalid_argument(format!("undecodable zstd data: {e}"))
+                        })?
+                    }
+                    other => {
+                        return Err(Status::invalid_argument(format!(
+                            "compressor {other} is not supported"
+                        )));
+                    }
+                };
+                self.store_verified(d, &data)
+            })();
+            responses.push(remexec::batch_update_blobs_response::Response {
+                digest: Some(d.into()),
+                status: match result {
+                    Ok(()) => rpc_status(Code::Ok, String::new()),
+                    Err(s) => rpc_status(s.code(), s.message().to_owned()),
+                },
+            });
+        }
+        Ok(Response::new(remexec::BatchUpdateBlobsResponse {
+            responses,
+        }))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        req: Request<remexec::BatchReadBlobsRequest>,
+    ) -> Result<Response<remexec::BatchReadBlobsResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let zstd_ok = req
+            .acceptable_compressors
+            .contains(&(compressor::Value::Zstd as i32));
+        let mut digests = Vec::with_capacity(req.digests.len());
+        let mut total = 0u64;
+        for (i, d) in req.digests.iter().enumerate() {
+            let d = digest(&format!("digests[{i}]"), Some(d))?;
+            total = total.saturating_add(d.size_bytes);
+            digests.push(d);
+        }
+        if total > MAX_BATCH_TOTAL_BYTES as u64 {
+            return Err(Status::invalid_argument(format!(
+                "the batch asks for {total} bytes; the limit is {MAX_BATCH_TOTAL_BYTES} (use ByteStream)"
+            )));
+        }
+        let mut responses = Vec::with_capacity(digests.len());
+        for d in digests {
+            let (data, status, comp) = match self.store().load_bytes(d) {
+                Ok(Some(b)) => {
+                    // Compress only what shrinks enough to pay for it.
+                    let compressed = if zstd_ok && b.len() >= 4096 {
+                        zstd::bulk::compress(&b, 1)
+                            .ok()
+                            .filter(|c| c.len() < b.len() / 10 * 9)
+                    } else {
+                        None
+                    };
+                    match compressed {
+                        Some(c) => (
+                            c,
+                            rpc_status(Code::Ok, String::new()),
+                            compressor::Value::Zstd,
+                        ),
+                        None => (
+                            b.to_vec(),
+                            rpc_status(Code::Ok, String::new()),
+                            compressor::Value::Identity,
+                        ),
+                    }
+                }
+                Ok(None) => (
+                    vec![],
+                    rpc_status(Code::NotFound, format!("blob {d} not found")),
+                    compressor::Value::Identity,
+                ),
+                Err(e) => {
+                    let s = store_status("reading", &e);
+                    (
+                        vec![],
+                        rpc_status(s.code(), s.message().to_owned()),
+                        compressor::Value::Identity,
+                    )
+                }
+            };
+            responses.push(remexec::batch_read_blobs_response::Response {
+                digest: Some(d.into()),
+                data,
+                compressor: comp as i32,
+                status,
+            });
+        }
+        Ok(Response::new(remexec::BatchReadBlobsResponse { responses }))
+    }
+
+    type GetTreeStream = BoxStream<remexec::GetTreeResponse>;
+
+    /// Pages through the tree breadth-first; a page token is the number of directories already
+    /// returned (the walk is repeated up to it: simple, stateless, and correct).
+    async fn get_tree(
+        &self,
+        req: Request<remexec::GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let root = digest("root_digest", req.root_digest.as_ref())?;
+        let skip: usize = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!("page_token {:?} is not ours", req.page_token))
+            })?
+        };
+        let page = match usize::try_from(req.page_size) {
+            Ok(0) | Err(_) => DEFAULT_TREE_PAGE,
+            Ok(n) => n.min(10 * DEFAULT_TREE_PAGE),
+        };
+        let mut queue = VecDeque::from([root]);
+        let mut seen = HashSet::new();
+        let mut index = 0usize;
+        let mut directories = Vec::new();
+        while let Some(d) = queue.pop_front() {
+            if !seen.insert(d) {
+                continue;
+            }
+            let dir = self
+                .store()
+                .load_directory(d)
+                .map_err(|e| store_status(&format!("directory {d}"), &e))?;
+            for sub in &dir.directories {
+                queue.push_back(digest("directories[].digest", sub.digest.as_ref())?);
+            }
+            if index >= skip {
+                directories.push(dir);
+            }
+            index += 1;
+            if directories.len() == page {
+                break;
+            }
+        }
+        let next_page_token = if queue.iter().any(|d| !seen.contains(d)) {
+            index.to_string()
+        } else {
+            String::new()
+        };
+        let response = remexec::GetTreeResponse {
+            directories,
+            next_page_token,
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(
+            response,
+        )]))))
+    }
+
+    async fn split_blob(
+        &self,
+        _req: Request<remexec::SplitBlobRequest>,
+    ) -> Result<Response<remexec::SplitBlobResponse>, Status> {
+        Err(Status::unimplemented("SplitBlob is not offered"))
+    }
+
+    type GetChunkMappingStream = BoxStream<remexec::GetChunkMappingResponse>;
+
+    async fn get_chunk_mapping(
+        &self,
+        _req: Request<remexec::GetChunkMappingRequest>,
+    ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
+        Err(Status::unimplemented("GetChunkMapping is not offered"))
+    }
+
+    async fn splice_blob(
+        &self,
+        _req: Request<remexec::SpliceBlobRequest>,
+    ) -> Result<Response<remexec::SpliceBlobResponse>, Status> {
+        Err(Status::unimplemented("SpliceBlob is not offered"))
+    }
+
+    async fn register_chunk_mapping(
+        &self,
+        _req: Request<Streaming<remexec::RegisterChunkMappingRequest>>,
+    ) -> Result<Response<remexec::RegisterChunkMappingResponse>, Status> {
+        Err(Status::unimplemented("RegisterChunkMapping is not offered"))
+    }
+}
+
+/// Every blob an ActionResult references: the ones a client will read after a hit.
+#[allow(deprecated)] // output_file_symlinks etc. carry no digests; listed for completeness
+fn referenced_blobs(ar: &remexec::ActionResult) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
+    let mut blobs = Vec::new();
+    let mut trees = Vec::new();
+    for (field, d) in [
+        ("stdout_digest", ar.stdout_digest.as_ref()),
+        ("stderr_digest", ar.stderr_digest.as_ref()),
+    ] {
+        if let Some(d) = d {
+            blobs.push(digest(field, Some(d))?);
+        }
+    }
+    for (i, f) in ar.output_files.iter().enumerate() {
+        blobs.push(digest(
+            &format!("output_files[{i}].digest"),
+            f.digest.as_ref(),
+        )?);
+    }
+    for (i, d) in ar.output_directories.iter().enumerate() {
+        trees.push(digest(
+            &format!("output_directories[{i}].tree_digest"),
+            d.tree_digest.as_ref(),
+        )?);
+    }
+    Ok((blobs, trees))
+}
+
+impl Svc {
+    /// Whether every blob `ar` references is here, Tree contents included: a hit must never
+    /// send a client after a blob this cache lost.
+    fn outputs_present(&self, ar: &remexec::ActionResult) -> Result<bool, Status> {
+        let (mut blobs, trees) = referenced_blobs(ar)?;
+        for t in &trees {
+            let Some(bytes) = self
+                .store()
+                .load_bytes(*t)
+                .map_err(|e| store_status("reading a Tree", &e))?
+            else {
+                return Ok(false);
+            };
+            let tree = remexec::Tree::decode(&bytes[..])
+                .map_err(|e| Status::internal(format!("stored Tree {t} is undecodable: {e}")))?;
+            for dir in tree.root.iter().chain(&tree.children) {
+                for f in &dir.files {
+                    blobs.push(digest("Tree file digest", f.digest.as_ref())?);
+                }
+            }
+        }
+        blobs.retain(|d| *d != EMPTY_DIGEST);
+        Ok(self.store().missing(blobs).is_empty())
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for Svc {
+    async fn get_action_result(
+        &self,
+        req: Request<remexec::GetActionResultRequest>,
+    ) -> Result<Response<remexec::ActionResult>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let action = digest("action_digest", req.action_digest.as_ref())?;
+        let Some(bytes) = self
+            .store()
+            .get_ref(action)
+            .map_err(|e| store_status("reading the action cache", &e))?
+        else {
+            return Err(Status::not_found(format!("no result for action {action}")));
+        };
+        let ar = remexec::ActionResult::decode(&bytes[..]).map_err(|e| {
+            Status::internal(format!("stored result for {action} is undecodable: {e}"))
+        })?;
+        if !self.outputs_present(&ar)? {
+            // A dangling entry: drop it, and answer as if it never existed.
+            let _ = self.store().remove_ref(action);
+            return Err(Status::not_found(format!(
+                "the result for action {action} names outputs this cache no longer has"
+            )));
+        }
+        Ok(Response::new(ar))
+    }
+
+    async fn update_action_result(
+        &self,
+        req: Request<remexec::UpdateActionResultRequest>,
+    ) -> Result<Response<remexec::ActionResult>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        self.check_digest_function(req.digest_function)?;
+        let action = digest("action_digest", req.action_digest.as_ref())?;
+        let ar = req
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        // Every digest in it must parse; outputs may arrive later (clients upload first, but
+        // the spec does not require it), so presence is checked when the entry is read.
+        referenced_blobs(&ar)?;
+        self.store()
+            .put_ref(action, &ar.encode_to_vec())
+            .map_err(|e| store_status("writing the action cache", &e))?;
+        Ok(Response::new(ar))
+    }
+}
+
+#[tonic::async_trait]
+impl ByteStream for Svc {
+    type ReadStream = BoxStream<ReadResponse>;
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let req = req.into_inner();
+        let r = parse_resource(&req.resource_name, false)?;
+        self.check_instance(&r.instance)?;
+        let d = r.digest;
+        let size = i64::try_from(d.size_bytes).unwrap_or(i64::MAX);
+        if req.read_offset < 0 || req.read_offset > size {
+            return Err(Status::out_of_range(format!(
+                "read_offset {} is outside blob {d} (0..={size})",
+                req.read_offset
+            )));
+        }
+        if req.read_limit < 0 {
+            return Err(Status::invalid_argument(format!(
+                "read_limit {} is negative",
+                req.read_limit
+            )));
+        }
+        if r.compressed && (req.read_offset != 0 || req.read_limit != 0) {
+            return Err(Status::invalid_argument(
+                "read_offset/read_limit on compressed-blobs reads are not supported; read from 0",
+            ));
+        }
+        let offset = req.read_offset as u64;
+        let end = match req.read_limit {
+            0 => d.size_bytes,
+            n => (offset + n as u64).min(d.size_bytes),
+        };
+        let source = self.open(d).await?;
+        let stream = read_stream(source, offset, end, r.compressed);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn write(
+        &self,
+        req: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("an empty write stream"))??;
+        let r = parse_resource(&first.resource_name, true)?;
+        self.check_instance(&r.instance)?;
+        let d = r.digest;
+        self.check_size(d)?;
+        let size = i64::try_from(d.size_bytes).unwrap_or(i64::MAX);
+        // REAPI: a blob already here ends the write at once, with the full size (or -1 for a
+        // compressed upload, whose compressed length the server cannot know).
+        let done = || WriteResponse {
+            committed_size: if r.compressed { -1 } else { size },
+        };
+        if self.store().contains(d) {
+            return Ok(Response::new(done()));
+        }
+        // Streams into a pool temp file (or memory, for small blobs), hashed as written, and
+        // committed only when the digest verifies: a cut-off upload leaves nothing visible.
+        let mut dest = self
+            .store()
+            .begin_write(d)
+            .await
+            .map_err(|e| store_status("starting the upload", &e))?;
+        let mut decoder = if r.compressed {
+            Some(
+                store::zstd_stream::ZstdStream::new()
+                    .map_err(|e| store_status("starting zstd", &e))?,
+            )
+        } else {
+            None
+        };
+        let mut received: i64 = 0;
+        let mut msg = first;
+        loop {
+            if msg.write_offset != received {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} but {received} bytes were received (resumed uploads start over)",
+                    msg.write_offset
+                )));
+            }
+            if !msg.resource_name.is_empty() && msg.resource_name != r.resource_name_of(&msg) {
+                return Err(Status::invalid_argument(
+                    "resource_name changed in the middle of a write",
+                ));
+            }
+            received += msg.data.len() as i64;
+            let written = match &mut decoder {
+                Some(z) => z.feed(&msg.data, &mut dest).await,
+                None => dest.write_all(&msg.data).await,
+            };
+            written.map_err(|e| Status::invalid_argument(format!("upload of {d} refused: {e}")))?;
+            if msg.finish_write {
+                break;
+            }
+            msg = match stream.next().await {
+                Some(m) => m?,
+                None => {
+                    return Err(Status::invalid_argument(
+                        "the write stream ended without finish_write; nothing was stored",
+                    ));
+                }
+            };
+        }
+        if let Some(z) = &mut decoder {
+            z.finish(&mut dest)
+                .await
+                .map_err(|e| Status::invalid_argument(format!("upload of {d} refused: {e}")))?;
+        }
+        dest.commit().await.map_err(|e| match e.kind() {
+            ErrorKind::InvalidData => {
+                Status::invalid_argument(format!("upload refused, nothing stored: {e}"))
+            }
+            _ => store_status("committing the upload", &e),
+        })?;
+        Ok(Response::new(done()))
+    }
+
+    async fn query_write_status(
+        &self,
+        req: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        // Uploads are not resumable: a blob is either complete (committed) or absent.
+        let r = parse_resource(&req.get_ref().resource_name, true)?;
+        self.check_instance(&r.instance)?;
+        let complete = self.store().contains(r.digest);
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: if complete {
+                i64::try_from(r.digest.size_bytes).unwrap_or(i64::MAX)
+            } else {
+                0
+            },
+            complete,
+        }))
+    }
+}
+
+impl Resource {
+    /// A later message may repeat the resource name; it must be the same blob.
+    fn resource_name_of(&self, msg: &WriteRequest) -> String {
+        match parse_resource(&msg.resource_name, true) {
+            Ok(other) if other == *self => msg.resource_name.clone(),
+            _ => String::from("\u{0}different"),
+        }
+    }
+}
+
+/// Where a read's bytes come from.
+enum Source {
+    Memory(bytes::Bytes),
+    File(tokio::fs::File),
+}
+
+impl Svc {
+    async fn open(&self, d: Digest) -> Result<Source, Status> {
+        if let Some(path) = self
+            .store()
+            .load_file(d)
+            .map_err(|e| store_status("reading", &e))?
+        {
+            // An open file survives eviction (unlink) while it is being read.
+            let f = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| Status::internal(format!("opening blob {d}: {e}")))?;
+            return Ok(Source::File(f));
+        }
+        match self
+            .store()
+            .load_bytes(d)
+            .map_err(|e| store_status("reading", &e))?
+        {
+            Some(b) => Ok(Source::Memory(b)),
+            None => Err(Status::not_found(format!("blob {d} not found"))),
+        }
+    }
+}
+
+/// The bytes `offset..end` of `source` in chunks; compressed: each chunk its own zstd frame
+/// (concatenated frames are one valid zstd stream).
+fn read_stream(
+    source: Source,
+    offset: u64,
+    end: u64,
+    compressed: bool,
+) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
+    let state = (source, offset, false);
+    futures::stream::unfold(state, move |(mut source, pos, done)| async move {
+        if done || (pos >= end && !(pos == 0 && end == 0)) {
+            return None;
+        }
+        let want = usize::try_from((end - pos).min(READ_CHUNK_BYTES as u64)).unwrap_or(0);
+        let chunk: Result<Vec<u8>, Status> = match &mut source {
+            Source::Memory(b) => {
+                let start = usize::try_from(pos).unwrap_or(usize::MAX).min(b.len());
+                let stop = (start + want).min(b.len());
+                Ok(b[start..stop].to_vec())
+            }
+            Source::File(f) => {
+                let mut buf = vec![0u8; want];
+                let read = async {
+                    f.seek(std::io::SeekFrom::Start(pos)).await?;
+                    f.read_exact(&mut buf).await?;
+                    Ok::<_, std::io::Error>(())
+                }
+                .await;
+                read.map(|()| buf)
+                    .map_err(|e| Status::internal(format!("reading a stored blob: {e}")))
+            }
+        };
+        let item = chunk.and_then(|data| {
+            let data = if compressed {
+                zstd::bulk::compress(&data, 1)
+                    .map_err(|e| Status::internal(format!("zstd: {e}")))?
+            } else {
+                data
+            };
+            Ok(ReadResponse { data })
+        });
+        let failed = item.is_err();
+        let next = pos + want as u64;
+        // An empty blob is sent as one empty message; after an error, stop.
+        let finished = failed || next >= end;
+        Some((item, (source, next, finished)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const H: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn resource_names_are_parsed_strictly() {
+        let ok = parse_resource(&format!("main/blobs/{H}/4"), false).unwrap();
+        assert_eq!((ok.instance.as_str(), ok.compressed), ("main", false));
+        let ok = parse_resource(
+            &format!("a/b/uploads/u-1/compressed-blobs/zstd/{H}/4/meta"),
+            true,
+        )
+        .unwrap();
+        assert_eq!((ok.instance.as_str(), ok.compressed), ("a/b", true));
+        assert_eq!(
+            parse_resource(&format!("blobs/{H}/4"), false)
+                .unwrap()
+                .instance,
+            ""
+        );
+        for (bad, write, why) in [
+            (format!("main/blobs/{H}"), false, "expected"),
+            (format!("main/blobs/{}/4", &H[..63]), false, "resource_name"),
+            (format!("main/blobs/{H}/-1"), false, "resource_name"),
+            (format!("main/blobs/{H}/4"), true, "uploads/<uuid>"),
+            (format!("main/uploads/x/blobs/{H}/4"), false, "for writes"),
+            (format!("../blobs/{H}/4"), false, "`..`"),
+            (format!("main/compressed-blobs/gzip/{H}/4"), false, "gzip"),
+            ("nothing".to_owned(), false, "no `blobs/`"),
+        ] {
+            let e = parse_resource(&bad, write).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert!(e.message().contains(why), "{bad}: {}", e.message());
+        }
+    }
+}
