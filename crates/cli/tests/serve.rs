@@ -1,0 +1,177 @@
+//! `recache serve` as an operator runs it: the real binary, killed with -9 in the middle of an
+//! upload and restarted, and stopped with SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use bazel_remote_apis::google::bytestream::{WriteRequest, byte_stream_client::ByteStreamClient};
+
+/// Starts `recache serve` on a free port; returns the child and its grpc address.
+fn serve(storage: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
+        .arg(storage)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("grpc://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+async fn channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(addr.replace("grpc://", "http://"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn is_missing(addr: &str, d: hashing::Digest) -> bool {
+    let resp = ContentAddressableStorageClient::new(channel(addr).await)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: vec![d.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    !resp.missing_blob_digests.is_empty()
+}
+
+fn temp_files(storage: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(storage.join("store/large"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(".tmp-")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_upload_then_restart_leaves_no_partial_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let (mut child, addr) = serve(&storage);
+    let blob = testutil::data::pseudo_random(8 * 1024 * 1024, 9);
+    let d = hashing::Digest::of_bytes(&blob);
+    let resource = format!("uploads/k/blobs/{}/{}", d.hash, d.size_bytes);
+
+    // Send 3 MiB, then hold the stream open: the server is mid-write.
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(8);
+    let mut client = ByteStreamClient::new(channel(&addr).await);
+    let upload = tokio::spawn(async move {
+        client
+            .write(tokio_stream_from(rx))
+            .await
+            .map(|r| r.into_inner().committed_size)
+    });
+    for (i, chunk) in blob[..3 * 1024 * 1024].chunks(1024 * 1024).enumerate() {
+        tx.send(WriteRequest {
+            resource_name: if i == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i * 1024 * 1024) as i64,
+            finish_write: false,
+            data: chunk.to_vec(),
+        })
+        .await
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !temp_files(&storage)
+        .iter()
+        .any(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= 1024 * 1024)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never started writing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop(tx);
+    assert!(
+        upload.await.unwrap().is_err(),
+        "the client sees the upload fail"
+    );
+
+    // Restart on the same storage: nothing partial is visible, the temp file is gone, and the
+    // blob can be uploaded again.
+    let (mut child, addr) = serve(&storage);
+    assert!(
+        is_missing(&addr, d).await,
+        "a partial upload must never become visible"
+    );
+    assert!(
+        temp_files(&storage).is_empty(),
+        "{:?}",
+        temp_files(&storage)
+    );
+    let msgs: Vec<WriteRequest> = blob
+        .chunks(1024 * 1024)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i * 1024 * 1024) as i64,
+            finish_write: (i + 1) * 1024 * 1024 >= blob.len(),
+            data: c.to_vec(),
+        })
+        .collect();
+    let committed = ByteStreamClient::new(channel(&addr).await)
+        .write(futures::stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_size;
+    assert_eq!(committed, d.size_bytes as i64);
+    assert!(!is_missing(&addr, d).await);
+
+    // SIGTERM stops it cleanly.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "recache serve exits 0 on SIGTERM: {status:?}"
+    );
+}
+
+/// An mpsc receiver as a stream (without pulling in tokio-stream for one use).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

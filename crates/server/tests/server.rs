@@ -1,0 +1,510 @@
+//! `recache serve` as clients see it over the wire, for what the shared interop suites do not
+//! cover: hostile and malformed requests, compressed and offset transfers, dangling action
+//! results, limits, authentication, restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient, compressor,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use bazel_remote_apis::google::bytestream::{
+    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
+};
+use futures::StreamExt;
+use hashing::Digest;
+use server::{CacheServer, ServerOptions};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    _dir: Option<tempfile::TempDir>,
+    channel: Channel,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+async fn start_at(options: ServerOptions, dir: Option<tempfile::TempDir>) -> Running {
+    let server = CacheServer::open(options).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        server
+            .serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Running {
+        _dir: dir,
+        channel,
+        stop: Some(tx),
+        handle,
+    }
+}
+
+async fn start_with(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(dir.path());
+    tweak(&mut options);
+    start_at(options, Some(dir)).await
+}
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    testutil::data::pseudo_random(len, seed)
+}
+
+fn cas(r: &Running) -> ContentAddressableStorageClient<Channel> {
+    ContentAddressableStorageClient::new(r.channel.clone()).max_decoding_message_size(16 << 20)
+}
+
+async fn missing(r: &Running, d: Digest) -> bool {
+    let resp = cas(r)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: vec![d.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    !resp.missing_blob_digests.is_empty()
+}
+
+/// Writes `chunks` (already encoded as they go on the wire) to `resource`.
+async fn write(r: &Running, resource: &str, chunks: Vec<Vec<u8>>) -> Result<i64, tonic::Status> {
+    let mut offset = 0i64;
+    let n = chunks.len();
+    let msgs: Vec<WriteRequest> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let m = WriteRequest {
+                resource_name: if i == 0 {
+                    resource.to_owned()
+                } else {
+                    String::new()
+                },
+                write_offset: offset,
+                finish_write: i + 1 == n,
+                data: c.clone(),
+            };
+            offset += c.len() as i64;
+            m
+        })
+        .collect();
+    ByteStreamClient::new(r.channel.clone())
+        .write(futures::stream::iter(msgs))
+        .await
+        .map(|resp| resp.into_inner().committed_size)
+}
+
+async fn read(
+    r: &Running,
+    resource: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = ByteStreamClient::new(r.channel.clone())
+        .read(ReadRequest {
+            resource_name: resource.to_owned(),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        out.extend_from_slice(&msg?.data);
+    }
+    Ok(out)
+}
+
+fn blob_resource(d: Digest) -> String {
+    format!("blobs/{}/{}", d.hash, d.size_bytes)
+}
+
+#[tokio::test]
+async fn a_corrupted_upload_is_refused_and_nothing_is_stored() {
+    let r = start_with(|_| {}).await;
+    let good = data(100_000, 1);
+    let d = Digest::of_bytes(&good);
+    let mut bad = good.clone();
+    bad[500] ^= 1;
+    // Batch: a per-blob INVALID_ARGUMENT.
+    let resp = cas(&r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: bad.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.responses[0].status.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
+    assert!(missing(&r, d).await);
+    // ByteStream, large: streamed into a temp file, refused at the end, never visible.
+    let big = data(3 * 1024 * 1024, 2);
+    let bd = Digest::of_bytes(&big);
+    let mut big_bad = big.clone();
+    big_bad[2_000_000] ^= 1;
+    let err = write(
+        &r,
+        &format!("uploads/u1/{}", blob_resource(bd)),
+        big_bad.chunks(1024 * 1024).map(<[u8]>::to_vec).collect(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(missing(&r, bd).await);
+    // Too long: refused before it is all written.
+    let mut long = big.clone();
+    long.extend_from_slice(b"extra");
+    let err = write(&r, &format!("uploads/u2/{}", blob_resource(bd)), vec![long])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(missing(&r, bd).await);
+    // The right bytes go in.
+    let committed = write(
+        &r,
+        &format!("uploads/u3/{}", blob_resource(bd)),
+        big.chunks(1024 * 1024).map(<[u8]>::to_vec).collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(committed, bd.size_bytes as i64);
+    assert!(!missing(&r, bd).await);
+    // Writing it again ends at once with the full size.
+    let again = write(
+        &r,
+        &format!("uploads/u4/{}", blob_resource(bd)),
+        vec![big[..10].to_vec()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, bd.size_bytes as i64);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn multi_frame_compressed_writes_and_offset_reads() {
+    let r = start_with(|_| {}).await;
+    // Text-like, so it compresses; 3 MiB + change, so reads cross 1 MiB chunk boundaries.
+    let mut content = Vec::new();
+    let mut i = 0u64;
+    while content.len() < 3 * 1024 * 1024 + 12_345 {
+        content.extend_from_slice(format!("line {i:09} of some build output\n").as_bytes());
+        i += 1;
+    }
+    let d = Digest::of_bytes(&content);
+    // One zstd frame per 256 KiB chunk, as Bazel sends them; the chunks of the compressed
+    // stream are cut at arbitrary points.
+    let mut stream = Vec::new();
+    for part in content.chunks(256 * 1024) {
+        stream.extend(zstd::bulk::compress(part, 3).unwrap());
+    }
+    let committed = write(
+        &r,
+        &format!(
+            "uploads/z/compressed-blobs/zstd/{}/{}",
+            d.hash, d.size_bytes
+        ),
+        stream.chunks(77_777).map(<[u8]>::to_vec).collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(committed, -1, "a compressed write reports -1 (REAPI)");
+    assert!(!missing(&r, d).await);
+    // Plain reads at offsets across chunk boundaries.
+    let res = blob_resource(d);
+    assert_eq!(read(&r, &res, 0, 0).await.unwrap(), content);
+    for (offset, limit) in [(1024 * 1024 - 10, 100), (2 * 1024 * 1024 + 5, 0), (7, 1)] {
+        let got = read(&r, &res, offset, limit).await.unwrap();
+        let start = offset as usize;
+        let end = if limit == 0 {
+            content.len()
+        } else {
+            start + limit as usize
+        };
+        assert_eq!(got, &content[start..end], "offset {offset} limit {limit}");
+    }
+    // Past the end is OUT_OF_RANGE; the end itself is an empty read.
+    let err = read(&r, &res, d.size_bytes as i64 + 1, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        read(&r, &res, d.size_bytes as i64, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A compressed read decodes to the same bytes.
+    let z = read(
+        &r,
+        &format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
+        0,
+        0,
+    )
+    .await
+    .unwrap();
+    assert_eq!(zstd::stream::decode_all(&z[..]).unwrap(), content);
+    // Garbage in a compressed upload is refused.
+    let other = b"other".to_vec();
+    let od = Digest::of_bytes(&other);
+    let err = write(
+        &r,
+        &format!(
+            "uploads/g/compressed-blobs/zstd/{}/{}",
+            od.hash, od.size_bytes
+        ),
+        vec![b"not zstd at all".to_vec()],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(missing(&r, od).await);
+    // Batches: zstd in, zstd out when asked.
+    let small = content[..100_000].to_vec();
+    let sd = Digest::of_bytes(&small);
+    cas(&r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(sd.into()),
+                data: zstd::bulk::compress(&small, 1).unwrap(),
+                compressor: compressor::Value::Zstd as i32,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let resp = cas(&r)
+        .batch_read_blobs(remexec::BatchReadBlobsRequest {
+            digests: vec![sd.into()],
+            acceptable_compressors: vec![compressor::Value::Zstd as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = &resp.responses[0];
+    assert_eq!(got.compressor, compressor::Value::Zstd as i32);
+    assert_eq!(zstd::stream::decode_all(&got.data[..]).unwrap(), small);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_name_what_is_wrong() {
+    let r = start_with(|o| {
+        o.instance_names = vec!["main".into()];
+        o.max_blob_size = 1024 * 1024;
+    })
+    .await;
+    let d = Digest::of_bytes(b"x");
+    for (resource, why) in [
+        (format!("main/blobs/{}", d.hash), "<hash>/<size>"),
+        (format!("main/blobs/{}/x", d.hash), "resource_name"),
+        (
+            format!("main/blobs/{}/1", &d.hash.to_hex()[..10]),
+            "resource_name",
+        ),
+        ("main/nothing".to_owned(), "blobs"),
+        (
+            format!("other/blobs/{}/1", d.hash),
+            "instance_name \"other\"",
+        ),
+    ] {
+        let err = read(&r, &resource, 0, 0).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{resource}");
+        assert!(err.message().contains(why), "{resource}: {}", err.message());
+    }
+    let err = read(&r, &format!("main/blobs/{}/1", d.hash), -1, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    // Wrong instance on the CAS, a malformed digest field.
+    let err = cas(&r)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            instance_name: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = cas(&r)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            instance_name: "main".into(),
+            blob_digests: vec![remexec::Digest {
+                hash: "nothex".into(),
+                size_bytes: 1,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("blob_digests[0]"),
+        "{}",
+        err.message()
+    );
+    // A blob above --max-blob-size is refused before anything is written.
+    let big = data(2 * 1024 * 1024, 3);
+    let bd = Digest::of_bytes(&big);
+    let err = write(
+        &r,
+        &format!("main/uploads/u/{}", blob_resource(bd)),
+        vec![big],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn an_action_result_whose_outputs_are_gone_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let out = data(2000, 4);
+    let od = Digest::of_bytes(&out);
+    cas(&r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(od.into()),
+                data: out,
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let action = Digest::of_bytes(b"an action");
+    let ar = remexec::ActionResult {
+        output_files: vec![remexec::OutputFile {
+            path: "out".into(),
+            digest: Some(od.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    ac.update_action_result(remexec::UpdateActionResultRequest {
+        action_digest: Some(action.into()),
+        action_result: Some(ar.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let get = remexec::GetActionResultRequest {
+        action_digest: Some(action.into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ac.get_action_result(get.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+        ar
+    );
+    // Restart: the entry and the blob survive.
+    r.stop().await;
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    assert_eq!(
+        ac.get_action_result(get.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+        ar
+    );
+    // The output is lost (evicted, deleted): the entry is not served.
+    r.stop().await;
+    let store =
+        store::LocalStore::open(store::LocalStoreOptions::new(dir.path().join("store"))).unwrap();
+    assert_eq!(store.remove(&[od]).unwrap(), 1);
+    drop(store);
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    let err = ac.get_action_result(get).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_required_when_set() {
+    let r = start_with(|o| o.auth_token = Some("s3cret".into())).await;
+    let err = cas(&r)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(remexec::FindMissingBlobsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(
+        cas(&r).find_missing_blobs(req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut req = tonic::Request::new(remexec::FindMissingBlobsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    cas(&r).find_missing_blobs(req).await.unwrap();
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_past_the_size_bound_keep_the_store_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(dir.path());
+    options.max_size = 8 * 1024 * 1024;
+    let r = start_at(options, None).await;
+    let writes = (0..12u64).map(|i| {
+        let blob = data(1024 * 1024, 100 + i);
+        let d = Digest::of_bytes(&blob);
+        let r = &r;
+        async move {
+            write(r, &format!("uploads/c{i}/{}", blob_resource(d)), vec![blob])
+                .await
+                .unwrap()
+        }
+    });
+    futures::future::join_all(writes).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.stop().await;
+    let store =
+        store::LocalStore::open(store::LocalStoreOptions::new(dir.path().join("store"))).unwrap();
+    let usage = store.usage();
+    assert!(
+        usage.total_bytes() <= 8 * 1024 * 1024,
+        "12 MiB written into an 8 MiB bound: {usage:?}"
+    );
+    assert!(
+        usage.total_blobs() >= 6,
+        "the newest blobs are kept: {usage:?}"
+    );
+}
