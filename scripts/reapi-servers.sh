@@ -219,6 +219,27 @@ start_recache() {
   say "recache serve ready on 127.0.0.1:$port (pid $pid)"
 }
 
+# buildbox-casd as a *client* of recache serve: a proxy that forwards CAS and ActionCache calls
+# (`--cas-remote`, `--ac-remote`). Only when recache serve runs.
+start_casd_proxy() {
+  local port log upstream
+  upstream="$(sed -n 's/^export RECACHE_TEST_RECACHE=grpc:\/\///p' "$RUN/env.sh")"
+  [ -n "$upstream" ] || return 0
+  port="$(free_port)"
+  log="$RUN/casd-proxy.log"
+  mkdir -p "$RUN/casd-proxy-cache"
+  "$CASD" --bind "127.0.0.1:$port" --cas-remote "http://$upstream" --ac-remote "http://$upstream" \
+    --quota-high 1G --reserved 128M --log-level warning "$RUN/casd-proxy-cache" >"$log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$RUN/casd-proxy.pid"
+  wait_ready "buildbox-casd proxy" "127.0.0.1:$port" "" "$pid" "$log" || return 1
+  {
+    echo "export RECACHE_TEST_CASD_PROXY=grpc://127.0.0.1:$port"
+    echo "export RECACHE_TEST_CASD_PROXY_INSTANCE="
+  } >>"$RUN/env.sh"
+  say "buildbox-casd proxy to recache serve ready on 127.0.0.1:$port (pid $pid)"
+}
+
 stop_one() {
   local name="$1" pidfile="$RUN/$1.pid"
   [ -f "$pidfile" ] || return 0
@@ -242,6 +263,7 @@ stop() {
   [ -d "$RUN" ] || return 0
   stop_one buildgrid
   stop_one casd
+  stop_one casd-proxy
   stop_one recache
   rm -rf "$RUN"
   say "stopped"
@@ -252,7 +274,7 @@ start() {
   stop
   mkdir -p "$RUN"
   : >"$RUN/env.sh"
-  if ! start_casd || ! start_buildgrid || ! start_recache; then
+  if ! start_casd || ! start_buildgrid || ! start_recache || ! start_casd_proxy; then
     stop
     die "could not start the REAPI servers"
   fi
@@ -260,7 +282,7 @@ start() {
 
 status() {
   local any=0 n
-  for n in buildgrid casd recache; do
+  for n in buildgrid casd recache casd-proxy; do
     if [ -f "$RUN/$n.pid" ] && kill -0 "$(cat "$RUN/$n.pid")" 2>/dev/null; then
       echo "$n: running (pid $(cat "$RUN/$n.pid"))"
       any=1

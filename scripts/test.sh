@@ -28,6 +28,9 @@ cargo doc --no-deps --workspace --locked
 step "cargo build --workspace (recache serve is one of the servers the tests use)"
 cargo build --workspace --locked
 
+step "Bazel 4.2.3 for the Bazel scenario (installed once)"
+scripts/install-bazel.sh
+
 step "starting real REAPI servers"
 trap 'scripts/reapi-servers.sh stop' EXIT
 scripts/reapi-servers.sh start

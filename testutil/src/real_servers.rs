@@ -20,6 +20,9 @@ pub enum ServerKind {
     BuildboxCasd,
     /// `recache serve`, this project's own server, started from the built binary.
     Recache,
+    /// buildbox-casd as a proxy in front of `recache serve` (`--cas-remote`, `--ac-remote`):
+    /// every call it cannot answer locally goes to our server, as a real client of it.
+    CasdProxy,
 }
 
 impl ServerKind {
@@ -29,6 +32,7 @@ impl ServerKind {
             ServerKind::BuildGrid => "BuildGrid",
             ServerKind::BuildboxCasd => "buildbox-casd",
             ServerKind::Recache => "recache serve",
+            ServerKind::CasdProxy => "buildbox-casd proxying to recache serve",
         }
     }
 
@@ -38,6 +42,7 @@ impl ServerKind {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD",
             ServerKind::Recache => "RECACHE_TEST_RECACHE",
+            ServerKind::CasdProxy => "RECACHE_TEST_CASD_PROXY",
         }
     }
 
@@ -47,6 +52,7 @@ impl ServerKind {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_STORAGE",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_STORAGE",
             ServerKind::Recache => "RECACHE_TEST_RECACHE_STORAGE",
+            ServerKind::CasdProxy => "RECACHE_TEST_CASD_PROXY_STORAGE",
         }
     }
 
@@ -56,6 +62,7 @@ impl ServerKind {
             ServerKind::BuildGrid => "RECACHE_TEST_BUILDGRID_INSTANCE",
             ServerKind::BuildboxCasd => "RECACHE_TEST_CASD_INSTANCE",
             ServerKind::Recache => "RECACHE_TEST_RECACHE_INSTANCE",
+            ServerKind::CasdProxy => "RECACHE_TEST_CASD_PROXY_INSTANCE",
         }
     }
 }

@@ -323,3 +323,89 @@ macro_rules! interop_suite {
 interop_suite!(buildgrid, ServerKind::BuildGrid);
 interop_suite!(buildbox_casd, ServerKind::BuildboxCasd);
 interop_suite!(recache_serve, ServerKind::Recache);
+interop_suite!(casd_proxy, ServerKind::CasdProxy);
+
+/// buildbox-casd as a real *client* of `recache serve`: a blob and an action result written
+/// through the proxy land in our server, and our server serves them back directly.
+#[tokio::test]
+async fn writes_through_the_casd_proxy_land_in_recache_serve() {
+    let Some(proxy) = RealServer::require(ServerKind::CasdProxy).await else {
+        return;
+    };
+    let Some(origin) = RealServer::require(ServerKind::Recache).await else {
+        return;
+    };
+    let blob = unique_blob(300_000);
+    let d = Digest::of_bytes(&blob);
+    let resp = ContentAddressableStorageClient::new(proxy.channel.clone())
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            instance_name: proxy.instance.clone(),
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: blob.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses[0].status.as_ref().map_or(0, |s| s.code), 0);
+    let action = Digest::of_bytes(&unique_blob(64));
+    let result = remexec::ActionResult {
+        output_files: vec![remexec::OutputFile {
+            path: "out.bin".into(),
+            digest: Some(d.into()),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        ..Default::default()
+    };
+    ActionCacheClient::new(proxy.channel.clone())
+        .update_action_result(remexec::UpdateActionResultRequest {
+            instance_name: proxy.instance.clone(),
+            action_digest: Some(action.into()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Straight from recache serve, not through the proxy.
+    let missing = ContentAddressableStorageClient::new(origin.channel.clone())
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            instance_name: origin.instance.clone(),
+            blob_digests: vec![d.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        missing.missing_blob_digests.is_empty(),
+        "the blob written through casd is in recache serve"
+    );
+    let got = ActionCacheClient::new(origin.channel.clone())
+        .get_action_result(remexec::GetActionResultRequest {
+            instance_name: origin.instance.clone(),
+            action_digest: Some(action.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.output_files, result.output_files);
+    let mut stream = ByteStreamClient::new(origin.channel.clone())
+        .read(ReadRequest {
+            resource_name: origin.read_resource(&d),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(m) = stream.next().await {
+        back.extend_from_slice(&m.unwrap().data);
+    }
+    assert_eq!(back, blob);
+}
