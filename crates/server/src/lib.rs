@@ -86,6 +86,57 @@ pub enum ServerError {
 pub(crate) struct Inner {
     pub store: LocalStore,
     pub options: ServerOptions,
+    /// Bytes reserved by uploads in progress (see [`Inner::reserve`]).
+    pub reserved: std::sync::atomic::AtomicU64,
+    /// One reservation decision (and its GC) at a time.
+    pub reserving: std::sync::Mutex<()>,
+}
+
+/// Space held for one upload in progress; released when dropped (committed or abandoned).
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.inner
+            .reserved
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    /// Reserves room for a blob of `bytes` before its upload starts: stored bytes plus every
+    /// upload in progress must stay within `max_size`. When they would not, least-recently-used
+    /// blobs are evicted first (never one being uploaded: it is not stored yet, and the newest
+    /// blobs are evicted last); when even that cannot make room, the upload is refused with
+    /// RESOURCE_EXHAUSTED rather than filling the disk.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, tonic::Status> {
+        use std::sync::atomic::Ordering;
+        let max = self.options.max_size;
+        let _one = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
+        let in_flight = self.reserved.load(Ordering::Acquire);
+        let fits = |stored: u64| stored.saturating_add(in_flight).saturating_add(bytes) <= max;
+        if !fits(self.store.usage().total_bytes()) {
+            let target = max.saturating_sub(in_flight.saturating_add(bytes));
+            if let Err(e) = self.store.gc(target) {
+                tracing::warn!(error = %e, "GC to make room for an upload failed");
+            }
+            if !fits(self.store.usage().total_bytes()) {
+                return Err(tonic::Status::resource_exhausted(format!(
+                    "the cache is full: {bytes} more bytes would exceed --max-size {max} \
+                     ({in_flight} bytes of uploads in progress); retry later"
+                )));
+            }
+        }
+        self.reserved.fetch_add(bytes, Ordering::AcqRel);
+        Ok(Reservation {
+            inner: self.clone(),
+            bytes,
+        })
+    }
 }
 
 /// A REAPI cache server over a store directory. See the crate docs.
@@ -101,7 +152,12 @@ impl CacheServer {
         store_options.max_size = Some(options.max_size);
         let store = LocalStore::open(store_options)?;
         Ok(CacheServer {
-            inner: Arc::new(Inner { store, options }),
+            inner: Arc::new(Inner {
+                store,
+                options,
+                reserved: Default::default(),
+                reserving: Default::default(),
+            }),
         })
     }
 

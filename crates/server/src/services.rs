@@ -154,6 +154,7 @@ impl Svc {
     /// Verifies `data` against `d` and stores it.
     fn store_verified(&self, d: Digest, data: &[u8]) -> Result<(), Status> {
         self.check_size(d)?;
+        let _room = self.0.reserve(d.size_bytes)?;
         if data.len() as u64 != d.size_bytes || Digest::of_bytes(data) != d {
             return Err(Status::invalid_argument(format!(
                 "content does not match digest {d}"
@@ -649,6 +650,7 @@ impl ByteStream for Svc {
         if self.store().contains(d) {
             return Ok(Response::new(done()));
         }
+        let _room = self.0.reserve(d.size_bytes)?;
         // Streams into a pool temp file (or memory, for small blobs), hashed as written, and
         // committed only when the digest verifies: a cut-off upload leaves nothing visible.
         let mut dest = self

@@ -508,3 +508,70 @@ async fn concurrent_writes_past_the_size_bound_keep_the_store_within_it() {
         "the newest blobs are kept: {usage:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_reserve_their_size_and_a_full_cache_says_so() {
+    let r = start_with(|o| o.max_size = 5 * 1024 * 1024).await;
+    // Two 2 MiB uploads in progress hold 4 MiB of the 5 MiB bound.
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| data(2 * 1024 * 1024, 200 + i)).collect();
+    let mut open = Vec::new();
+    for (i, blob) in blobs.iter().take(2).enumerate() {
+        let d = Digest::of_bytes(blob);
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        let mut client = ByteStreamClient::new(r.channel.clone());
+        let call = tokio::spawn(async move {
+            client
+                .write(futures::stream::poll_fn({
+                    let mut rx = rx;
+                    move |cx| rx.poll_recv(cx)
+                }))
+                .await
+                .map(|resp| resp.into_inner().committed_size)
+        });
+        tx.send(WriteRequest {
+            resource_name: format!("uploads/r{i}/{}", blob_resource(d)),
+            write_offset: 0,
+            finish_write: false,
+            data: blob[..1024 * 1024].to_vec(),
+        })
+        .await
+        .unwrap();
+        open.push((tx, call, blob.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third would need 6 MiB: refused while the two are in flight, with nothing to evict.
+    let third = &blobs[2];
+    let td = Digest::of_bytes(third);
+    let err = write(
+        &r,
+        &format!("uploads/r2/{}", blob_resource(td)),
+        vec![third.clone()],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("in progress"), "{}", err.message());
+    // The two finish; their reservations become stored bytes.
+    for (tx, call, blob) in open {
+        tx.send(WriteRequest {
+            resource_name: String::new(),
+            write_offset: 1024 * 1024,
+            finish_write: true,
+            data: blob[1024 * 1024..].to_vec(),
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        assert_eq!(call.await.unwrap().unwrap(), 2 * 1024 * 1024);
+    }
+    // Now the third fits by evicting the least recently used of them.
+    write(
+        &r,
+        &format!("uploads/r3/{}", blob_resource(td)),
+        vec![third.clone()],
+    )
+    .await
+    .unwrap();
+    assert!(!missing(&r, td).await);
+    r.stop().await;
+}
