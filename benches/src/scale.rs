@@ -159,3 +159,42 @@ pub fn cli_path_hit(
     }
     crate::hit::median(&mut samples)
 }
+
+/// Time from starting `recache serve`'s server on a store holding `blobs` small blobs (filled
+/// beforehand, untimed) to its first answered RPC: open the storage, bind, serve, answer
+/// `GetCapabilities` and a `FindMissingBlobs`. A persisted index (the store's counters), not a
+/// walk of the blobs, is what keeps this flat.
+pub async fn server_restart(storage: &std::path::Path) -> Duration {
+    use bazel_remote_apis::build::bazel::remote::execution::v2::{
+        capabilities_client::CapabilitiesClient,
+        content_addressable_storage_client::ContentAddressableStorageClient,
+    };
+    let started = Instant::now();
+    let server = server::CacheServer::open(server::ServerOptions::new(storage)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(server.serve(listener, async {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    CapabilitiesClient::new(channel.clone())
+        .get_capabilities(remexec::GetCapabilitiesRequest::default())
+        .await
+        .unwrap();
+    ContentAddressableStorageClient::new(channel)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: vec![hashing::Digest::of_bytes(b"filler blob 000000000007").into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let _ = tx.send(());
+    let _ = handle.await;
+    took
+}

@@ -18,7 +18,9 @@
 //! - `cli_hit_store_empty_us`, `cli_hit_store_200k_us` and their ratio `cli_hit_store_ratio`:
 //!   the CLI's in-process hit path (open the store, build the runner, a fetch hit with outputs
 //!   already local; current-thread runtime) on an empty store and on one with 200 000 blobs
-//!   (goal ≤ 1.1: opening must not read the store).
+//!   (goal ≤ 1.1: opening must not read the store);
+//! - `server_restart_ms`: `recache serve` on a store of `server_restart_blobs` blobs (1 000 000;
+//!   200 000 with `--quick`), from open to its first answered RPCs (goal < 1000).
 //!
 //! `cargo run --release -p benches --bin perf-report -- [--quick]` (quick: fewer repetitions).
 
@@ -185,6 +187,18 @@ fn main() {
     let (e, f) = (median(&mut e), median(&mut f));
     put("cli_hit_store_empty_us", us(e));
     put("cli_hit_store_200k_us", us(f));
+    // recache serve: cold restart on a big store (1 000 000 blobs; 200 000 with --quick).
+    let restart_blobs = if quick { 200_000 } else { 1_000_000 };
+    let server_dir = tempfile::tempdir_in(&tmp).unwrap();
+    benches::scale::fill_store(&server_dir.path().join("store"), restart_blobs);
+    let mut restarts: Vec<Duration> = (0..5)
+        .map(|_| rt.block_on(benches::scale::server_restart(server_dir.path())))
+        .collect();
+    put("server_restart_blobs", restart_blobs as f64);
+    put(
+        "server_restart_ms",
+        (median(&mut restarts).as_secs_f64() * 1e4).round() / 10.0,
+    );
     put(
         "cli_hit_store_ratio",
         (f.as_secs_f64() / e.as_secs_f64() * 100.0).round() / 100.0,
