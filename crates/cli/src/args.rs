@@ -45,7 +45,8 @@ pub struct ServeArgs {
     )]
     pub listen: String,
 
-    /// Where the server keeps blobs and action results. Default: <cache dir>/server.
+    /// Where the server keeps blobs and action results. Default: the folder `server` in the
+    /// cache directory.
     #[arg(long, env = "RECACHE_SERVE_STORAGE", value_name = "DIR")]
     pub storage: Option<PathBuf>,
 
