@@ -127,6 +127,9 @@ impl LocalDestination {
                 file.sync_all().await.map_err(|e| io_err("fsync", e))?;
                 let actual = std::mem::take(hasher).finish();
                 check(expected, actual)?;
+                // Leased from the rename until it is recorded: a GC running meanwhile (another
+                // write's size bound) must not evict a blob in the instant it becomes visible.
+                let _lease = self.store.lease([expected]);
                 let is_new = self.store.pool().commit_temp(temp, &expected)?;
                 *committed = true;
                 self.store.note_pool_added(expected, is_new)?;

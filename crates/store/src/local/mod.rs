@@ -341,8 +341,13 @@ impl LocalStore {
             return Ok(());
         }
         let path = self.inner.pool.path(&digest);
-        let meta = fs::metadata(&path)
-            .map_err(|e| StoreError::io(format!("inspecting {}", path.display()), e))?;
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            // Evicted in the instant after its rename (a concurrent GC of an unleased write):
+            // nothing to record, and the counters were never raised for it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(format!("inspecting {}", path.display()), e)),
+        };
         let totals = self
             .inner
             .db
@@ -444,6 +449,8 @@ impl LocalStore {
             hashing::copy_verified(src, &mut buf, expected)?;
             self.put_small(expected, &buf)
         } else {
+            // Leased while it becomes visible: see LocalDestination::commit.
+            let _lease = self.lease([expected]);
             let (_, new) = self.inner.pool.write_from(src, Some(expected))?;
             self.note_pool_added(expected, new)
         }
