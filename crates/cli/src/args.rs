@@ -54,6 +54,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_SERVE_MAX_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
     pub max_size: u64,
 
+    /// How large blobs are kept on disk: zstd (1 MiB frames with a seek table; reads at any
+    /// offset decode one frame) or identity (plain files).
+    #[arg(long, env = "RECACHE_SERVE_STORAGE_COMPRESSION", default_value = "zstd", value_name = "MODE", value_parser = ["zstd", "identity"])]
+    pub storage_compression: String,
+
     /// Largest blob accepted (uploads above it get RESOURCE_EXHAUSTED).
     #[arg(long, env = "RECACHE_SERVE_MAX_BLOB_SIZE", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]
     pub max_blob_size: u64,

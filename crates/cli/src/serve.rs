@@ -53,6 +53,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         instance_names: instance_names.clone(),
         auth_token,
         tls,
+        compress_at_rest: args.storage_compression == "zstd",
     };
     let server = CacheServer::open(options)
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", storage.display())))?;

@@ -54,6 +54,8 @@ pub struct ServerOptions {
     pub auth_token: Option<String>,
     /// PEM certificate chain and key: serve TLS (`grpcs://`).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Keep large blobs zstd-compressed at rest (1 MiB frames with a seek table). Default true.
+    pub compress_at_rest: bool,
 }
 
 impl ServerOptions {
@@ -66,6 +68,7 @@ impl ServerOptions {
             instance_names: Vec::new(),
             auth_token: None,
             tls: None,
+            compress_at_rest: true,
         }
     }
 }
@@ -150,6 +153,9 @@ impl CacheServer {
     pub fn open(options: ServerOptions) -> Result<CacheServer, ServerError> {
         let mut store_options = LocalStoreOptions::new(options.storage.join("store"));
         store_options.max_size = Some(options.max_size);
+        if options.compress_at_rest {
+            store_options.pool_compression = store::PoolCompression::Zstd;
+        }
         let store = LocalStore::open(store_options)?;
         Ok(CacheServer {
             inner: Arc::new(Inner {

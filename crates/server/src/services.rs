@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use hashing::{Digest, EMPTY_DIGEST};
 use prost::Message;
 use store::{ErrorKind, StoreError};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, READ_CHUNK_BYTES, ServerError};
@@ -623,7 +623,7 @@ impl ByteStream for Svc {
             0 => d.size_bytes,
             n => (offset + n as u64).min(d.size_bytes),
         };
-        let source = self.open(d).await?;
+        let source = self.open(d, r.compressed).await?;
         let stream = read_stream(source, offset, end, r.compressed);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -743,36 +743,34 @@ impl Resource {
 
 /// Where a read's bytes come from.
 enum Source {
-    Memory(bytes::Bytes),
-    File(tokio::fs::File),
+    /// Logical bytes, read a range at a time (`LocalStore::read_range`: a compressed pool file
+    /// decodes only the frames a range touches).
+    Blob(store::LocalStore, Digest),
+    /// Stored zstd frames, sent as they are to a client that asked for compressed bytes.
+    Frames(tokio::fs::File),
 }
 
 impl Svc {
-    async fn open(&self, d: Digest) -> Result<Source, Status> {
-        if let Some(path) = self
-            .store()
-            .load_file(d)
-            .map_err(|e| store_status("reading", &e))?
-        {
-            // An open file survives eviction (unlink) while it is being read.
-            let f = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| Status::internal(format!("opening blob {d}: {e}")))?;
-            return Ok(Source::File(f));
+    async fn open(&self, d: Digest, compressed: bool) -> Result<Source, Status> {
+        if compressed && let Some(path) = self.store().compressed_file(d) {
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => return Ok(Source::Frames(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Status::not_found(format!("blob {d} not found")));
+                }
+                Err(e) => return Err(Status::internal(format!("opening blob {d}: {e}"))),
+            }
         }
-        match self
-            .store()
-            .load_bytes(d)
-            .map_err(|e| store_status("reading", &e))?
-        {
-            Some(b) => Ok(Source::Memory(b)),
-            None => Err(Status::not_found(format!("blob {d} not found"))),
+        if !self.store().contains(d) {
+            return Err(Status::not_found(format!("blob {d} not found")));
         }
+        Ok(Source::Blob(self.store().clone(), d))
     }
 }
 
-/// The bytes `offset..end` of `source` in chunks; compressed: each chunk its own zstd frame
-/// (concatenated frames are one valid zstd stream).
+/// The bytes `offset..end` of `source` in chunks. Compressed from a plain source: each chunk
+/// its own zstd frame (concatenated frames are one valid zstd stream); from stored frames: the
+/// file as it is.
 fn read_stream(
     source: Source,
     offset: u64,
@@ -781,41 +779,50 @@ fn read_stream(
 ) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
     let state = (source, offset, false);
     futures::stream::unfold(state, move |(mut source, pos, done)| async move {
-        if done || (pos >= end && !(pos == 0 && end == 0)) {
+        if done {
             return None;
         }
-        let want = usize::try_from((end - pos).min(READ_CHUNK_BYTES as u64)).unwrap_or(0);
-        let chunk: Result<Vec<u8>, Status> = match &mut source {
-            Source::Memory(b) => {
-                let start = usize::try_from(pos).unwrap_or(usize::MAX).min(b.len());
-                let stop = (start + want).min(b.len());
-                Ok(b[start..stop].to_vec())
-            }
-            Source::File(f) => {
-                let mut buf = vec![0u8; want];
-                let read = async {
-                    f.seek(std::io::SeekFrom::Start(pos)).await?;
-                    f.read_exact(&mut buf).await?;
-                    Ok::<_, std::io::Error>(())
+        let (item, next, finished) = match &mut source {
+            Source::Frames(f) => {
+                let mut buf = vec![0u8; READ_CHUNK_BYTES];
+                match f.read(&mut buf).await {
+                    Ok(0) if pos > 0 => return None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
+                    }
+                    Err(e) => (
+                        Err(Status::internal(format!("reading a stored blob: {e}"))),
+                        pos,
+                        true,
+                    ),
                 }
-                .await;
-                read.map(|()| buf)
-                    .map_err(|e| Status::internal(format!("reading a stored blob: {e}")))
+            }
+            Source::Blob(store, d) => {
+                let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
+                let (store, d) = (store.clone(), *d);
+                let chunk = tokio::task::spawn_blocking(move || store.read_range(d, pos, want))
+                    .await
+                    .map_err(|e| Status::internal(format!("read task: {e}")))
+                    .and_then(|r| r.map_err(|e| store_status("reading", &e)))
+                    .and_then(|b| {
+                        b.ok_or_else(|| Status::not_found(format!("blob {d} not found")))
+                    });
+                let item = chunk.and_then(|data| {
+                    let data = if compressed {
+                        zstd::bulk::compress(&data, 1)
+                            .map_err(|e| Status::internal(format!("zstd: {e}")))?
+                    } else {
+                        data.to_vec()
+                    };
+                    Ok(ReadResponse { data })
+                });
+                let next = pos + want;
+                // An empty blob (or a read at its end) is one empty message; errors end it.
+                let finished = item.is_err() || next >= end;
+                (item, next, finished)
             }
         };
-        let item = chunk.and_then(|data| {
-            let data = if compressed {
-                zstd::bulk::compress(&data, 1)
-                    .map_err(|e| Status::internal(format!("zstd: {e}")))?
-            } else {
-                data
-            };
-            Ok(ReadResponse { data })
-        });
-        let failed = item.is_err();
-        let next = pos + want as u64;
-        // An empty blob is sent as one empty message; after an error, stop.
-        let finished = failed || next >= end;
         Some((item, (source, next, finished)))
     })
 }

@@ -20,6 +20,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 struct Running {
+    dir_path: std::path::PathBuf,
     _dir: Option<tempfile::TempDir>,
     channel: Channel,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -27,6 +28,10 @@ struct Running {
 }
 
 impl Running {
+    fn dir(&self) -> &std::path::Path {
+        &self.dir_path
+    }
+
     async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -36,6 +41,7 @@ impl Running {
 }
 
 async fn start_at(options: ServerOptions, dir: Option<tempfile::TempDir>) -> Running {
+    let dir_path = options.storage.clone();
     let server = CacheServer::open(options).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -54,6 +60,7 @@ async fn start_at(options: ServerOptions, dir: Option<tempfile::TempDir>) -> Run
         .await
         .unwrap();
     Running {
+        dir_path,
         _dir: dir,
         channel,
         stop: Some(tx),
@@ -66,6 +73,22 @@ async fn start_with(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
     let mut options = ServerOptions::new(dir.path());
     tweak(&mut options);
     start_at(options, Some(dir)).await
+}
+
+/// Bytes of the pool files under `storage`.
+fn pool_bytes(storage: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for shard in std::fs::read_dir(storage.join("store/large"))
+        .unwrap()
+        .flatten()
+    {
+        if shard.path().is_dir() {
+            for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                total += f.metadata().unwrap().len();
+            }
+        }
+    }
+    total
 }
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
@@ -239,6 +262,13 @@ async fn multi_frame_compressed_writes_and_offset_reads() {
     .unwrap();
     assert_eq!(committed, -1, "a compressed write reports -1 (REAPI)");
     assert!(!missing(&r, d).await);
+    // Kept compressed at rest: the pool file is a fraction of the blob.
+    let stored = pool_bytes(r.dir());
+    assert!(
+        stored * 2 < d.size_bytes,
+        "{stored} bytes on disk for {} logical",
+        d.size_bytes
+    );
     // Plain reads at offsets across chunk boundaries.
     let res = blob_resource(d);
     assert_eq!(read(&r, &res, 0, 0).await.unwrap(), content);
@@ -273,6 +303,10 @@ async fn multi_frame_compressed_writes_and_offset_reads() {
     .await
     .unwrap();
     assert_eq!(zstd::stream::decode_all(&z[..]).unwrap(), content);
+    assert!(
+        z.len() as u64 <= stored,
+        "the stored frames are sent as they are"
+    );
     // Garbage in a compressed upload is refused.
     let other = b"other".to_vec();
     let od = Digest::of_bytes(&other);
@@ -487,13 +521,20 @@ async fn concurrent_writes_past_the_size_bound_keep_the_store_within_it() {
         let blob = data(1024 * 1024, 100 + i);
         let d = Digest::of_bytes(&blob);
         let r = &r;
-        async move {
-            write(r, &format!("uploads/c{i}/{}", blob_resource(d)), vec![blob])
-                .await
-                .unwrap()
-        }
+        async move { write(r, &format!("uploads/c{i}/{}", blob_resource(d)), vec![blob]).await }
     });
-    futures::future::join_all(writes).await;
+    let results = futures::future::join_all(writes).await;
+    // With reservations, an upload that would take uploads-in-progress past the bound is
+    // refused (RESOURCE_EXHAUSTED, retry later) rather than overfilling; the others land.
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        }
+    }
+    assert!(
+        results.iter().filter(|r| r.is_ok()).count() >= 6,
+        "{results:?}"
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     r.stop().await;
     let store =

@@ -441,14 +441,21 @@ impl Store {
         }
         let uploaded: Vec<Digest> = futures::stream::iter(large)
             .map(|d| async move {
-                let path = self
-                    .local
-                    .load_file(d)?
-                    .ok_or_else(|| StoreError::missing(d).context("uploading to the remote"))?;
-                let file = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
-                remote.provider.store_file(d, file).await?;
+                match self.local.load_file(d)? {
+                    Some(path) => {
+                        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                            StoreError::io(format!("opening {}", path.display()), e)
+                        })?;
+                        remote.provider.store_file(d, file).await?;
+                    }
+                    // A pool compressed at rest has no plain file to stream.
+                    None => {
+                        let bytes = self.local.load_bytes(d)?.ok_or_else(|| {
+                            StoreError::missing(d).context("uploading to the remote")
+                        })?;
+                        remote.provider.store_bytes(d, bytes).await?;
+                    }
+                }
                 Ok::<_, StoreError>(d)
             })
             .buffer_unordered(TRANSFER_CONCURRENCY)

@@ -23,7 +23,7 @@ pub use destination::{LoadDestination, LocalDestination};
 pub use directory::MaterializeOptions;
 pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
-pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, StoreUsage};
+pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, StoreUsage};
 
 /// Splits `digests` into groups whose sizes (plus `per_item` bytes each) add up to at most
 /// `limit`, in order; a blob larger than the limit is a group of its own. One packing rule for

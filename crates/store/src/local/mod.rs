@@ -15,6 +15,7 @@
 
 pub(crate) mod pool;
 mod small;
+pub(crate) mod zstd_blob;
 
 use std::collections::HashMap;
 use std::fs;
@@ -56,6 +57,9 @@ pub struct LocalStoreOptions {
     pub large_threshold: u64,
     /// Maximum size of the small-blob database. Default 64 GiB (reserved address space only).
     pub db_map_size: usize,
+    /// How pool files are kept. Default `None` (plain files, hardlinked into workspaces);
+    /// `Zstd` compresses them at rest (a server's choice: reads decode, nothing is linked).
+    pub pool_compression: PoolCompression,
     /// Bound on the bytes of blob content the store keeps. A write that takes it above runs an
     /// LRU GC (leases respected) down to 90 % of the bound. `None` (the default for the library):
     /// unbounded; the `recache` CLI sets 10 GiB.
@@ -69,9 +73,22 @@ impl LocalStoreOptions {
             root: root.into(),
             large_threshold: DEFAULT_LARGE_THRESHOLD,
             db_map_size: DEFAULT_DB_MAP_SIZE,
+            pool_compression: PoolCompression::None,
             max_size: None,
         }
     }
+}
+
+/// How pool files (blobs at or above the threshold) are kept on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PoolCompression {
+    /// Plain files: materialized by read-only hardlink, streamed as they are.
+    #[default]
+    None,
+    /// zstd at rest, 1 MiB independent frames with a seek table in a skippable frame: a valid
+    /// `.zst` file; a read at any offset decodes only the frames it touches. `load_file` gives
+    /// no path (there is no plain file to link); readers use `load_bytes` / `read_range`.
+    Zstd,
 }
 
 /// How much the store holds.
@@ -138,6 +155,12 @@ struct Inner {
     max_size: Option<u64>,
     /// A size-bound GC is running (one at a time per process).
     gc_running: AtomicBool,
+    /// One GC at a time in this process: two at once would each re-derive the counters from a
+    /// listing the other was changing.
+    gc_lock: Mutex<()>,
+    /// Bumped by every write that can grow the store; GC re-derives the counters from its
+    /// listing only when no write happened meanwhile (else it subtracts what it removed).
+    generation: AtomicU64,
     /// Reads since the last flush: fingerprint → unix milliseconds. Flushed in one transaction by
     /// `flush_access_times`, `gc` and drop, so a read never pays for a write transaction.
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
@@ -180,11 +203,16 @@ impl LocalStore {
             root,
             large_threshold,
             db_map_size,
+            pool_compression,
             max_size,
         } = options;
         let ctx = || format!("opening local store {}", root.display());
         let db = SmallDb::open(&root.join("db"), db_map_size).map_err(|e| e.context(ctx()))?;
-        let pool = Pool::open(&root.join("large")).map_err(|e| e.context(ctx()))?;
+        let pool = Pool::open(
+            &root.join("large"),
+            pool_compression == PoolCompression::Zstd,
+        )
+        .map_err(|e| e.context(ctx()))?;
         if db.counters().map_err(|e| e.context(ctx()))?.is_none() {
             // First open of this store (or of one from before the counters): count once.
             let mut c = Counters::default();
@@ -206,6 +234,8 @@ impl LocalStore {
                 pool,
                 max_size,
                 gc_running: AtomicBool::new(false),
+                gc_lock: Mutex::new(()),
+                generation: AtomicU64::new(0),
                 recent_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 received: AtomicU64::new(0),
@@ -254,6 +284,7 @@ impl LocalStore {
 
     /// Called with the totals after every write that can grow the store: enforces `max_size`.
     fn after_growth(&self, totals: Counters) {
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
         let Some(max) = self.inner.max_size else {
             return;
         };
@@ -372,18 +403,21 @@ impl LocalStore {
         }
         let recorded = self.inner.db.pool_mtime(digest).ok().flatten();
         let read_only = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o222 == 0;
-        if meta.len() == digest.size_bytes
-            && read_only
-            && recorded.is_none_or(|t| t == mtime_nanos(&meta))
-        {
+        // A compressed file's length is not the blob's; its seek table is checked on read.
+        let right_size = self.inner.pool.compressed() || meta.len() == digest.size_bytes;
+        if right_size && read_only && recorded.is_none_or(|t| t == mtime_nanos(&meta)) {
             return true;
         }
-        let intact = meta.len() == digest.size_bytes
+        let intact = right_size
             && fs::File::open(&path)
                 .ok()
                 .and_then(|mut f| {
                     let mut h = hashing::WriterHasher::new(std::io::sink());
-                    std::io::copy(&mut f, &mut h).ok()?;
+                    if self.inner.pool.compressed() {
+                        zstd_blob::decode_into(&mut f, digest.size_bytes, &mut h).ok()?;
+                    } else {
+                        std::io::copy(&mut f, &mut h).ok()?;
+                    }
                     Some(h.finish().0 == digest)
                 })
                 .unwrap_or(false);
@@ -489,6 +523,21 @@ impl LocalStore {
         }
         let found = if self.is_small(digest.size_bytes) {
             self.inner.db.get(digest)?
+        } else if self.inner.pool.compressed() {
+            let path = self.inner.pool.path(&digest);
+            match fs::File::open(&path) {
+                Ok(mut f) => {
+                    let mut out = Vec::with_capacity(
+                        usize::try_from(digest.size_bytes.min(1 << 30)).unwrap_or(0),
+                    );
+                    zstd_blob::decode_into(&mut f, digest.size_bytes, &mut out).map_err(|e| {
+                        StoreError::invalid(format!("compressed blob {}: {e}", path.display()))
+                    })?;
+                    Some(Bytes::from(out))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+            }
         } else {
             let path = self.inner.pool.path(&digest);
             match fs::read(&path) {
@@ -507,7 +556,7 @@ impl LocalStore {
     /// The path of a pool blob (read-only; hardlink or open it, never write it), or `None` when
     /// `digest` is not a pool blob in this store.
     pub fn load_file(&self, digest: Digest) -> Result<Option<PathBuf>, StoreError> {
-        if self.is_small(digest.size_bytes) {
+        if self.is_small(digest.size_bytes) || self.inner.pool.compressed() {
             return Ok(None);
         }
         if self.pool_file_intact(digest) {
@@ -563,6 +612,59 @@ impl LocalStore {
         self.inner.db.remove_ref(&ref_key(key))
     }
 
+    /// Bytes `offset .. offset + len` of a blob (clipped to its size), or `None` when absent. A
+    /// compressed pool file decodes only the 1 MiB frames the range touches.
+    pub fn read_range(
+        &self,
+        digest: Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, StoreError> {
+        if digest == EMPTY_DIGEST || self.is_small(digest.size_bytes) {
+            return Ok(self.load_bytes(digest)?.map(|b| {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+                let end = usize::try_from(offset.saturating_add(len))
+                    .unwrap_or(usize::MAX)
+                    .min(b.len());
+                b.slice(start..end)
+            }));
+        }
+        let path = self.inner.pool.path(&digest);
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+        };
+        self.touch(digest);
+        let io_err = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                StoreError::invalid(format!("compressed blob {}: {e}", path.display()))
+            }
+            _ => StoreError::io(format!("reading {}", path.display()), e),
+        };
+        if self.inner.pool.compressed() {
+            let table = zstd_blob::Table::read(&mut f, digest.size_bytes).map_err(io_err)?;
+            return Ok(Some(Bytes::from(
+                table.read_range(&mut f, offset, len).map_err(io_err)?,
+            )));
+        }
+        use std::io::{Seek, SeekFrom};
+        let end = offset.saturating_add(len).min(digest.size_bytes);
+        let mut buf = vec![0u8; usize::try_from(end.saturating_sub(offset)).unwrap_or(0)];
+        f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+        f.read_exact(&mut buf).map_err(io_err)?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    /// The path of a blob stored zstd-compressed at rest (a valid `.zst` stream of it), for
+    /// serving a compressed read without recompressing; `None` for small or plain blobs.
+    pub fn compressed_file(&self, digest: Digest) -> Option<PathBuf> {
+        (self.inner.pool.compressed() && !self.is_small(digest.size_bytes)).then(|| {
+            self.touch(digest);
+            self.inner.pool.path(&digest)
+        })
+    }
+
     /// How much the store holds (the persistent counters: one read transaction, shared by every
     /// process using the store).
     pub fn usage(&self) -> StoreUsage {
@@ -613,6 +715,8 @@ impl LocalStore {
     /// blob is removed before its access record, so a stale record is the worst case (dropped by
     /// the next GC).
     pub fn gc(&self, target_bytes: u64) -> Result<GcReport, StoreError> {
+        let _one = self.inner.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.inner.generation.load(Ordering::Acquire);
         self.flush_access_times()?;
         let atimes: HashMap<Fingerprint, u64> = self.inner.db.atimes()?.into_iter().collect();
         // (atime, digest, is_small)
@@ -681,8 +785,23 @@ impl LocalStore {
         self.inner.db.sync()?;
 
         // Reset the counters to what the listing found, minus what was removed: this also
-        // corrects any drift (e.g. a pool file deleted by hand). Writes racing with GC may be
-        // off by their own size until the next GC.
+        // corrects any drift (e.g. a pool file deleted by hand). If a write landed meanwhile the
+        // listing may have missed it: then only subtract what this GC removed.
+        let small_removed: u64 = small_victims.iter().map(|d| d.size_bytes).sum();
+        let large_removed: u64 = removed_large.iter().map(|d| d.size_bytes).sum();
+        if self.inner.generation.load(Ordering::Acquire) != generation {
+            self.inner.db.subtract_counters(Counters {
+                small_blobs: small_victims.len() as u64,
+                small_bytes: small_removed,
+                large_blobs: removed_large.len() as u64,
+                large_bytes: large_removed,
+            })?;
+            report.removed_blobs = (small_victims.len() + removed_large.len()) as u64;
+            report.removed_bytes = small_removed + large_removed;
+            report.remaining_bytes = self.usage().total_bytes();
+            tracing::info!(?report, target_bytes, "local store GC");
+            return Ok(report);
+        }
         let mut c = Counters::default();
         for (_, d, is_small) in &listed {
             if *is_small {
@@ -693,8 +812,6 @@ impl LocalStore {
                 c.large_bytes += d.size_bytes;
             }
         }
-        let small_removed: u64 = small_victims.iter().map(|d| d.size_bytes).sum();
-        let large_removed: u64 = removed_large.iter().map(|d| d.size_bytes).sum();
         c.small_blobs -= small_victims.len() as u64;
         c.small_bytes -= small_removed;
         c.large_blobs -= removed_large.len() as u64;

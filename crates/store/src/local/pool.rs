@@ -41,19 +41,27 @@ const COPY_BUFFER_BYTES: usize = 1024 * 1024;
 pub(crate) struct Pool {
     dir: PathBuf,
     inflight: InFlight,
+    /// Files are zstd-compressed at rest (see `zstd_blob`).
+    compressed: bool,
 }
 
 impl Pool {
     /// Opens (creating if needed) the pool under `dir`, removing temp files whose writer is gone
     /// (a crash). Lists the top level only: the cost does not grow with the blobs held.
-    pub(crate) fn open(dir: &Path) -> Result<Pool, StoreError> {
+    pub(crate) fn open(dir: &Path, compressed: bool) -> Result<Pool, StoreError> {
         fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating pool directory {}", dir.display()), e))?;
         clean_temps(dir)?;
         Ok(Pool {
             dir: dir.to_path_buf(),
             inflight: InFlight::default(),
+            compressed,
         })
+    }
+
+    /// Whether pool files are zstd-compressed at rest.
+    pub(crate) fn compressed(&self) -> bool {
+        self.compressed
     }
 
     /// The digests the pool holds, read from file names; removes nothing.
@@ -168,6 +176,28 @@ impl Pool {
         expected: Option<Digest>,
     ) -> Result<Digest, StoreError> {
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
+        if self.compressed {
+            // Compressed at rest: the digest is of the logical bytes, hashed before compression.
+            let mut out = super::zstd_blob::Writer::new(io::BufWriter::with_capacity(
+                COPY_BUFFER_BYTES,
+                file,
+            ));
+            let digest = match expected {
+                Some(d) => hashing::copy_verified(src, &mut out, d)?,
+                None => {
+                    let mut hashing_out = WriterHasher::new(&mut out);
+                    io::copy(src, &mut hashing_out).map_err(|e| io_err("writing", e))?;
+                    hashing_out.finish().0
+                }
+            };
+            let file = out
+                .finish()
+                .map_err(|e| io_err("writing", e))?
+                .into_inner()
+                .map_err(|e| io_err("writing", e.into_error()))?;
+            file.sync_all().map_err(|e| io_err("fsync", e))?;
+            return Ok(digest);
+        }
         let mut out = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, file);
         let digest = match expected {
             Some(d) => hashing::copy_verified(src, &mut out, d)?,
@@ -189,6 +219,10 @@ impl Pool {
     pub(crate) fn adopt_immutable(&self, src: &Path) -> Result<(Digest, bool), StoreError> {
         let mut f = fs::File::open(src)
             .map_err(|e| StoreError::io(format!("opening {}", src.display()), e))?;
+        if self.compressed {
+            // A compressed pool cannot adopt a plain file: copy it in, compressing.
+            return self.write_from(&mut f, None);
+        }
         let mut hasher = hashing::Hasher::new();
         let mut buf = vec![0u8; COPY_BUFFER_BYTES];
         loop {

@@ -180,6 +180,18 @@ impl SmallDb {
         self.counters_in(&r)
     }
 
+    /// Subtracts `removed` from the counters (saturating), in one transaction.
+    pub(crate) fn subtract_counters(&self, removed: Counters) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.bump(&mut w, |c| {
+            c.small_blobs = c.small_blobs.saturating_sub(removed.small_blobs);
+            c.small_bytes = c.small_bytes.saturating_sub(removed.small_bytes);
+            c.large_blobs = c.large_blobs.saturating_sub(removed.large_blobs);
+            c.large_bytes = c.large_bytes.saturating_sub(removed.large_bytes);
+        })?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
     /// Replaces the counters (after a full listing: at first open of an old store, and by GC).
     pub(crate) fn set_counters(&self, c: Counters) -> Result<(), StoreError> {
         let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
