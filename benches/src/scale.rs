@@ -109,9 +109,14 @@ pub async fn many_outputs_fetch_memory(n: usize, size: usize) -> HitMemory {
     }
 }
 
-/// Fills the store at `root` with `blobs` distinct small blobs.
-pub fn fill_store(root: &std::path::Path, blobs: usize) {
-    let local = LocalStore::open(LocalStoreOptions::new(root)).unwrap();
+/// Fills the store at `root` with `blobs` distinct small blobs (`compressed`: as `recache serve`
+/// keeps its store).
+pub fn fill_store(root: &std::path::Path, blobs: usize, compressed: bool) {
+    let mut options = LocalStoreOptions::new(root);
+    if compressed {
+        options.pool_compression = store::PoolCompression::Zstd;
+    }
+    let local = LocalStore::open(options).unwrap();
     for i in 0..blobs {
         local
             .store_bytes(format!("filler blob {i:012}").as_bytes())
@@ -197,4 +202,62 @@ pub async fn server_restart(storage: &std::path::Path) -> Duration {
     let _ = tx.send(());
     let _ = handle.await;
     took
+}
+
+/// Bytes a directory tree takes on disk (allocated blocks, so sparse LMDB space is not counted).
+pub fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Stores up to `max_bytes` of `.rs` files found under `corpus` in a store kept as
+/// `recache serve` keeps it (compressed at rest) and returns (logical bytes, bytes on disk).
+/// Duplicate files are stored once, as in any CAS: the logical figure counts distinct blobs.
+pub fn storage_at_rest(corpus: &std::path::Path, max_bytes: u64) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = LocalStoreOptions::new(dir.path());
+    options.pool_compression = store::PoolCompression::Zstd;
+    let local = LocalStore::open(options).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut logical = 0u64;
+    let mut stack = vec![corpus.to_path_buf()];
+    'walk: while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs")
+                && let Ok(data) = std::fs::read(&p)
+            {
+                let d = local.store_bytes(&data).unwrap();
+                if seen.insert(d) {
+                    logical += d.size_bytes;
+                }
+                if logical >= max_bytes {
+                    break 'walk;
+                }
+            }
+        }
+    }
+    local.flush_access_times().unwrap();
+    drop(local);
+    (logical, disk_bytes(dir.path()))
 }

@@ -155,9 +155,10 @@ impl RealServer {
             .as_ref()
             .unwrap_or_else(|| panic!("{} is not set", self.kind.storage_var()));
         if self.kind == ServerKind::Recache {
-            let store =
-                store::LocalStore::open(store::LocalStoreOptions::new(storage.join("store")))
-                    .unwrap_or_else(|e| panic!("opening the recache serve store: {e}"));
+            let mut options = store::LocalStoreOptions::new(storage.join("store"));
+            options.pool_compression = store::PoolCompression::Zstd; // as recache serve keeps it
+            let store = store::LocalStore::open(options)
+                .unwrap_or_else(|e| panic!("opening the recache serve store: {e}"));
             let removed = store
                 .remove(&[*digest])
                 .unwrap_or_else(|e| panic!("removing {digest}: {e}"));

@@ -20,7 +20,9 @@
 //!   already local; current-thread runtime) on an empty store and on one with 200 000 blobs
 //!   (goal ≤ 1.1: opening must not read the store);
 //! - `server_restart_ms`: `recache serve` on a store of `server_restart_blobs` blobs (1 000 000;
-//!   200 000 with `--quick`), from open to its first answered RPCs (goal < 1000).
+//!   200 000 with `--quick`), from open to its first answered RPCs (goal < 1000);
+//! - `storage_at_rest_ratio`: bytes on disk / logical bytes for `storage_corpus_mib` of the Rust
+//!   sources in the cargo registry, stored as `recache serve` keeps them (goal ≤ 0.5).
 //!
 //! `cargo run --release -p benches --bin perf-report -- [--quick]` (quick: fewer repetitions).
 
@@ -163,8 +165,8 @@ fn main() {
     ));
     let stores = tempfile::tempdir_in(&tmp).unwrap();
     let (empty, full) = (stores.path().join("empty"), stores.path().join("full"));
-    benches::scale::fill_store(&empty, 0);
-    benches::scale::fill_store(&full, 200_000);
+    benches::scale::fill_store(&empty, 0, false);
+    benches::scale::fill_store(&full, 200_000, false);
     let cli_reps = if quick { 100 } else { 400 };
     let (mut e, mut f) = (vec![], vec![]);
     // Interleaved rounds, so drift affects both alike.
@@ -190,11 +192,28 @@ fn main() {
     // recache serve: cold restart on a big store (1 000 000 blobs; 200 000 with --quick).
     let restart_blobs = if quick { 200_000 } else { 1_000_000 };
     let server_dir = tempfile::tempdir_in(&tmp).unwrap();
-    benches::scale::fill_store(&server_dir.path().join("store"), restart_blobs);
+    benches::scale::fill_store(&server_dir.path().join("store"), restart_blobs, true);
     let mut restarts: Vec<Duration> = (0..5)
         .map(|_| rt.block_on(benches::scale::server_restart(server_dir.path())))
         .collect();
     put("server_restart_blobs", restart_blobs as f64);
+    // Storage at rest on source code: the Rust sources in the cargo registry on this machine.
+    let registry = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("registry/src"));
+    if let Some(registry) = registry.filter(|r| r.is_dir()) {
+        let (logical, on_disk) =
+            benches::scale::storage_at_rest(&registry, if quick { 32 << 20 } else { 256 << 20 });
+        put(
+            "storage_corpus_mib",
+            (logical as f64 / 1048576.0 * 10.0).round() / 10.0,
+        );
+        put(
+            "storage_at_rest_ratio",
+            (on_disk as f64 / logical.max(1) as f64 * 1000.0).round() / 1000.0,
+        );
+    }
     put(
         "server_restart_ms",
         (median(&mut restarts).as_secs_f64() * 1e4).round() / 10.0,

@@ -75,6 +75,13 @@ async fn start_with(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
     start_at(options, Some(dir)).await
 }
 
+/// How recache serve opens its store (compressed at rest), for tests that look inside it.
+fn server_store_options(storage: &std::path::Path) -> store::LocalStoreOptions {
+    let mut o = store::LocalStoreOptions::new(storage.join("store"));
+    o.pool_compression = store::PoolCompression::Zstd;
+    o
+}
+
 /// Bytes of the pool files under `storage`.
 fn pool_bytes(storage: &std::path::Path) -> u64 {
     let mut total = 0;
@@ -478,8 +485,7 @@ async fn an_action_result_whose_outputs_are_gone_is_not_found() {
     );
     // The output is lost (evicted, deleted): the entry is not served.
     r.stop().await;
-    let store =
-        store::LocalStore::open(store::LocalStoreOptions::new(dir.path().join("store"))).unwrap();
+    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
     assert_eq!(store.remove(&[od]).unwrap(), 1);
     drop(store);
     let r = start_at(ServerOptions::new(dir.path()), None).await;
@@ -537,8 +543,7 @@ async fn concurrent_writes_past_the_size_bound_keep_the_store_within_it() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     r.stop().await;
-    let store =
-        store::LocalStore::open(store::LocalStoreOptions::new(dir.path().join("store"))).unwrap();
+    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
     let usage = store.usage();
     assert!(
         usage.total_bytes() <= 8 * 1024 * 1024,

@@ -531,3 +531,69 @@ fn gc_survives_a_pool_file_removed_behind_its_back() {
     assert_eq!(report.remaining_bytes, 0);
     assert!(!store.contains(d));
 }
+
+#[test]
+fn a_compressed_store_keeps_source_small_and_its_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = LocalStoreOptions::new(dir.path());
+    options.pool_compression = store::PoolCompression::Zstd;
+    let store = LocalStore::open(options.clone()).unwrap();
+    // Source-like text: small files (the database) and a large one (the pool).
+    let source = |i: usize, len: usize| -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut n = 0;
+        while v.len() < len {
+            v.extend_from_slice(
+                format!("pub fn f{i}_{n}(x: u64) -> u64 {{ x * {n} + {i} }}\n").as_bytes(),
+            );
+            n += 1;
+        }
+        v.truncate(len);
+        v
+    };
+    let mut logical = 0u64;
+    let mut digests = Vec::new();
+    for i in 0..400 {
+        let data = source(i, 4000 + i * 37);
+        logical += data.len() as u64;
+        digests.push((store.store_bytes(&data).unwrap(), data));
+    }
+    let big = source(9999, 3 * 1024 * 1024);
+    logical += big.len() as u64;
+    digests.push((store.store_bytes(&big).unwrap(), big));
+    for (d, data) in &digests {
+        assert_eq!(store.load_bytes(*d).unwrap().unwrap(), &data[..]);
+    }
+    assert_eq!(
+        store.usage().total_bytes(),
+        logical,
+        "counters count logical bytes"
+    );
+    store.flush_access_times().unwrap();
+    drop(store);
+    let on_disk = {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name() != "lock.mdb" {
+                    total += m.blocks() * 512;
+                }
+            }
+        }
+        total
+    };
+    assert!(
+        on_disk * 2 < logical,
+        "{on_disk} bytes on disk for {logical} logical"
+    );
+    // The format is the store's: opening it the other way is a clear error.
+    let err = LocalStore::open(LocalStoreOptions::new(dir.path())).unwrap_err();
+    assert!(err.to_string().contains("compression"), "{err}");
+    let store = LocalStore::open(options).unwrap();
+    assert!(store.contains(digests[0].0));
+}

@@ -88,6 +88,9 @@ pub enum PoolCompression {
     /// zstd at rest, 1 MiB independent frames with a seek table in a skippable frame: a valid
     /// `.zst` file; a read at any offset decodes only the frames it touches. `load_file` gives
     /// no path (there is no plain file to link); readers use `load_bytes` / `read_range`.
+    /// Small blobs in the database are compressed too, each on its own, when that saves at
+    /// least an eighth. A store keeps the format it was created with (opening it the other way
+    /// is an error naming it).
     Zstd,
 }
 
@@ -207,7 +210,12 @@ impl LocalStore {
             max_size,
         } = options;
         let ctx = || format!("opening local store {}", root.display());
-        let db = SmallDb::open(&root.join("db"), db_map_size).map_err(|e| e.context(ctx()))?;
+        let db = SmallDb::open(
+            &root.join("db"),
+            db_map_size,
+            pool_compression == PoolCompression::Zstd,
+        )
+        .map_err(|e| e.context(ctx()))?;
         let pool = Pool::open(
             &root.join("large"),
             pool_compression == PoolCompression::Zstd,

@@ -43,7 +43,18 @@ pub(crate) struct SmallDb {
     pool: Database<Raw, Atime>,
     meta: Database<Raw, Raw>,
     refs: Database<Raw, Raw>,
+    /// Values are `[tag][logical size u64 LE][payload]`, tag 1 = zstd (see `encode`).
+    compressed: bool,
 }
+
+/// `meta` key marking a database whose values are compressed (set at creation, checked at
+/// every open: the two formats cannot be mixed).
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT_ZSTD: &[u8] = b"zstd-values-v1";
+/// Tag byte + logical size.
+const VALUE_HEADER: usize = 9;
+/// zstd level for small values (small inputs compress better a little harder, still fast).
+const VALUE_LEVEL: i32 = 3;
 
 /// Key of the usage counters in `meta`: four little-endian u64 (small blobs, small bytes, large
 /// blobs, large bytes).
@@ -104,7 +115,11 @@ pub(crate) struct SmallEntry {
 impl SmallDb {
     /// Opens (creating if needed) the database in `dir`; `map_size` is the maximum size of the
     /// database (address space, not disk: LMDB grows the file as needed).
-    pub(crate) fn open(dir: &Path, map_size: usize) -> Result<SmallDb, StoreError> {
+    pub(crate) fn open(
+        dir: &Path,
+        map_size: usize,
+        compressed: bool,
+    ) -> Result<SmallDb, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         preallocate_lock_file(dir)?;
@@ -137,6 +152,29 @@ impl SmallDb {
         let refs = env
             .create_database(&mut w, Some("refs"))
             .map_err(|e| db_err("creating table refs", e))?;
+        let marked = meta
+            .get(&w, FORMAT_KEY)
+            .map_err(|e| db_err("get format", e))?
+            .is_some_and(|f| f == FORMAT_ZSTD);
+        let empty = blobs.is_empty(&w).map_err(|e| db_err("count", e))?;
+        match (compressed, marked) {
+            (true, false) if empty => meta
+                .put(&mut w, FORMAT_KEY, FORMAT_ZSTD)
+                .map_err(|e| db_err("put format", e))?,
+            (true, false) => {
+                return Err(StoreError::invalid(format!(
+                    "{} holds uncompressed small blobs; open it without compression",
+                    dir.display()
+                )));
+            }
+            (false, true) => {
+                return Err(StoreError::invalid(format!(
+                    "{} was created with compression at rest (a server's store); open it with PoolCompression::Zstd",
+                    dir.display()
+                )));
+            }
+            _ => {}
+        }
         w.commit().map_err(|e| db_err("commit", e))?;
         Ok(SmallDb {
             env,
@@ -145,7 +183,52 @@ impl SmallDb {
             pool,
             meta,
             refs,
+            compressed,
         })
+    }
+
+    /// The stored form of `data`: itself, or (compressed databases) a header and, when that
+    /// saves at least an eighth, a zstd frame.
+    fn encode<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if !self.compressed {
+            return std::borrow::Cow::Borrowed(data);
+        }
+        let packed = (data.len() >= 64)
+            .then(|| zstd::bulk::compress(data, VALUE_LEVEL).ok())
+            .flatten()
+            .filter(|z| z.len() < data.len() / 8 * 7);
+        let mut out =
+            Vec::with_capacity(VALUE_HEADER + packed.as_ref().map_or(data.len(), Vec::len));
+        out.push(u8::from(packed.is_some()));
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(packed.as_deref().unwrap_or(data));
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The logical size a stored value says it holds.
+    fn logical_size(&self, v: &[u8]) -> Option<u64> {
+        if !self.compressed {
+            return Some(v.len() as u64);
+        }
+        let size: [u8; 8] = v.get(1..VALUE_HEADER)?.try_into().ok()?;
+        Some(u64::from_le_bytes(size))
+    }
+
+    /// The blob from its stored form (`None` when it does not decode to `size` bytes).
+    fn decode(&self, v: &[u8], size: u64) -> Option<Bytes> {
+        if self.logical_size(v)? != size {
+            return None;
+        }
+        if !self.compressed {
+            return Some(Bytes::copy_from_slice(v));
+        }
+        let payload = &v[VALUE_HEADER..];
+        let data = match v[0] {
+            0 => payload.to_vec(),
+            1 => zstd::bulk::decompress(payload, usize::try_from(size).ok()?).ok()?,
+            _ => return None,
+        };
+        (data.len() as u64 == size).then(|| Bytes::from(data))
     }
 
     fn counters_in(
@@ -272,10 +355,10 @@ impl SmallDb {
             .blobs
             .get(&w, key)
             .map_err(|e| db_err("get", e))?
-            .is_some_and(|v| v.len() as u64 == digest.size_bytes);
+            .is_some_and(|v| self.logical_size(v) == Some(digest.size_bytes));
         if !existed {
             self.blobs
-                .put(&mut w, key, bytes)
+                .put(&mut w, key, &self.encode(bytes))
                 .map_err(|e| db_err("put", e))?;
         }
         self.atime
@@ -307,10 +390,10 @@ impl SmallDb {
                 .blobs
                 .get(&w, key)
                 .map_err(|e| db_err("get", e))?
-                .is_some_and(|v| v.len() as u64 == digest.size_bytes);
+                .is_some_and(|v| self.logical_size(v) == Some(digest.size_bytes));
             if !existed {
                 self.blobs
-                    .put(&mut w, key, data)
+                    .put(&mut w, key, &self.encode(data))
                     .map_err(|e| db_err("put", e))?;
                 count += 1;
                 bytes += digest.size_bytes;
@@ -335,8 +418,7 @@ impl SmallDb {
             .blobs
             .get(&r, digest.hash.as_bytes())
             .map_err(|e| db_err("get", e))?;
-        Ok(v.filter(|v| v.len() as u64 == digest.size_bytes)
-            .map(Bytes::copy_from_slice))
+        Ok(v.and_then(|v| self.decode(v, digest.size_bytes)))
     }
 
     pub(crate) fn contains(&self, digest: Digest) -> Result<bool, StoreError> {
@@ -353,7 +435,7 @@ impl SmallDb {
                 .blobs
                 .get(&r, d.hash.as_bytes())
                 .map_err(|e| db_err("get", e))?
-                .is_some_and(|v| v.len() as u64 == d.size_bytes);
+                .is_some_and(|v| self.logical_size(v) == Some(d.size_bytes));
             if !present {
                 out.push(*d);
             }
@@ -373,8 +455,11 @@ impl SmallDb {
                 .get(&r, k)
                 .map_err(|e| db_err("get atime", e))?
                 .unwrap_or(0);
+            let Some(size) = self.logical_size(v) else {
+                continue;
+            };
             out.push(SmallEntry {
-                digest: Digest::new(hash, v.len() as u64),
+                digest: Digest::new(hash, size),
                 atime,
             });
         }
