@@ -167,7 +167,8 @@ impl Pool {
     }
 
     /// Copies `src` into `temp` hashing on the way (verifying against `expected` when given),
-    /// and fsyncs it. One pass over the data.
+    /// and fsyncs it. One pass over the data; a compressed pool hashes the logical bytes, then
+    /// compresses them.
     fn write_temp(
         &self,
         temp: &Path,
@@ -176,38 +177,16 @@ impl Pool {
         expected: Option<Digest>,
     ) -> Result<Digest, StoreError> {
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
-        if self.compressed {
-            // Compressed at rest: the digest is of the logical bytes, hashed before compression.
-            let mut out = super::zstd_blob::Writer::new(io::BufWriter::with_capacity(
-                COPY_BUFFER_BYTES,
-                file,
-            ));
-            let digest = match expected {
-                Some(d) => hashing::copy_verified(src, &mut out, d)?,
-                None => {
-                    let mut hashing_out = WriterHasher::new(&mut out);
-                    io::copy(src, &mut hashing_out).map_err(|e| io_err("writing", e))?;
-                    hashing_out.finish().0
-                }
-            };
-            let file = out
-                .finish()
-                .map_err(|e| io_err("writing", e))?
-                .into_inner()
-                .map_err(|e| io_err("writing", e.into_error()))?;
-            file.sync_all().map_err(|e| io_err("fsync", e))?;
-            return Ok(digest);
-        }
-        let mut out = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, file);
-        let digest = match expected {
-            Some(d) => hashing::copy_verified(src, &mut out, d)?,
-            None => {
-                let mut hashing_out = WriterHasher::new(&mut out);
-                io::copy(src, &mut hashing_out).map_err(|e| io_err("writing", e))?;
-                hashing_out.finish().0
-            }
+        let buffered = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, file);
+        let (digest, buffered) = if self.compressed {
+            let mut out = super::zstd_blob::Writer::new(buffered);
+            let digest = copy_hashing(src, &mut out, expected, temp)?;
+            (digest, out.finish().map_err(|e| io_err("writing", e))?)
+        } else {
+            let mut out = buffered;
+            (copy_hashing(src, &mut out, expected, temp)?, out)
         };
-        let file = out
+        let file = buffered
             .into_inner()
             .map_err(|e| io_err("writing", e.into_error()))?;
         file.sync_all().map_err(|e| io_err("fsync", e))?;
@@ -273,6 +252,24 @@ impl Pool {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(StoreError::io(format!("removing pool blob {digest}"), e)),
+        }
+    }
+}
+
+/// Copies `src` into `out`, hashing what was written: verified against `expected` when given.
+fn copy_hashing(
+    src: &mut dyn Read,
+    out: &mut dyn io::Write,
+    expected: Option<Digest>,
+    temp: &Path,
+) -> Result<Digest, StoreError> {
+    match expected {
+        Some(d) => Ok(hashing::copy_verified(src, out, d)?),
+        None => {
+            let mut hashing_out = WriterHasher::new(out);
+            io::copy(src, &mut hashing_out)
+                .map_err(|e| StoreError::io(format!("writing {}", temp.display()), e))?;
+            Ok(hashing_out.finish().0)
         }
     }
 }
