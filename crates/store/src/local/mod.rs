@@ -651,9 +651,11 @@ impl LocalStore {
             _ => StoreError::io(format!("reading {}", path.display()), e),
         };
         if self.inner.pool.compressed() {
-            let table = zstd_blob::Table::read(&mut f, digest.size_bytes).map_err(io_err)?;
+            let layout = zstd_blob::Layout::of(&mut f, digest.size_bytes).map_err(io_err)?;
             return Ok(Some(Bytes::from(
-                table.read_range(&mut f, offset, len).map_err(io_err)?,
+                layout
+                    .read_range(&mut f, digest.size_bytes, offset, len)
+                    .map_err(io_err)?,
             )));
         }
         use std::io::{Seek, SeekFrom};
@@ -667,10 +669,19 @@ impl LocalStore {
     /// The path of a blob stored zstd-compressed at rest (a valid `.zst` stream of it), for
     /// serving a compressed read without recompressing; `None` for small or plain blobs.
     pub fn compressed_file(&self, digest: Digest) -> Option<PathBuf> {
-        (self.inner.pool.compressed() && !self.is_small(digest.size_bytes)).then(|| {
-            self.touch(digest);
-            self.inner.pool.path(&digest)
-        })
+        if !self.inner.pool.compressed() || self.is_small(digest.size_bytes) {
+            return None;
+        }
+        let path = self.inner.pool.path(&digest);
+        // A blob that did not compress is stored plain: not a zstd stream.
+        let mut f = fs::File::open(&path).ok()?;
+        match zstd_blob::Layout::of(&mut f, digest.size_bytes).ok()? {
+            zstd_blob::Layout::Frames(_) => {
+                self.touch(digest);
+                Some(path)
+            }
+            zstd_blob::Layout::Plain => None,
+        }
     }
 
     /// How much the store holds (the persistent counters: one read transaction, shared by every

@@ -15,6 +15,11 @@
 //! recompress). The table is at the end so a writer streams without knowing the size first;
 //! its fixed-size tail (the last 20 bytes) says how long it is. The logical size is also in the
 //! file name (`<hash>-<size>`), so nothing is opened to learn it.
+//!
+//! A blob whose first megabyte does not compress (already compressed archives, images, random
+//! data) is stored plain instead: no frames, no table, exactly its bytes. Compressing it again
+//! would cost time on every write and read for nothing. [`Layout::of`] tells the two apart (a
+//! plain file has the blob's length and no table).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -34,10 +39,16 @@ fn bad(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
 }
 
-/// Compresses what is written into 1 MiB frames, then appends the seek table on `finish`.
+/// A first chunk that compresses to more than this fraction (in 1/32) is stored plain.
+const PLAIN_ABOVE_32THS: usize = 30;
+
+/// Compresses what is written into 1 MiB frames, then appends the seek table on `finish`; or,
+/// if the first chunk does not compress, writes everything plain.
 #[derive(Debug)]
 pub(crate) struct Writer<W: Write> {
     out: W,
+    /// Decided at the first full (or final) chunk: `Some(true)` = plain passthrough.
+    plain: Option<bool>,
     chunk: Vec<u8>,
     /// File offset where each frame starts.
     offsets: Vec<u64>,
@@ -49,6 +60,7 @@ impl<W: Write> Writer<W> {
     pub(crate) fn new(out: W) -> Writer<W> {
         Writer {
             out,
+            plain: None,
             chunk: Vec::with_capacity(CHUNK_BYTES),
             offsets: Vec::new(),
             written: 0,
@@ -61,6 +73,16 @@ impl<W: Write> Writer<W> {
             return Ok(());
         }
         let frame = zstd::bulk::compress(&self.chunk, LEVEL)?;
+        if self.plain.is_none() {
+            let plain = frame.len() * 32 > self.chunk.len() * PLAIN_ABOVE_32THS;
+            self.plain = Some(plain);
+        }
+        if self.plain == Some(true) {
+            self.out.write_all(&self.chunk)?;
+            self.written += self.chunk.len() as u64;
+            self.chunk.clear();
+            return Ok(());
+        }
         self.offsets.push(self.written);
         self.out.write_all(&frame)?;
         self.written += frame.len() as u64;
@@ -71,6 +93,10 @@ impl<W: Write> Writer<W> {
     /// Writes the last frame and the seek table; returns the inner writer.
     pub(crate) fn finish(mut self) -> io::Result<W> {
         self.flush_chunk()?;
+        if self.plain == Some(true) {
+            self.out.flush()?;
+            return Ok(self.out);
+        }
         let mut payload = Vec::with_capacity(8 * (self.offsets.len() + 1) + TAIL_BYTES);
         for o in &self.offsets {
             payload.extend_from_slice(&o.to_le_bytes());
@@ -92,6 +118,13 @@ impl<W: Write> Writer<W> {
 
 impl<W: Write> Write for Writer<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.plain == Some(true) {
+            // Decided: plain. Straight through.
+            self.out.write_all(buf)?;
+            self.written += buf.len() as u64;
+            self.logical += buf.len() as u64;
+            return Ok(buf.len());
+        }
         let n = buf.len().min(CHUNK_BYTES - self.chunk.len());
         self.chunk.extend_from_slice(&buf[..n]);
         self.logical += n as u64;
@@ -201,11 +234,63 @@ impl Table {
     }
 }
 
+/// How one file of a compressed pool is laid out.
+#[derive(Debug, Clone)]
+pub(crate) enum Layout {
+    /// Frames and a seek table.
+    Frames(Table),
+    /// The blob's bytes as they are (it did not compress).
+    Plain,
+}
+
+impl Layout {
+    /// Reads the layout of `file`, which must hold a blob of `logical` bytes.
+    pub(crate) fn of(file: &mut File, logical: u64) -> io::Result<Layout> {
+        match Table::read(file, logical) {
+            Ok(t) => Ok(Layout::Frames(t)),
+            Err(e) => {
+                if file.seek(SeekFrom::End(0))? == logical {
+                    Ok(Layout::Plain)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Logical bytes `offset .. offset + len`, clipped to the blob.
+    pub(crate) fn read_range(
+        &self,
+        file: &mut File,
+        logical: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<u8>> {
+        match self {
+            Layout::Frames(t) => t.read_range(file, offset, len),
+            Layout::Plain => {
+                let end = offset.saturating_add(len).min(logical);
+                let mut buf = vec![0u8; usize::try_from(end.saturating_sub(offset)).unwrap_or(0)];
+                file.seek(SeekFrom::Start(offset))?;
+                file.read_exact(&mut buf)?;
+                Ok(buf)
+            }
+        }
+    }
+}
+
 /// Streams every logical byte of a compressed pool file into `out`, one chunk at a time.
 pub(crate) fn decode_into(file: &mut File, logical: u64, out: &mut dyn Write) -> io::Result<()> {
-    let table = Table::read(file, logical)?;
-    for i in 0..table.bounds.len().saturating_sub(1) {
-        out.write_all(&table.chunk(file, i)?)?;
+    match Layout::of(file, logical)? {
+        Layout::Frames(table) => {
+            for i in 0..table.bounds.len().saturating_sub(1) {
+                out.write_all(&table.chunk(file, i)?)?;
+            }
+        }
+        Layout::Plain => {
+            file.seek(SeekFrom::Start(0))?;
+            io::copy(&mut file.take(logical), out)?;
+        }
     }
     Ok(())
 }
@@ -270,6 +355,40 @@ mod tests {
         let mut all = Vec::new();
         decode_into(&mut file, data.len() as u64, &mut all).unwrap();
         assert_eq!(all, data);
+    }
+
+    #[test]
+    fn a_blob_that_does_not_compress_is_stored_plain() {
+        let data: Vec<u8> = noise(2 * CHUNK_BYTES + 77);
+        let (tmp, mut file) = store(&data);
+        assert_eq!(
+            std::fs::read(tmp.path()).unwrap(),
+            data,
+            "exactly its bytes"
+        );
+        let layout = Layout::of(&mut file, data.len() as u64).unwrap();
+        assert!(matches!(layout, Layout::Plain));
+        let got = layout
+            .read_range(&mut file, data.len() as u64, CHUNK_BYTES as u64 - 3, 10)
+            .unwrap();
+        assert_eq!(got, &data[CHUNK_BYTES - 3..CHUNK_BYTES + 7]);
+        let mut all = Vec::new();
+        decode_into(&mut file, data.len() as u64, &mut all).unwrap();
+        assert_eq!(all, data);
+        assert!(Layout::of(&mut file, data.len() as u64 + 1).is_err());
+    }
+
+    /// Incompressible bytes (xorshift).
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
     }
 
     #[test]
