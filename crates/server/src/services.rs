@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use hashing::{Digest, EMPTY_DIGEST};
 use prost::Message;
 use store::{ErrorKind, StoreError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, READ_CHUNK_BYTES, ServerError};
@@ -651,63 +651,82 @@ impl ByteStream for Svc {
             return Ok(Response::new(done()));
         }
         let _room = self.0.reserve(d.size_bytes)?;
-        // Streams into a pool temp file (or memory, for small blobs), hashed as written, and
-        // committed only when the digest verifies: a cut-off upload leaves nothing visible.
-        let mut dest = self
-            .store()
-            .begin_write(d)
-            .await
-            .map_err(|e| store_status("starting the upload", &e))?;
-        let mut decoder = if r.compressed {
-            Some(
-                store::zstd_stream::ZstdStream::new()
-                    .map_err(|e| store_status("starting zstd", &e))?,
-            )
-        } else {
-            None
-        };
+        // The blob is stored on a blocking thread (hashed, compressed or kept plain, fsynced,
+        // committed only when the digest verifies) while this task keeps receiving: the two
+        // overlap instead of taking turns. A bounded channel (2 messages) is the back-pressure;
+        // a cut-off or refused upload leaves nothing visible.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+        let store = self.store().clone();
+        let (compressed, why) = (r.compressed, refused.clone());
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut input = ChannelReader {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            if compressed {
+                let mut decoded = RefusingReader {
+                    inner: zstd::stream::read::Decoder::new(input)
+                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
+                    refused: why,
+                };
+                store.store_verified(d, &mut decoded)
+            } else {
+                store.store_verified(d, &mut input)
+            }
+        });
         let mut received: i64 = 0;
         let mut msg = first;
-        loop {
+        let streamed: Result<(), Status> = loop {
             if msg.write_offset != received {
-                return Err(Status::invalid_argument(format!(
+                break Err(Status::invalid_argument(format!(
                     "write_offset {} but {received} bytes were received (resumed uploads start over)",
                     msg.write_offset
                 )));
             }
             if !msg.resource_name.is_empty() && msg.resource_name != r.resource_name_of(&msg) {
-                return Err(Status::invalid_argument(
+                break Err(Status::invalid_argument(
                     "resource_name changed in the middle of a write",
                 ));
             }
             received += msg.data.len() as i64;
-            let written = match &mut decoder {
-                Some(z) => z.feed(&msg.data, &mut dest).await,
-                None => dest.write_all(&msg.data).await,
-            };
-            written.map_err(|e| Status::invalid_argument(format!("upload of {d} refused: {e}")))?;
-            if msg.finish_write {
-                break;
+            let finish = msg.finish_write;
+            if tx.send(msg.data).await.is_err() {
+                break Ok(()); // the writer stopped early (refused): its result says why
+            }
+            if finish {
+                break Ok(());
             }
             msg = match stream.next().await {
-                Some(m) => m?,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => break Err(e),
                 None => {
-                    return Err(Status::invalid_argument(
+                    break Err(Status::invalid_argument(
                         "the write stream ended without finish_write; nothing was stored",
                     ));
                 }
             };
+        };
+        // Closing the channel ends the writer's input: after an error above it sees a short
+        // blob and stores nothing.
+        drop(tx);
+        let stored = writer
+            .await
+            .map_err(|e| Status::internal(format!("upload task: {e}")))?;
+        streamed?;
+        if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Status::invalid_argument(format!(
+                "upload of {d} refused, nothing stored: {why}"
+            )));
         }
-        if let Some(z) = &mut decoder {
-            z.finish(&mut dest)
-                .await
-                .map_err(|e| Status::invalid_argument(format!("upload of {d} refused: {e}")))?;
-        }
-        dest.commit().await.map_err(|e| match e.kind() {
+        // Wrong content (a digest mismatch, too short, too long) is the client's; anything
+        // else (a full disk, an I/O error) the server's.
+        stored.map_err(|e| match e.kind() {
             ErrorKind::InvalidData => {
                 Status::invalid_argument(format!("upload refused, nothing stored: {e}"))
             }
-            _ => store_status("committing the upload", &e),
+            _ => store_status("storing the upload", &e),
         })?;
         Ok(Response::new(done()))
     }
@@ -738,6 +757,47 @@ impl Resource {
             Ok(other) if other == *self => msg.resource_name.clone(),
             _ => String::from("\u{0}different"),
         }
+    }
+}
+
+/// A blocking `Read` over the chunks an upload's async task sends.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.blocking_recv() {
+                Some(next) => {
+                    self.current = next;
+                    self.pos = 0;
+                }
+                None => return Ok(0), // the upload ended (or was cut off)
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Remembers why a compressed upload could not be decoded, so the client hears
+/// INVALID_ARGUMENT (its data is wrong), not INTERNAL.
+struct RefusingReader<R> {
+    inner: R,
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl<R: std::io::Read> std::io::Read for RefusingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("undecodable zstd stream: {e}"));
+        })
     }
 }
 
