@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_blob_that_does_not_compress_is_stored_plain() {
-        let data: Vec<u8> = noise(2 * CHUNK_BYTES + 77);
+        let data = testutil::data::pseudo_random(2 * CHUNK_BYTES + 77, 5);
         let (tmp, mut file) = store(&data);
         assert_eq!(
             std::fs::read(tmp.path()).unwrap(),
@@ -376,19 +376,6 @@ mod tests {
         decode_into(&mut file, data.len() as u64, &mut all).unwrap();
         assert_eq!(all, data);
         assert!(Layout::of(&mut file, data.len() as u64 + 1).is_err());
-    }
-
-    /// Incompressible bytes (xorshift).
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
     }
 
     #[test]
