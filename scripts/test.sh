@@ -29,7 +29,12 @@ step "cargo build --workspace (recache serve is one of the servers the tests use
 cargo build --workspace --locked
 
 step "Bazel 4.2.3 for the Bazel scenario (installed once)"
-scripts/install-bazel.sh
+if ! scripts/install-bazel.sh; then
+  # In CI a missing Bazel fails (the Bazel test would otherwise have nothing to run); on a
+  # developer's machine without root the Bazel test prints SKIPPED and the rest goes on.
+  [ "${CI:-}" != true ] || exit 1
+  echo "test.sh: continuing without Bazel; its test will be SKIPPED (not in CI)"
+fi
 
 step "starting real REAPI servers"
 trap 'scripts/reapi-servers.sh stop' EXIT

@@ -269,10 +269,6 @@ impl ProducerMap {
     fn forget(&mut self, process: &Process) {
         self.by_digest.retain(|_, (_, p)| **p != *process);
     }
-
-    fn len(&self) -> usize {
-        self.by_digest.len()
-    }
 }
 
 /// How a cache lookup ended.
@@ -406,15 +402,6 @@ impl RemoteCacheRunner {
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
             .map(|p| Process::clone(&p))
-    }
-
-    /// How many output digests this runner remembers producers for (bounded).
-    pub fn remembered_outputs(&self) -> usize {
-        self.shared
-            .producers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
     }
 
     /// For a hit whose outputs then could not be used (a blob gone, corrupt, the cache
@@ -890,7 +877,7 @@ mod tests {
         for i in 0..10 {
             m.insert(d(i), p(i));
         }
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.by_digest.len(), 4);
         assert!(m.get(&d(5)).is_none(), "the oldest went");
         assert_eq!(m.get(&d(9)).map(|q| q.argv[1].clone()), Some("9".into()));
         // Re-inserting a digest many times does not grow the order queue without bound.
@@ -898,6 +885,6 @@ mod tests {
             m.insert(d(9), p(9));
         }
         assert!(m.order.len() <= 8);
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.by_digest.len(), 4);
     }
 }

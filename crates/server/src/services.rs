@@ -803,9 +803,10 @@ impl<R: std::io::Read> std::io::Read for RefusingReader<R> {
 
 /// Where a read's bytes come from.
 enum Source {
-    /// Logical bytes, read a range at a time (`LocalStore::read_range`: a compressed pool file
-    /// decodes only the frames a range touches).
-    Blob(store::LocalStore, Digest),
+    /// Logical bytes, read a range at a time from one open reader (a compressed pool file is
+    /// opened and its seek table read once; each range decodes only the frames it touches).
+    /// `None` only while a chunk is being read on a blocking thread.
+    Blob(Option<store::BlobReader>),
     /// Stored zstd frames, sent as they are to a client that asked for compressed bytes.
     Frames(tokio::fs::File),
 }
@@ -821,10 +822,14 @@ impl Svc {
                 Err(e) => return Err(Status::internal(format!("opening blob {d}: {e}"))),
             }
         }
-        if !self.store().contains(d) {
-            return Err(Status::not_found(format!("blob {d} not found")));
+        match self
+            .store()
+            .open_blob(d)
+            .map_err(|e| store_status("reading", &e))?
+        {
+            Some(reader) => Ok(Source::Blob(Some(reader))),
+            None => Err(Status::not_found(format!("blob {d} not found"))),
         }
-        Ok(Source::Blob(self.store().clone(), d))
     }
 }
 
@@ -858,16 +863,21 @@ fn read_stream(
                     ),
                 }
             }
-            Source::Blob(store, d) => {
+            Source::Blob(slot) => {
                 let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                let (store, d) = (store.clone(), *d);
-                let chunk = tokio::task::spawn_blocking(move || store.read_range(d, pos, want))
-                    .await
-                    .map_err(|e| Status::internal(format!("read task: {e}")))
-                    .and_then(|r| r.map_err(|e| store_status("reading", &e)))
-                    .and_then(|b| {
-                        b.ok_or_else(|| Status::not_found(format!("blob {d} not found")))
-                    });
+                let mut reader = slot.take()?;
+                let chunk = match tokio::task::spawn_blocking(move || {
+                    let got = reader.read_range(pos, want);
+                    (reader, got)
+                })
+                .await
+                {
+                    Ok((reader, got)) => {
+                        *slot = Some(reader);
+                        got.map_err(|e| store_status("reading", &e))
+                    }
+                    Err(e) => Err(Status::internal(format!("read task: {e}"))),
+                };
                 let item = chunk.and_then(|data| {
                     let data = if compressed {
                         zstd::bulk::compress(&data, 1)

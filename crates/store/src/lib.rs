@@ -17,13 +17,15 @@ mod error;
 mod facade;
 pub mod local;
 pub mod remote;
-pub mod zstd_stream;
+pub(crate) mod zstd_stream;
 
 pub use destination::{LoadDestination, LocalDestination};
 pub use directory::MaterializeOptions;
 pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
-pub use local::{GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, StoreUsage};
+pub use local::{
+    BlobReader, GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, StoreUsage,
+};
 
 /// Splits `digests` into groups whose sizes (plus `per_item` bytes each) add up to at most
 /// `limit`, in order; a blob larger than the limit is a group of its own. One packing rule for

@@ -1,6 +1,5 @@
-//! Streaming zstd decoding into a [`LoadDestination`], shared by the client (compressed
-//! downloads) and the server (compressed uploads). Concatenated frames (as Bazel and other
-//! clients send them, one per chunk) decode as one stream.
+//! Streaming zstd decoding into a [`LoadDestination`], for compressed downloads. Concatenated
+//! frames (as servers send them, one per chunk) decode as one stream.
 
 use tokio::io::AsyncWriteExt;
 

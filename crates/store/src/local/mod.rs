@@ -173,6 +173,53 @@ struct Inner {
     received: AtomicU64,
 }
 
+/// A blob opened for reading ranges ([`LocalStore::open_blob`]). A compressed pool file
+/// decodes only the 1 MiB frames a range touches.
+#[derive(Debug)]
+pub struct BlobReader {
+    digest: Digest,
+    source: BlobSource,
+}
+
+#[derive(Debug)]
+enum BlobSource {
+    Memory(Bytes),
+    File {
+        file: fs::File,
+        layout: zstd_blob::Layout,
+        path: PathBuf,
+    },
+}
+
+impl BlobReader {
+    /// Bytes `offset .. offset + len`, clipped to the blob.
+    pub fn read_range(&mut self, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        match &mut self.source {
+            BlobSource::Memory(b) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+                let end = usize::try_from(offset.saturating_add(len))
+                    .unwrap_or(usize::MAX)
+                    .min(b.len());
+                Ok(b.slice(start..end))
+            }
+            BlobSource::File { file, layout, path } => layout
+                .read_range(file, self.digest.size_bytes, offset, len)
+                .map(Bytes::from)
+                .map_err(|e| blob_read_error(path, e)),
+        }
+    }
+}
+
+/// A read error of a pool file: undecodable content is `InvalidData`, the rest I/O.
+fn blob_read_error(path: &Path, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            StoreError::invalid(format!("stored blob {}: {e}", path.display()))
+        }
+        _ => StoreError::io(format!("reading {}", path.display()), e),
+    }
+}
+
 /// The `refs` key of `digest`: hash and size, so two digests never share a record.
 fn ref_key(digest: Digest) -> [u8; 40] {
     let mut key = [0u8; 40];
@@ -580,26 +627,25 @@ impl LocalStore {
     pub fn remove(&self, digests: &[Digest]) -> Result<u64, StoreError> {
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             digests.iter().partition(|d| self.is_small(d.size_bytes));
-        let present: std::collections::HashSet<Digest> = small
-            .iter()
-            .copied()
-            .filter(|d| self.inner.db.contains(*d).unwrap_or(false))
-            .collect();
+        // One read transaction says which small ones are there.
+        let absent: std::collections::HashSet<Digest> =
+            self.inner.db.missing(&small)?.into_iter().collect();
+        let present: Vec<Digest> = small.into_iter().filter(|d| !absent.contains(d)).collect();
         let hashes: Vec<Fingerprint> = present.iter().map(|d| d.hash).collect();
         self.inner.db.remove(&hashes, &[])?;
+        self.inner.db.subtract_counters(Counters {
+            small_blobs: present.len() as u64,
+            small_bytes: present.iter().map(|d| d.size_bytes).sum(),
+            ..Counters::default()
+        })?;
         let mut removed_large = Vec::new();
         for d in large {
             if self.inner.pool.remove(&d)? {
                 removed_large.push(d);
             }
         }
+        // Uncounts them too.
         self.inner.db.pool_removed(&removed_large)?;
-        let mut c = self.inner.db.counters()?.unwrap_or_default();
-        c.small_blobs = c.small_blobs.saturating_sub(present.len() as u64);
-        c.small_bytes = c
-            .small_bytes
-            .saturating_sub(present.iter().map(|d| d.size_bytes).sum());
-        self.inner.db.set_counters(c)?;
         Ok((present.len() + removed_large.len()) as u64)
     }
 
@@ -620,50 +666,47 @@ impl LocalStore {
         self.inner.db.remove_ref(&ref_key(key))
     }
 
-    /// Bytes `offset .. offset + len` of a blob (clipped to its size), or `None` when absent. A
-    /// compressed pool file decodes only the 1 MiB frames the range touches.
+    /// Opens a blob for reading ranges of it, or `None` when absent: a small blob is loaded
+    /// once; a pool file is opened once and, compressed, its seek table read once, so a reader
+    /// streaming the blob in pieces pays for neither again.
+    pub fn open_blob(&self, digest: Digest) -> Result<Option<BlobReader>, StoreError> {
+        if digest == EMPTY_DIGEST || self.is_small(digest.size_bytes) {
+            return Ok(self.load_bytes(digest)?.map(|b| BlobReader {
+                digest,
+                source: BlobSource::Memory(b),
+            }));
+        }
+        let path = self.inner.pool.path(&digest);
+        let mut file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+        };
+        self.touch(digest);
+        let layout = if self.inner.pool.compressed() {
+            zstd_blob::Layout::of(&mut file, digest.size_bytes)
+                .map_err(|e| blob_read_error(&path, e))?
+        } else {
+            zstd_blob::Layout::Plain
+        };
+        Ok(Some(BlobReader {
+            digest,
+            source: BlobSource::File { file, layout, path },
+        }))
+    }
+
+    /// Bytes `offset .. offset + len` of a blob (clipped to its size), or `None` when absent.
+    /// To read a blob in pieces, [`open_blob`](Self::open_blob) once instead.
     pub fn read_range(
         &self,
         digest: Digest,
         offset: u64,
         len: u64,
     ) -> Result<Option<Bytes>, StoreError> {
-        if digest == EMPTY_DIGEST || self.is_small(digest.size_bytes) {
-            return Ok(self.load_bytes(digest)?.map(|b| {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                let end = usize::try_from(offset.saturating_add(len))
-                    .unwrap_or(usize::MAX)
-                    .min(b.len());
-                b.slice(start..end)
-            }));
+        match self.open_blob(digest)? {
+            Some(mut r) => r.read_range(offset, len).map(Some),
+            None => Ok(None),
         }
-        let path = self.inner.pool.path(&digest);
-        let mut f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
-        };
-        self.touch(digest);
-        let io_err = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::InvalidData => {
-                StoreError::invalid(format!("compressed blob {}: {e}", path.display()))
-            }
-            _ => StoreError::io(format!("reading {}", path.display()), e),
-        };
-        if self.inner.pool.compressed() {
-            let layout = zstd_blob::Layout::of(&mut f, digest.size_bytes).map_err(io_err)?;
-            return Ok(Some(Bytes::from(
-                layout
-                    .read_range(&mut f, digest.size_bytes, offset, len)
-                    .map_err(io_err)?,
-            )));
-        }
-        use std::io::{Seek, SeekFrom};
-        let end = offset.saturating_add(len).min(digest.size_bytes);
-        let mut buf = vec![0u8; usize::try_from(end.saturating_sub(offset)).unwrap_or(0)];
-        f.seek(SeekFrom::Start(offset)).map_err(io_err)?;
-        f.read_exact(&mut buf).map_err(io_err)?;
-        Ok(Some(Bytes::from(buf)))
     }
 
     /// The path of a blob stored zstd-compressed at rest (a valid `.zst` stream of it), for

@@ -82,9 +82,14 @@ impl LocalDirProvider {
         }
     }
 
-    /// Adds `delta` bytes to the usage counter (under a file lock, shared by every process) and
-    /// returns the new value.
+    /// Adds `delta` bytes to the usage counter and returns the new value.
     fn add_usage(&self, delta: i64) -> std::io::Result<u64> {
+        self.update_usage(|current| current.saturating_add_signed(delta))
+    }
+
+    /// Replaces the usage counter with `f(current)` under a file lock (shared by every process)
+    /// and returns the new value.
+    fn update_usage(&self, update: impl FnOnce(u64) -> u64) -> std::io::Result<u64> {
         use std::io::{Read, Seek};
         let mut f = std::fs::File::options()
             .read(true)
@@ -98,7 +103,7 @@ impl LocalDirProvider {
             Ok(()) => u64::from_le_bytes(buf),
             Err(_) => 0,
         };
-        let next = current.saturating_add_signed(delta);
+        let next = update(current);
         f.seek(std::io::SeekFrom::Start(0))?;
         f.write_all(&next.to_le_bytes())?;
         Ok(next)
@@ -136,8 +141,7 @@ impl LocalDirProvider {
                 removed += len;
             }
         }
-        let counted = self.add_usage(0).unwrap_or(0);
-        let _ = self.add_usage(total as i64 - counted as i64);
+        let _ = self.update_usage(|_| total);
         Ok(removed)
     }
 
