@@ -21,6 +21,7 @@
 //! ```
 
 mod services;
+mod uploads;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -93,6 +94,8 @@ pub(crate) struct Inner {
     pub reserved: std::sync::atomic::AtomicU64,
     /// One reservation decision (and its GC) at a time.
     pub reserving: std::sync::Mutex<()>,
+    /// Uploads whose stream broke, kept for the client to resume.
+    pub paused: Arc<uploads::PausedUploads>,
 }
 
 /// Space held for one upload in progress; released when dropped (committed or abandoned).
@@ -121,6 +124,12 @@ impl Inner {
         let max = self.options.max_size;
         let _one = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
         let in_flight = self.reserved.load(Ordering::Acquire);
+        let fits = |stored: u64| stored.saturating_add(in_flight).saturating_add(bytes) <= max;
+        let mut in_flight = in_flight;
+        if !fits(self.store.usage().total_bytes()) && self.paused.abandon_all() > 0 {
+            // Paused uploads give their room back before any stored blob is evicted.
+            in_flight = self.reserved.load(Ordering::Acquire);
+        }
         let fits = |stored: u64| stored.saturating_add(in_flight).saturating_add(bytes) <= max;
         if !fits(self.store.usage().total_bytes()) {
             let target = max.saturating_sub(in_flight.saturating_add(bytes));
@@ -163,6 +172,7 @@ impl CacheServer {
                 options,
                 reserved: Default::default(),
                 reserving: Default::default(),
+                paused: Default::default(),
             }),
         })
     }

@@ -166,6 +166,45 @@ impl Svc {
     }
 }
 
+impl Svc {
+    /// Reserves room for `d` and starts its writer on a blocking thread: it hashes, compresses
+    /// or keeps plain, fsyncs, and commits only when the digest verifies, while the `Write`
+    /// task keeps receiving (the two overlap instead of taking turns). The 2-message channel is
+    /// the back-pressure; a channel closed early leaves nothing visible.
+    fn start_upload(&self, d: Digest, compressed: bool) -> Result<crate::uploads::Upload, Status> {
+        let room = self.0.reserve(d.size_bytes)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+        let store = self.store().clone();
+        let why = refused.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut input = ChannelReader {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+            if compressed {
+                let mut decoded = RefusingReader {
+                    inner: zstd::stream::read::Decoder::new(input)
+                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
+                    refused: why,
+                };
+                store.store_verified(d, &mut decoded)
+            } else {
+                store.store_verified(d, &mut input)
+            }
+        });
+        Ok(crate::uploads::Upload {
+            digest: d,
+            received: 0,
+            tx,
+            writer,
+            refused,
+            _room: room,
+        })
+    }
+}
+
 fn digest(field: &str, d: Option<&remexec::Digest>) -> Result<Digest, Status> {
     hashing::reapi::require_digest(field, d).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -648,51 +687,65 @@ impl ByteStream for Svc {
             committed_size: if r.compressed { -1 } else { size },
         };
         if self.store().contains(d) {
+            self.0.paused.abandon_digest(d);
             return Ok(Response::new(done()));
         }
-        let _room = self.0.reserve(d.size_bytes)?;
-        // The blob is stored on a blocking thread (hashed, compressed or kept plain, fsynced,
-        // committed only when the digest verifies) while this task keeps receiving: the two
-        // overlap instead of taking turns. A bounded channel (2 messages) is the back-pressure;
-        // a cut-off or refused upload leaves nothing visible.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
-        let refused = Arc::new(std::sync::Mutex::new(None::<String>));
-        let store = self.store().clone();
-        let (compressed, why) = (r.compressed, refused.clone());
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut input = ChannelReader {
-                rx,
-                current: Vec::new(),
-                pos: 0,
-            };
-            if compressed {
-                let mut decoded = RefusingReader {
-                    inner: zstd::stream::read::Decoder::new(input)
-                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
-                    refused: why,
-                };
-                store.store_verified(d, &mut decoded)
-            } else {
-                store.store_verified(d, &mut input)
+        let name = first.resource_name.clone();
+        let upload = if first.write_offset == 0 {
+            // A fresh start (also of a name that was paused: the client chose to start over).
+            self.0.paused.abandon_digest(d);
+            self.start_upload(d, r.compressed)?
+        } else {
+            match self.0.paused.take(&name) {
+                Some(u) if u.received == first.write_offset => u,
+                Some(u) => {
+                    let received = u.received;
+                    self.0.paused.pause(name, u);
+                    return Err(Status::invalid_argument(format!(
+                        "write_offset {} but {received} bytes of this upload were received: \
+                         resume at {received} (QueryWriteStatus says so) or start over at 0",
+                        first.write_offset
+                    )));
+                }
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "write_offset {} but no upload of {name:?} is in progress here (it \
+                         finished, was never started or waited too long): start at 0",
+                        first.write_offset
+                    )));
+                }
             }
-        });
-        let mut received: i64 = 0;
+        };
+        // Whatever ends this call before the upload is finished (the client's stream breaking,
+        // the call being cancelled and this future dropped), the guard pauses the upload for a
+        // resume instead of losing what arrived.
+        let mut guard = ActiveUpload {
+            upload: Some(upload),
+            name,
+            paused: self.0.paused.clone(),
+        };
+        let Some(upload) = guard.upload.as_mut() else {
+            return Err(Status::internal("upload state lost"));
+        };
         let mut msg = first;
         let streamed: Result<(), Status> = loop {
-            if msg.write_offset != received {
-                break Err(Status::invalid_argument(format!(
-                    "write_offset {} but {received} bytes were received (resumed uploads start over)",
-                    msg.write_offset
-                )));
+            if msg.write_offset != upload.received {
+                let e = Status::invalid_argument(format!(
+                    "write_offset {} but {} bytes were received",
+                    msg.write_offset, upload.received
+                ));
+                guard.upload = None; // a confused client: abandon rather than pause
+                return Err(e);
             }
             if !msg.resource_name.is_empty() && msg.resource_name != r.resource_name_of(&msg) {
-                break Err(Status::invalid_argument(
+                guard.upload = None;
+                return Err(Status::invalid_argument(
                     "resource_name changed in the middle of a write",
                 ));
             }
-            received += msg.data.len() as i64;
+            upload.received += msg.data.len() as i64;
             let finish = msg.finish_write;
-            if tx.send(msg.data).await.is_err() {
+            if upload.tx.send(msg.data).await.is_err() {
                 break Ok(()); // the writer stopped early (refused): its result says why
             }
             if finish {
@@ -700,21 +753,35 @@ impl ByteStream for Svc {
             }
             msg = match stream.next().await {
                 Some(Ok(m)) => m,
-                Some(Err(e)) => break Err(e),
+                // The guard pauses the upload on the way out.
+                Some(Err(e)) => return Err(e),
                 None => {
-                    break Err(Status::invalid_argument(
-                        "the write stream ended without finish_write; nothing was stored",
-                    ));
+                    return Err(Status::invalid_argument(format!(
+                        "the write stream ended without finish_write after {} bytes; nothing \
+                         was stored yet: resume at write_offset {} within {} s",
+                        upload.received,
+                        upload.received,
+                        crate::uploads::PAUSE_TTL.as_secs()
+                    )));
                 }
             };
         };
-        // Closing the channel ends the writer's input: after an error above it sees a short
-        // blob and stores nothing.
+        let Some(upload) = guard.upload.take() else {
+            return Err(Status::internal("upload state lost"));
+        };
+        streamed?;
+        // Closing the channel ends the writer's input.
+        let crate::uploads::Upload {
+            tx,
+            writer,
+            refused,
+            _room,
+            ..
+        } = upload;
         drop(tx);
         let stored = writer
             .await
             .map_err(|e| Status::internal(format!("upload task: {e}")))?;
-        streamed?;
         if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(Status::invalid_argument(format!(
                 "upload of {d} refused, nothing stored: {why}"
@@ -735,18 +802,39 @@ impl ByteStream for Svc {
         &self,
         req: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        // Uploads are not resumable: a blob is either complete (committed) or absent.
-        let r = parse_resource(&req.get_ref().resource_name, true)?;
+        // Complete (committed), paused (resumable from `committed_size`), or nothing.
+        let name = &req.get_ref().resource_name;
+        let r = parse_resource(name, true)?;
         self.check_instance(&r.instance)?;
-        let complete = self.store().contains(r.digest);
+        if self.store().contains(r.digest) {
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: i64::try_from(r.digest.size_bytes).unwrap_or(i64::MAX),
+                complete: true,
+            }));
+        }
         Ok(Response::new(QueryWriteStatusResponse {
-            committed_size: if complete {
-                i64::try_from(r.digest.size_bytes).unwrap_or(i64::MAX)
-            } else {
-                0
-            },
-            complete,
+            committed_size: self.0.paused.received(name).unwrap_or(0),
+            complete: false,
         }))
+    }
+}
+
+/// The upload a `Write` call is feeding; paused for a resume if the call ends without
+/// finishing it.
+struct ActiveUpload {
+    upload: Option<crate::uploads::Upload>,
+    name: String,
+    paused: Arc<crate::uploads::PausedUploads>,
+}
+
+impl Drop for ActiveUpload {
+    fn drop(&mut self) {
+        if let Some(u) = self.upload.take() {
+            // Only an upload whose writer still waits for bytes can be resumed.
+            if u.received > 0 && !u.tx.is_closed() && !u.writer.is_finished() {
+                self.paused.pause(std::mem::take(&mut self.name), u);
+            }
+        }
     }
 }
 

@@ -620,3 +620,120 @@ async fn uploads_reserve_their_size_and_a_full_cache_says_so() {
     assert!(!missing(&r, td).await);
     r.stop().await;
 }
+
+async fn write_status(r: &Running, resource: &str) -> (i64, bool) {
+    let s = ByteStreamClient::new(r.channel.clone())
+        .query_write_status(
+            bazel_remote_apis::google::bytestream::QueryWriteStatusRequest {
+                resource_name: resource.to_owned(),
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    (s.committed_size, s.complete)
+}
+
+/// Sends `msgs` as one Write call.
+async fn write_msgs(r: &Running, msgs: Vec<WriteRequest>) -> Result<i64, tonic::Status> {
+    ByteStreamClient::new(r.channel.clone())
+        .write(futures::stream::iter(msgs))
+        .await
+        .map(|resp| resp.into_inner().committed_size)
+}
+
+#[tokio::test]
+async fn a_broken_upload_resumes_where_it_stopped() {
+    let r = start_with(|_| {}).await;
+    let blob = data(3 << 20, 40);
+    let d = Digest::of_bytes(&blob);
+    let name = format!("uploads/6b1a7c52-resume/{}", blob_resource(d));
+    let msg = |from: usize, to: usize, finish: bool| WriteRequest {
+        resource_name: name.clone(),
+        write_offset: from as i64,
+        finish_write: finish,
+        data: blob[from..to].to_vec(),
+    };
+
+    // A stream that ends after 1 MiB without finish_write: refused, nothing visible, but the
+    // bytes are kept for a resume.
+    let e = write_msgs(&r, vec![msg(0, 1 << 20, false)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("resume at write_offset 1048576"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(write_status(&r, &name).await, (1 << 20, false));
+    assert!(missing(&r, d).await, "a paused upload must not be visible");
+
+    // A call cancelled mid-stream (the client goes away): also paused, at what arrived.
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let mut client = ByteStreamClient::new(r.channel.clone());
+    let call = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(msg(1 << 20, 2 << 20, false)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Once the call has taken the paused upload it is in progress (not paused: 0).
+    while write_status(&r, &name).await.0 != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resume never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    call.abort();
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (committed, complete) = write_status(&r, &name).await;
+        assert!(!complete);
+        if committed == 2 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "committed {committed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(missing(&r, d).await);
+
+    // A resume at the wrong offset is refused and names the right one; the upload survives it.
+    let e = write_msgs(&r, vec![msg(1 << 20, 3 << 20, true)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("resume at 2097152"), "{}", e.message());
+
+    // The right offset finishes it: the blob verifies and reads back whole.
+    let done = write_msgs(&r, vec![msg(2 << 20, 3 << 20, true)])
+        .await
+        .unwrap();
+    assert_eq!(done, 3 << 20);
+    assert_eq!(write_status(&r, &name).await, (3 << 20, true));
+    assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), blob);
+
+    // Resuming something never started is refused with a way forward.
+    let other = format!("uploads/other/{}", blob_resource(Digest::of_bytes(b"x")));
+    let e = write_msgs(
+        &r,
+        vec![WriteRequest {
+            resource_name: other,
+            write_offset: 5,
+            finish_write: true,
+            data: b"x".to_vec(),
+        }],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("start at 0"), "{}", e.message());
+    r.stop().await;
+}
