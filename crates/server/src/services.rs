@@ -316,7 +316,16 @@ impl ContentAddressableStorage for Svc {
         for (i, d) in req.blob_digests.iter().enumerate() {
             digests.push(digest(&format!("blob_digests[{i}]"), Some(d))?);
         }
-        let missing = self.store().missing(digests);
+        let missing = self.store().missing(digests.iter().copied());
+        // A blob reported present is one the client counts on (it will reference it instead of
+        // uploading it): that is a use, for LRU.
+        if missing.is_empty() {
+            self.store().touch_all(digests);
+        } else {
+            let gone: HashSet<Digest> = missing.iter().copied().collect();
+            self.store()
+                .touch_all(digests.into_iter().filter(|d| !gone.contains(d)));
+        }
         Ok(Response::new(remexec::FindMissingBlobsResponse {
             missing_blob_digests: missing.into_iter().map(Into::into).collect(),
         }))
@@ -575,7 +584,13 @@ impl Svc {
             }
         }
         blobs.retain(|d| *d != EMPTY_DIGEST);
-        Ok(self.store().missing(blobs).is_empty())
+        if !self.store().missing(blobs.iter().copied()).is_empty() {
+            return Ok(false);
+        }
+        // A hit is a use of its outputs even when the client never downloads them (Bazel's
+        // --remote_download_minimal): keep them as fresh as the entry.
+        self.store().touch_all(blobs.into_iter().chain(trees));
+        Ok(true)
     }
 }
 

@@ -737,3 +737,31 @@ async fn a_broken_upload_resumes_where_it_stopped() {
     assert!(e.message().contains("start at 0"), "{}", e.message());
     r.stop().await;
 }
+
+#[tokio::test]
+async fn blobs_a_client_was_told_exist_outlive_older_unmentioned_ones() {
+    // Room for two 400 kB blobs, not three.
+    let r = start_with(|o| o.max_size = 1_000_000).await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| data(400_000, 500 + i)).collect();
+    let ds: Vec<Digest> = blobs.iter().map(|b| Digest::of_bytes(b)).collect();
+    for (i, b) in blobs.iter().take(2).enumerate() {
+        let name = format!("uploads/lru{i}/{}", blob_resource(ds[i]));
+        write(&r, &name, vec![b.clone()]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The client asks about the older one (it will reference it rather than upload it).
+    assert!(!missing(&r, ds[0]).await);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let name = format!("uploads/lru2/{}", blob_resource(ds[2]));
+    write(&r, &name, vec![blobs[2].clone()]).await.unwrap();
+    assert!(
+        !missing(&r, ds[0]).await,
+        "the blob FindMissingBlobs vouched for was evicted"
+    );
+    assert!(
+        missing(&r, ds[1]).await,
+        "the least recently used blob should have gone"
+    );
+    assert!(!missing(&r, ds[2]).await);
+    r.stop().await;
+}

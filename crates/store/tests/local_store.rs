@@ -597,3 +597,51 @@ fn a_compressed_store_keeps_source_small_and_its_format() {
     let store = LocalStore::open(options).unwrap();
     assert!(store.contains(digests[0].0));
 }
+
+#[test]
+fn gc_drops_records_older_than_what_it_evicts_and_keeps_used_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let key = |i: u8| Digest::of_bytes(&[i]);
+    store
+        .put_ref(key(1), b"written long ago, never read")
+        .unwrap();
+    store
+        .put_ref(key(2), b"written long ago, read lately")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    let blobs: Vec<Digest> = (0..6)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(3));
+            store.store_bytes(&bytes(10_000, 300 + i)).unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(3));
+    assert!(store.get_ref(key(2)).unwrap().is_some());
+    store.put_ref(key(3), b"written lately").unwrap();
+
+    // Nothing evicted: every record stays, however old.
+    assert_eq!(store.gc(u64::MAX).unwrap().removed_refs, 0);
+    assert_eq!(store.ref_count().unwrap(), 3);
+
+    // Evicting the three oldest blobs takes the record older than them with it.
+    let report = store.gc(30_000).unwrap();
+    assert_eq!(report.removed_blobs, 3);
+    assert!(!store.contains(blobs[2]) && store.contains(blobs[3]));
+    assert_eq!(report.removed_refs, 1);
+    assert!(store.get_ref(key(1)).unwrap().is_none());
+    assert!(
+        store.get_ref(key(2)).unwrap().is_some(),
+        "a record read lately stays"
+    );
+    assert!(store.get_ref(key(3)).unwrap().is_some());
+
+    // Reopened, the read is remembered; emptying the store empties the records.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.ref_count().unwrap(), 2);
+    std::thread::sleep(Duration::from_millis(3));
+    store.store_bytes(b"newest").unwrap();
+    store.gc(0).unwrap();
+    assert_eq!(store.ref_count().unwrap(), 0);
+}

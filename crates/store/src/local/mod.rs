@@ -129,6 +129,9 @@ pub struct GcReport {
     pub leased_skipped: u64,
     /// Bytes in the store afterwards.
     pub remaining_bytes: u64,
+    /// Named records ([`LocalStore::put_ref`]) removed: those not used since the newest blob
+    /// this GC evicted.
+    pub removed_refs: u64,
 }
 
 /// The local blob store. Cheap to clone; clones share everything.
@@ -167,6 +170,8 @@ struct Inner {
     /// Reads since the last flush: fingerprint → unix milliseconds. Flushed in one transaction by
     /// `flush_access_times`, `gc` and drop, so a read never pays for a write transaction.
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
+    /// The same for named records (`get_ref`), by record key.
+    recent_ref_access: Mutex<HashMap<[u8; 40], u64>>,
     /// Leased digests and how many leases hold each.
     leases: Mutex<HashMap<Digest, usize>>,
     /// Bytes streamed into destinations so far (for progress reporting).
@@ -292,6 +297,7 @@ impl LocalStore {
                 gc_lock: Mutex::new(()),
                 generation: AtomicU64::new(0),
                 recent_access: Mutex::new(HashMap::new()),
+                recent_ref_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 received: AtomicU64::new(0),
             }),
@@ -651,19 +657,65 @@ impl LocalStore {
 
     /// Records a small value under `key` (e.g. an encoded ActionResult under its action digest):
     /// a named record beside the content-addressed blobs, replaced by a later `put_ref` of the
-    /// same key. Values are not counted as blobs and not collected by GC.
+    /// same key. Records are not counted as blobs; they live as long as the blobs of their time:
+    /// a GC that evicts blobs also drops every record not written or read since the newest blob
+    /// it evicted (so a record never outlives, by much, the outputs it names).
     pub fn put_ref(&self, key: Digest, value: &[u8]) -> Result<(), StoreError> {
-        self.inner.db.put_ref(&ref_key(key), value)
+        self.inner.db.put_ref(&ref_key(key), value, now_millis())
     }
 
-    /// The value recorded under `key`, if any.
+    /// The value recorded under `key`, if any (and a use of it, for GC).
     pub fn get_ref(&self, key: Digest) -> Result<Option<Bytes>, StoreError> {
-        self.inner.db.get_ref(&ref_key(key))
+        let k = ref_key(key);
+        let found = self.inner.db.get_ref(&k)?;
+        if found.is_some() {
+            let full = {
+                let mut recent = self
+                    .inner
+                    .recent_ref_access
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                recent.insert(k, now_millis());
+                recent.len() >= ACCESS_FLUSH_ENTRIES
+            };
+            if full && let Err(e) = self.write_access_times() {
+                tracing::warn!(error = %e, "could not record access times");
+            }
+        }
+        Ok(found)
     }
 
     /// Forgets the value recorded under `key` (absent is fine).
     pub fn remove_ref(&self, key: Digest) -> Result<(), StoreError> {
         self.inner.db.remove_ref(&ref_key(key))
+    }
+
+    /// How many named records the store holds.
+    pub fn ref_count(&self) -> Result<u64, StoreError> {
+        self.inner.db.ref_count()
+    }
+
+    /// Records a use of each of `digests` the store holds (for LRU), without reading them: a
+    /// server calls it for blobs a client was told exist (FindMissingBlobs, an action result's
+    /// outputs), which the client may fetch later, or never.
+    pub fn touch_all(&self, digests: impl IntoIterator<Item = Digest>) {
+        let now = now_millis();
+        let full = {
+            let mut recent = self
+                .inner
+                .recent_access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for d in digests {
+                if d != EMPTY_DIGEST {
+                    recent.insert(d.hash, now);
+                }
+            }
+            recent.len() >= ACCESS_FLUSH_ENTRIES
+        };
+        if full && let Err(e) = self.write_access_times() {
+            tracing::warn!(error = %e, "could not record access times");
+        }
     }
 
     /// Opens a blob for reading ranges of it, or `None` when absent: a small blob is loaded
@@ -769,7 +821,16 @@ impl LocalStore {
                 .unwrap_or_else(|p| p.into_inner());
             recent.drain().collect()
         };
-        self.inner.db.set_atimes(&pending)
+        let refs: Vec<([u8; 40], u64)> = {
+            let mut recent = self
+                .inner
+                .recent_ref_access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            recent.drain().collect()
+        };
+        self.inner.db.set_atimes(&pending)?;
+        self.inner.db.set_ref_atimes(&refs)
     }
 
     /// Evicts least-recently-used blobs until the store holds at most `target_bytes`. Leased
@@ -818,7 +879,9 @@ impl LocalStore {
         let mut report = GcReport::default();
         let mut small_victims = Vec::new();
         let mut large_victims = Vec::new();
-        for (_, d, is_small) in entries {
+        // The newest access time among the victims: records older than it go too.
+        let mut cutoff: Option<u64> = None;
+        for (atime, d, is_small) in entries {
             if total <= target_bytes {
                 break;
             }
@@ -832,6 +895,7 @@ impl LocalStore {
                 large_victims.push(d);
             }
             total -= d.size_bytes;
+            cutoff = Some(cutoff.map_or(atime, |c| c.max(atime)));
         }
         // Pool files first (each unlink is atomic), then one transaction for all records.
         let mut removed_large = Vec::new();
@@ -844,6 +908,9 @@ impl LocalStore {
         let mut atime_only: Vec<Fingerprint> = removed_large.iter().map(|d| d.hash).collect();
         atime_only.extend(stale);
         self.inner.db.remove(&small_hashes, &atime_only)?;
+        if let Some(cutoff) = cutoff {
+            report.removed_refs = self.inner.db.evict_refs(cutoff)?;
+        }
         self.inner.db.sync()?;
 
         // Reset the counters to what the listing found, minus what was removed: this also
@@ -898,7 +965,17 @@ impl Drop for Inner {
             .get_mut()
             .map(|m| m.drain().collect())
             .unwrap_or_default();
-        if let Err(e) = self.db.set_atimes(&pending).and_then(|()| self.db.sync()) {
+        let refs: Vec<([u8; 40], u64)> = self
+            .recent_ref_access
+            .get_mut()
+            .map(|m| m.drain().collect())
+            .unwrap_or_default();
+        if let Err(e) = self
+            .db
+            .set_atimes(&pending)
+            .and_then(|()| self.db.set_ref_atimes(&refs))
+            .and_then(|()| self.db.sync())
+        {
             tracing::warn!(error = %e, "could not record access times when closing the store");
         }
     }

@@ -43,6 +43,8 @@ pub(crate) struct SmallDb {
     pool: Database<Raw, Atime>,
     meta: Database<Raw, Raw>,
     refs: Database<Raw, Raw>,
+    /// Ref key → last write or read (unix milliseconds), for evicting records with the blobs.
+    ref_atime: Database<Raw, Atime>,
     /// Values are `[tag][logical size u64 LE][payload]`, tag 1 = zstd (see `encode`).
     compressed: bool,
 }
@@ -124,7 +126,7 @@ impl SmallDb {
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         preallocate_lock_file(dir)?;
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size).max_dbs(5).max_readers(1024);
+        opts.map_size(map_size).max_dbs(8).max_readers(1024);
         // SAFETY: heed's open is unsafe because LMDB must not be opened twice by one process
         // with different options, and the file must not be modified other than through LMDB.
         // heed itself de-duplicates environments opened twice in one process, every LocalStore
@@ -152,6 +154,9 @@ impl SmallDb {
         let refs = env
             .create_database(&mut w, Some("refs"))
             .map_err(|e| db_err("creating table refs", e))?;
+        let ref_atime = env
+            .create_database(&mut w, Some("ref_atime"))
+            .map_err(|e| db_err("creating table ref_atime", e))?;
         let marked = meta
             .get(&w, FORMAT_KEY)
             .map_err(|e| db_err("get format", e))?
@@ -183,6 +188,7 @@ impl SmallDb {
             pool,
             meta,
             refs,
+            ref_atime,
             compressed,
         })
     }
@@ -520,12 +526,16 @@ impl SmallDb {
         w.commit().map_err(|e| db_err("commit", e))
     }
 
-    /// Records `value` under `key` in the `refs` table (replacing any earlier value).
-    pub(crate) fn put_ref(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    /// Records `value` under `key` in the `refs` table (replacing any earlier value), used at
+    /// `now` (unix milliseconds).
+    pub(crate) fn put_ref(&self, key: &[u8], value: &[u8], now: u64) -> Result<(), StoreError> {
         let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
         self.refs
             .put(&mut w, key, value)
             .map_err(|e| db_err("put ref", e))?;
+        self.ref_atime
+            .put(&mut w, key, &now)
+            .map_err(|e| db_err("put ref atime", e))?;
         w.commit().map_err(|e| db_err("commit", e))
     }
 
@@ -545,7 +555,65 @@ impl SmallDb {
         self.refs
             .delete(&mut w, key)
             .map_err(|e| db_err("delete ref", e))?;
+        self.ref_atime
+            .delete(&mut w, key)
+            .map_err(|e| db_err("delete ref atime", e))?;
         w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Records when refs were last read (only those still present).
+    pub(crate) fn set_ref_atimes(&self, times: &[([u8; 40], u64)]) -> Result<(), StoreError> {
+        if times.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        for (key, t) in times {
+            let present = self
+                .refs
+                .get(&w, key)
+                .map_err(|e| db_err("get ref", e))?
+                .is_some();
+            if present {
+                self.ref_atime
+                    .put(&mut w, key, t)
+                    .map_err(|e| db_err("put ref atime", e))?;
+            }
+        }
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Removes every ref not used after `cutoff` (unix milliseconds; a ref with no recorded
+    /// time counts as never used) in one transaction. Returns how many went.
+    pub(crate) fn evict_refs(&self, cutoff: u64) -> Result<u64, StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        let mut old = Vec::new();
+        for item in self.refs.iter(&w).map_err(|e| db_err("list refs", e))? {
+            let (key, _) = item.map_err(|e| db_err("list refs", e))?;
+            let used = self
+                .ref_atime
+                .get(&w, key)
+                .map_err(|e| db_err("get ref atime", e))?
+                .unwrap_or(0);
+            if used <= cutoff {
+                old.push(key.to_vec());
+            }
+        }
+        for key in &old {
+            self.refs
+                .delete(&mut w, key)
+                .map_err(|e| db_err("delete ref", e))?;
+            self.ref_atime
+                .delete(&mut w, key)
+                .map_err(|e| db_err("delete ref atime", e))?;
+        }
+        w.commit().map_err(|e| db_err("commit", e))?;
+        Ok(old.len() as u64)
+    }
+
+    /// How many refs are recorded.
+    pub(crate) fn ref_count(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        self.refs.len(&r).map_err(|e| db_err("count refs", e))
     }
 
     /// Forces committed data to disk.
