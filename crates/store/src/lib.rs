@@ -24,7 +24,8 @@ pub use directory::MaterializeOptions;
 pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
 pub use local::{
-    BlobReader, GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, StoreUsage,
+    BlobReader, GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, RepairReport,
+    StoreUsage,
 };
 
 /// Splits `digests` into groups whose sizes (plus `per_item` bytes each) add up to at most

@@ -645,3 +645,87 @@ fn gc_drops_records_older_than_what_it_evicts_and_keeps_used_ones() {
     store.gc(0).unwrap();
     assert_eq!(store.ref_count().unwrap(), 0);
 }
+
+const CRASH_GC_CHILD_ENV: &str = "RECACHE_TEST_CRASH_GC_CHILD_STORE";
+
+/// Runs as the child of `kill_9_mid_eviction_then_open_repairs_the_index`: with the store
+/// open, does what an eviction and a write do on disk before they record it (unlinks pool files;
+/// commits a verified pool file by rename), then waits to be killed.
+#[test]
+fn crash_child_evictor() {
+    let Ok(dir) = std::env::var(CRASH_GC_CHILD_ENV) else {
+        return; // Only meaningful as the child process of the test below.
+    };
+    let store = open(Path::new(&dir));
+    let mut files: Vec<_> = pool_files(Path::new(&dir));
+    files.sort();
+    for f in files.iter().take(3) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let late = bytes(THRESHOLD as usize + 10, 77);
+    let d = Digest::of_bytes(&late);
+    let shard = Path::new(&dir).join("large").join(&d.hash.to_hex()[..2]);
+    std::fs::create_dir_all(&shard).unwrap();
+    let tmp = Path::new(&dir).join("large").join(".tmp-late");
+    std::fs::write(&tmp, &late).unwrap();
+    std::fs::rename(&tmp, shard.join(format!("{}-{}", d.hash.to_hex(), d.size_bytes))).unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(3600));
+    drop(store);
+}
+
+#[test]
+fn kill_9_mid_eviction_then_open_repairs_the_index() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let blobs: Vec<Digest> = (0..8)
+        .map(|i| store.store_bytes(&bytes(THRESHOLD as usize + i, 600 + i as u64)).unwrap())
+        .collect();
+    let small = store.store_bytes(b"a small one").unwrap();
+    drop(store);
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child_evictor", "--nocapture", "--test-threads=1"])
+        .env(CRASH_GC_CHILD_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("ready")), "the child never got ready");
+    child.kill().unwrap(); // SIGKILL: no destructor runs, the store is left open
+    child.wait().unwrap();
+
+    // The next open repairs: the index agrees with the disk.
+    let store = open(dir.path());
+    let on_disk: Vec<_> = pool_files(dir.path());
+    let disk_bytes: u64 = on_disk
+        .iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.rsplit('-').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    let usage = store.usage();
+    assert_eq!(usage.total_blobs(), on_disk.len() as u64 + 1, "{usage:?}");
+    assert_eq!(usage.total_bytes(), disk_bytes + small.size_bytes);
+    let present = blobs.iter().filter(|d| store.contains(**d)).count();
+    assert_eq!(present, 5, "three pool files were unlinked");
+    for d in blobs.iter().filter(|d| store.contains(**d)) {
+        assert_eq!(store.load_bytes(*d).unwrap().unwrap().len() as u64, d.size_bytes);
+    }
+    let late = Digest::of_bytes(&bytes(THRESHOLD as usize + 10, 77));
+    assert!(store.contains(late), "a committed file without its record is adopted");
+    assert!(store.contains(small));
+    drop(store);
+
+    // A clean close: the next open trusts the index and walks nothing (a file removed by hand
+    // meanwhile is still counted until a GC re-derives the counters).
+    let victim = pool_files(dir.path()).pop().unwrap();
+    std::fs::remove_file(victim).unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.usage().total_blobs(), on_disk.len() as u64 + 1);
+    store.gc(u64::MAX).unwrap();
+    assert_eq!(store.usage().total_blobs(), on_disk.len() as u64);
+}

@@ -118,6 +118,34 @@ impl StoreUsage {
     }
 }
 
+/// What [`LocalStore::repair`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Blobs the store holds.
+    pub blobs: u64,
+    /// Their logical bytes.
+    pub bytes: u64,
+    /// Index rows of pool files that were gone (an eviction cut short).
+    pub dropped_rows: u64,
+    /// Committed pool files that had no index row (a write cut short after its rename).
+    pub adopted_files: u64,
+}
+
+/// `meta` flag set while the store is open and cleared by the last process to close it: found
+/// set by the first opener, it means a crash.
+const DIRTY_KEY: &[u8] = b"open-dirty";
+
+/// Opens (creating) the store's `open.lock`.
+fn open_lock(root: &Path) -> Result<fs::File, StoreError> {
+    let path = root.join("open.lock");
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+}
+
 /// What [`LocalStore::gc`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -155,6 +183,8 @@ pub struct LocalStore {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// Held shared while the store is open (see [`LocalStore::open`]).
+    open_lock: fs::File,
     threshold: u64,
     db: SmallDb,
     pool: Pool,
@@ -261,7 +291,8 @@ impl LocalStore {
             pool_compression,
             max_size,
         } = options;
-        let ctx = || format!("opening local store {}", root.display());
+        let shown = root.clone();
+        let ctx = move || format!("opening local store {}", shown.display());
         let db = SmallDb::open(
             &root.join("db"),
             db_map_size,
@@ -273,6 +304,28 @@ impl LocalStore {
             pool_compression == PoolCompression::Zstd,
         )
         .map_err(|e| e.context(ctx()))?;
+        // Who else has this store open: a shared lock on `open.lock` for as long as it is
+        // open. The first opener (an exclusive lock is free) checks whether the last one shut
+        // down cleanly; if not (a crash, kill -9), the index is repaired from a listing before
+        // anything is served from it.
+        let open_lock = open_lock(&root).map_err(|e| e.context(ctx()))?;
+        let first = match open_lock.try_lock() {
+            Ok(()) => true,
+            Err(fs::TryLockError::WouldBlock) => false,
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StoreError::io(format!("{}: locking open.lock", ctx()), e));
+            }
+        };
+        let crashed = first && db.flag(DIRTY_KEY).map_err(|e| e.context(ctx()))?;
+        if first && !crashed {
+            db.set_flag(DIRTY_KEY, true).map_err(|e| e.context(ctx()))?;
+        }
+        if !first || !crashed {
+            // Shared from here on (a conversion when we held it exclusively).
+            open_lock
+                .lock_shared()
+                .map_err(|e| StoreError::io(format!("{}: locking open.lock", ctx()), e))?;
+        }
         if db.counters().map_err(|e| e.context(ctx()))?.is_none() {
             // First open of this store (or of one from before the counters): count once.
             let mut c = Counters::default();
@@ -286,9 +339,9 @@ impl LocalStore {
             }
             db.set_counters(c).map_err(|e| e.context(ctx()))?;
         }
-        Ok(LocalStore {
+        let store = LocalStore {
             inner: Arc::new(Inner {
-                root,
+                open_lock,
                 threshold: large_threshold.max(1),
                 db,
                 pool,
@@ -300,7 +353,59 @@ impl LocalStore {
                 recent_ref_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 received: AtomicU64::new(0),
+                root,
             }),
+        };
+        if crashed {
+            let report = store.repair().map_err(|e| e.context(ctx()))?;
+            tracing::warn!(
+                ?report,
+                store = %store.root().display(),
+                "the store was not closed cleanly (a crash?): its index was repaired from a listing"
+            );
+            store
+                .inner
+                .open_lock
+                .lock_shared()
+                .map_err(|e| StoreError::io(format!("{}: locking open.lock", ctx()), e))?;
+        }
+        Ok(store)
+    }
+
+    /// Rebuilds the index from what is on disk: usage counters from a listing of the database
+    /// and the pool, rows of pool files that are gone dropped, committed pool files that have
+    /// no row (a crash between the rename and the record) adopted. Run at open when the last
+    /// process using the store did not close it (a crash); costs a listing of every pool shard.
+    pub fn repair(&self) -> Result<RepairReport, StoreError> {
+        let _one = self.inner.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = Counters::default();
+        for e in self.inner.db.list()? {
+            c.small_blobs += 1;
+            c.small_bytes += e.digest.size_bytes;
+        }
+        let files = self.inner.pool.list()?;
+        let rows: std::collections::HashSet<Fingerprint> =
+            self.inner.db.pool_rows()?.into_iter().collect();
+        let on_disk: std::collections::HashSet<Fingerprint> =
+            files.iter().map(|d| d.hash).collect();
+        let mut adopt = Vec::new();
+        for d in &files {
+            c.large_blobs += 1;
+            c.large_bytes += d.size_bytes;
+            if !rows.contains(&d.hash)
+                && let Ok(meta) = fs::metadata(self.inner.pool.path(d))
+            {
+                adopt.push((d.hash, mtime_nanos(&meta)));
+            }
+        }
+        let drop_rows: Vec<Fingerprint> = rows.difference(&on_disk).copied().collect();
+        self.inner.db.repair(c, &drop_rows, &adopt, now_millis())?;
+        self.inner.db.sync()?;
+        Ok(RepairReport {
+            blobs: c.small_blobs + c.large_blobs,
+            bytes: c.small_bytes + c.large_bytes,
+            dropped_rows: drop_rows.len() as u64,
+            adopted_files: adopt.len() as u64,
         })
     }
 
@@ -977,6 +1082,16 @@ impl Drop for Inner {
             .and_then(|()| self.db.sync())
         {
             tracing::warn!(error = %e, "could not record access times when closing the store");
+            return; // not cleanly closed: the next opener repairs
+        }
+        // The last one out (no one else holds the lock) marks the store clean.
+        if self.open_lock.try_lock().is_ok()
+            && let Err(e) = self
+                .db
+                .set_flag(DIRTY_KEY, false)
+                .and_then(|()| self.db.sync())
+        {
+            tracing::warn!(error = %e, "could not mark the store closed");
         }
     }
 }

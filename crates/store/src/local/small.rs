@@ -616,6 +616,70 @@ impl SmallDb {
         self.refs.len(&r).map_err(|e| db_err("count refs", e))
     }
 
+    /// Whether the `meta` flag `key` is set.
+    pub(crate) fn flag(&self, key: &[u8]) -> Result<bool, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        Ok(self
+            .meta
+            .get(&r, key)
+            .map_err(|e| db_err("get flag", e))?
+            .is_some_and(|v| v == [1u8]))
+    }
+
+    /// Sets or clears the `meta` flag `key`.
+    pub(crate) fn set_flag(&self, key: &[u8], on: bool) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.meta
+            .put(&mut w, key, &[u8::from(on)])
+            .map_err(|e| db_err("put flag", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// The fingerprints the `pool` table has a row for.
+    pub(crate) fn pool_rows(&self) -> Result<Vec<Fingerprint>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        let mut out = Vec::new();
+        for item in self.pool.iter(&r).map_err(|e| db_err("list pool", e))? {
+            let (key, _) = item.map_err(|e| db_err("list pool", e))?;
+            if let Some(hash) = fingerprint(key) {
+                out.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The repair after a crash, in one transaction: counters from a listing, rows of pool
+    /// files that are gone dropped, committed files without a row adopted.
+    pub(crate) fn repair(
+        &self,
+        counters: Counters,
+        drop_rows: &[Fingerprint],
+        adopt: &[(Fingerprint, u64)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        for hash in drop_rows {
+            self.pool
+                .delete(&mut w, hash.as_bytes())
+                .map_err(|e| db_err("delete pool", e))?;
+            self.atime
+                .delete(&mut w, hash.as_bytes())
+                .map_err(|e| db_err("delete atime", e))?;
+        }
+        for (hash, mtime) in adopt {
+            self.pool
+                .put(&mut w, hash.as_bytes(), mtime)
+                .map_err(|e| db_err("put pool", e))?;
+            self.atime
+                .put(&mut w, hash.as_bytes(), &now)
+                .map_err(|e| db_err("put atime", e))?;
+        }
+        self.meta
+            .put(&mut w, USAGE_KEY, &counters.encode())
+            .map_err(|e| db_err("put usage", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
     /// Forces committed data to disk.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
         self.env.force_sync().map_err(|e| db_err("sync", e))
