@@ -8,7 +8,8 @@
 //! - `get_action_result_c64_per_s`: GetActionResult throughput with 64 calls in flight
 //!   (answered calls only: buildbox-casd refuses some with "Concurrent RPC limit exceeded");
 //! - `bytestream_write_mib_s` / `bytestream_read_mib_s`: one blob of `--mib` MiB (default 256)
-//!   written and read back in 1 MiB messages.
+//!   written and read back in 1 MiB messages, the servers taking turns rep by rep (the disk's
+//!   writeback state swings these rows more than anything the servers do).
 //!
 //! and, per row, `ratio_vs_casd` / `ratio_vs_buildgrid` (recache's throughput over the peer's:
 //! above 1 is faster). The servers are the ones `scripts/reapi-servers.sh start` runs:
@@ -224,56 +225,71 @@ async fn get_action_result(t: &Target, calls: usize) -> (f64, f64) {
     (c1, per_s)
 }
 
-async fn bytestream(t: &Target, mib: usize, reps: usize) -> (f64, f64) {
-    let (mut writes, mut reads) = (vec![], vec![]);
+/// One write then read of a fresh `mib` MiB blob: (write, read) durations.
+async fn bytestream_once(t: &Target, mib: usize) -> (Duration, Duration) {
+    let blob = unique(mib << 20);
+    let d = Digest::of_bytes(&blob);
+    let name = resource(
+        &t.instance,
+        format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash,
+            d.size_bytes
+        ),
+    );
+    let msgs: Vec<WriteRequest> = blob
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i << 20) as i64,
+            finish_write: ((i + 1) << 20) >= blob.len(),
+            data: c.to_vec(),
+        })
+        .collect();
+    let start = Instant::now();
+    ByteStreamClient::new(t.channel.clone())
+        .write(futures::stream::iter(msgs))
+        .await
+        .unwrap();
+    let write = start.elapsed();
+    let start = Instant::now();
+    let mut stream = ByteStreamClient::new(t.channel.clone())
+        .max_decoding_message_size(16 << 20)
+        .read(ReadRequest {
+            resource_name: resource(&t.instance, format!("blobs/{}/{}", d.hash, d.size_bytes)),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0usize;
+    while let Some(m) = stream.next().await {
+        n += m.unwrap().data.len();
+    }
+    let read = start.elapsed();
+    assert_eq!(n, blob.len(), "{}", t.name);
+    (write, read)
+}
+
+/// ByteStream write and read throughput (MiB/s, medians) per target. The targets take turns
+/// rep by rep, so the disk's mood (writeback, the host's cache) falls on all of them alike.
+async fn bytestream(targets: &[Target], mib: usize, reps: usize) -> Vec<(f64, f64)> {
+    let mut times: Vec<(Vec<Duration>, Vec<Duration>)> = vec![(vec![], vec![]); targets.len()];
     for _ in 0..reps {
-        let blob = unique(mib << 20);
-        let d = Digest::of_bytes(&blob);
-        let name = resource(
-            &t.instance,
-            format!(
-                "uploads/{}/blobs/{}/{}",
-                uuid::Uuid::new_v4(),
-                d.hash,
-                d.size_bytes
-            ),
-        );
-        let msgs: Vec<WriteRequest> = blob
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, c)| WriteRequest {
-                resource_name: if i == 0 { name.clone() } else { String::new() },
-                write_offset: (i << 20) as i64,
-                finish_write: ((i + 1) << 20) >= blob.len(),
-                data: c.to_vec(),
-            })
-            .collect();
-        let start = Instant::now();
-        ByteStreamClient::new(t.channel.clone())
-            .write(futures::stream::iter(msgs))
-            .await
-            .unwrap();
-        writes.push(start.elapsed());
-        let start = Instant::now();
-        let mut stream = ByteStreamClient::new(t.channel.clone())
-            .max_decoding_message_size(16 << 20)
-            .read(ReadRequest {
-                resource_name: resource(&t.instance, format!("blobs/{}/{}", d.hash, d.size_bytes)),
-                read_offset: 0,
-                read_limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut n = 0usize;
-        while let Some(m) = stream.next().await {
-            n += m.unwrap().data.len();
+        for (t, (w, r)) in targets.iter().zip(times.iter_mut()) {
+            let (write, read) = bytestream_once(t, mib).await;
+            w.push(write);
+            r.push(read);
         }
-        reads.push(start.elapsed());
-        assert_eq!(n, blob.len(), "{}", t.name);
     }
     let mib_s = |d: Duration| mib as f64 / d.as_secs_f64();
-    (mib_s(median(&mut writes)), mib_s(median(&mut reads)))
+    times
+        .into_iter()
+        .map(|(mut w, mut r)| (mib_s(median(&mut w)), mib_s(median(&mut r))))
+        .collect()
 }
 
 /// A report row: its name, whether higher is better, and each server's value.
@@ -314,11 +330,11 @@ async fn main() {
         ("bytestream_write_mib_s", true, vec![]),
         ("bytestream_read_mib_s", true, vec![]),
     ];
-    for t in &targets {
+    let streams = bytestream(&targets, mib, if quick { 3 } else { 5 }).await;
+    for (t, (w, r)) in targets.iter().zip(streams) {
         let fm = find_missing(t, reps).await;
         let br = batch_read(t, reps).await;
         let (c1, c64) = get_action_result(t, if quick { 200 } else { 1000 }).await;
-        let (w, r) = bytestream(t, mib, if quick { 2 } else { 3 }).await;
         for (row, v) in rows.iter_mut().zip([fm, br, c1, c64, w, r]) {
             row.2.push((t.name, round(v)));
         }
