@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod hit;
+pub mod peers;
 pub mod scale;
 pub mod transfer;
 

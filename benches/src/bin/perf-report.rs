@@ -24,7 +24,18 @@
 //! - `storage_at_rest_ratio`: bytes on disk / logical bytes for `storage_corpus_mib` of the Rust
 //!   sources in the cargo registry, stored as `recache serve` keeps them (goal ≤ 0.5).
 //!
+//! - `server`: `recache serve` beside buildbox-casd and BuildGrid, the same workloads against
+//!   each with ratios per row (see `benches::peers`), when `scripts/reapi-servers.sh` runs them
+//!   and its `RECACHE_TEST_*` variables are set; left out (with a line on stderr) otherwise.
+//!
 //! `cargo run --release -p benches --bin perf-report -- [--quick]` (quick: fewer repetitions).
+//! With the peers:
+//!
+//! ```sh
+//! cargo build --release -p recache && RECACHE_BIN=target/release/recache scripts/reapi-servers.sh start
+//! eval "$(scripts/reapi-servers.sh env)"
+//! cargo run --release -p benches --bin perf-report -- [--quick]
+//! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -222,6 +233,21 @@ fn main() {
         "cli_hit_store_ratio",
         (f.as_secs_f64() / e.as_secs_f64() * 100.0).round() / 100.0,
     );
+    // recache serve against its peers, when they run.
+    let server_mib = if quick { 64 } else { 256 };
+    let peers = rt.block_on(benches::peers::report(quick, server_mib));
+    match peers {
+        Some(p) => {
+            report.insert("server".into(), p);
+        }
+        None => eprintln!(
+            "perf-report: no `server` section: recache serve is not reachable (start \
+             scripts/reapi-servers.sh and eval its env)"
+        ),
+    }
+    let mut put = |k: &str, v: f64| {
+        report.insert(k.to_owned(), serde_json::json!(v));
+    };
     put(
         "elapsed_s",
         (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
