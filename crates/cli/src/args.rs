@@ -113,46 +113,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cache_dir: CacheDirArg,
 
-    /// Remote cache: grpc://host:port, grpcs://host:port, or file:///path (a shared directory).
-    /// Default: the local cache directory.
-    #[arg(long, env = "RECACHE_REMOTE", value_name = "ADDRESS")]
-    pub remote: Option<String>,
-
-    /// REAPI instance name on the remote.
-    #[arg(
-        long,
-        env = "RECACHE_INSTANCE_NAME",
-        default_value = "",
-        value_name = "NAME"
-    )]
-    pub instance_name: String,
-
-    /// Extra gRPC header for every call, e.g. `authorization=Bearer TOKEN` (repeatable; the
-    /// value is taken whole, commas included). Environment: RECACHE_HEADER, one K=V per line.
-    #[arg(long = "header", value_name = "K=V", value_parser = parse_key_value)]
-    pub headers: Vec<(String, String)>,
-
-    /// PEM CA bundle to verify a grpcs:// server (default: the system's roots).
-    #[arg(long, env = "RECACHE_TLS_CA_CERT", value_name = "FILE")]
-    pub tls_ca_cert: Option<PathBuf>,
-
-    /// PEM client certificate for mutual TLS (with --tls-client-key).
-    #[arg(
-        long,
-        env = "RECACHE_TLS_CLIENT_CERT",
-        value_name = "FILE",
-        requires = "tls_client_key"
-    )]
-    pub tls_client_cert: Option<PathBuf>,
-
-    /// PEM client key for mutual TLS (with --tls-client-cert).
-    #[arg(
-        long,
-        env = "RECACHE_TLS_CLIENT_KEY",
-        value_name = "FILE",
-        requires = "tls_client_cert"
-    )]
-    pub tls_client_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 
     /// What a hit does with outputs: fetch (download now), validate (check they exist
     /// remotely), defer (trust the entry). Outputs you ask for with --output are always fetched.
@@ -262,20 +224,73 @@ impl RunArgs {
                 .map(str::to_owned)
                 .collect();
         }
-        for (name, list) in [
-            ("RECACHE_ENV", &mut self.env),
-            ("RECACHE_HEADER", &mut self.headers),
-        ] {
-            if list.is_empty()
-                && let Some(v) = var(name)
-            {
-                for line in v.lines().filter(|l| !l.trim().is_empty()) {
-                    list.push(parse_key_value(line).map_err(|e| format!("{name}: {e}"))?);
-                }
-            }
-        }
-        Ok(())
+        fill_key_values("RECACHE_ENV", &mut self.env)?;
+        self.remote.apply_list_env()
     }
+}
+
+/// Which cache to use and how to reach it (shared by `run` and `bench`).
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Remote cache: grpc://host:port, grpcs://host:port, or file:///path (a shared directory).
+    /// Default: the local cache directory.
+    #[arg(long = "remote", env = "RECACHE_REMOTE", value_name = "ADDRESS")]
+    pub address: Option<String>,
+
+    /// REAPI instance name on the remote.
+    #[arg(
+        long,
+        env = "RECACHE_INSTANCE_NAME",
+        default_value = "",
+        value_name = "NAME"
+    )]
+    pub instance_name: String,
+
+    /// Extra gRPC header for every call, e.g. `authorization=Bearer TOKEN` (repeatable; the
+    /// value is taken whole, commas included). Environment: RECACHE_HEADER, one K=V per line.
+    #[arg(long = "header", value_name = "K=V", value_parser = parse_key_value)]
+    pub headers: Vec<(String, String)>,
+
+    /// PEM CA bundle to verify a grpcs:// server (default: the system's roots).
+    #[arg(long, env = "RECACHE_TLS_CA_CERT", value_name = "FILE")]
+    pub tls_ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS (with --tls-client-key).
+    #[arg(
+        long,
+        env = "RECACHE_TLS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// PEM client key for mutual TLS (with --tls-client-cert).
+    #[arg(
+        long,
+        env = "RECACHE_TLS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    /// Fills `--header` from RECACHE_HEADER (one K=V per line) when none was given.
+    pub fn apply_list_env(&mut self) -> Result<(), String> {
+        fill_key_values("RECACHE_HEADER", &mut self.headers)
+    }
+}
+
+/// Fills `list` from the variable `name` (one K=V per line) when the command line gave none.
+fn fill_key_values(name: &str, list: &mut Vec<(String, String)>) -> Result<(), String> {
+    if list.is_empty()
+        && let Ok(v) = std::env::var(name)
+    {
+        for line in v.lines().filter(|l| !l.trim().is_empty()) {
+            list.push(parse_key_value(line).map_err(|e| format!("{name}: {e}"))?);
+        }
+    }
+    Ok(())
 }
 
 /// Seconds as a duration: a non-negative number, or `inf` for no limit.

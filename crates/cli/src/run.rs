@@ -19,11 +19,11 @@ use store::remote::{RemoteProviders, local_dir::LocalDirProvider, provider_from_
 use store::{ErrorKind, LocalStore, LocalStoreOptions, MaterializeOptions, Store};
 
 use crate::CliError;
-use crate::args::RunArgs;
+use crate::args::{RemoteArgs, RunArgs};
 use crate::cache_dir::{CacheDir, RunRecord};
 
 /// Why a cached run could not go on.
-enum Failure {
+pub(crate) enum Failure {
     /// The user's mistake (bad input path, a command that cannot be started): exit 125.
     Usage(CliError),
     /// The cache (its directory, its disk, its server) failed: run the command without it.
@@ -82,7 +82,7 @@ async fn cached_run(
     started: Instant,
 ) -> Result<i32, Failure> {
     // With the embedded default cache, the bound is shared by the store and the cache itself.
-    let store_bound = if args.remote.is_none() {
+    let store_bound = if args.remote.address.is_none() {
         args.max_size / 2
     } else {
         args.max_size
@@ -91,7 +91,7 @@ async fn cached_run(
     store_options.max_size = Some(store_bound);
     let local = LocalStore::open(store_options)
         .map_err(|e| Failure::Cache(format!("cannot open the local store: {e}")))?;
-    let providers = providers(args, cache).await?;
+    let providers = providers(&args.remote, cache, args.max_size).await?;
     let store = Store::with_remote(local.clone(), providers.bytes.clone());
 
     // Inputs: the current directory (minus the declared outputs and the cache directory), or
@@ -284,13 +284,19 @@ async fn run_uncached(process: &Process, cwd: &Path) -> Result<ProcessResult, Cl
     })
 }
 
-async fn providers(args: &RunArgs, cache: &CacheDir) -> Result<RemoteProviders, Failure> {
-    match &args.remote {
+/// The cache `remote` names: a REAPI server, a shared directory, or (none) the default cache
+/// under the cache directory, bounded by half of `max_size`.
+pub(crate) async fn providers(
+    remote: &RemoteArgs,
+    cache: &CacheDir,
+    max_size: u64,
+) -> Result<RemoteProviders, Failure> {
+    match &remote.address {
         None => {
             let p = Arc::new(
                 LocalDirProvider::open(&cache.default_cache_dir())
                     .map_err(|e| Failure::Cache(format!("cannot open the local cache: {e}")))?
-                    .with_max_size(args.max_size - args.max_size / 2),
+                    .with_max_size(max_size - max_size / 2),
             );
             Ok(RemoteProviders {
                 bytes: p.clone(),
@@ -299,13 +305,13 @@ async fn providers(args: &RunArgs, cache: &CacheDir) -> Result<RemoteProviders, 
         }
         Some(address) => {
             let options = GrpcOptions {
-                instance_name: args.instance_name.clone(),
-                headers: args.headers.clone(),
-                tls_ca_cert: args.tls_ca_cert.clone(),
-                tls_client_cert: args
+                instance_name: remote.instance_name.clone(),
+                headers: remote.headers.clone(),
+                tls_ca_cert: remote.tls_ca_cert.clone(),
+                tls_client_cert: remote
                     .tls_client_cert
                     .clone()
-                    .zip(args.tls_client_key.clone()),
+                    .zip(remote.tls_client_key.clone()),
                 ..Default::default()
             };
             provider_from_address(address, options)
