@@ -18,6 +18,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::hit::median;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
@@ -25,7 +26,6 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use bazel_remote_apis::google::bytestream::{
     ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
 };
-use crate::hit::median;
 use futures::StreamExt;
 use hashing::Digest;
 use tonic::transport::Channel;

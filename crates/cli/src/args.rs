@@ -29,6 +29,76 @@ pub enum Command {
     /// `recache serve --listen 127.0.0.1:8980`. Point Bazel at it with
     /// `--remote_cache=grpc://HOST:PORT`, recache with `--remote grpc://HOST:PORT`.
     Serve(Box<ServeArgs>),
+    /// Measure what a cache hit costs against a cache: populate synthetic actions under a fresh
+    /// namespace, then time the bare calls (the floor), hits per behavior through the runner an
+    /// engine embeds, and misses with write-behind, at several concurrencies.
+    /// `recache bench --remote grpc://HOST:PORT --report bench.html`.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub cache_dir: CacheDirArg,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// Synthetic actions to put in the cache (each is then hit once per behavior and
+    /// concurrency).
+    #[arg(
+        long,
+        env = "RECACHE_BENCH_ACTIONS",
+        default_value = "1000",
+        value_name = "N"
+    )]
+    pub actions: usize,
+
+    /// The outputs of every action: COUNTxSIZE, comma-separated, e.g. `10x4KiB,1x8MiB`.
+    #[arg(
+        long,
+        env = "RECACHE_BENCH_OUTPUTS",
+        default_value = "10x4KiB",
+        value_name = "SHAPES"
+    )]
+    pub outputs: String,
+
+    /// Calls in flight, comma-separated; every measurement is taken at each.
+    #[arg(
+        long,
+        env = "RECACHE_BENCH_CONCURRENCY",
+        default_value = "1,8,64",
+        value_name = "LEVELS"
+    )]
+    pub concurrency: String,
+
+    /// Hit behaviors to measure, comma-separated (fetch: download the outputs; validate: check
+    /// they exist; defer: trust the entry).
+    #[arg(
+        long,
+        env = "RECACHE_BENCH_BEHAVIORS",
+        default_value = "fetch,validate,defer",
+        value_name = "LIST"
+    )]
+    pub behaviors: String,
+
+    /// Misses to run per concurrency (a local `/bin/sh` writing the outputs, then write-behind
+    /// to the cache); 0 skips them.
+    #[arg(
+        long,
+        env = "RECACHE_BENCH_MISSES",
+        default_value = "100",
+        value_name = "N"
+    )]
+    pub misses: usize,
+
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long, env = "RECACHE_JSON")]
+    pub json: bool,
+
+    /// Also write a self-contained HTML report (table and SVG charts) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

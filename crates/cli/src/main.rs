@@ -1,6 +1,8 @@
 //! `recache`: run one command through the remote cache. See `recache --help`.
 
 mod args;
+mod bench;
+mod bench_report;
 mod cache_dir;
 mod progress;
 mod run;
@@ -53,8 +55,9 @@ fn main() {
     // where a multi-thread one needs ≈ 200 µs (cross-thread wake-ups). Blocking work (capture,
     // materialize, hashing large files) runs on spawn_blocking threads either way. The server
     // serves many clients at once: every core.
+    // `bench` too: it measures the runner as engines embed it, with up to 64 calls in flight.
     let runtime = match &cli.command {
-        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Serve(_) | Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     }
     .enable_all()
@@ -71,6 +74,7 @@ fn main() {
             Command::Stats(a) => stats(a.cache_dir).map(|()| 0),
             Command::Gc(a) => gc(a.cache_dir.cache_dir, a.target_size).map(|()| 0),
             Command::Serve(a) => serve::serve(*a).await.map(|()| 0),
+            Command::Bench(a) => bench::bench(*a).await,
         }
     });
     match code {

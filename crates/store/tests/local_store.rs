@@ -668,7 +668,11 @@ fn crash_child_evictor() {
     std::fs::create_dir_all(&shard).unwrap();
     let tmp = Path::new(&dir).join("large").join(".tmp-late");
     std::fs::write(&tmp, &late).unwrap();
-    std::fs::rename(&tmp, shard.join(format!("{}-{}", d.hash.to_hex(), d.size_bytes))).unwrap();
+    std::fs::rename(
+        &tmp,
+        shard.join(format!("{}-{}", d.hash.to_hex(), d.size_bytes)),
+    )
+    .unwrap();
     println!("ready");
     std::thread::sleep(Duration::from_secs(3600));
     drop(store);
@@ -680,20 +684,32 @@ fn kill_9_mid_eviction_then_open_repairs_the_index() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let blobs: Vec<Digest> = (0..8)
-        .map(|i| store.store_bytes(&bytes(THRESHOLD as usize + i, 600 + i as u64)).unwrap())
+        .map(|i| {
+            store
+                .store_bytes(&bytes(THRESHOLD as usize + i, 600 + i as u64))
+                .unwrap()
+        })
         .collect();
     let small = store.store_bytes(b"a small one").unwrap();
     drop(store);
 
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_evictor", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_evictor",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CRASH_GC_CHILD_ENV, dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().contains("ready")), "the child never got ready");
+    assert!(
+        lines.any(|l| l.unwrap().contains("ready")),
+        "the child never got ready"
+    );
     child.kill().unwrap(); // SIGKILL: no destructor runs, the store is left open
     child.wait().unwrap();
 
@@ -713,10 +729,16 @@ fn kill_9_mid_eviction_then_open_repairs_the_index() {
     let present = blobs.iter().filter(|d| store.contains(**d)).count();
     assert_eq!(present, 5, "three pool files were unlinked");
     for d in blobs.iter().filter(|d| store.contains(**d)) {
-        assert_eq!(store.load_bytes(*d).unwrap().unwrap().len() as u64, d.size_bytes);
+        assert_eq!(
+            store.load_bytes(*d).unwrap().unwrap().len() as u64,
+            d.size_bytes
+        );
     }
     let late = Digest::of_bytes(&bytes(THRESHOLD as usize + 10, 77));
-    assert!(store.contains(late), "a committed file without its record is adopted");
+    assert!(
+        store.contains(late),
+        "a committed file without its record is adopted"
+    );
     assert!(store.contains(small));
     drop(store);
 
