@@ -67,6 +67,15 @@ impl CacheDir {
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
     }
+    /// Where the capabilities of the server at `address` (instance `instance`) are remembered
+    /// between runs, so each `recache run` does not ask again.
+    pub fn capabilities_file(&self, address: &str, instance: &str) -> PathBuf {
+        let key = hashing::Digest::of_bytes(format!("{address}\0{instance}").as_bytes());
+        self.root
+            .join("capabilities")
+            .join(&key.hash.to_hex()[..32])
+    }
+
     pub fn default_cache_dir(&self) -> PathBuf {
         self.root.join("cache")
     }
@@ -180,6 +189,55 @@ pub struct RunRecord {
     pub blobs_uploaded: u64,
     pub cache_written: bool,
     pub warnings: u64,
+    /// Where the wall time went, in order (milliseconds): `setup` (flags, cache directory),
+    /// `open_store`, `connect` (the cache's providers), `capture` (inputs into the store),
+    /// `lookup` (the cache lookup and, on a hit, fetching what must be local; on a miss, the
+    /// command itself), `restore` (outputs into the workspace, stdout and stderr replayed),
+    /// `flush` (write-behind of a miss). Empty when the cache was not used.
+    #[serde(serialize_with = "phases_as_map")]
+    pub phases_ms: Vec<(&'static str, f64)>,
+}
+
+/// The phases as a JSON object, in order.
+fn phases_as_map<S: serde::Serializer>(
+    phases: &[(&'static str, f64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(phases.len()))?;
+    for (k, v) in phases {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
+}
+
+/// Marks the end of each phase of a run (see [`RunRecord::phases_ms`]).
+#[derive(Debug)]
+pub struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    /// Starts timing; the first phase began at `since`.
+    pub fn since(since: std::time::Instant) -> Phases {
+        Phases {
+            last: since,
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the phase `name` now.
+    pub fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, ms(now - self.last)));
+        self.last = now;
+    }
+
+    /// The phases ended so far.
+    pub fn into_inner(self) -> Vec<(&'static str, f64)> {
+        self.done
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -220,6 +278,7 @@ impl RunRecord {
             blobs_uploaded: stats.blobs_uploaded,
             cache_written: stats.writes > 0,
             warnings: stats.warnings_logged,
+            phases_ms: Vec::new(),
         }
     }
 

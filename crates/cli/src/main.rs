@@ -30,6 +30,8 @@ impl CliError {
 }
 
 fn main() {
+    // The `setup` phase of a run's record starts here (before flags are parsed).
+    let started = std::time::Instant::now();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -70,7 +72,7 @@ fn main() {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(*args).await,
+            Command::Run(args) => run::run(*args, started).await,
             Command::Stats(a) => stats(a.cache_dir).map(|()| 0),
             Command::Gc(a) => gc(a.cache_dir.cache_dir, a.target_size).map(|()| 0),
             Command::Serve(a) => serve::serve(*a).await.map(|()| 0),

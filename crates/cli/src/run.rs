@@ -42,8 +42,7 @@ impl From<CliError> for Failure {
 /// A hit whose outputs cannot be fetched or restored is re-run locally; a store that cannot
 /// take anything (a full disk) makes recache run the command without the cache, once, with a
 /// warning. Exit 125 is left for recache's own usage errors.
-pub async fn run(mut args: RunArgs) -> Result<i32, CliError> {
-    let started = Instant::now();
+pub async fn run(mut args: RunArgs, started: Instant) -> Result<i32, CliError> {
     args.apply_list_env().map_err(CliError::new)?;
     let cache_root = CacheDir::locate(args.cache_dir.cache_dir.clone())?;
     let cwd = std::env::current_dir()
@@ -81,6 +80,8 @@ async fn cached_run(
     mut process: Process,
     started: Instant,
 ) -> Result<i32, Failure> {
+    let mut phases = crate::cache_dir::Phases::since(started);
+    phases.mark("setup");
     // With the embedded default cache, the bound is shared by the store and the cache itself.
     let store_bound = if args.remote.address.is_none() {
         args.max_size / 2
@@ -91,8 +92,10 @@ async fn cached_run(
     store_options.max_size = Some(store_bound);
     let local = LocalStore::open(store_options)
         .map_err(|e| Failure::Cache(format!("cannot open the local store: {e}")))?;
+    phases.mark("open_store");
     let providers = providers(&args.remote, cache, args.max_size).await?;
     let store = Store::with_remote(local.clone(), providers.bytes.clone());
+    phases.mark("connect");
 
     // Inputs: the current directory (minus the declared outputs and the cache directory), or
     // the --input paths.
@@ -104,6 +107,7 @@ async fn cached_run(
         .collect();
     process.input_root = capture_inputs(&local, cwd, &args.inputs, &outputs, cache).await?;
     let action_digest = make_action(&process).action_digest;
+    phases.mark("capture");
     let sandboxes = cache.sandbox_dir();
     let runner = RemoteCacheRunner::wrapping(
         store.clone(),
@@ -140,6 +144,7 @@ async fn cached_run(
             .map_err(process_failure)?;
     }
     progress.finish();
+    phases.mark("lookup");
 
     if let Err(e) = restore_outputs(&local, cwd, &process, &result) {
         match e {
@@ -167,6 +172,7 @@ async fn cached_run(
     }
     replay(&local, result.stdout, &mut std::io::stdout())?;
     replay(&local, result.stderr, &mut std::io::stderr())?;
+    phases.mark("restore");
 
     // Flush write-behind: a miss is written to the cache before we exit.
     let flush = runner.shutdown().await;
@@ -175,7 +181,9 @@ async fn cached_run(
         tracing::warn!("{e}");
     }
 
-    let record = RunRecord::new(&result, &stats, action_digest, behavior, started.elapsed());
+    phases.mark("flush");
+    let mut record = RunRecord::new(&result, &stats, action_digest, behavior, started.elapsed());
+    record.phases_ms = phases.into_inner();
     report(Some(cache), &record, args.json);
     Ok(exit_code(&result))
 }
@@ -312,6 +320,7 @@ pub(crate) async fn providers(
                     .tls_client_cert
                     .clone()
                     .zip(remote.tls_client_key.clone()),
+                capabilities_cache: Some(cache.capabilities_file(address, &remote.instance_name)),
                 ..Default::default()
             };
             provider_from_address(address, options)

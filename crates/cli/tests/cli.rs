@@ -665,3 +665,55 @@ fn an_output_patched_through_its_hardlink_comes_back_intact() {
         "the next run restores the original bytes, not the patched ones"
     );
 }
+
+#[test]
+fn runs_share_the_server_capabilities_and_report_their_phases() {
+    use testutil::server::{Method, TestServer};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start());
+    let remote = format!("grpc://{}", server.socket_addr());
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let args = build_args(&["run", "--remote", &remote, "--json"]);
+    for expect in ["miss", "hit"] {
+        let o = recache(ws.path(), cache.path(), &args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let record: serde_json::Value =
+            serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+        assert_eq!(record["cache"], expect, "{record}");
+        // Where the time went, phase by phase, adding up to (at most) the wall time.
+        let phases = record["phases_ms"].as_object().unwrap();
+        let mut names: Vec<&str> = phases.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "capture",
+                "connect",
+                "flush",
+                "lookup",
+                "open_store",
+                "restore",
+                "setup"
+            ]
+        );
+        let sum: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();
+        let wall = record["wall_time_ms"].as_f64().unwrap();
+        assert!(
+            sum > 0.0 && sum <= wall + 0.01,
+            "phases {sum} ms, wall {wall} ms"
+        );
+    }
+    // The second process took the capabilities the first remembered: one call between them.
+    assert_eq!(server.calls(Method::GetCapabilities), 1);
+    // Another cache directory asks again.
+    let other = tempfile::tempdir().unwrap();
+    let o = recache(ws.path(), other.path(), &args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(server.calls(Method::GetCapabilities), 2);
+    drop(rt);
+}

@@ -131,6 +131,10 @@ pub struct RepairReport {
     pub adopted_files: u64,
 }
 
+/// A process that stored something syncs the database when it closes the store, unless some
+/// process did in the last this many milliseconds.
+const EXIT_SYNC_INTERVAL_MS: u64 = 5_000;
+
 /// `meta` flag set while the store is open and cleared by the last process to close it: found
 /// set by the first opener, it means a crash.
 const DIRTY_KEY: &[u8] = b"open-dirty";
@@ -490,6 +494,12 @@ impl LocalStore {
     /// Stores an already verified small blob.
     pub(crate) fn put_small(&self, digest: Digest, bytes: &[u8]) -> Result<(), StoreError> {
         if digest == EMPTY_DIGEST {
+            return Ok(());
+        }
+        // Already stored (an input captured again, an output fetched again): a read, not a
+        // write transaction, and nothing for the exit to sync.
+        if self.inner.db.contains(digest).unwrap_or(false) {
+            self.touch(digest);
             return Ok(());
         }
         let totals = self.inner.db.put(digest, bytes, now_millis())?;
@@ -1064,6 +1074,13 @@ impl LocalStore {
 }
 
 impl Drop for Inner {
+    /// Records the gathered access times, marks the store clean if this is the last process
+    /// using it, and syncs the database to disk only when this process stored something and no
+    /// process synced it in the last [`EXIT_SYNC_INTERVAL_MS`]: an fsync per process was most of
+    /// a `recache run` hit's fixed cost, and many short processes in a row now share one. What a
+    /// power cut can take is bounded the same way (and is only cache: re-fetched or re-built);
+    /// losing access times or the clean mark is harmless (an unmarked store is repaired at the
+    /// next open).
     fn drop(&mut self) {
         let pending: Vec<(Fingerprint, u64)> = self
             .recent_access
@@ -1079,19 +1096,21 @@ impl Drop for Inner {
             .db
             .set_atimes(&pending)
             .and_then(|()| self.db.set_ref_atimes(&refs))
-            .and_then(|()| self.db.sync())
         {
             tracing::warn!(error = %e, "could not record access times when closing the store");
             return; // not cleanly closed: the next opener repairs
         }
         // The last one out (no one else holds the lock) marks the store clean.
         if self.open_lock.try_lock().is_ok()
-            && let Err(e) = self
-                .db
-                .set_flag(DIRTY_KEY, false)
-                .and_then(|()| self.db.sync())
+            && let Err(e) = self.db.set_flag(DIRTY_KEY, false)
         {
             tracing::warn!(error = %e, "could not mark the store closed");
+        }
+        if self.generation.load(Ordering::Acquire) > 0
+            && !self.db.synced_within(EXIT_SYNC_INTERVAL_MS)
+            && let Err(e) = self.db.sync()
+        {
+            tracing::warn!(error = %e, "could not sync the store when closing it");
         }
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct SmallDb {
 /// every open: the two formats cannot be mixed).
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT_ZSTD: &[u8] = b"zstd-values-v1";
+/// `meta` key: when the database was last forced to disk (unix milliseconds, u64 LE).
+const LAST_SYNC_KEY: &[u8] = b"last-sync";
 /// Tag byte + logical size.
 const VALUE_HEADER: usize = 9;
 /// zstd level for small values (small inputs compress better a little harder, still fast).
@@ -680,9 +682,35 @@ impl SmallDb {
         w.commit().map_err(|e| db_err("commit", e))
     }
 
-    /// Forces committed data to disk.
+    /// Forces committed data to disk, and records when (see [`synced_within`](Self::synced_within)).
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.meta
+            .put(&mut w, LAST_SYNC_KEY, &now.to_le_bytes())
+            .map_err(|e| db_err("put last sync", e))?;
+        w.commit().map_err(|e| db_err("commit", e))?;
         self.env.force_sync().map_err(|e| db_err("sync", e))
+    }
+
+    /// Whether some process synced the database less than `ms` milliseconds ago.
+    pub(crate) fn synced_within(&self, ms: u64) -> bool {
+        let Ok(r) = self.env.read_txn() else {
+            return false;
+        };
+        let last = self
+            .meta
+            .get(&r, LAST_SYNC_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map_or(0, u64::from_le_bytes);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        now.saturating_sub(last) < ms
     }
 }
 

@@ -81,7 +81,16 @@ pub struct GrpcOptions {
     pub zstd_min_size: Option<u64>,
     /// `RequestMetadata.tool_invocation_id` (e.g. one per build).
     pub invocation_id: String,
+    /// A file in which to remember the server's capabilities for [`CAPABILITIES_TTL`], so that
+    /// short-lived processes (one `recache run` per command) do not each spend a
+    /// GetCapabilities call. `None` (the default): ask once per provider.
+    pub capabilities_cache: Option<PathBuf>,
 }
+
+/// How long capabilities remembered in [`GrpcOptions::capabilities_cache`] are trusted. A server
+/// reconfigured meanwhile (a smaller batch limit) makes calls fail, which the cache layer treats
+/// as a cache error (the command runs locally); the file is then older than this soon enough.
+pub const CAPABILITIES_TTL: Duration = Duration::from_secs(600);
 
 impl Default for GrpcOptions {
     fn default() -> Self {
@@ -97,6 +106,7 @@ impl Default for GrpcOptions {
             bytestream_min_size: 512 * 1024,
             zstd_min_size: Some(1024 * 1024),
             invocation_id: uuid::Uuid::new_v4().to_string(),
+            capabilities_cache: None,
         }
     }
 }
@@ -110,6 +120,63 @@ pub struct ServerCapabilities {
     pub zstd: bool,
     /// Whether updating the ActionCache is allowed.
     pub action_cache_update_enabled: bool,
+}
+
+impl ServerCapabilities {
+    /// The line a capabilities cache file holds.
+    fn encode(&self) -> String {
+        format!(
+            "recache-capabilities-v1 {} {} {}\n",
+            self.max_batch_total_size_bytes,
+            u8::from(self.zstd),
+            u8::from(self.action_cache_update_enabled)
+        )
+    }
+
+    /// Capabilities remembered in `path`, if it is younger than [`CAPABILITIES_TTL`] and reads
+    /// back whole.
+    fn recall(path: &std::path::Path) -> Option<ServerCapabilities> {
+        let age = std::fs::metadata(path)
+            .ok()?
+            .modified()
+            .ok()?
+            .elapsed()
+            .ok()?;
+        if age > CAPABILITIES_TTL {
+            return None;
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut parts = text.trim_end().split(' ');
+        if parts.next()? != "recache-capabilities-v1" {
+            return None;
+        }
+        let max = parts.next()?.parse().ok()?;
+        let flag = |p: Option<&str>| match p {
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            _ => None,
+        };
+        let zstd = flag(parts.next())?;
+        let update = flag(parts.next())?;
+        parts.next().is_none().then_some(ServerCapabilities {
+            max_batch_total_size_bytes: max,
+            zstd,
+            action_cache_update_enabled: update,
+        })
+    }
+
+    /// Writes the capabilities to `path` (whole or not at all: a temp file renamed into place);
+    /// failure only costs the next process a GetCapabilities call.
+    fn remember(&self, path: &std::path::Path) {
+        let Some(dir) = path.parent() else { return };
+        let temp = dir.join(format!(".caps-{}", uuid::Uuid::new_v4()));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&temp, self.encode()))
+            .and_then(|()| std::fs::rename(&temp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+    }
 }
 
 /// A REAPI server, as a [`ByteStoreProvider`] and an [`ActionCacheProvider`].
@@ -282,6 +349,14 @@ impl GrpcProvider {
     pub async fn capabilities(&self) -> Result<&ServerCapabilities, StoreError> {
         self.capabilities
             .get_or_try_init(|| async {
+                if let Some(remembered) = self
+                    .options
+                    .capabilities_cache
+                    .as_deref()
+                    .and_then(ServerCapabilities::recall)
+                {
+                    return Ok(remembered);
+                }
                 let mut retry = Retry::new(self.options.retry, || format!("GetCapabilities from {}", self.address));
                 let caps = loop {
                     let mut client = CapabilitiesClient::new(self.channel.clone());
@@ -305,13 +380,17 @@ impl GrpcProvider {
                         ),
                     ));
                 }
-                Ok(ServerCapabilities {
+                let caps = ServerCapabilities {
                     max_batch_total_size_bytes: u64::try_from(cache.max_batch_total_size_bytes).unwrap_or(0),
                     zstd: cache.supported_compressors.contains(&(compressor::Value::Zstd as i32)),
                     action_cache_update_enabled: cache
                         .action_cache_update_capabilities
                         .is_none_or(|c| c.update_enabled),
-                })
+                };
+                if let Some(path) = &self.options.capabilities_cache {
+                    caps.remember(path);
+                }
+                Ok(caps)
             })
             .await
     }
@@ -902,6 +981,48 @@ impl ActionCacheProvider for GrpcProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_capabilities_read_back_only_when_whole_and_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("caps/abc");
+        let caps = ServerCapabilities {
+            max_batch_total_size_bytes: 4_193_280,
+            zstd: true,
+            action_cache_update_enabled: false,
+        };
+        assert!(ServerCapabilities::recall(&path).is_none());
+        caps.remember(&path);
+        let back = ServerCapabilities::recall(&path).unwrap();
+        assert_eq!(
+            (
+                back.max_batch_total_size_bytes,
+                back.zstd,
+                back.action_cache_update_enabled
+            ),
+            (4_193_280, true, false)
+        );
+        for bad in [
+            "",
+            "recache-capabilities-v1 12 1",
+            "recache-capabilities-v1 x 1 1\n",
+            "v0 1 1 1\n",
+            "recache-capabilities-v1 1 1 1 extra\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(ServerCapabilities::recall(&path).is_none(), "{bad:?}");
+        }
+        // Too old: asked again.
+        caps.remember(&path);
+        let old = std::time::SystemTime::now() - CAPABILITIES_TTL - Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(ServerCapabilities::recall(&path).is_none());
+    }
 
     #[test]
     fn batches_stay_under_the_limit() {
