@@ -121,10 +121,12 @@ async fn cached_run(
             ..Default::default()
         },
         |inner_store| {
-            Arc::new(LocalRunner::new(
-                inner_store,
-                LocalRunnerOptions::new(sandboxes),
-            ))
+            // One command per process: no need to ask how many cores there are.
+            let options = LocalRunnerOptions {
+                parallelism: 1,
+                ..LocalRunnerOptions::new(sandboxes)
+            };
+            Arc::new(LocalRunner::new(inner_store, options))
         },
     );
 

@@ -49,7 +49,7 @@ pub enum KeepSandboxes {
 pub struct LocalRunnerOptions {
     /// Directory under which sandboxes are created (created if missing).
     pub sandbox_root: PathBuf,
-    /// Processes running at once. Default: the number of cores.
+    /// Processes running at once; 0 (the default): the number of cores.
     pub parallelism: usize,
     /// Keep sandboxes after runs.
     pub keep_sandboxes: KeepSandboxes,
@@ -60,7 +60,7 @@ impl LocalRunnerOptions {
     pub fn new(sandbox_root: impl Into<PathBuf>) -> LocalRunnerOptions {
         LocalRunnerOptions {
             sandbox_root: sandbox_root.into(),
-            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            parallelism: 0,
             keep_sandboxes: KeepSandboxes::Never,
         }
     }
@@ -84,6 +84,12 @@ impl LocalRunner {
             keep_sandboxes,
         } = options;
         clear_stale_sandboxes(&sandbox_root);
+        // Asked only when needed: reading the CPU count (cgroup files) costs a short-lived
+        // process that runs one command more than the command's own bookkeeping.
+        let parallelism = match parallelism {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
         LocalRunner {
             store,
             slots: Arc::new(Semaphore::new(parallelism.max(1))),

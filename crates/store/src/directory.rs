@@ -18,6 +18,11 @@ use hashing::reapi::require_digest;
 use prost::Message;
 use rayon::prelude::*;
 
+/// Fewer files than this are captured or materialized on the calling thread: starting the
+/// thread pool (and asking the cgroup how many CPUs there are) costs more than a few small
+/// files, and a `recache run` usually has a few.
+const PARALLEL_MIN_FILES: usize = 16;
+
 use crate::error::{ErrorKind, StoreError};
 use crate::local::LocalStore;
 
@@ -274,14 +279,16 @@ impl LocalStore {
         let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
         let root = walk(path, Path::new(""), &exclude, &mut files)
             .map_err(|e| e.context(format!("capturing {}", path.display())))?;
-        // 2. Store every file, in parallel.
-        let digests: Vec<Result<Digest, StoreError>> = files
-            .par_iter()
-            .map(|rel| {
-                self.store_file(&path.join(rel), false)
-                    .map_err(|e| e.context(format!("storing {}", path.join(rel).display())))
-            })
-            .collect();
+        // 2. Store every file, in parallel when there are enough to pay for the thread pool.
+        let store_one = |rel: &PathBuf| {
+            self.store_file(&path.join(rel), false)
+                .map_err(|e| e.context(format!("storing {}", path.join(rel).display())))
+        };
+        let digests: Vec<Result<Digest, StoreError>> = if files.len() < PARALLEL_MIN_FILES {
+            files.iter().map(store_one).collect()
+        } else {
+            files.par_iter().map(store_one).collect()
+        };
         let mut by_path: HashMap<&Path, Digest> = HashMap::with_capacity(files.len());
         for (rel, d) in files.iter().zip(digests) {
             by_path.insert(rel.as_path(), d?);
@@ -361,9 +368,14 @@ impl LocalStore {
             fs::create_dir_all(&p)
                 .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
         }
-        files.par_iter().try_for_each(|(rel, d, exec)| {
+        let write_one = |(rel, d, exec): &(PathBuf, Digest, bool)| {
             self.materialize_file(*d, &dest.join(rel), *exec, options)
-        })?;
+        };
+        if files.len() < PARALLEL_MIN_FILES {
+            files.iter().try_for_each(write_one)?;
+        } else {
+            files.par_iter().try_for_each(write_one)?;
+        }
         for (rel, target) in &links {
             let p = dest.join(rel);
             std::os::unix::fs::symlink(target, &p)
