@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod data;
+pub mod origin;
 pub mod real_servers;
 pub mod server;

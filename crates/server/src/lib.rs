@@ -20,6 +20,8 @@
 //! # Ok(()) }
 //! ```
 
+mod asset;
+mod download;
 mod services;
 mod uploads;
 
@@ -166,6 +168,8 @@ impl CacheServer {
             store_options.pool_compression = store::PoolCompression::Zstd;
         }
         let store = LocalStore::open(store_options)?;
+        // Downloads cut off by a crash leave temp files behind: nothing else lives there.
+        let _ = std::fs::remove_dir_all(options.storage.join("downloads"));
         Ok(CacheServer {
             inner: Arc::new(Inner {
                 store,

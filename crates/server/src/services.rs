@@ -5,6 +5,9 @@ use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_server::FetchServer, push_server::PushServer,
+};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_server::ActionCache, action_cache_server::ActionCacheServer,
     capabilities_server::Capabilities, capabilities_server::CapabilitiesServer, compressor,
@@ -84,6 +87,14 @@ pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Rout
             ByteStreamServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            FetchServer::new(crate::asset::AssetSvc(inner.clone())),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            PushServer::new(crate::asset::AssetSvc(inner)),
             auth,
         )))
 }

@@ -251,6 +251,39 @@ impl LocalStore {
         decode_directory(&bytes).map_err(|e| e.context(format!("directory {digest}")))
     }
 
+    /// Whether the whole tree under `root` is stored: every Directory message (valid) and
+    /// every file blob. `Err` when a message is invalid.
+    pub fn directory_complete(&self, root: Digest) -> Result<bool, StoreError> {
+        let mut queue = vec![root];
+        let mut seen = HashSet::new();
+        let mut files = Vec::new();
+        while let Some(d) = queue.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            let dir = match self.load_directory(d) {
+                Ok(dir) => dir,
+                Err(e) if matches!(e.kind(), crate::ErrorKind::MissingDigest(_)) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
+            for f in &dir.files {
+                files.push(
+                    require_digest("files[].digest", f.digest.as_ref())
+                        .map_err(|e| StoreError::invalid(e.to_string()))?,
+                );
+            }
+            for sub in &dir.directories {
+                queue.push(
+                    require_digest("directories[].digest", sub.digest.as_ref())
+                        .map_err(|e| StoreError::invalid(e.to_string()))?,
+                );
+            }
+        }
+        Ok(self.missing(files).is_empty())
+    }
+
     /// Stores a Directory message (after validating it) and returns its digest.
     pub fn store_directory(&self, dir: &remexec::Directory) -> Result<Digest, StoreError> {
         validate_directory(dir)?;

@@ -862,6 +862,24 @@ impl LocalStore {
         }))
     }
 
+    /// The stored blob whose SHA-256 is `hash`, whatever its size (for a checksum that names
+    /// content without a size, such as a Remote Asset `checksum.sri`).
+    pub fn find_by_hash(&self, hash: Fingerprint) -> Option<Digest> {
+        if hash == hashing::EMPTY_FINGERPRINT {
+            return Some(EMPTY_DIGEST);
+        }
+        if let Ok(Some(size)) = self.inner.db.size_of_hash(&hash) {
+            let d = Digest::new(hash, size);
+            if self.contains(d) {
+                return Some(d);
+            }
+        }
+        self.inner
+            .pool
+            .find_by_hash(&hash)
+            .filter(|d| self.contains(*d))
+    }
+
     /// Bytes `offset .. offset + len` of a blob (clipped to its size), or `None` when absent.
     /// To read a blob in pieces, [`open_blob`](Self::open_blob) once instead.
     pub fn read_range(

@@ -70,6 +70,20 @@ impl Pool {
     }
 
     /// Where `digest` lives (whether or not it is there).
+    /// The committed blob whose SHA-256 is `hash`, whatever its size (one shard listed).
+    pub(crate) fn find_by_hash(&self, hash: &Fingerprint) -> Option<Digest> {
+        let hex = hash.to_hex();
+        let prefix = format!("{hex}-");
+        fs::read_dir(self.dir.join(&hex[..2]))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name();
+                let size = name.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+                Some(Digest::new(*hash, size))
+            })
+    }
+
     pub(crate) fn path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash.to_hex();
         self.dir

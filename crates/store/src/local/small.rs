@@ -418,6 +418,16 @@ impl SmallDb {
         Ok(c)
     }
 
+    /// The logical size of the small blob whose SHA-256 is `hash`, if one is stored.
+    pub(crate) fn size_of_hash(&self, hash: &Fingerprint) -> Result<Option<u64>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        Ok(self
+            .blobs
+            .get(&r, hash.as_bytes())
+            .map_err(|e| db_err("get", e))?
+            .and_then(|v| self.logical_size(v)))
+    }
+
     /// The blob, copied out of the map. A stored value whose length does not match the digest is
     /// treated as absent.
     pub(crate) fn get(&self, digest: Digest) -> Result<Option<Bytes>, StoreError> {

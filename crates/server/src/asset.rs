@@ -1,0 +1,534 @@
+//! Remote Asset (`build.bazel.remote.asset.v1`): Fetch and Push on top of the CAS.
+//!
+//! An *asset* is a URI plus qualifiers, recorded as pointing at a blob or a directory in the
+//! CAS. Records live in the store's `refs` table (so they age out with the blobs, like
+//! ActionCache entries) under a key derived from a canonical, unambiguous form of the request:
+//!
+//! ```text
+//! SHA-256( "recache-asset-v1" ‖ len(uri) ‖ uri ‖ n ‖ (len(name) ‖ name ‖ len(value) ‖ value)… )
+//! ```
+//!
+//! with the qualifiers sorted by name and every length a u64: no two different requests share a
+//! key, and the order a client lists its qualifiers in does not matter. Qualifiers that carry
+//! credentials or per-request transport details (`http_header:*`, `http_header_url:*`) are not
+//! part of the key: one user's token must not split (or leak into) the cache.
+//!
+//! `FetchBlob` answers from a record (if not expired and not older than
+//! `oldest_content_accepted`, and only while the blob is still in the CAS), or, with a
+//! `checksum.sri` naming a SHA-256 the CAS already holds, from the CAS; otherwise it downloads
+//! from the URIs in order (see [`crate::download`]), verifies the SRI, stores the blob and records
+//! the asset. Failures go in the response's `status` (NOT_FOUND, DEADLINE_EXCEEDED,
+//! PERMISSION_DENIED, RESOURCE_EXHAUSTED, ABORTED), never as an OK without a digest. Requests the
+//! server cannot honour (an unknown qualifier, a malformed SRI) are INVALID_ARGUMENT naming
+//! what is wrong.
+//!
+//! `PushBlob` / `PushDirectory` record assets for content already in the CAS (and refuse
+//! content that is not), with the server's bearer token when one is set (the interceptor
+//! checks every call).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, FetchDirectoryResponse,
+    PushBlobRequest, PushBlobResponse, PushDirectoryRequest, PushDirectoryResponse, Qualifier,
+    fetch_server::Fetch, push_server::Push,
+};
+use bazel_remote_apis::google::protobuf::Timestamp;
+use bazel_remote_apis::google::rpc::Status as RpcStatus;
+use hashing::Digest;
+use tonic::{Code, Request, Response, Status};
+
+use crate::Inner;
+use crate::download::{self, Sri};
+
+/// Qualifiers this server honours (others are refused by name, as the API requires).
+const KNOWN: [&str; 3] = ["resource_type", "checksum.sri", "bazel.canonical_id"];
+
+/// Qualifier name prefixes that are request parameters, not part of an asset's identity.
+const TRANSPORT_PREFIXES: [&str; 2] = ["http_header:", "http_header_url:"];
+
+fn is_transport(name: &str) -> bool {
+    TRANSPORT_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Whether an asset points at a blob or at a Directory tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Blob,
+    Directory,
+}
+
+/// What the index holds for one asset key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub kind: Kind,
+    pub digest: Digest,
+    /// Unix seconds after which the record is not served (0: never expires).
+    pub expire_at: i64,
+    /// Unix seconds when it was recorded.
+    pub stored_at: i64,
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let kind = match self.kind {
+            Kind::Blob => "blob",
+            Kind::Directory => "dir",
+        };
+        format!(
+            "recache-asset-v1 {kind} {} {} {}",
+            self.digest, self.expire_at, self.stored_at
+        )
+        .into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Record> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split(' ');
+        if parts.next()? != "recache-asset-v1" {
+            return None;
+        }
+        let kind = match parts.next()? {
+            "blob" => Kind::Blob,
+            "dir" => Kind::Directory,
+            _ => return None,
+        };
+        let digest = parts.next()?.parse().ok()?;
+        let expire_at = parts.next()?.parse().ok()?;
+        let stored_at = parts.next()?.parse().ok()?;
+        parts.next().is_none().then_some(Record {
+            kind,
+            digest,
+            expire_at,
+            stored_at,
+        })
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The index key of (`uri`, `qualifiers`): see the module docs. Transport qualifiers are left
+/// out; the rest are sorted, every field length-prefixed.
+pub(crate) fn asset_key(uri: &str, qualifiers: &[Qualifier]) -> Digest {
+    let mut q: Vec<(&str, &str)> = qualifiers
+        .iter()
+        .filter(|q| !is_transport(&q.name))
+        .map(|q| (q.name.as_str(), q.value.as_str()))
+        .collect();
+    q.sort_unstable();
+    let mut bytes = Vec::with_capacity(64 + uri.len());
+    bytes.extend_from_slice(b"recache-asset-v1");
+    let mut field = |b: &[u8]| {
+        bytes.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(b);
+    };
+    field(uri.as_bytes());
+    field(&(q.len() as u64).to_le_bytes());
+    for (name, value) in q {
+        field(name.as_bytes());
+        field(value.as_bytes());
+    }
+    Digest::of_bytes(&bytes)
+}
+
+/// Checks qualifiers: every name known or a transport parameter, none twice. Returns the SRI
+/// checksums asked for (any one must match).
+pub(crate) fn check_qualifiers(qualifiers: &[Qualifier]) -> Result<Vec<Sri>, Status> {
+    let mut seen = std::collections::HashSet::new();
+    let mut unknown = Vec::new();
+    let mut sri = Vec::new();
+    for q in qualifiers {
+        if !seen.insert(q.name.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "qualifier {:?} is given twice",
+                q.name
+            )));
+        }
+        if is_transport(&q.name) {
+            continue;
+        }
+        if !KNOWN.contains(&q.name.as_str()) {
+            unknown.push(q.name.clone());
+            continue;
+        }
+        if q.name == "checksum.sri" {
+            sri = Sri::parse_list(&q.value)
+                .map_err(|e| Status::invalid_argument(format!("qualifier checksum.sri: {e}")))?;
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "unsupported qualifiers {unknown:?} (this server honours {KNOWN:?} and http_header:*)"
+        )));
+    }
+    Ok(sri)
+}
+
+/// HTTP headers the client asked the origin to get (`http_header:NAME` = value).
+fn headers(qualifiers: &[Qualifier]) -> Vec<(String, String)> {
+    qualifiers
+        .iter()
+        .filter_map(|q| {
+            q.name
+                .strip_prefix("http_header:")
+                .map(|h| (h.to_owned(), q.value.clone()))
+        })
+        .collect()
+}
+
+fn status(code: Code, message: impl Into<String>) -> Option<RpcStatus> {
+    Some(RpcStatus {
+        code: code as i32,
+        message: message.into(),
+        details: vec![],
+    })
+}
+
+fn timestamp(secs: i64) -> Option<Timestamp> {
+    (secs > 0).then_some(Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+/// The Fetch and Push services.
+#[derive(Debug, Clone)]
+pub(crate) struct AssetSvc(pub Arc<Inner>);
+
+impl AssetSvc {
+    fn check_instance(&self, name: &str) -> Result<(), Status> {
+        let allowed = &self.0.options.instance_names;
+        if allowed.is_empty() || allowed.iter().any(|a| a == name) {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "instance_name {name:?} is not served here (served: {allowed:?})"
+            )))
+        }
+    }
+
+    /// A usable record for any of `uris`: of `kind`, not expired, not older than `oldest`, and
+    /// its content still here.
+    fn lookup(
+        &self,
+        uris: &[String],
+        qualifiers: &[Qualifier],
+        kind: Kind,
+        oldest: i64,
+    ) -> Option<(String, Record)> {
+        let now = now_secs();
+        for uri in uris {
+            let key = asset_key(uri, qualifiers);
+            let Some(record) = self
+                .0
+                .store
+                .get_ref(key)
+                .ok()
+                .flatten()
+                .and_then(|b| Record::decode(&b))
+            else {
+                continue;
+            };
+            let fresh = record.expire_at == 0 || record.expire_at > now;
+            if record.kind == kind
+                && fresh
+                && record.stored_at >= oldest
+                && self.0.store.contains(record.digest)
+            {
+                return Some((uri.clone(), record));
+            }
+        }
+        None
+    }
+
+    fn record(
+        &self,
+        uris: &[String],
+        qualifiers: &[Qualifier],
+        record: &Record,
+    ) -> Result<(), Status> {
+        for uri in uris {
+            self.0
+                .store
+                .put_ref(asset_key(uri, qualifiers), &record.encode())
+                .map_err(|e| Status::internal(format!("recording the asset: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// `oldest_content_accepted` as unix seconds (0: anything).
+fn oldest(t: Option<&Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds)
+}
+
+#[tonic::async_trait]
+impl Fetch for AssetSvc {
+    async fn fetch_blob(
+        &self,
+        req: Request<FetchBlobRequest>,
+    ) -> Result<Response<FetchBlobResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        if req.uris.is_empty() {
+            return Err(Status::invalid_argument("uris is empty: name at least one"));
+        }
+        let sri = check_qualifiers(&req.qualifiers)?;
+        let answer = |uri: String, digest: Digest, expire_at: i64| FetchBlobResponse {
+            status: status(Code::Ok, ""),
+            uri,
+            qualifiers: req.qualifiers.clone(),
+            expires_at: timestamp(expire_at),
+            blob_digest: Some(digest.into()),
+            digest_function: 0,
+        };
+        // 1. The index.
+        if let Some((uri, r)) = self.lookup(
+            &req.uris,
+            &req.qualifiers,
+            Kind::Blob,
+            oldest(req.oldest_content_accepted.as_ref()),
+        ) {
+            return Ok(Response::new(answer(uri, r.digest, r.expire_at)));
+        }
+        // 2. The CAS, when the checksum names a SHA-256 it holds.
+        for s in &sri {
+            if let Some(digest) = s.sha256().and_then(|h| self.0.store.find_by_hash(h)) {
+                let r = Record {
+                    kind: Kind::Blob,
+                    digest,
+                    expire_at: 0,
+                    stored_at: now_secs(),
+                };
+                self.record(&req.uris[..1], &req.qualifiers, &r)?;
+                return Ok(Response::new(answer(req.uris[0].clone(), digest, 0)));
+            }
+        }
+        // 3. The origin, URI by URI.
+        let options = download::Options::for_request(
+            req.timeout.as_ref(),
+            self.0.options.max_blob_size,
+            headers(&req.qualifiers),
+            self.0.options.storage.join("downloads"),
+        );
+        let mut last = status(Code::NotFound, "no URI could be fetched");
+        for uri in &req.uris {
+            match download::fetch(&self.0.store, uri, &sri, &options).await {
+                Ok(digest) => {
+                    let r = Record {
+                        kind: Kind::Blob,
+                        digest,
+                        expire_at: 0,
+                        stored_at: now_secs(),
+                    };
+                    self.record(std::slice::from_ref(uri), &req.qualifiers, &r)?;
+                    return Ok(Response::new(answer(uri.clone(), digest, 0)));
+                }
+                Err(e) => {
+                    tracing::info!(%uri, error = %e, "remote asset download failed");
+                    last = status(e.code(), format!("{uri}: {e}"));
+                }
+            }
+        }
+        Ok(Response::new(FetchBlobResponse {
+            status: last,
+            uri: String::new(),
+            qualifiers: req.qualifiers,
+            expires_at: None,
+            blob_digest: None,
+            digest_function: 0,
+        }))
+    }
+
+    async fn fetch_directory(
+        &self,
+        req: Request<FetchDirectoryRequest>,
+    ) -> Result<Response<FetchDirectoryResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        if req.uris.is_empty() {
+            return Err(Status::invalid_argument("uris is empty: name at least one"));
+        }
+        check_qualifiers(&req.qualifiers)?;
+        if let Some((uri, r)) = self.lookup(
+            &req.uris,
+            &req.qualifiers,
+            Kind::Directory,
+            oldest(req.oldest_content_accepted.as_ref()),
+        ) {
+            return Ok(Response::new(FetchDirectoryResponse {
+                status: status(Code::Ok, ""),
+                uri,
+                qualifiers: req.qualifiers,
+                expires_at: timestamp(r.expire_at),
+                root_directory_digest: Some(r.digest.into()),
+                digest_function: 0,
+            }));
+        }
+        Ok(Response::new(FetchDirectoryResponse {
+            status: status(
+                Code::NotFound,
+                "no pushed directory for these URIs and qualifiers (unpacking archives from the \
+                 origin is not supported yet)",
+            ),
+            uri: String::new(),
+            qualifiers: req.qualifiers,
+            expires_at: None,
+            root_directory_digest: None,
+            digest_function: 0,
+        }))
+    }
+}
+
+fn required(
+    field: &str,
+    d: Option<&bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
+) -> Result<Digest, Status> {
+    hashing::reapi::require_digest(field, d).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn expire(t: Option<&Timestamp>) -> i64 {
+    t.map_or(0, |t| t.seconds.max(1))
+}
+
+#[tonic::async_trait]
+impl Push for AssetSvc {
+    async fn push_blob(
+        &self,
+        req: Request<PushBlobRequest>,
+    ) -> Result<Response<PushBlobResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        if req.uris.is_empty() {
+            return Err(Status::invalid_argument("uris is empty: name at least one"));
+        }
+        check_qualifiers(&req.qualifiers)?;
+        let digest = required("blob_digest", req.blob_digest.as_ref())?;
+        if !self.0.store.contains(digest) {
+            return Err(Status::failed_precondition(format!(
+                "blob {digest} is not in the CAS: upload it first"
+            )));
+        }
+        let r = Record {
+            kind: Kind::Blob,
+            digest,
+            expire_at: expire(req.expire_at.as_ref()),
+            stored_at: now_secs(),
+        };
+        self.record(&req.uris, &req.qualifiers, &r)?;
+        Ok(Response::new(PushBlobResponse {}))
+    }
+
+    async fn push_directory(
+        &self,
+        req: Request<PushDirectoryRequest>,
+    ) -> Result<Response<PushDirectoryResponse>, Status> {
+        let req = req.into_inner();
+        self.check_instance(&req.instance_name)?;
+        if req.uris.is_empty() {
+            return Err(Status::invalid_argument("uris is empty: name at least one"));
+        }
+        check_qualifiers(&req.qualifiers)?;
+        let digest = required("root_directory_digest", req.root_directory_digest.as_ref())?;
+        // The whole tree must be here and valid, not just its root.
+        let store = self.0.store.clone();
+        let complete = tokio::task::spawn_blocking(move || store.directory_complete(digest))
+            .await
+            .map_err(|e| Status::internal(format!("checking the tree: {e}")))?;
+        match complete {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Status::failed_precondition(format!(
+                    "directory {digest} or something in it is not in the CAS: upload it first"
+                )));
+            }
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "directory {digest} is not a valid tree: {e}"
+                )));
+            }
+        }
+        let r = Record {
+            kind: Kind::Directory,
+            digest,
+            expire_at: expire(req.expire_at.as_ref()),
+            stored_at: now_secs(),
+        };
+        self.record(&req.uris, &req.qualifiers, &r)?;
+        Ok(Response::new(PushDirectoryResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn q(name: &str, value: &str) -> Qualifier {
+        Qualifier {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn keys_ignore_order_and_credentials_but_nothing_else() {
+        let a = [
+            q("resource_type", "application/x-tar"),
+            q("checksum.sri", "sha256-x"),
+        ];
+        let b = [
+            q("checksum.sri", "sha256-x"),
+            q("resource_type", "application/x-tar"),
+        ];
+        assert_eq!(asset_key("https://h/f", &a), asset_key("https://h/f", &b));
+        let with_token = [
+            a[0].clone(),
+            a[1].clone(),
+            q("http_header:Authorization", "Bearer s"),
+        ];
+        assert_eq!(
+            asset_key("https://h/f", &a),
+            asset_key("https://h/f", &with_token)
+        );
+        assert_ne!(asset_key("https://h/f", &a), asset_key("https://h/g", &a));
+        assert_ne!(
+            asset_key("https://h/f", &a),
+            asset_key("https://h/f", &[q("resource_type", "application/x-tar")])
+        );
+        // Length prefixes: moving bytes between fields changes the key.
+        assert_ne!(
+            asset_key("u", &[q("ab", "c")]),
+            asset_key("u", &[q("a", "bc")])
+        );
+    }
+
+    #[test]
+    fn qualifiers_are_checked_by_name() {
+        assert!(check_qualifiers(&[q("resource_type", "x"), q("http_header:X", "y")]).is_ok());
+        let e = check_qualifiers(&[q("vcs.commit", "abc"), q("directory", "sub")]).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("vcs.commit") && e.message().contains("directory"));
+        let e = check_qualifiers(&[q("checksum.sri", "md5-abc")]).unwrap_err();
+        assert!(e.message().contains("checksum.sri"), "{}", e.message());
+        let e = check_qualifiers(&[q("resource_type", "a"), q("resource_type", "b")]).unwrap_err();
+        assert!(e.message().contains("twice"));
+    }
+
+    #[test]
+    fn records_read_back() {
+        let r = Record {
+            kind: Kind::Directory,
+            digest: Digest::of_bytes(b"x"),
+            expire_at: 12,
+            stored_at: 34,
+        };
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode(b"recache-asset-v1 blob nonsense 1 2"), None);
+    }
+}

@@ -1,0 +1,411 @@
+//! Remote Asset (Fetch, Push) in `recache serve`, against an in-process HTTP origin whose
+//! paths can be made to fail the ways real origins do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, PushBlobRequest,
+    PushDirectoryRequest, Qualifier, fetch_client::FetchClient, push_client::PushClient,
+};
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use hashing::Digest;
+use server::{CacheServer, ServerOptions};
+use testutil::origin::{Behavior, Origin};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    channel: Channel,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(dir.path());
+    tweak(&mut options);
+    let server = CacheServer::open(options).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .serve(listener, async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Running {
+        channel,
+        _dir: dir,
+        _stop: tx,
+    }
+}
+
+fn q(name: &str, value: &str) -> Qualifier {
+    Qualifier {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+fn sri(data: &[u8]) -> String {
+    let d = Digest::of_bytes(data);
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(d.hash.0)
+    )
+}
+
+async fn fetch(r: &Running, uris: &[String], qualifiers: Vec<Qualifier>) -> FetchBlobResponse {
+    fetch_with(r, uris, qualifiers, None).await.unwrap()
+}
+
+async fn fetch_with(
+    r: &Running,
+    uris: &[String],
+    qualifiers: Vec<Qualifier>,
+    timeout_s: Option<i64>,
+) -> Result<FetchBlobResponse, tonic::Status> {
+    FetchClient::new(r.channel.clone())
+        .fetch_blob(FetchBlobRequest {
+            uris: uris.to_vec(),
+            qualifiers,
+            timeout: timeout_s.map(|s| bazel_remote_apis::google::protobuf::Duration {
+                seconds: s,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn code(resp: &FetchBlobResponse) -> Code {
+    Code::from(resp.status.as_ref().map_or(0, |s| s.code))
+}
+
+async fn in_cas(r: &Running, d: Digest) -> bool {
+    ContentAddressableStorageClient::new(r.channel.clone())
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: vec![d.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .is_empty()
+}
+
+#[tokio::test]
+async fn a_fetched_asset_is_verified_stored_and_served_without_the_origin() {
+    let origin = Origin::start().await;
+    let r = start(|_| {}).await;
+    let body = testutil::data::pseudo_random(3 << 20, 70);
+    let d = Digest::of_bytes(&body);
+    origin.set("/src.tar.gz", Behavior::Serve(body.clone()));
+    let url = origin.url("/src.tar.gz");
+
+    let resp = fetch(
+        &r,
+        std::slice::from_ref(&url),
+        vec![q("checksum.sri", &sri(&body))],
+    )
+    .await;
+    assert_eq!(code(&resp), Code::Ok, "{:?}", resp.status);
+    assert_eq!(
+        Digest::try_from(resp.blob_digest.as_ref().unwrap()).unwrap(),
+        d
+    );
+    assert_eq!(resp.uri, url);
+    assert!(in_cas(&r, d).await);
+
+    // The origin goes away; the asset is still served, from the index.
+    origin.set("/src.tar.gz", Behavior::Status(404));
+    let resp = fetch(
+        &r,
+        std::slice::from_ref(&url),
+        vec![q("checksum.sri", &sri(&body))],
+    )
+    .await;
+    assert_eq!(code(&resp), Code::Ok);
+    assert_eq!(origin.hits("/src.tar.gz"), 1);
+
+    // The same content under another URL, named by its checksum: answered from the CAS.
+    let other = origin.url("/mirror/src.tar.gz");
+    let resp = fetch(&r, &[other], vec![q("checksum.sri", &sri(&body))]).await;
+    assert_eq!(code(&resp), Code::Ok);
+    assert_eq!(origin.hits("/mirror/src.tar.gz"), 0);
+}
+
+#[tokio::test]
+async fn a_wrong_checksum_is_refused_and_nothing_is_stored() {
+    let origin = Origin::start().await;
+    let r = start(|_| {}).await;
+    let served = b"the origin serves this".to_vec();
+    origin.set("/f", Behavior::Serve(served.clone()));
+    let resp = fetch(
+        &r,
+        &[origin.url("/f")],
+        vec![q("checksum.sri", &sri(b"but we expect this"))],
+    )
+    .await;
+    assert_eq!(code(&resp), Code::Aborted, "{:?}", resp.status);
+    let msg = &resp.status.as_ref().unwrap().message;
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    assert!(resp.blob_digest.is_none());
+    assert!(
+        !in_cas(&r, Digest::of_bytes(&served)).await,
+        "a refused download must not be stored"
+    );
+    let downloads = r._dir.path().join("downloads");
+    let left = std::fs::read_dir(&downloads).map_or(0, |d| d.count());
+    assert_eq!(
+        left,
+        0,
+        "a refused download left temp files in {}",
+        downloads.display()
+    );
+    // The second of two checksums matching is enough.
+    let resp = fetch(
+        &r,
+        &[origin.url("/f")],
+        vec![q(
+            "checksum.sri",
+            &format!("{} {}", sri(b"nope"), sri(&served)),
+        )],
+    )
+    .await;
+    assert_eq!(code(&resp), Code::Ok);
+}
+
+#[tokio::test]
+async fn keys_ignore_qualifier_order_and_credentials() {
+    let origin = Origin::start().await;
+    let r = start(|_| {}).await;
+    let body = b"archive bytes".to_vec();
+    origin.set("/a", Behavior::Serve(body.clone()));
+    let url = origin.url("/a");
+    let first = vec![
+        q("resource_type", "application/x-tar"),
+        q("checksum.sri", &sri(&body)),
+        q("http_header:Authorization", "Bearer alice"),
+    ];
+    assert_eq!(
+        code(&fetch(&r, std::slice::from_ref(&url), first).await),
+        Code::Ok
+    );
+    // The origin saw the header.
+    assert!(
+        origin
+            .last_headers("/a")
+            .contains(&("authorization".into(), "Bearer alice".into()))
+    );
+    // Same asset, qualifiers in another order, another user's token: one download in all.
+    let second = vec![
+        q("http_header:Authorization", "Bearer bob"),
+        q("checksum.sri", &sri(&body)),
+        q("resource_type", "application/x-tar"),
+    ];
+    assert_eq!(
+        code(&fetch(&r, std::slice::from_ref(&url), second).await),
+        Code::Ok
+    );
+    assert_eq!(origin.hits("/a"), 1);
+    // A different resource_type is a different asset.
+    let third = vec![q("resource_type", "application/zip")];
+    assert_eq!(code(&fetch(&r, &[url], third).await), Code::Ok);
+    assert_eq!(origin.hits("/a"), 2);
+}
+
+#[tokio::test]
+async fn origin_faults_get_the_codes_the_api_lists() {
+    let origin = Origin::start().await;
+    let r = start(|o| o.max_blob_size = 1 << 20).await;
+    let body = b"0123456789".to_vec();
+    origin.set("/gone", Behavior::Status(404));
+    origin.set("/private", Behavior::Status(403));
+    origin.set("/loop1", Behavior::Redirect("/loop2".into()));
+    origin.set("/loop2", Behavior::Redirect("/loop1".into()));
+    origin.set("/moved", Behavior::Redirect("/here".into()));
+    origin.set("/here", Behavior::Serve(body.clone()));
+    origin.set(
+        "/short",
+        Behavior::Truncated {
+            body: body.clone(),
+            announced: 1000,
+        },
+    );
+    origin.set("/stream", Behavior::NoContentLength(body.clone()));
+    origin.set("/huge", Behavior::Serve(vec![7u8; 2 << 20]));
+    origin.set(
+        "/slow",
+        Behavior::Slow(Duration::from_secs(5), body.clone()),
+    );
+    for (path, want) in [
+        ("/gone", Code::NotFound),
+        ("/private", Code::PermissionDenied),
+        ("/loop1", Code::Aborted),
+        ("/moved", Code::Ok),
+        ("/short", Code::Aborted),
+        ("/stream", Code::Ok),
+        ("/huge", Code::ResourceExhausted),
+    ] {
+        let resp = fetch(&r, &[origin.url(path)], vec![]).await;
+        assert_eq!(code(&resp), want, "{path}: {:?}", resp.status);
+        if want != Code::Ok {
+            assert!(
+                resp.blob_digest.is_none(),
+                "{path}: a failure carries no digest"
+            );
+        }
+    }
+    let resp = fetch_with(&r, &[origin.url("/slow")], vec![], Some(1))
+        .await
+        .unwrap();
+    assert_eq!(code(&resp), Code::DeadlineExceeded, "{:?}", resp.status);
+    // URIs are tried in order: a dead mirror first does not fail the fetch.
+    let resp = fetch(&r, &[origin.url("/gone"), origin.url("/here")], vec![]).await;
+    assert_eq!(code(&resp), Code::Ok);
+    assert_eq!(resp.uri, origin.url("/here"));
+    // Nothing on the origin connects: not found, no digest.
+    let resp = fetch(&r, &["http://127.0.0.1:9/x".into()], vec![]).await;
+    assert_eq!(code(&resp), Code::NotFound);
+}
+
+#[tokio::test]
+async fn requests_the_server_cannot_honour_name_what_is_wrong() {
+    let r = start(|_| {}).await;
+    for (quals, says) in [
+        (vec![q("vcs.commit", "abc")], "vcs.commit"),
+        (vec![q("checksum.sri", "md5-xyz")], "checksum.sri"),
+        (
+            vec![q("resource_type", "a"), q("resource_type", "b")],
+            "twice",
+        ),
+    ] {
+        let e = fetch_with(&r, &["http://127.0.0.1:9/x".into()], quals, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    let e = fetch_with(&r, &[], vec![], None).await.unwrap_err();
+    assert!(e.message().contains("uris"));
+    let resp = fetch(&r, &["ftp://127.0.0.1/x".into()], vec![]).await;
+    assert_eq!(code(&resp), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn pushed_assets_are_served_until_they_expire() {
+    let r = start(|_| {}).await;
+    let blob = b"pushed content".to_vec();
+    let d = Digest::of_bytes(&blob);
+    let mut push = PushClient::new(r.channel.clone());
+    let req = |expire: Option<i64>| PushBlobRequest {
+        uris: vec!["https://example.invalid/pushed".into()],
+        blob_digest: Some(d.into()),
+        expire_at: expire.map(|s| bazel_remote_apis::google::protobuf::Timestamp {
+            seconds: s,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    // Not in the CAS yet: refused.
+    let e = push.push_blob(req(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    ContentAddressableStorageClient::new(r.channel.clone())
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: blob.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    push.push_blob(req(None)).await.unwrap();
+    let resp = fetch(&r, &["https://example.invalid/pushed".into()], vec![]).await;
+    assert_eq!(code(&resp), Code::Ok);
+    assert_eq!(
+        Digest::try_from(resp.blob_digest.as_ref().unwrap()).unwrap(),
+        d
+    );
+    // Expired: not served (and the origin does not exist, so not found).
+    push.push_blob(req(Some(1_000))).await.unwrap();
+    let resp = fetch(&r, &["https://example.invalid/pushed".into()], vec![]).await;
+    assert_ne!(code(&resp), Code::Ok);
+
+    // Directories: the whole tree must be there.
+    let file = Digest::of_bytes(b"inside");
+    let dir = remexec::Directory {
+        files: vec![remexec::FileNode {
+            name: "f".into(),
+            digest: Some(file.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let dir_bytes = prost::Message::encode_to_vec(&dir);
+    let dd = Digest::of_bytes(&dir_bytes);
+    let mut cas = ContentAddressableStorageClient::new(r.channel.clone());
+    let upload = |d: Digest, data: Vec<u8>| remexec::BatchUpdateBlobsRequest {
+        requests: vec![remexec::batch_update_blobs_request::Request {
+            digest: Some(d.into()),
+            data,
+            compressor: 0,
+        }],
+        ..Default::default()
+    };
+    cas.batch_update_blobs(upload(dd, dir_bytes)).await.unwrap();
+    let push_dir = PushDirectoryRequest {
+        uris: vec!["https://example.invalid/tree".into()],
+        root_directory_digest: Some(dd.into()),
+        ..Default::default()
+    };
+    let e = push.push_directory(push_dir.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    cas.batch_update_blobs(upload(file, b"inside".to_vec()))
+        .await
+        .unwrap();
+    push.push_directory(push_dir).await.unwrap();
+    let resp = FetchClient::new(r.channel.clone())
+        .fetch_directory(FetchDirectoryRequest {
+            uris: vec!["https://example.invalid/tree".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status.as_ref().unwrap().code, 0);
+    assert_eq!(
+        Digest::try_from(resp.root_directory_digest.as_ref().unwrap()).unwrap(),
+        dd
+    );
+}
+
+#[tokio::test]
+async fn pushes_need_the_token_when_one_is_set() {
+    let r = start(|o| o.auth_token = Some("s3cret".into())).await;
+    let e = PushClient::new(r.channel.clone())
+        .push_blob(PushBlobRequest {
+            uris: vec!["https://example.invalid/x".into()],
+            blob_digest: Some(Digest::of_bytes(b"x").into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
