@@ -36,6 +36,7 @@ use bazel_remote_apis::build::bazel::remote::asset::v1::{
 };
 use bazel_remote_apis::google::protobuf::Timestamp;
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
+use futures::FutureExt;
 use hashing::Digest;
 use tonic::{Code, Request, Response, Status};
 
@@ -309,40 +310,54 @@ impl Fetch for AssetSvc {
                 return Ok(Response::new(answer(req.uris[0].clone(), digest, 0)));
             }
         }
-        // 3. The origin, URI by URI.
+        // 3. The origin, URI by URI; concurrent fetches of one asset share one download.
         let options = download::Options::for_request(
             req.timeout.as_ref(),
             self.0.options.max_blob_size,
             headers(&req.qualifiers),
             self.0.options.storage.join("downloads"),
         );
-        let mut last = status(Code::NotFound, "no URI could be fetched");
-        for uri in &req.uris {
-            match download::fetch(&self.0.store, uri, &sri, &options).await {
-                Ok(digest) => {
-                    let r = Record {
-                        kind: Kind::Blob,
-                        digest,
-                        expire_at: 0,
-                        stored_at: now_secs(),
-                    };
-                    self.record(std::slice::from_ref(uri), &req.qualifiers, &r)?;
-                    return Ok(Response::new(answer(uri.clone(), digest, 0)));
-                }
-                Err(e) => {
-                    tracing::info!(%uri, error = %e, "remote asset download failed");
-                    last = status(e.code(), format!("{uri}: {e}"));
+        let key = asset_key(&req.uris.join("\u{0}"), &req.qualifiers);
+        let shared = {
+            let mut inflight = self.0.downloads.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let (store, uris) = (self.0.store.clone(), req.uris.clone());
+                    let f = async move { download_any(&store, &uris, &sri, &options).await }
+                        .boxed()
+                        .shared();
+                    inflight.insert(key, f.clone());
+                    f
                 }
             }
+        };
+        let outcome = shared.await;
+        self.0
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        match outcome {
+            Ok((uri, digest)) => {
+                let r = Record {
+                    kind: Kind::Blob,
+                    digest,
+                    expire_at: 0,
+                    stored_at: now_secs(),
+                };
+                self.record(std::slice::from_ref(&uri), &req.qualifiers, &r)?;
+                Ok(Response::new(answer(uri, digest, 0)))
+            }
+            Err(e) => Ok(Response::new(FetchBlobResponse {
+                status: status(e.code(), e.to_string()),
+                uri: String::new(),
+                qualifiers: req.qualifiers,
+                expires_at: None,
+                blob_digest: None,
+                digest_function: 0,
+            })),
         }
-        Ok(Response::new(FetchBlobResponse {
-            status: last,
-            uri: String::new(),
-            qualifiers: req.qualifiers,
-            expires_at: None,
-            blob_digest: None,
-            digest_function: 0,
-        }))
     }
 
     async fn fetch_directory(
@@ -383,6 +398,28 @@ impl Fetch for AssetSvc {
             digest_function: 0,
         }))
     }
+}
+
+/// Tries `uris` in order; the first that downloads and verifies wins. The error is the last
+/// URI's, naming it.
+async fn download_any(
+    store: &store::LocalStore,
+    uris: &[String],
+    sri: &[Sri],
+    options: &download::Options,
+) -> Result<(String, Digest), download::DownloadError> {
+    let mut last = None;
+    for uri in uris {
+        match download::fetch(store, uri, sri, options).await {
+            Ok(digest) => return Ok((uri.clone(), digest)),
+            Err(e) => {
+                tracing::info!(%uri, error = %e, "remote asset download failed");
+                last = Some(e.naming(uri));
+            }
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| download::DownloadError::new(Code::NotFound, "no URI could be fetched")))
 }
 
 fn required(

@@ -163,7 +163,7 @@ pub(crate) struct DownloadError {
 }
 
 impl DownloadError {
-    fn new(code: Code, message: impl Into<String>) -> DownloadError {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> DownloadError {
         DownloadError {
             code,
             message: message.into(),
@@ -172,6 +172,14 @@ impl DownloadError {
 
     pub(crate) fn code(&self) -> Code {
         self.code
+    }
+
+    /// The same error, prefixed with the URI it happened on.
+    pub(crate) fn naming(self, uri: &str) -> DownloadError {
+        DownloadError {
+            code: self.code,
+            message: format!("{uri}: {}", self.message),
+        }
     }
 }
 

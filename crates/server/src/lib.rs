@@ -98,7 +98,15 @@ pub(crate) struct Inner {
     pub reserving: std::sync::Mutex<()>,
     /// Uploads whose stream broke, kept for the client to resume.
     pub paused: Arc<uploads::PausedUploads>,
+    /// Remote Asset downloads in progress, by request key: concurrent fetches of one asset
+    /// share one download.
+    pub downloads: std::sync::Mutex<std::collections::HashMap<hashing::Digest, SharedDownload>>,
 }
+
+/// A download several `FetchBlob` calls may await.
+pub(crate) type SharedDownload = futures::future::Shared<
+    futures::future::BoxFuture<'static, Result<(String, hashing::Digest), download::DownloadError>>,
+>;
 
 /// Space held for one upload in progress; released when dropped (committed or abandoned).
 #[derive(Debug)]
@@ -177,6 +185,7 @@ impl CacheServer {
                 reserved: Default::default(),
                 reserving: Default::default(),
                 paused: Default::default(),
+                downloads: Default::default(),
             }),
         })
     }

@@ -409,3 +409,25 @@ async fn pushes_need_the_token_when_one_is_set() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn concurrent_fetches_of_one_asset_share_one_download() {
+    let origin = Origin::start().await;
+    let r = start(|_| {}).await;
+    let body = testutil::data::pseudo_random(100_000, 71);
+    origin.set(
+        "/big",
+        Behavior::Slow(Duration::from_millis(400), body.clone()),
+    );
+    let url = origin.url("/big");
+    let fetches = (0..4).map(|_| fetch(&r, std::slice::from_ref(&url), vec![]));
+    let answers = futures::future::join_all(fetches).await;
+    for a in &answers {
+        assert_eq!(code(a), Code::Ok, "{:?}", a.status);
+        assert_eq!(
+            Digest::try_from(a.blob_digest.as_ref().unwrap()).unwrap(),
+            Digest::of_bytes(&body)
+        );
+    }
+    assert_eq!(origin.hits("/big"), 1, "four fetches, one download");
+}
