@@ -16,8 +16,8 @@
 //! `FetchBlob` answers from a record (if not expired and not older than
 //! `oldest_content_accepted`, and only while the blob is still in the CAS), or, with a
 //! `checksum.sri` naming a SHA-256 the CAS already holds, from the CAS; otherwise it downloads
-//! from the URIs in order (see [`crate::download`]), verifies the SRI, stores the blob and records
-//! the asset. Failures go in the response's `status` (NOT_FOUND, DEADLINE_EXCEEDED,
+//! from the URIs in order , verifies the SRI, stores the blob and records
+//! the asset (see `fetcher::download`). Failures go in the response's `status` (NOT_FOUND, DEADLINE_EXCEEDED,
 //! PERMISSION_DENIED, RESOURCE_EXHAUSTED, ABORTED), never as an OK without a digest. Requests the
 //! server cannot honour (an unknown qualifier, a malformed SRI) are INVALID_ARGUMENT naming
 //! what is wrong.
@@ -41,7 +41,7 @@ use hashing::Digest;
 use tonic::{Code, Request, Response, Status};
 
 use crate::Inner;
-use crate::download::{self, Sri};
+use fetcher::download::{self, Sri};
 
 /// Qualifiers this server honours (others are refused by name, as the API requires).
 const KNOWN: [&str; 3] = ["resource_type", "checksum.sri", "bazel.canonical_id"];

@@ -21,7 +21,6 @@
 //! ```
 
 mod asset;
-mod download;
 mod services;
 mod uploads;
 
@@ -105,7 +104,10 @@ pub(crate) struct Inner {
 
 /// A download several `FetchBlob` calls may await.
 pub(crate) type SharedDownload = futures::future::Shared<
-    futures::future::BoxFuture<'static, Result<(String, hashing::Digest), download::DownloadError>>,
+    futures::future::BoxFuture<
+        'static,
+        Result<(String, hashing::Digest), fetcher::download::DownloadError>,
+    >,
 >;
 
 /// Space held for one upload in progress; released when dropped (committed or abandoned).

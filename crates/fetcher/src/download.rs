@@ -1,4 +1,5 @@
-//! Downloads an asset from its origin (HTTP or HTTPS) into the CAS, for `FetchBlob`.
+//! Downloads an asset from its origin (HTTP or HTTPS) into a store: `recache serve`'s
+//! `FetchBlob` and `recache fetch` both use it.
 //!
 //! The body streams to a temp file under `<storage>/downloads` while SHA-256 (the CAS digest)
 //! and the algorithm of every requested `checksum.sri` are computed in the same pass, so memory
@@ -27,17 +28,20 @@ use tokio::io::AsyncWriteExt;
 use tonic::Code;
 
 /// Deadline of a whole download when the request sets none.
-pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Deadline of connecting to the origin.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Redirects followed before giving up (a loop ends here).
-pub(crate) const MAX_REDIRECTS: usize = 10;
+pub const MAX_REDIRECTS: usize = 10;
 
 /// A hash algorithm a `checksum.sri` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Algo {
+pub enum Algo {
+    /// SHA-256 (also the CAS digest).
     Sha256,
+    /// SHA-384.
     Sha384,
+    /// SHA-512.
     Sha512,
 }
 
@@ -61,7 +65,7 @@ impl Algo {
 
 /// One Subresource Integrity checksum: `sha256-<base64>` (also sha384, sha512).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Sri {
+pub struct Sri {
     algo: Algo,
     hash: Vec<u8>,
 }
@@ -76,7 +80,7 @@ impl std::fmt::Display for Sri {
 impl Sri {
     /// Parses a whitespace-separated list (any one must match); options after `?` are ignored,
     /// as the SRI spec says.
-    pub(crate) fn parse_list(s: &str) -> Result<Vec<Sri>, String> {
+    pub fn parse_list(s: &str) -> Result<Vec<Sri>, String> {
         let mut out = Vec::new();
         for item in s.split_whitespace() {
             let item = item.split('?').next().unwrap_or(item);
@@ -113,7 +117,7 @@ impl Sri {
     }
 
     /// The SHA-256 it names, if it is one.
-    pub(crate) fn sha256(&self) -> Option<Fingerprint> {
+    pub fn sha256(&self) -> Option<Fingerprint> {
         (self.algo == Algo::Sha256)
             .then(|| {
                 <[u8; 32]>::try_from(self.hash.as_slice())
@@ -124,18 +128,54 @@ impl Sri {
     }
 }
 
+/// Whether the content `reader` yields matches any of `sri` (true when `sri` is empty): for
+/// content that came from somewhere other than a verified download (a local store, a Remote
+/// Asset service).
+pub fn content_matches(sri: &[Sri], reader: &mut dyn std::io::Read) -> std::io::Result<bool> {
+    if sri.is_empty() {
+        return Ok(true);
+    }
+    let mut ctxs: Vec<(Algo, ring::digest::Context)> = Vec::new();
+    for s in sri {
+        if !ctxs.iter().any(|(a, _)| *a == s.algo) {
+            ctxs.push((s.algo, ring::digest::Context::new(s.algo.ring())));
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for (_, c) in &mut ctxs {
+            c.update(&buf[..n]);
+        }
+    }
+    let got: Vec<(Algo, Vec<u8>)> = ctxs
+        .into_iter()
+        .map(|(a, c)| (a, c.finish().as_ref().to_vec()))
+        .collect();
+    Ok(sri
+        .iter()
+        .any(|s| got.iter().any(|(a, h)| *a == s.algo && *h == s.hash)))
+}
+
 /// How one download may go.
 #[derive(Debug, Clone)]
-pub(crate) struct Options {
+pub struct Options {
+    /// Deadline of the whole download.
     pub timeout: Duration,
+    /// Largest body accepted.
     pub max_bytes: u64,
+    /// HTTP headers sent to the origin.
     pub headers: Vec<(String, String)>,
     /// Where temp files go.
     pub dir: PathBuf,
 }
 
 impl Options {
-    pub(crate) fn for_request(
+    /// Options for a Remote Asset request (its `timeout`, else [`DEFAULT_TIMEOUT`]).
+    pub fn for_request(
         timeout: Option<&bazel_remote_apis::google::protobuf::Duration>,
         max_bytes: u64,
         headers: Vec<(String, String)>,
@@ -157,25 +197,27 @@ impl Options {
 
 /// Why a download failed, with the code for the inline status.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct DownloadError {
+pub struct DownloadError {
     code: Code,
     message: String,
 }
 
 impl DownloadError {
-    pub(crate) fn new(code: Code, message: impl Into<String>) -> DownloadError {
+    /// An error with the status `code` the Remote Asset API lists.
+    pub fn new(code: Code, message: impl Into<String>) -> DownloadError {
         DownloadError {
             code,
             message: message.into(),
         }
     }
 
-    pub(crate) fn code(&self) -> Code {
+    /// The status code for Remote Asset's inline `status`.
+    pub fn code(&self) -> Code {
         self.code
     }
 
     /// The same error, prefixed with the URI it happened on.
-    pub(crate) fn naming(self, uri: &str) -> DownloadError {
+    pub fn naming(self, uri: &str) -> DownloadError {
         DownloadError {
             code: self.code,
             message: format!("{uri}: {}", self.message),
@@ -224,7 +266,7 @@ impl Drop for TempFile {
 
 /// Downloads `uri` into `store`, verified against `sri` (any one; none: no check). Returns the
 /// blob's digest.
-pub(crate) async fn fetch(
+pub async fn fetch(
     store: &LocalStore,
     uri: &str,
     sri: &[Sri],
