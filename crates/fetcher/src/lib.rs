@@ -174,7 +174,7 @@ impl Fetcher {
         }
         // 2. The Remote Asset service.
         if let Some(svc) = &self.service {
-            match self.from_service(svc, req).await {
+            match self.ask_service(svc, req).await {
                 Ok((uri, d)) => {
                     return Ok(Fetched {
                         digest: d,
@@ -250,7 +250,7 @@ impl Fetcher {
     }
 
     /// FetchBlob, then the blob from the CAS into the local store, verified.
-    async fn from_service(
+    async fn ask_service(
         &self,
         svc: &AssetService,
         req: &FetchRequest,
