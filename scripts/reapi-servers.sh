@@ -219,8 +219,8 @@ start_recache() {
   say "recache serve ready on 127.0.0.1:$port (pid $pid)"
 }
 
-# buildbox-casd as a *client* of recache serve: a proxy that forwards CAS and ActionCache calls
-# (`--cas-remote`, `--ac-remote`). Only when recache serve runs.
+# buildbox-casd as a *client* of recache serve: a proxy that forwards CAS, ActionCache and
+# Remote Asset calls (`--cas-remote`, `--ac-remote`, `--ra-remote`). Only when recache serve runs.
 start_casd_proxy() {
   local port log upstream
   upstream="$(sed -n 's/^export RECACHE_TEST_RECACHE=grpc:\/\///p' "$RUN/env.sh")"
@@ -229,7 +229,7 @@ start_casd_proxy() {
   log="$RUN/casd-proxy.log"
   mkdir -p "$RUN/casd-proxy-cache"
   "$CASD" --bind "127.0.0.1:$port" --cas-remote "http://$upstream" --ac-remote "http://$upstream" \
-    --quota-high 1G --reserved 128M --log-level warning "$RUN/casd-proxy-cache" >"$log" 2>&1 &
+    --ra-remote "http://$upstream" --quota-high 1G --reserved 128M --log-level warning "$RUN/casd-proxy-cache" >"$log" 2>&1 &
   local pid=$!
   echo "$pid" >"$RUN/casd-proxy.pid"
   wait_ready "buildbox-casd proxy" "127.0.0.1:$port" "" "$pid" "$log" || return 1

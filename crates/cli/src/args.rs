@@ -34,6 +34,40 @@ pub enum Command {
     /// engine embeds, and misses with write-behind, at several concurrencies.
     /// `recache bench --remote grpc://HOST:PORT --report bench.html`.
     Bench(Box<BenchArgs>),
+    /// Fetch a file by URL, once for everyone: from the local store (by --sri), else the
+    /// cache's Remote Asset service (with --remote), else the URL itself, whose download is
+    /// verified and pushed to the cache. `recache fetch URL… --sri sha256-… -o FILE`.
+    Fetch(Box<FetchArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub cache_dir: CacheDirArg,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// Expected checksum, as Subresource Integrity (`sha256-<base64>`, also sha384/sha512);
+    /// repeatable, any one must match. Without one the origin is trusted.
+    #[arg(long = "sri", value_name = "SRI")]
+    pub sri: Vec<String>,
+
+    /// Where to write the file. Default: the URL's last path segment, in the current directory.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// Give up after this many seconds.
+    #[arg(long, env = "RECACHE_FETCH_TIMEOUT", default_value = "600", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Duration,
+
+    /// Print a JSON record (where the bytes came from, digest, size) on stderr.
+    #[arg(long, env = "RECACHE_JSON")]
+    pub json: bool,
+
+    /// The URL, and mirrors of it tried in order.
+    #[arg(required = true, value_name = "URL")]
+    pub urls: Vec<String>,
 }
 
 #[derive(Debug, Args)]

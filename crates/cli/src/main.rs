@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod bench_report;
 mod cache_dir;
+mod fetch;
 mod progress;
 mod run;
 mod serve;
@@ -77,6 +78,7 @@ fn main() {
             Command::Gc(a) => gc(a.cache_dir.cache_dir, a.target_size).map(|()| 0),
             Command::Serve(a) => serve::serve(*a).await.map(|()| 0),
             Command::Bench(a) => bench::bench(*a).await,
+            Command::Fetch(a) => fetch::fetch(*a).await,
         }
     });
     match code {
