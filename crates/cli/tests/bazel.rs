@@ -107,3 +107,84 @@ fn bazel_builds_hit_recache_serve_after_a_clean() {
     }
     bazel(&bin, &root, &ws, &["shutdown"]);
 }
+
+/// Bazel's remote downloader pointed at `recache serve`: an `http_file` from a local origin is
+/// fetched by the server (FetchBlob with its checksum) and read from the CAS; a second build in
+/// a fresh output base gets it with the origin gone.
+#[test]
+fn bazel_downloads_through_recache_serve_and_builds_with_the_origin_gone() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(server) = rt.block_on(RealServer::require(ServerKind::Recache)) else {
+        return;
+    };
+    let Some(bin) = bazel_binary() else {
+        return;
+    };
+    let origin = rt.block_on(testutil::origin::Origin::start());
+    let body = format!("a source archive {}\n", uuid::Uuid::new_v4()).repeat(500);
+    origin.set(
+        "/dl/asset.txt",
+        testutil::origin::Behavior::Serve(body.clone().into_bytes()),
+    );
+    let d = hashing::Digest::of_bytes(body.as_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(
+        ws.join("WORKSPACE"),
+        format!(
+            "load(\"@bazel_tools//tools/build_defs/repo:http.bzl\", \"http_file\")\n\
+             http_file(name = \"asset\", urls = [\"{}\"], sha256 = \"{}\", downloaded_file_path = \"asset.txt\")\n",
+            origin.url("/dl/asset.txt"),
+            d.hash
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("BUILD"),
+        "genrule(name = \"use\", srcs = [\"@asset//file\"], outs = [\"use.txt\"], cmd = \"wc -c < $< > $@\")\n",
+    )
+    .unwrap();
+    let flags = [
+        format!("--experimental_remote_downloader={}", server.address),
+        format!("--remote_cache={}", server.address),
+        // No repository cache: the second build can only get the file from the server.
+        "--repository_cache=".to_owned(),
+    ];
+    let build = |root: &Path| {
+        let mut args = vec!["build", "//:use"];
+        args.extend(flags.iter().map(String::as_str));
+        let out = bazel(&bin, root, &ws, &args);
+        let got = std::fs::read_to_string(ws.join("bazel-bin/use.txt")).unwrap();
+        assert_eq!(got.trim(), body.len().to_string(), "{out}");
+        bazel(&bin, root, &ws, &["shutdown"]);
+    };
+    build(&dir.path().join("root-1"));
+    assert_eq!(
+        origin.hits("/dl/asset.txt"),
+        1,
+        "the server downloaded it, once"
+    );
+    let agent = origin
+        .last_headers("/dl/asset.txt")
+        .into_iter()
+        .find(|(k, _)| k == "user-agent")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    assert!(
+        !agent.contains("Bazel"),
+        "Bazel downloaded it itself ({agent})"
+    );
+    // The origin goes away; a fresh output base (and repository cache) still builds.
+    origin.set("/dl/asset.txt", testutil::origin::Behavior::Status(404));
+    build(&dir.path().join("root-2"));
+    assert_eq!(
+        origin.hits("/dl/asset.txt"),
+        1,
+        "nobody went back to the origin"
+    );
+}
