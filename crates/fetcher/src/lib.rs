@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod archive;
 pub mod download;
 
 use std::sync::Arc;
@@ -339,6 +340,36 @@ impl Fetcher {
             .await
             .map_err(|s| format!("PushBlob: {:?}: {}", s.code(), s.message()))?;
         Ok(())
+    }
+}
+
+/// Reads the stored blob `digest` from the start (`None` when absent).
+pub fn blob_reader(
+    store: &LocalStore,
+    digest: Digest,
+) -> Result<Option<impl std::io::Read + use<>>, store::StoreError> {
+    Ok(store.open_blob(digest)?.map(|blob| OwnedBlobRead {
+        blob,
+        pos: 0,
+        size: digest.size_bytes,
+    }))
+}
+
+struct OwnedBlobRead {
+    blob: store::BlobReader,
+    pos: u64,
+    size: u64,
+}
+
+impl std::io::Read for OwnedBlobRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        BlobRead {
+            blob: &mut self.blob,
+            pos: self.pos,
+            size: self.size,
+        }
+        .read(buf)
+        .inspect(|n| self.pos += *n as u64)
     }
 }
 

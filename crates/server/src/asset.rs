@@ -385,18 +385,88 @@ impl Fetch for AssetSvc {
                 digest_function: 0,
             }));
         }
-        Ok(Response::new(FetchDirectoryResponse {
-            status: status(
-                Code::NotFound,
-                "no pushed directory for these URIs and qualifiers (unpacking archives from the \
-                 origin is not supported yet)",
-            ),
+        // An archive the origin serves, unpacked (same path rules as action outputs).
+        let resource_type = req
+            .qualifiers
+            .iter()
+            .find(|q| q.name == "resource_type")
+            .map(|q| q.value.as_str());
+        let kinds: Vec<(String, fetcher::archive::ArchiveKind)> = req
+            .uris
+            .iter()
+            .filter_map(|u| {
+                fetcher::archive::ArchiveKind::detect(resource_type, u).map(|k| (u.clone(), k))
+            })
+            .collect();
+        let failed = |code: Code, message: String| FetchDirectoryResponse {
+            status: status(code, message),
             uri: String::new(),
-            qualifiers: req.qualifiers,
+            qualifiers: req.qualifiers.clone(),
             expires_at: None,
             root_directory_digest: None,
             digest_function: 0,
-        }))
+        };
+        if kinds.is_empty() {
+            return Ok(Response::new(failed(
+                Code::NotFound,
+                "no pushed directory for these URIs and qualifiers, and none of them is an \
+                 archive this server unpacks (.tar, .tar.gz, .tgz, .zip, or a resource_type \
+                 naming one)"
+                    .into(),
+            )));
+        }
+        let sri = check_qualifiers(&req.qualifiers)?;
+        let options = download::Options::for_request(
+            req.timeout.as_ref(),
+            self.0.options.max_blob_size,
+            headers(&req.qualifiers),
+            self.0.options.storage.join("downloads"),
+        );
+        let mut last = failed(Code::NotFound, "no URI could be fetched".into());
+        for (uri, kind) in kinds {
+            let archive = match download::fetch(&self.0.store, &uri, &sri, &options).await {
+                Ok(d) => d,
+                Err(e) => {
+                    last = failed(e.code(), format!("{uri}: {e}"));
+                    continue;
+                }
+            };
+            let (store, max) = (self.0.store.clone(), self.0.options.max_blob_size);
+            let unpacked = tokio::task::spawn_blocking(move || {
+                let mut reader = fetcher::blob_reader(&store, archive)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("the archive {archive} left the store"))?;
+                fetcher::archive::unpack(&store, &mut reader, kind, max).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("unpacking: {e}")))?;
+            match unpacked {
+                Ok(root) => {
+                    let r = Record {
+                        kind: Kind::Directory,
+                        digest: root,
+                        expire_at: 0,
+                        stored_at: now_secs(),
+                    };
+                    self.record(std::slice::from_ref(&uri), &req.qualifiers, &r)?;
+                    return Ok(Response::new(FetchDirectoryResponse {
+                        status: status(Code::Ok, ""),
+                        uri,
+                        qualifiers: req.qualifiers,
+                        expires_at: None,
+                        root_directory_digest: Some(root.into()),
+                        digest_function: 0,
+                    }));
+                }
+                Err(why) => {
+                    last = failed(
+                        Code::Aborted,
+                        format!("{uri}: the archive was refused: {why}"),
+                    );
+                }
+            }
+        }
+        Ok(Response::new(last))
     }
 }
 

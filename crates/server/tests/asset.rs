@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use base64::Engine as _;
 use bazel_remote_apis::build::bazel::remote::asset::v1::{
     FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, PushBlobRequest,
@@ -430,4 +432,107 @@ async fn concurrent_fetches_of_one_asset_share_one_download() {
         );
     }
     assert_eq!(origin.hits("/big"), 1, "four fetches, one download");
+}
+
+/// A tar with these (path, bytes) entries, names written raw (as a hostile archive would).
+fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn archives_from_the_origin_become_directories_and_hostile_ones_are_refused() {
+    let origin = Origin::start().await;
+    let r = start(|_| {}).await;
+    let good = gzip(&tar_of(&[
+        ("src/lib.rs", b"pub fn f() {}\n"),
+        ("./README", b"hello\n"),
+    ]));
+    origin.set("/pkg-1.0.tar.gz", Behavior::Serve(good.clone()));
+    let evil = tar_of(&[
+        ("ok.txt", b"fine"),
+        ("../../etc/cron.d/evil", b"* * * * * root sh"),
+    ]);
+    origin.set("/evil.tar", Behavior::Serve(evil));
+    let mut client = FetchClient::new(r.channel.clone());
+    let fetch_dir = |uri: String, sri: Option<String>| FetchDirectoryRequest {
+        uris: vec![uri],
+        qualifiers: sri.map(|s| vec![q("checksum.sri", &s)]).unwrap_or_default(),
+        ..Default::default()
+    };
+
+    let resp = client
+        .fetch_directory(fetch_dir(origin.url("/pkg-1.0.tar.gz"), Some(sri(&good))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status.as_ref().unwrap().code, 0, "{:?}", resp.status);
+    let root = resp.root_directory_digest.unwrap();
+    let tree: Vec<remexec::Directory> = ContentAddressableStorageClient::new(r.channel.clone())
+        .get_tree(remexec::GetTreeRequest {
+            root_digest: Some(root.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .directories;
+    let names: Vec<&str> = tree
+        .iter()
+        .flat_map(|d| {
+            d.files
+                .iter()
+                .map(|f| f.name.as_str())
+                .chain(d.directories.iter().map(|d| d.name.as_str()))
+        })
+        .collect();
+    assert!(
+        names.contains(&"README") && names.contains(&"src") && names.contains(&"lib.rs"),
+        "{names:?}"
+    );
+    // Served again without the origin.
+    origin.set("/pkg-1.0.tar.gz", Behavior::Status(404));
+    let again = client
+        .fetch_directory(fetch_dir(origin.url("/pkg-1.0.tar.gz"), Some(sri(&good))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.root_directory_digest, Some(root));
+
+    let resp = client
+        .fetch_directory(fetch_dir(origin.url("/evil.tar"), None))
+        .await
+        .unwrap()
+        .into_inner();
+    let st = resp.status.unwrap();
+    assert_eq!(Code::from(st.code), Code::Aborted, "{}", st.message);
+    assert!(st.message.contains("climbs out"), "{}", st.message);
+    assert!(resp.root_directory_digest.is_none());
+    // Not recorded: asking again goes to the origin again.
+    let hits = origin.hits("/evil.tar");
+    client
+        .fetch_directory(fetch_dir(origin.url("/evil.tar"), None))
+        .await
+        .unwrap();
+    assert_eq!(origin.hits("/evil.tar"), hits + 1);
 }
