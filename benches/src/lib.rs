@@ -4,6 +4,7 @@
 // A measurement harness: a setup failure must stop the run loudly, not be worked around.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod asset;
 pub mod hit;
 pub mod peers;
 pub mod scale;

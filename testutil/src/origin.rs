@@ -32,6 +32,8 @@ pub enum Behavior {
     Redirect(String),
     /// This HTTP status with an empty body.
     Status(u16),
+    /// 200 with the contents of this file, streamed (for large bodies: nothing held in memory).
+    File(std::path::PathBuf),
 }
 
 #[derive(Debug, Default)]
@@ -132,8 +134,9 @@ async fn serve_one(
     let path = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
-        .unwrap_or("/")
-        .to_owned();
+        .unwrap_or("/");
+    // Paths are matched without their query string.
+    let path = path.split('?').next().unwrap_or(path).to_owned();
     let headers: Vec<(String, String)> = lines
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
@@ -183,6 +186,12 @@ async fn serve_one(
                 .as_bytes(),
             )
             .await?
+        }
+        Some(Behavior::File(path)) => {
+            let mut f = tokio::fs::File::open(&path).await?;
+            let len = f.metadata().await?.len();
+            sock.write_all(ok(Some(len)).as_bytes()).await?;
+            tokio::io::copy(&mut f, &mut sock).await?;
         }
         Some(Behavior::Status(code)) => {
             sock.write_all(

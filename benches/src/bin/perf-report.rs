@@ -24,6 +24,12 @@
 //! - `storage_at_rest_ratio`: bytes on disk / logical bytes for `storage_corpus_mib` of the Rust
 //!   sources in the cargo registry, stored as `recache serve` keeps them (goal ≤ 0.5).
 //!
+//! - `asset_*`: Remote Asset through `recache serve`: `asset_cold_fetch_mib_s` (FetchBlob of an
+//!   `asset_mib` MiB file the server must download, verify and store) over
+//!   `asset_plain_http_mib_s` (the same file into a file with a plain HTTP client, same
+//!   loopback) = `asset_cold_over_plain` (goal ≥ 0.8); `asset_cold_fetch_peak_rss_growth_mib`
+//!   (goal ≤ 64); `asset_warm_fetch_us` (an indexed asset) over `asset_get_action_result_us` =
+//!   `asset_warm_over_get_action_result` (goal ≤ 1.5);
 //! - `server`: `recache serve` beside buildbox-casd and BuildGrid, the same workloads against
 //!   each with ratios per row (see `benches::peers`), when `scripts/reapi-servers.sh` runs them
 //!   and its `RECACHE_TEST_*` variables are set; left out (with a line on stderr) otherwise.
@@ -233,6 +239,15 @@ fn main() {
         "cli_hit_store_ratio",
         (f.as_secs_f64() / e.as_secs_f64() * 100.0).round() / 100.0,
     );
+    // Remote Asset: a cold fetch through recache serve vs a plain download; warm vs AC.
+    let asset_mib = if quick { 64 } else { 256 };
+    for (k, v) in rt.block_on(benches::asset::rows(
+        asset_mib,
+        if quick { 3 } else { 5 },
+        &tmp,
+    )) {
+        report.insert(k, serde_json::json!(v));
+    }
     // recache serve against its peers, when they run.
     let server_mib = if quick { 64 } else { 256 };
     let peers = rt.block_on(benches::peers::report(quick, server_mib));
