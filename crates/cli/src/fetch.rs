@@ -44,7 +44,16 @@ pub async fn fetch(mut args: FetchArgs) -> Result<i32, CliError> {
     req.sri = sri;
     req.timeout = args.timeout;
     req.temp_dir = cache.root().join("downloads");
+    // A bar on a terminal for large downloads, from the origin or the cache's CAS.
+    let from_origin = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    req.progress = Some(from_origin.clone());
+    let (store_base, watched) = (local.bytes_received(), local.clone());
+    let progress = crate::progress::Progress::watching(move || {
+        from_origin.load(std::sync::atomic::Ordering::Relaxed) + watched.bytes_received()
+            - store_base
+    });
     let fetched = fetcher.fetch(&req).await;
+    progress.finish();
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {

@@ -16,15 +16,20 @@ pub struct Progress {
 impl Progress {
     /// Starts watching `local`'s received-bytes counter.
     pub fn start(local: LocalStore) -> Progress {
+        let base = local.bytes_received();
+        Self::watching(move || local.bytes_received() - base)
+    }
+
+    /// Starts watching a counter of bytes received so far.
+    pub fn watching(received: impl Fn() -> u64 + Send + 'static) -> Progress {
         if !std::io::stderr().is_terminal() {
             return Progress { task: None };
         }
         let task = tokio::spawn(async move {
-            let base = local.bytes_received();
             let mut bar: Option<indicatif::ProgressBar> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let got = local.bytes_received() - base;
+                let got = received();
                 if got < SHOW_AFTER_BYTES {
                     continue;
                 }

@@ -171,6 +171,8 @@ pub struct Options {
     pub headers: Vec<(String, String)>,
     /// Where temp files go.
     pub dir: PathBuf,
+    /// Counts the bytes received, for a progress display.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Options {
@@ -191,6 +193,7 @@ impl Options {
             max_bytes,
             headers,
             dir,
+            progress: None,
         }
     }
 }
@@ -405,6 +408,9 @@ async fn fetch_inner(
             ));
         }
         file.write_all(&data).await.map_err(|e| io("writing", e))?;
+        if let Some(p) = &options.progress {
+            p.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     file.flush().await.map_err(|e| io("writing", e))?;
     drop(file);

@@ -63,6 +63,8 @@ pub struct FetchRequest {
     pub max_bytes: u64,
     /// Where origin downloads are staged (a directory on the store's filesystem).
     pub temp_dir: std::path::PathBuf,
+    /// Counts bytes received from the origin, for a progress display.
+    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl FetchRequest {
@@ -76,6 +78,7 @@ impl FetchRequest {
             timeout: download::DEFAULT_TIMEOUT,
             max_bytes: 16 << 30,
             temp_dir: std::env::temp_dir(),
+            progress: None,
         }
     }
 
@@ -196,6 +199,7 @@ impl Fetcher {
             max_bytes: req.max_bytes,
             headers: req.headers.clone(),
             dir: req.temp_dir.clone(),
+            progress: req.progress.clone(),
         };
         let mut errors = Vec::new();
         for uri in &req.uris {
