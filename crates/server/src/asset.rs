@@ -203,14 +203,7 @@ pub(crate) struct AssetSvc(pub Arc<Inner>);
 
 impl AssetSvc {
     fn check_instance(&self, name: &str) -> Result<(), Status> {
-        let allowed = &self.0.options.instance_names;
-        if allowed.is_empty() || allowed.iter().any(|a| a == name) {
-            Ok(())
-        } else {
-            Err(Status::invalid_argument(format!(
-                "instance_name {name:?} is not served here (served: {allowed:?})"
-            )))
-        }
+        self.0.check_instance(name)
     }
 
     /// A usable record for any of `uris`: of `kind`, not expired, not older than `oldest`, and

@@ -126,6 +126,18 @@ impl Drop for Reservation {
 }
 
 impl Inner {
+    /// Refuses instance names outside the `--instance-name` allow-list (empty: any).
+    pub fn check_instance(&self, name: &str) -> Result<(), tonic::Status> {
+        let allowed = &self.options.instance_names;
+        if allowed.is_empty() || allowed.iter().any(|a| a == name) {
+            Ok(())
+        } else {
+            Err(tonic::Status::invalid_argument(format!(
+                "instance_name {name:?} is not served here (served: {allowed:?})"
+            )))
+        }
+    }
+
     /// Reserves room for a blob of `bytes` before its upload starts: stored bytes plus every
     /// upload in progress must stay within `max_size`. When they would not, least-recently-used
     /// blobs are evicted first (never one being uploaded: it is not stored yet, and the newest

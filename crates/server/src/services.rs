@@ -130,14 +130,7 @@ impl Svc {
 
     /// Refuses instance names outside the allow-list.
     fn check_instance(&self, name: &str) -> Result<(), Status> {
-        let allowed = &self.0.options.instance_names;
-        if allowed.is_empty() || allowed.iter().any(|a| a == name) {
-            Ok(())
-        } else {
-            Err(Status::invalid_argument(format!(
-                "instance_name {name:?} is not served here (served: {allowed:?})"
-            )))
-        }
+        self.0.check_instance(name)
     }
 
     /// Only SHA-256 is spoken; unset (0) means the default, SHA-256.

@@ -438,14 +438,27 @@ impl LocalStore {
     }
 
     fn touch(&self, digest: Digest) {
+        self.touch_all([digest]);
+    }
+
+    /// Records uses in memory (`note` fills the maps); flushes them once they grow large.
+    fn note_uses(
+        &self,
+        note: impl FnOnce(&mut HashMap<Fingerprint, u64>, &mut HashMap<[u8; 40], u64>, u64),
+    ) {
         let full = {
-            let mut recent = self
+            let mut blobs = self
                 .inner
                 .recent_access
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            recent.insert(digest.hash, now_millis());
-            recent.len() >= ACCESS_FLUSH_ENTRIES
+            let mut refs = self
+                .inner
+                .recent_ref_access
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            note(&mut blobs, &mut refs, now_millis());
+            blobs.len() >= ACCESS_FLUSH_ENTRIES || refs.len() >= ACCESS_FLUSH_ENTRIES
         };
         if full && let Err(e) = self.write_access_times() {
             tracing::warn!(error = %e, "could not record access times");
@@ -784,18 +797,9 @@ impl LocalStore {
         let k = ref_key(key);
         let found = self.inner.db.get_ref(&k)?;
         if found.is_some() {
-            let full = {
-                let mut recent = self
-                    .inner
-                    .recent_ref_access
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                recent.insert(k, now_millis());
-                recent.len() >= ACCESS_FLUSH_ENTRIES
-            };
-            if full && let Err(e) = self.write_access_times() {
-                tracing::warn!(error = %e, "could not record access times");
-            }
+            self.note_uses(|_, refs, now| {
+                refs.insert(k, now);
+            });
         }
         Ok(found)
     }
@@ -814,23 +818,13 @@ impl LocalStore {
     /// server calls it for blobs a client was told exist (FindMissingBlobs, an action result's
     /// outputs), which the client may fetch later, or never.
     pub fn touch_all(&self, digests: impl IntoIterator<Item = Digest>) {
-        let now = now_millis();
-        let full = {
-            let mut recent = self
-                .inner
-                .recent_access
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+        self.note_uses(|blobs, _, now| {
             for d in digests {
                 if d != EMPTY_DIGEST {
-                    recent.insert(d.hash, now);
+                    blobs.insert(d.hash, now);
                 }
             }
-            recent.len() >= ACCESS_FLUSH_ENTRIES
-        };
-        if full && let Err(e) = self.write_access_times() {
-            tracing::warn!(error = %e, "could not record access times");
-        }
+        });
     }
 
     /// Opens a blob for reading ranges of it, or `None` when absent: a small blob is loaded
