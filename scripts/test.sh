@@ -2,7 +2,7 @@
 # The whole test suite, exactly as CI runs it (.ci/run calls this):
 #   formatting, clippy, rustdoc (warnings are errors in all three, and in the test build), then
 #   the real REAPI servers (BuildGrid, buildbox-casd, and our own `recache serve`, built first)
-#   on 127.0.0.1, then `cargo test --workspace`
+#   and the S3-compatible servers (moto, SeaweedFS) on 127.0.0.1, then `cargo test --workspace`
 #   with the servers' addresses in the environment.
 # The servers are stopped on exit, also when a step fails.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hashing`).
@@ -36,10 +36,12 @@ if ! scripts/install-bazel.sh; then
   echo "test.sh: continuing without Bazel; its test will be SKIPPED (not in CI)"
 fi
 
-step "starting real REAPI servers"
-trap 'scripts/reapi-servers.sh stop' EXIT
+step "starting real REAPI servers and S3-compatible servers"
+trap 'scripts/reapi-servers.sh stop; scripts/s3-servers.sh stop' EXIT
 scripts/reapi-servers.sh start
 eval "$(scripts/reapi-servers.sh env)"
+scripts/s3-servers.sh start
+eval "$(scripts/s3-servers.sh env)"
 
 step "cargo test --workspace"
 cargo test --workspace --locked "$@"

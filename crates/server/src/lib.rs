@@ -21,6 +21,7 @@
 //! ```
 
 mod asset;
+pub mod s3;
 mod services;
 mod uploads;
 
