@@ -121,7 +121,15 @@ impl S3Blobs {
             ));
         }
         let creds = aws_sdk_s3::config::Credentials::new(id, secret, None, None, "recache");
+        // rustls with ring, as everywhere else in recache: the SDK's default client would enable
+        // aws-lc in rustls for the whole build, and a rustls with two providers picks neither.
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
         let mut config = aws_sdk_s3::config::Builder::new()
+            .http_client(http)
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new(region))
             .credentials_provider(creds)
