@@ -25,7 +25,7 @@ pub enum Command {
     Stats(CacheDirArg),
     /// Shrink the local store to at most SIZE by evicting least-recently-used blobs.
     Gc(GcArgs),
-    /// Run a REAPI cache server (CAS, ByteStream, ActionCache) for a team's builds:
+    /// Run a REAPI cache server (CAS, ByteStream, ActionCache, Remote Asset) for a team's builds:
     /// `recache serve --listen 127.0.0.1:8980`. Point Bazel at it with
     /// `--remote_cache=grpc://HOST:PORT`, recache with `--remote grpc://HOST:PORT`.
     Serve(Box<ServeArgs>),
