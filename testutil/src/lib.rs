@@ -7,4 +7,5 @@
 pub mod data;
 pub mod origin;
 pub mod real_servers;
+pub mod s3_proxy;
 pub mod server;

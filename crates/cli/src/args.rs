@@ -149,10 +149,49 @@ pub struct ServeArgs {
     )]
     pub listen: String,
 
-    /// Where the server keeps blobs and action results. Default: the folder `server` in the
-    /// cache directory.
-    #[arg(long, env = "RECACHE_SERVE_STORAGE", value_name = "DIR")]
-    pub storage: Option<PathBuf>,
+    /// Where the server keeps blobs and action results: a directory, or an S3-compatible
+    /// bucket `s3://BUCKET/PREFIX` (then the folder `server` in the cache directory is the
+    /// fast tier in front of it, bounded by --max-size; see the --s3-* flags). Default: the
+    /// folder `server` in the cache directory.
+    #[arg(long, env = "RECACHE_SERVE_STORAGE", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub storage: Option<String>,
+
+    /// S3 endpoint URL (an S3-compatible server: MinIO, Ceph, Garage, SeaweedFS, R2…).
+    /// Default: AWS S3. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else
+    /// the AWS_PROFILE (or default) profile of ~/.aws/credentials.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1", value_name = "REGION")]
+    pub s3_region: String,
+
+    /// Bucket addressing: path (`host/bucket`, what most S3-compatible servers need) or
+    /// virtual (`bucket.host`). Default: path with --s3-endpoint, virtual without.
+    #[arg(long, env = "RECACHE_S3_ADDRESSING", value_name = "STYLE", value_parser = ["path", "virtual"])]
+    pub s3_addressing: Option<String>,
+
+    /// Upload workers moving blobs from the fast tier to the bucket.
+    #[arg(long, env = "RECACHE_S3_UPLOADERS", default_value = "4", value_name = "N")]
+    pub s3_uploaders: usize,
+
+    /// Uploads outstanding at most; a write past it waits (--s3-queue-wait), then gets
+    /// RESOURCE_EXHAUSTED. Nothing is ever dropped: the queue is journaled on disk.
+    #[arg(long, env = "RECACHE_S3_QUEUE", default_value = "4096", value_name = "N")]
+    pub s3_queue: usize,
+
+    /// Seconds a write waits for room in a full upload queue.
+    #[arg(long, env = "RECACHE_S3_QUEUE_WAIT", default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub s3_queue_wait: Duration,
+
+    /// Open multipart uploads under the prefix that no server's journal owns are aborted once
+    /// this many seconds old (at start and hourly). Must exceed the longest upload.
+    #[arg(long, env = "RECACHE_S3_SWEEP_GRACE", default_value = "86400", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub s3_sweep_grace: Duration,
+
+    /// Blobs at least this large go to the bucket in parts (of 8 MiB, 4 in flight).
+    #[arg(long, env = "RECACHE_S3_MULTIPART_THRESHOLD", default_value = "16M", value_name = "SIZE", value_parser = parse_size)]
+    pub s3_multipart_threshold: u64,
 
     /// Bound on stored bytes; least-recently-used blobs are evicted past it.
     #[arg(long, env = "RECACHE_SERVE_MAX_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]

@@ -10,12 +10,35 @@ use crate::cache_dir::{CacheDir, human_bytes};
 
 /// Serves until SIGTERM or ctrl-c.
 pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
-    let storage = match args.storage {
-        Some(s) => s,
-        None => CacheDir::resolve(args.cache_dir.cache_dir)?
+    let default_dir = || -> Result<std::path::PathBuf, CliError> {
+        Ok(CacheDir::resolve(args.cache_dir.cache_dir.clone())?
             .root()
-            .join("server"),
+            .join("server"))
     };
+    let (storage, s3) = match args.storage.as_deref() {
+        Some(url) if url.starts_with("s3://") => {
+            let (bucket, prefix) = parse_s3_url(url)?;
+            let mut o = server::s3::S3Options::new(args.s3_endpoint.clone(), bucket);
+            o.prefix = prefix;
+            o.region = args.s3_region.clone();
+            o.path_style = match args.s3_addressing.as_deref() {
+                Some(style) => style == "path",
+                None => args.s3_endpoint.is_some(),
+            };
+            o.multipart_threshold = args.s3_multipart_threshold.max(5 << 20);
+            let mut t = server::tier::TierOptions::new(o);
+            t.uploaders = args.s3_uploaders.max(1);
+            t.queue = args.s3_queue.max(1);
+            t.queue_wait = args.s3_queue_wait;
+            t.sweep_grace = args.s3_sweep_grace;
+            (default_dir()?, Some(t))
+        }
+        Some(dir) => (std::path::PathBuf::from(dir), None),
+        None => (default_dir()?, None),
+    };
+    let s3_label = s3
+        .as_ref()
+        .map(|t| format!(", S3 bucket {} prefix {:?}", t.s3.bucket, t.s3.prefix));
     let mut instance_names = args.instance_names;
     if instance_names.is_empty()
         && let Ok(v) = std::env::var("RECACHE_SERVE_INSTANCE_NAME")
@@ -54,6 +77,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         auth_token,
         tls,
         compress_at_rest: args.storage_compression == "zstd",
+        s3,
     };
     let server = CacheServer::open(options)
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", storage.display())))?;
@@ -65,9 +89,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(format!("--listen {}: {e}", args.listen)))?;
     let usage = server.store().usage();
     println!(
-        "recache serve: listening on {}://{addr} (storage {}, {} in {} blobs, max {}, instances: {})",
+        "recache serve: listening on {}://{addr} (storage {}{}, {} in {} blobs, max {}, instances: {})",
         if tls_on { "grpcs" } else { "grpc" },
         storage.display(),
+        s3_label.unwrap_or_default(),
         human_bytes(usage.total_bytes()),
         usage.total_blobs(),
         human_bytes(args.max_size),
@@ -84,4 +109,52 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(e.to_string()))?;
     println!("recache serve: stopped");
     Ok(())
+}
+
+/// `s3://BUCKET/PREFIX` → (bucket, prefix ending in `/`, or empty).
+fn parse_s3_url(url: &str) -> Result<(String, String), CliError> {
+    let rest = url.trim_start_matches("s3://");
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid_bucket {
+        return Err(CliError::new(format!(
+            "--storage {url}: {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-', '.')"
+        )));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix.split('/').any(|seg| seg.is_empty() && !prefix.is_empty() || seg == "." || seg == "..")
+        || prefix.chars().any(char::is_control)
+    {
+        return Err(CliError::new(format!(
+            "--storage {url}: the prefix {prefix:?} has an empty, '.' or '..' segment or a control character"
+        )));
+    }
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Ok((bucket.to_owned(), prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn s3_urls_are_parsed_and_checked() {
+        assert_eq!(
+            parse_s3_url("s3://team-cache/ci/main/").unwrap(),
+            ("team-cache".into(), "ci/main/".into())
+        );
+        assert_eq!(parse_s3_url("s3://team-cache").unwrap(), ("team-cache".into(), String::new()));
+        for bad in ["s3://", "s3://Upper", "s3://a", "s3://ok-bucket/a//b", "s3://ok-bucket/../x"] {
+            let e = parse_s3_url(bad).unwrap_err().to_string();
+            assert!(e.contains("--storage"), "{bad}: {e}");
+        }
+    }
 }

@@ -333,6 +333,10 @@ impl Fetch for AssetSvc {
             .remove(&key);
         match outcome {
             Ok((uri, digest)) => {
+                if let Some(t) = &self.0.tier {
+                    // The download is the bucket's too, so every server sharing it can serve it.
+                    t.adopt(digest);
+                }
                 let r = Record {
                     kind: Kind::Blob,
                     digest,

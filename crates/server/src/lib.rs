@@ -24,6 +24,7 @@
 mod asset;
 pub mod s3;
 mod services;
+pub mod tier;
 mod uploads;
 
 use std::future::Future;
@@ -60,6 +61,9 @@ pub struct ServerOptions {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Keep large blobs zstd-compressed at rest (1 MiB frames with a seek table). Default true.
     pub compress_at_rest: bool,
+    /// An S3-compatible bucket behind the store, which then becomes the fast tier (see
+    /// [`tier`]). Default none: the store is all there is.
+    pub s3: Option<tier::TierOptions>,
 }
 
 impl ServerOptions {
@@ -73,6 +77,7 @@ impl ServerOptions {
             auth_token: None,
             tls: None,
             compress_at_rest: true,
+            s3: None,
         }
     }
 }
@@ -83,6 +88,9 @@ pub enum ServerError {
     /// The storage directory could not be opened.
     #[error("opening the storage {0}")]
     Storage(#[from] store::StoreError),
+    /// The S3 tier could not be set up.
+    #[error("S3 storage: {0}")]
+    S3(#[from] s3::S3Error),
     /// The transport (listening, TLS) failed.
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -102,6 +110,8 @@ pub(crate) struct Inner {
     /// Remote Asset downloads in progress, by request key: concurrent fetches of one asset
     /// share one download.
     pub downloads: std::sync::Mutex<std::collections::HashMap<hashing::Digest, SharedDownload>>,
+    /// The S3 tier behind the store, when there is one.
+    pub tier: Option<Arc<tier::Tier>>,
 }
 
 /// A download several `FetchBlob` calls may await.
@@ -194,6 +204,10 @@ impl CacheServer {
         let store = LocalStore::open(store_options)?;
         // Downloads cut off by a crash leave temp files behind: nothing else lives there.
         let _ = std::fs::remove_dir_all(options.storage.join("downloads"));
+        let tier = match &options.s3 {
+            Some(t) => Some(tier::Tier::new(store.clone(), t.clone())?),
+            None => None,
+        };
         Ok(CacheServer {
             inner: Arc::new(Inner {
                 store,
@@ -202,6 +216,7 @@ impl CacheServer {
                 reserving: Default::default(),
                 paused: Default::default(),
                 downloads: Default::default(),
+                tier,
             }),
         })
     }
@@ -211,14 +226,32 @@ impl CacheServer {
         &self.inner.store
     }
 
+    /// Uploads to the S3 tier not yet in the bucket (journal rows); `None` without a tier.
+    pub fn s3_pending(&self) -> Option<usize> {
+        self.inner.tier.as_ref().map(|t| t.pending())
+    }
+
     /// Serves on `listener` until `shutdown` completes. In-flight calls then finish; an upload
-    /// cut off is discarded (never half-visible), and access times are flushed to disk.
+    /// cut off is discarded (never half-visible), and access times are flushed to disk. With
+    /// an S3 tier, journaled uploads resume first (in the background) and the uploaders run
+    /// while serving; what they have not finished at shutdown stays journaled for next time.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let router = services::router(self.inner.clone())?;
+        let tier_tasks = match &self.inner.tier {
+            Some(t) => {
+                // An unreachable bucket does not stop the server: it serves from the fast tier,
+                // journals uploads, and catches up when the bucket answers.
+                if let Err(e) = t.s3().ensure_bucket().await {
+                    tracing::warn!(error = %e, "the S3 bucket is not reachable yet");
+                }
+                t.start()
+            }
+            None => Vec::new(),
+        };
         // Small responses must not wait for Nagle + delayed ACK (a 40 ms stall per RPC).
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
             s.inspect(|s| {
@@ -228,6 +261,12 @@ impl CacheServer {
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
+        for t in &tier_tasks {
+            t.abort();
+        }
+        for t in tier_tasks {
+            let _ = t.await;
+        }
         if let Err(e) = self.inner.store.flush_access_times() {
             tracing::warn!(error = %e, "could not flush access times at shutdown");
         }

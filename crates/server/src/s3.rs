@@ -1,21 +1,36 @@
-//! Blobs in an S3-compatible bucket: the slow tier the S3 backend (issue 12) will put behind the
-//! disk store. This is its first layer only: keys, single and multipart uploads streamed from a
-//! file, verified downloads, existence checks, and the multipart-upload listing and abort the
-//! leak sweep needs. The tiering, the upload journal and the queue are not built yet.
+//! Blobs and action results in an S3-compatible bucket: the calls the S3 tier
+//! ([`crate::tier`]) makes, each one S3 request (retried by the SDK, see [`S3_ATTEMPTS`]).
 //!
 //! Keys come from validated digests only, never from client text:
-//! `<prefix>cas/<64 hex>-<size>`. A blob is uploaded in one PUT below
+//! `<prefix>cas/<64 hex>-<size>` for blobs, `<prefix>ac/<64 hex>-<size>` for action results. A blob is uploaded in one PUT below
 //! [`S3Options::multipart_threshold`], else in parts of [`S3Options::part_size`] read from the
 //! file one at a time (memory: one part); a failed multipart upload is aborted before the error
 //! is returned. Downloads stream to a file and are verified against the digest; a blob whose
 //! content does not match is an error, never a result.
 
 use std::path::Path;
+use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use hashing::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Attempts per S3 request (the first and its retries). The SDK's standard retry strategy
+/// retries throttling (503 SlowDown), 5xx answers, timeouts and broken connections, with
+/// exponential backoff and full jitter between [`S3_BACKOFF_START`] and [`S3_BACKOFF_MAX`];
+/// what still fails is the caller's to surface (as UNAVAILABLE) or to requeue.
+pub const S3_ATTEMPTS: u32 = 5;
+/// First retry delay (before jitter); doubles per attempt.
+pub const S3_BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+pub const S3_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Time to open a connection to the S3 server.
+pub const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time from sending a request to the first byte of its answer.
+pub const S3_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest action result accepted from the bucket.
+const MAX_AC_BYTES: i64 = 16 << 20;
 
 /// Where the bucket is and how to reach it.
 #[derive(Debug, Clone)]
@@ -37,6 +52,9 @@ pub struct S3Options {
     pub multipart_threshold: u64,
     /// Bytes per part (S3's minimum is 5 MiB but for the last). Default 8 MiB.
     pub part_size: u64,
+    /// Time from sending a request to the first byte of its answer before the attempt is
+    /// abandoned (and retried). Default [`S3_READ_TIMEOUT`].
+    pub read_timeout: Duration,
 }
 
 impl S3Options {
@@ -51,6 +69,7 @@ impl S3Options {
             credentials: None,
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
+            read_timeout: S3_READ_TIMEOUT,
         }
     }
 }
@@ -62,6 +81,15 @@ pub struct S3Error {
     op: &'static str,
     key: String,
     message: String,
+    no_such_upload: bool,
+}
+
+impl S3Error {
+    /// The multipart upload named does not exist (any more): completed, aborted (by a sweep of
+    /// another server, say) or never created. The upload must start over.
+    pub fn is_no_such_upload(&self) -> bool {
+        self.no_such_upload
+    }
 }
 
 fn s3_err(op: &'static str, key: &str, e: impl std::fmt::Display) -> S3Error {
@@ -69,7 +97,60 @@ fn s3_err(op: &'static str, key: &str, e: impl std::fmt::Display) -> S3Error {
         op,
         key: key.to_owned(),
         message: e.to_string(),
+        no_such_upload: false,
     }
+}
+
+/// Credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`),
+/// else from the shared credentials file's profile (`AWS_PROFILE`, default `default`).
+fn environment_credentials() -> Option<(String, String, Option<String>)> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(id), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        return Some((id, secret, var("AWS_SESSION_TOKEN")));
+    }
+    let file = match var("AWS_SHARED_CREDENTIALS_FILE") {
+        Some(f) => std::path::PathBuf::from(f),
+        None => std::path::PathBuf::from(var("HOME")?).join(".aws/credentials"),
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    profile_credentials(&text, &var("AWS_PROFILE").unwrap_or_else(|| "default".into()))
+}
+
+/// The keys of `[profile]` in an AWS shared credentials file.
+fn profile_credentials(text: &str, profile: &str) -> Option<(String, String, Option<String>)> {
+    let (mut id, mut secret, mut token) = (None, None, None);
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == profile;
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().to_owned();
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v),
+                "aws_secret_access_key" => secret = Some(v),
+                "aws_session_token" => token = Some(v),
+                _ => {}
+            }
+        }
+    }
+    Some((id?, secret?, token))
+}
+
+/// A failure of the local side of an S3 transfer (reading the fast tier, the journal).
+pub(crate) fn local_error(d: Digest, e: impl std::fmt::Display) -> S3Error {
+    s3_err("(local)", &d.to_string(), e)
+}
+
+/// An SDK failure, with its code kept where a caller branches on it.
+fn sdk_err<E, R>(op: &'static str, key: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> S3Error
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let no_such_upload = e.as_service_error().and_then(|s| s.code()) == Some("NoSuchUpload");
+    let mut err = s3_err(op, key, aws_sdk_s3::error::DisplayErrorContext(e));
+    err.no_such_upload = no_such_upload;
+    err
 }
 
 /// An upload S3 holds open (from `ListMultipartUploads`).
@@ -105,22 +186,21 @@ impl S3Blobs {
             credentials,
             multipart_threshold,
             part_size,
+            read_timeout,
         } = options;
-        let (id, secret) = match credentials {
-            Some(c) => c,
-            None => (
-                std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
-                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
-            ),
+        let (id, secret, token) = match credentials {
+            Some((id, secret)) => (id, secret, None),
+            None => environment_credentials().ok_or_else(|| {
+                s3_err(
+                    "credentials",
+                    &bucket,
+                    "no access key: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give \
+                     ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE) an [AWS_PROFILE or default] \
+                     profile with aws_access_key_id and aws_secret_access_key",
+                )
+            })?,
         };
-        if id.is_empty() || secret.is_empty() {
-            return Err(s3_err(
-                "credentials",
-                &bucket,
-                "no access key: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-            ));
-        }
-        let creds = aws_sdk_s3::config::Credentials::new(id, secret, None, None, "recache");
+        let creds = aws_sdk_s3::config::Credentials::new(id, secret, token, None, "recache");
         // rustls with ring, as everywhere else in recache: the SDK's default client would enable
         // aws-lc in rustls for the whole build, and a rustls with two providers picks neither.
         let http = aws_smithy_http_client::Builder::new()
@@ -128,8 +208,18 @@ impl S3Blobs {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
+        let retry = aws_sdk_s3::config::retry::RetryConfig::standard()
+            .with_max_attempts(S3_ATTEMPTS)
+            .with_initial_backoff(S3_BACKOFF_START)
+            .with_max_backoff(S3_BACKOFF_MAX);
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(S3_CONNECT_TIMEOUT)
+            .read_timeout(read_timeout)
+            .build();
         let mut config = aws_sdk_s3::config::Builder::new()
             .http_client(http)
+            .retry_config(retry)
+            .timeout_config(timeouts)
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new(region))
             .credentials_provider(creds)
@@ -146,9 +236,24 @@ impl S3Blobs {
         })
     }
 
-    /// The object key of `d`.
+    /// The object key of blob `d`.
     pub fn key(&self, d: Digest) -> String {
         format!("{}cas/{}-{}", self.prefix, d.hash, d.size_bytes)
+    }
+
+    /// The object key of the action result of action `d`.
+    pub fn ac_key(&self, d: Digest) -> String {
+        format!("{}ac/{}-{}", self.prefix, d.hash, d.size_bytes)
+    }
+
+    /// Blobs at least this large are uploaded in parts.
+    pub fn multipart_threshold(&self) -> u64 {
+        self.threshold
+    }
+
+    /// Bytes per part of a multipart upload.
+    pub fn part_size(&self) -> u64 {
+        self.part_size
     }
 
     /// Creates the bucket if it does not exist (for tests and first runs).
@@ -168,13 +273,7 @@ impl S3Blobs {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| {
-                s3_err(
-                    "CreateBucket",
-                    &self.bucket,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| sdk_err("CreateBucket", &self.bucket, e))?;
         Ok(())
     }
 
@@ -191,15 +290,34 @@ impl S3Blobs {
         {
             Ok(h) => Ok(h.content_length().is_some_and(|n| n as u64 == d.size_bytes)),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-            Err(e) => Err(s3_err(
-                "HeadObject",
-                &key,
-                aws_sdk_s3::error::DisplayErrorContext(e),
-            )),
+            Err(e) => Err(sdk_err("HeadObject", &key, e)),
         }
     }
 
-    /// Uploads the file at `path`, which holds blob `d` (the caller verified it).
+    /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
+    /// (`If-None-Match: *`): a blob the bucket already has is not written again (412), and a
+    /// server that ignores the condition just rewrites the same bytes.
+    pub async fn put_bytes(&self, d: Digest, data: Vec<u8>) -> Result<(), S3Error> {
+        let key = self.key(d);
+        match self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .if_none_match("*")
+            .content_length(data.len() as i64)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(()),
+            Err(e) => Err(sdk_err("PutObject", &key, e)),
+        }
+    }
+
+    /// Uploads the file at `path`, which holds blob `d` (the caller verified it): one PUT below
+    /// the multipart threshold, else parts read one at a time (a failed upload is aborted).
     pub async fn put_file(&self, d: Digest, path: &Path) -> Result<(), S3Error> {
         let key = self.key(d);
         if d.size_bytes < self.threshold {
@@ -214,23 +332,46 @@ impl S3Blobs {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| {
-                    s3_err("PutObject", &key, aws_sdk_s3::error::DisplayErrorContext(e))
-                })?;
+                .map_err(|e| sdk_err("PutObject", &key, e))?;
             return Ok(());
         }
         let upload_id = self.start_multipart(d).await?;
-        match self.put_parts(&key, &upload_id, path).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Never leave an upload behind (a crash is for the sweep to find).
-                let _ = self.abort(&key, &upload_id).await;
-                Err(e)
+        let result: Result<(), S3Error> = async {
+            let mut file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| s3_err("UploadPart", &key, e))?;
+            let mut parts = Vec::new();
+            let mut number = 1;
+            loop {
+                let mut buf = Vec::with_capacity(self.part_size as usize);
+                (&mut file)
+                    .take(self.part_size)
+                    .read_to_end(&mut buf)
+                    .await
+                    .map_err(|e| s3_err("UploadPart", &key, e))?;
+                if buf.is_empty() && number > 1 {
+                    break;
+                }
+                let last = (buf.len() as u64) < self.part_size;
+                let etag = self.upload_part(d, &upload_id, number, buf).await?;
+                parts.push((number, etag));
+                number += 1;
+                if last {
+                    break;
+                }
             }
+            self.complete(d, &upload_id, &parts).await
         }
+        .await;
+        if let Err(e) = result {
+            // Never leave an upload behind (a crash is for the sweep to find).
+            let _ = self.abort(&key, &upload_id).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// Starts a multipart upload of `d`; returns its id (a journal records it before parts go).
+    /// Starts a multipart upload of `d`; returns its id.
     pub async fn start_multipart(&self, d: Digest) -> Result<String, S3Error> {
         let key = self.key(d);
         let started = self
@@ -240,64 +381,57 @@ impl S3Blobs {
             .key(&key)
             .send()
             .await
-            .map_err(|e| {
-                s3_err(
-                    "CreateMultipartUpload",
-                    &key,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| sdk_err("CreateMultipartUpload", &key, e))?;
         started
             .upload_id()
             .map(str::to_owned)
             .ok_or_else(|| s3_err("CreateMultipartUpload", &key, "no upload id in the answer"))
     }
 
-    async fn put_parts(&self, key: &str, upload_id: &str, path: &Path) -> Result<(), S3Error> {
-        let mut file = tokio::fs::File::open(path)
+    /// Uploads part `number` (from 1) of upload `upload_id` of `d`; returns its ETag.
+    pub async fn upload_part(
+        &self,
+        d: Digest,
+        upload_id: &str,
+        number: i32,
+        data: Vec<u8>,
+    ) -> Result<String, S3Error> {
+        let key = self.key(d);
+        let part = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(data.len() as i64)
+            .body(ByteStream::from(data))
+            .send()
             .await
-            .map_err(|e| s3_err("UploadPart", key, e))?;
-        let mut parts = Vec::new();
-        let mut number = 1;
-        loop {
-            let mut buf = Vec::with_capacity(self.part_size as usize);
-            (&mut file)
-                .take(self.part_size)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| s3_err("UploadPart", key, e))?;
-            if buf.is_empty() && number > 1 {
-                break;
-            }
-            let last = (buf.len() as u64) < self.part_size;
-            let part = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .body(ByteStream::from(buf))
-                .send()
-                .await
-                .map_err(|e| {
-                    s3_err("UploadPart", key, aws_sdk_s3::error::DisplayErrorContext(e))
-                })?;
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(part.e_tag().map(str::to_owned))
-                    .build(),
-            );
-            number += 1;
-            if last {
-                break;
-            }
-        }
+            .map_err(|e| sdk_err("UploadPart", &key, e))?;
+        part.e_tag()
+            .map(str::to_owned)
+            .ok_or_else(|| s3_err("UploadPart", &key, "no ETag in the answer"))
+    }
+
+    /// Completes upload `upload_id` of `d` from its parts (number, ETag), in any order.
+    pub async fn complete(
+        &self,
+        d: Digest,
+        upload_id: &str,
+        parts: &[(i32, String)],
+    ) -> Result<(), S3Error> {
+        let key = self.key(d);
+        let mut parts = parts.to_vec();
+        parts.sort();
+        let parts = parts
+            .into_iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .collect();
         self.client
             .complete_multipart_upload()
             .bucket(&self.bucket)
-            .key(key)
+            .key(&key)
             .upload_id(upload_id)
             .multipart_upload(
                 CompletedMultipartUpload::builder()
@@ -306,21 +440,15 @@ impl S3Blobs {
             )
             .send()
             .await
-            .map_err(|e| {
-                s3_err(
-                    "CompleteMultipartUpload",
-                    key,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                )
-            })?;
+            .map_err(|e| sdk_err("CompleteMultipartUpload", &key, e))?;
         Ok(())
     }
 
-    /// Downloads `d` to `path`, verified; `Ok(false)` when the bucket does not have it. A
-    /// mismatch removes the file and is an error.
-    pub async fn get_to_file(&self, d: Digest, path: &Path) -> Result<bool, S3Error> {
+    /// The body of blob `d`, streaming; `None` when the bucket does not have it. Unverified:
+    /// the caller hashes what it reads.
+    pub async fn get(&self, d: Digest) -> Result<Option<ByteStream>, S3Error> {
         let key = self.key(d);
-        let resp = match self
+        match self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -328,17 +456,28 @@ impl S3Blobs {
             .send()
             .await
         {
-            Ok(r) => r,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(false),
-            Err(e) => {
-                return Err(s3_err(
-                    "GetObject",
-                    &key,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                ));
-            }
+            Ok(r) if r.content_length().is_some_and(|n| n as u64 != d.size_bytes) => Err(s3_err(
+                "GetObject",
+                &key,
+                format!(
+                    "the object has {:?} bytes, not the {} its key names",
+                    r.content_length(),
+                    d.size_bytes
+                ),
+            )),
+            Ok(r) => Ok(Some(r.body)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(sdk_err("GetObject", &key, e)),
+        }
+    }
+
+    /// Downloads `d` to `path`, verified; `Ok(false)` when the bucket does not have it. A
+    /// mismatch removes the file and is an error.
+    pub async fn get_to_file(&self, d: Digest, path: &Path) -> Result<bool, S3Error> {
+        let key = self.key(d);
+        let Some(mut body) = self.get(d).await? else {
+            return Ok(false);
         };
-        let mut body = resp.body;
         let mut file = tokio::fs::File::create(path)
             .await
             .map_err(|e| s3_err("GetObject", &key, e))?;
@@ -370,8 +509,60 @@ impl S3Blobs {
         Ok(true)
     }
 
-    /// Multipart uploads S3 holds open under this prefix.
-    pub async fn open_uploads(&self) -> Result<Vec<OpenUpload>, S3Error> {
+    /// Stores the encoded action result of action `action`.
+    pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), S3Error> {
+        let key = self.ac_key(action);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_length(encoded.len() as i64)
+            .body(ByteStream::from(encoded))
+            .send()
+            .await
+            .map_err(|e| sdk_err("PutObject", &key, e))?;
+        Ok(())
+    }
+
+    /// The encoded action result of action `action`, if the bucket has one (at most 16 MiB).
+    pub async fn get_ac(&self, action: Digest) -> Result<Option<Vec<u8>>, S3Error> {
+        let key = self.ac_key(action);
+        let resp = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(sdk_err("GetObject", &key, e)),
+        };
+        if resp.content_length().is_none_or(|n| n > MAX_AC_BYTES) {
+            return Err(s3_err(
+                "GetObject",
+                &key,
+                format!(
+                    "an action result of {:?} bytes (the limit is {MAX_AC_BYTES})",
+                    resp.content_length()
+                ),
+            ));
+        }
+        let data = resp
+            .body
+            .collect()
+            .await
+            .map_err(|e| s3_err("GetObject", &key, e))?;
+        Ok(Some(data.to_vec()))
+    }
+
+    /// Multipart uploads S3 holds open for blobs under this prefix (`key`: only that blob's).
+    pub async fn open_uploads(&self, key: Option<&str>) -> Result<Vec<OpenUpload>, S3Error> {
+        let prefix = match key {
+            Some(k) => k.to_owned(),
+            None => format!("{}cas/", self.prefix),
+        };
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
         loop {
@@ -379,20 +570,17 @@ impl S3Blobs {
                 .client
                 .list_multipart_uploads()
                 .bucket(&self.bucket)
-                .prefix(format!("{}cas/", self.prefix))
+                .prefix(&prefix)
                 .set_key_marker(key_marker.clone())
                 .set_upload_id_marker(id_marker.clone())
                 .send()
                 .await
-                .map_err(|e| {
-                    s3_err(
-                        "ListMultipartUploads",
-                        &self.prefix,
-                        aws_sdk_s3::error::DisplayErrorContext(e),
-                    )
-                })?;
+                .map_err(|e| sdk_err("ListMultipartUploads", &prefix, e))?;
             for u in page.uploads() {
                 if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                    if key.is_some_and(|want| want != k) {
+                        continue;
+                    }
                     out.push(OpenUpload {
                         key: k.to_owned(),
                         upload_id: id.to_owned(),
@@ -412,22 +600,40 @@ impl S3Blobs {
         Ok(out)
     }
 
-    /// Aborts an open multipart upload.
+    /// Aborts an open multipart upload. One already gone counts as aborted.
     pub async fn abort(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
-        self.client
+        match self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
             .send()
             .await
-            .map_err(|e| {
-                s3_err(
-                    "AbortMultipartUpload",
-                    key,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                )
-            })?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = sdk_err("AbortMultipartUpload", key, e);
+                if e.is_no_such_upload() { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn profiles_are_read_from_the_shared_credentials_file() {
+        let text = "[default]\naws_access_key_id = A\naws_secret_access_key=B\n\n\
+                    [ci]\naws_access_key_id=C\naws_secret_access_key = D\naws_session_token=T\n";
+        assert_eq!(profile_credentials(text, "default"), Some(("A".into(), "B".into(), None)));
+        assert_eq!(
+            profile_credentials(text, "ci"),
+            Some(("C".into(), "D".into(), Some("T".into())))
+        );
+        assert_eq!(profile_credentials(text, "other"), None);
     }
 }

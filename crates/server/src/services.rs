@@ -128,6 +128,31 @@ impl Svc {
         &self.0.store
     }
 
+    /// With an S3 tier: makes sure the store holds `d`, fetching it from the bucket if need
+    /// be (a blob neither has stays missing; the caller's own lookup says so).
+    async fn ensure_local(&self, d: Digest) -> Result<(), Status> {
+        if let Some(t) = &self.0.tier {
+            t.fetch(&self.0, d).await?;
+        }
+        Ok(())
+    }
+
+    /// With an S3 tier: a place in the upload queue for `d`, taken before it is stored.
+    async fn admit(&self, d: Digest) -> Result<Option<crate::tier::Admission>, Status> {
+        match &self.0.tier {
+            Some(t) if d != EMPTY_DIGEST => Ok(Some(t.admit(d).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Which of `digests` this cache does not have (store, then the S3 tier).
+    async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        match &self.0.tier {
+            Some(t) => t.missing(digests).await,
+            None => self.store().missing(digests.iter().copied()),
+        }
+    }
+
     /// Refuses instance names outside the allow-list.
     fn check_instance(&self, name: &str) -> Result<(), Status> {
         self.0.check_instance(name)
@@ -205,6 +230,7 @@ impl Svc {
             writer,
             refused,
             _room: room,
+            admission: None,
         })
     }
 }
@@ -320,7 +346,7 @@ impl ContentAddressableStorage for Svc {
         for (i, d) in req.blob_digests.iter().enumerate() {
             digests.push(digest(&format!("blob_digests[{i}]"), Some(d))?);
         }
-        let missing = self.store().missing(digests.iter().copied());
+        let missing = self.missing(&digests).await;
         // A blob reported present is one the client counts on (it will reference it instead of
         // uploading it): that is a use, for LRU.
         if missing.is_empty() {
@@ -345,7 +371,13 @@ impl ContentAddressableStorage for Svc {
         let mut responses = Vec::with_capacity(req.requests.len());
         for (i, r) in req.requests.into_iter().enumerate() {
             let d = digest(&format!("requests[{i}].digest"), r.digest.as_ref())?;
+            let admission = match self.check_size(d) {
+                Ok(()) if !self.store().contains(d) => self.admit(d).await,
+                Ok(()) => Ok(None),
+                Err(e) => Err(e),
+            };
             let result = (|| -> Result<(), Status> {
+                let _admission = admission?;
                 self.check_size(d)?;
                 let data = match r.compressor {
                     c if c == compressor::Value::Identity as i32 => r.data,
@@ -397,6 +429,17 @@ impl ContentAddressableStorage for Svc {
             return Err(Status::invalid_argument(format!(
                 "the batch asks for {total} bytes; the limit is {MAX_BATCH_TOTAL_BYTES} (use ByteStream)"
             )));
+        }
+        if self.0.tier.is_some() {
+            let absent = self.store().missing(digests.iter().copied());
+            let fetched: Vec<Result<(), Status>> = futures::stream::iter(absent)
+                .map(|d| self.ensure_local(d))
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            if let Some(Err(e)) = fetched.into_iter().find(Result::is_err) {
+                return Err(e);
+            }
         }
         let mut responses = Vec::with_capacity(digests.len());
         for d in digests {
@@ -478,6 +521,7 @@ impl ContentAddressableStorage for Svc {
             if !seen.insert(d) {
                 continue;
             }
+            self.ensure_local(d).await?;
             let dir = self
                 .store()
                 .load_directory(d)
@@ -569,9 +613,10 @@ fn referenced_blobs(ar: &remexec::ActionResult) -> Result<(Vec<Digest>, Vec<Dige
 impl Svc {
     /// Whether every blob `ar` references is here, Tree contents included: a hit must never
     /// send a client after a blob this cache lost.
-    fn outputs_present(&self, ar: &remexec::ActionResult) -> Result<bool, Status> {
+    async fn outputs_present(&self, ar: &remexec::ActionResult) -> Result<bool, Status> {
         let (mut blobs, trees) = referenced_blobs(ar)?;
         for t in &trees {
+            self.ensure_local(*t).await?;
             let Some(bytes) = self
                 .store()
                 .load_bytes(*t)
@@ -588,7 +633,7 @@ impl Svc {
             }
         }
         blobs.retain(|d| *d != EMPTY_DIGEST);
-        if !self.store().missing(blobs.iter().copied()).is_empty() {
+        if !self.missing(&blobs).await.is_empty() {
             return Ok(false);
         }
         // A hit is a use of its outputs even when the client never downloads them (Bazel's
@@ -608,17 +653,28 @@ impl ActionCache for Svc {
         self.check_instance(&req.instance_name)?;
         self.check_digest_function(req.digest_function)?;
         let action = digest("action_digest", req.action_digest.as_ref())?;
-        let Some(bytes) = self
+        let mut bytes = self
             .store()
             .get_ref(action)
-            .map_err(|e| store_status("reading the action cache", &e))?
-        else {
+            .map_err(|e| store_status("reading the action cache", &e))?;
+        if bytes.is_none()
+            && let Some(t) = &self.0.tier
+            && let Some(shared) = t.get_ac(action).await?
+        {
+            // Recorded through another server sharing the bucket: keep a local copy.
+            remexec::ActionResult::decode(&shared[..]).map_err(|e| {
+                Status::unavailable(format!("the bucket's result for {action} is undecodable: {e}"))
+            })?;
+            let _ = self.store().put_ref(action, &shared);
+            bytes = Some(shared.into());
+        }
+        let Some(bytes) = bytes else {
             return Err(Status::not_found(format!("no result for action {action}")));
         };
         let ar = remexec::ActionResult::decode(&bytes[..]).map_err(|e| {
             Status::internal(format!("stored result for {action} is undecodable: {e}"))
         })?;
-        if !self.outputs_present(&ar)? {
+        if !self.outputs_present(&ar).await? {
             // A dangling entry: drop it, and answer as if it never existed.
             let _ = self.store().remove_ref(action);
             return Err(Status::not_found(format!(
@@ -642,9 +698,13 @@ impl ActionCache for Svc {
         // Every digest in it must parse; outputs may arrive later (clients upload first, but
         // the spec does not require it), so presence is checked when the entry is read.
         referenced_blobs(&ar)?;
+        let encoded = ar.encode_to_vec();
         self.store()
-            .put_ref(action, &ar.encode_to_vec())
+            .put_ref(action, &encoded)
             .map_err(|e| store_status("writing the action cache", &e))?;
+        if let Some(t) = &self.0.tier {
+            t.put_ac(action, encoded).await?;
+        }
         Ok(Response::new(ar))
     }
 }
@@ -681,6 +741,7 @@ impl ByteStream for Svc {
             0 => d.size_bytes,
             n => (offset + n as u64).min(d.size_bytes),
         };
+        self.ensure_local(d).await?;
         let source = self.open(d, r.compressed).await?;
         let stream = read_stream(source, offset, end, r.compressed);
         Ok(Response::new(Box::pin(stream)))
@@ -713,7 +774,10 @@ impl ByteStream for Svc {
         let upload = if first.write_offset == 0 {
             // A fresh start (also of a name that was paused: the client chose to start over).
             self.0.paused.abandon_digest(d);
-            self.start_upload(d, r.compressed)?
+            let admission = self.admit(d).await?;
+            let mut upload = self.start_upload(d, r.compressed)?;
+            upload.admission = admission;
+            upload
         } else {
             match self.0.paused.take(&name) {
                 Some(u) if u.received == first.write_offset => u,
@@ -795,6 +859,7 @@ impl ByteStream for Svc {
             writer,
             refused,
             _room,
+            admission: _admission,
             ..
         } = upload;
         drop(tx);

@@ -41,6 +41,8 @@ pub(crate) struct Upload {
     /// Set by the writer when the client's bytes cannot be decoded (a client error).
     pub refused: Arc<Mutex<Option<String>>>,
     pub _room: Reservation,
+    /// Its place in the S3 upload queue, when there is an S3 tier (held while paused too).
+    pub admission: Option<crate::tier::Admission>,
 }
 
 #[derive(Debug)]

@@ -60,7 +60,7 @@ async fn round_trip(var: &str) {
     // An upload left open is listed, and gone once aborted.
     let open = Digest::of_bytes(&testutil::data::pseudo_random(7 << 20, 3));
     let id = s3.start_multipart(open).await.unwrap();
-    let listed = s3.open_uploads().await.unwrap();
+    let listed = s3.open_uploads(None).await.unwrap();
     assert!(
         listed
             .iter()
@@ -69,7 +69,7 @@ async fn round_trip(var: &str) {
     );
     s3.abort(&s3.key(open), &id).await.unwrap();
     assert!(
-        s3.open_uploads()
+        s3.open_uploads(None)
             .await
             .unwrap()
             .iter()
@@ -86,4 +86,247 @@ async fn blobs_round_trip_through_moto() {
 #[tokio::test]
 async fn blobs_round_trip_through_seaweedfs() {
     round_trip("RECACHE_TEST_S3_SEAWEED").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// `recache serve` with the S3 tier, over the wire.
+
+use std::time::{Duration, Instant};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use bazel_remote_apis::google::bytestream::{
+    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
+};
+use futures::StreamExt;
+use server::tier::TierOptions;
+use server::{CacheServer, ServerOptions};
+use tonic::transport::Channel;
+
+/// The S3 options of a test against `var`'s server, on a fresh prefix.
+fn s3_options(var: &str) -> Option<S3Options> {
+    let s3 = blobs(var)?;
+    drop(s3);
+    let mut o = S3Options::new(Some(std::env::var(var).unwrap()), "recache-test");
+    o.credentials = Some((
+        std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
+        std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
+    ));
+    o.prefix = format!("tier-{}/", uuid::Uuid::new_v4().simple());
+    o.multipart_threshold = 6 << 20;
+    o.part_size = 5 << 20;
+    Some(o)
+}
+
+struct Serving {
+    server: CacheServer,
+    channel: Channel,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+
+    /// Waits until every journaled upload reached the bucket.
+    async fn drained(&self, within: Duration) {
+        let start = Instant::now();
+        while self.server.s3_pending() != Some(0) {
+            assert!(
+                start.elapsed() < within,
+                "{:?} uploads still journaled after {within:?}",
+                self.server.s3_pending()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn serve(dir: &std::path::Path, tier: TierOptions) -> Serving {
+    let mut options = ServerOptions::new(dir);
+    options.s3 = Some(tier);
+    let server = CacheServer::open(options).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let s = server.clone();
+    let handle = tokio::spawn(async move {
+        s.serve(listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Serving {
+        server,
+        channel,
+        stop: Some(tx),
+        handle,
+    }
+}
+
+fn cas(s: &Serving) -> ContentAddressableStorageClient<Channel> {
+    ContentAddressableStorageClient::new(s.channel.clone()).max_decoding_message_size(16 << 20)
+}
+
+async fn put_small(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
+    let d = Digest::of_bytes(data);
+    let resp = cas(s)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: data.to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let st = resp.responses[0].status.clone().unwrap_or_default();
+    if st.code != 0 {
+        return Err(tonic::Status::new(tonic::Code::from(st.code), st.message));
+    }
+    Ok(d)
+}
+
+async fn write_blob(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
+    let d = Digest::of_bytes(data);
+    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash, d.size_bytes);
+    let chunks: Vec<&[u8]> = data.chunks(1 << 20).collect();
+    let n = chunks.len();
+    let msgs: Vec<WriteRequest> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 { resource.clone() } else { String::new() },
+            write_offset: (i << 20) as i64,
+            finish_write: i + 1 == n,
+            data: c.to_vec(),
+        })
+        .collect();
+    ByteStreamClient::new(s.channel.clone())
+        .write(futures::stream::iter(msgs))
+        .await?;
+    Ok(d)
+}
+
+async fn read_blob(s: &Serving, d: Digest) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = ByteStreamClient::new(s.channel.clone())
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        out.extend_from_slice(&msg?.data);
+    }
+    Ok(out)
+}
+
+async fn missing(s: &Serving, ds: &[Digest]) -> Vec<Digest> {
+    cas(s)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: ds.iter().map(|d| (*d).into()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .iter()
+        .map(|d| Digest::try_from(d).unwrap())
+        .collect()
+}
+
+/// Two servers, each with its own fast tier, share one bucket: what one is given, the other
+/// finds and serves, action results included; and what reached the bucket is exactly the blob.
+async fn two_servers_share_a_bucket(var: &str) {
+    let Some(o) = s3_options(var) else { return };
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = serve(dir_a.path(), TierOptions::new(o.clone())).await;
+    let small = testutil::data::pseudo_random(40_000, 11);
+    let large = testutil::data::pseudo_random(13 << 20, 12);
+    let ds = put_small(&a, &small).await.unwrap();
+    let dl = write_blob(&a, &large).await.unwrap();
+    // Readable at once, from the fast tier.
+    assert_eq!(read_blob(&a, dl).await.unwrap(), large);
+    let output = remexec::OutputFile {
+        path: "out/big".into(),
+        digest: Some(dl.into()),
+        ..Default::default()
+    };
+    let result = remexec::ActionResult {
+        output_files: vec![output],
+        stdout_digest: Some(ds.into()),
+        ..Default::default()
+    };
+    let action = Digest::of_bytes(b"an action recorded on server A");
+    ActionCacheClient::new(a.channel.clone())
+        .update_action_result(remexec::UpdateActionResultRequest {
+            action_digest: Some(action.into()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.drained(Duration::from_secs(60)).await;
+    assert!(s3.contains(ds).await.unwrap() && s3.contains(dl).await.unwrap());
+    let check = tempfile::tempdir().unwrap();
+    assert!(s3.get_to_file(dl, &check.path().join("l")).await.unwrap());
+    assert!(
+        s3.open_uploads(None).await.unwrap().is_empty(),
+        "no multipart upload left open"
+    );
+
+    let b = serve(dir_b.path(), TierOptions::new(o.clone())).await;
+    assert!(missing(&b, &[ds, dl]).await.is_empty(), "B finds A's blobs");
+    let got = ActionCacheClient::new(b.channel.clone())
+        .get_action_result(remexec::GetActionResultRequest {
+            action_digest: Some(action.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("a hit recorded on A is a hit on B")
+        .into_inner();
+    assert_eq!(got, result);
+    assert_eq!(read_blob(&b, dl).await.unwrap(), large, "B serves A's large blob");
+    let batch = cas(&b)
+        .batch_read_blobs(remexec::BatchReadBlobsRequest {
+            digests: vec![ds.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.responses[0].data, small);
+    // An unknown blob is missing on both.
+    let never = Digest::of_bytes(b"never written anywhere");
+    assert_eq!(missing(&b, &[never]).await, vec![never]);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_a_moto_bucket() {
+    two_servers_share_a_bucket("RECACHE_TEST_S3_MOTO").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_a_seaweedfs_bucket() {
+    two_servers_share_a_bucket("RECACHE_TEST_S3_SEAWEED").await;
 }

@@ -519,6 +519,35 @@ fn gc_evicts_least_recently_used_and_honors_leases() {
 }
 
 #[test]
+fn a_journal_row_keeps_its_blob_through_gc_and_reopen() {
+    // The server's S3 tier journals a blob until it is uploaded: GC must not evict it, even
+    // after a restart, and it becomes evictable once the row goes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let pending = store.store_bytes(&bytes(100_000, 1)).unwrap();
+    let large = store.store_bytes(&bytes(600_000, 2)).unwrap();
+    let other = store.store_bytes(&bytes(100_000, 3)).unwrap();
+    store.journal_put(pending, b"queued").unwrap();
+    store.journal_put(large, b"multipart").unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.journal_rows().unwrap().len(), 2);
+    assert_eq!(
+        store.journal_get(large).unwrap().as_deref(),
+        Some(&b"multipart"[..])
+    );
+    let report = store.gc(0).unwrap();
+    assert_eq!(report.leased_skipped, 2);
+    assert!(store.contains(pending) && store.contains(large));
+    assert!(!store.contains(other));
+    store.journal_remove(pending).unwrap();
+    store.journal_remove(large).unwrap();
+    assert!(store.journal_get(large).unwrap().is_none());
+    store.gc(0).unwrap();
+    assert!(!store.contains(pending) && !store.contains(large));
+}
+
+#[test]
 fn gc_survives_a_pool_file_removed_behind_its_back() {
     // An interrupted GC can leave an access record without its pool file: the next GC copes.
     let dir = tempfile::tempdir().unwrap();

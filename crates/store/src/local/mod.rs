@@ -267,6 +267,13 @@ fn ref_key(digest: Digest) -> [u8; 40] {
     key
 }
 
+/// The digest a 40-byte key (see [`ref_key`]) names.
+fn digest_of_key(key: &[u8]) -> Option<Digest> {
+    let hash: [u8; 32] = key.get(..32)?.try_into().ok()?;
+    let size: [u8; 8] = key.get(32..40)?.try_into().ok()?;
+    Some(Digest::new(Fingerprint(hash), u64::from_le_bytes(size)))
+}
+
 /// A file's modification time in nanoseconds since the epoch (0 if unknown).
 fn mtime_nanos(meta: &fs::Metadata) -> u64 {
     meta.modified()
@@ -809,6 +816,34 @@ impl LocalStore {
         self.inner.db.remove_ref(&ref_key(key))
     }
 
+    /// Writes (or replaces) the journal row of `digest`: a row the store's owner keeps about
+    /// one blob (the server's S3 tier records an upload's progress there). While a blob has a
+    /// row, GC never evicts it; the row may be written before the blob arrives.
+    pub fn journal_put(&self, digest: Digest, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.db.journal_put(&ref_key(digest), value)
+    }
+
+    /// The journal row of `digest`, if any.
+    pub fn journal_get(&self, digest: Digest) -> Result<Option<Bytes>, StoreError> {
+        self.inner.db.journal_get(&ref_key(digest))
+    }
+
+    /// Deletes the journal row of `digest` (absent is fine); the blob becomes evictable.
+    pub fn journal_remove(&self, digest: Digest) -> Result<(), StoreError> {
+        self.inner.db.journal_remove(&ref_key(digest))
+    }
+
+    /// Every journal row, by blob.
+    pub fn journal_rows(&self) -> Result<Vec<(Digest, Bytes)>, StoreError> {
+        Ok(self
+            .inner
+            .db
+            .journal_rows()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((digest_of_key(&k)?, v)))
+            .collect())
+    }
+
     /// How many named records the store holds.
     pub fn ref_count(&self) -> Result<u64, StoreError> {
         self.inner.db.ref_count()
@@ -997,12 +1032,17 @@ impl LocalStore {
         entries.sort_by_key(|(t, d, _)| (*t, *d));
         let listed = entries.clone();
         let mut total: u64 = entries.iter().map(|(_, d, _)| d.size_bytes).sum();
-        let leases = self
+        let mut leases = self
             .inner
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // A blob with a journal row (e.g. not yet uploaded to a slow tier) is kept like a leased
+        // one.
+        for (d, _) in self.journal_rows()? {
+            leases.entry(d).or_insert(1);
+        }
         let mut report = GcReport::default();
         let mut small_victims = Vec::new();
         let mut large_victims = Vec::new();

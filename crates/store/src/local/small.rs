@@ -45,6 +45,9 @@ pub(crate) struct SmallDb {
     refs: Database<Raw, Raw>,
     /// Ref key → last write or read (unix milliseconds), for evicting records with the blobs.
     ref_atime: Database<Raw, Atime>,
+    /// Blob key (hash + size) → a row its owner keeps about the blob (the server's S3 upload
+    /// journal). A blob with a row is never evicted.
+    journal: Database<Raw, Raw>,
     /// Values are `[tag][logical size u64 LE][payload]`, tag 1 = zstd (see `encode`).
     compressed: bool,
 }
@@ -159,6 +162,9 @@ impl SmallDb {
         let ref_atime = env
             .create_database(&mut w, Some("ref_atime"))
             .map_err(|e| db_err("creating table ref_atime", e))?;
+        let journal = env
+            .create_database(&mut w, Some("journal"))
+            .map_err(|e| db_err("creating table journal", e))?;
         let marked = meta
             .get(&w, FORMAT_KEY)
             .map_err(|e| db_err("get format", e))?
@@ -191,6 +197,7 @@ impl SmallDb {
             meta,
             refs,
             ref_atime,
+            journal,
             compressed,
         })
     }
@@ -626,6 +633,45 @@ impl SmallDb {
     pub(crate) fn ref_count(&self) -> Result<u64, StoreError> {
         let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
         self.refs.len(&r).map_err(|e| db_err("count refs", e))
+    }
+
+    /// Writes (or replaces) the journal row `key`.
+    pub(crate) fn journal_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.journal
+            .put(&mut w, key, value)
+            .map_err(|e| db_err("put journal row", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// The journal row `key`, copied out.
+    pub(crate) fn journal_get(&self, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        Ok(self
+            .journal
+            .get(&r, key)
+            .map_err(|e| db_err("get journal row", e))?
+            .map(Bytes::copy_from_slice))
+    }
+
+    /// Deletes the journal row `key` (absent is fine).
+    pub(crate) fn journal_remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.env.write_txn().map_err(|e| db_err("begin", e))?;
+        self.journal
+            .delete(&mut w, key)
+            .map_err(|e| db_err("delete journal row", e))?;
+        w.commit().map_err(|e| db_err("commit", e))
+    }
+
+    /// Every journal row.
+    pub(crate) fn journal_rows(&self) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        let mut out = Vec::new();
+        for item in self.journal.iter(&r).map_err(|e| db_err("list journal", e))? {
+            let (k, v) = item.map_err(|e| db_err("list journal", e))?;
+            out.push((k.to_vec(), Bytes::copy_from_slice(v)));
+        }
+        Ok(out)
     }
 
     /// Whether the `meta` flag `key` is set.

@@ -1,0 +1,799 @@
+//! The S3 tier: the local store in front (the fast tier, bounded by `--max-size`), an
+//! S3-compatible bucket behind, and the upload journal that makes sure every acknowledged blob
+//! reaches the bucket, and no multipart upload is left open there.
+//!
+//! # Writes
+//!
+//! A client's blob is *admitted* before it is stored ([`Tier::admit`]): admission waits for room
+//! in the upload queue (at most [`TierOptions::queue`] uploads outstanding; past
+//! [`TierOptions::queue_wait`] the write is refused with RESOURCE_EXHAUSTED, never dropped) and
+//! writes the blob's journal row (`queued`) in the local database. Then the blob is stored in
+//! the fast tier and the write is acknowledged: it is readable at once, from the fast tier. When
+//! the admission ends (stored or not) a job goes to the upload workers
+//! ([`TierOptions::uploaders`] of them).
+//!
+//! # The journal
+//!
+//! One row per blob not yet known to be in the bucket, in the store's `journal` table (a blob
+//! with a row is never evicted from the fast tier). A row is in one of three states:
+//!
+//! - `queued`: the blob is (or is about to be) in the fast tier; nothing was asked of S3.
+//! - `creating`: a `CreateMultipartUpload` is about to be sent, or was sent and its answer not
+//!   recorded. Whoever works the row next first aborts every open upload of the blob's key.
+//! - `multipart(upload id, part size, parts done with their ETags)`: recorded as soon as S3
+//!   answers the create, and after each part.
+//!
+//! The row is deleted once the object exists in the bucket: after `CompleteMultipartUpload`,
+//! after a single PUT (conditional: `If-None-Match: *`), or when a HEAD finds the object
+//! already there. Every row is written before the S3 call it prepares.
+//!
+//! # Recovery
+//!
+//! At start every row is queued again. A `multipart` row resumes: a HEAD first (a crash between
+//! S3's completion and the row's deletion leaves an object of the right size: the row is then
+//! reconciled, deleted, and the upload id aborted if still open), else the parts not recorded
+//! are uploaded and the upload completed. An upload id S3 no longer knows (aborted by a sweep)
+//! sends the row back to `queued`. A row whose blob the fast tier does not hold (the write that
+//! admitted it failed, or the process died before the blob was stored) is dropped: that blob was
+//! never acknowledged. Then the sweep ([`Tier::sweep`]) lists the bucket's open multipart uploads
+//! under the prefix and aborts those no row owns once older than [`TierOptions::sweep_grace`];
+//! it runs again every [`TierOptions::sweep_every`].
+//!
+//! # Reads
+//!
+//! Fast tier first; a miss is fetched from the bucket into the fast tier (verified against the
+//! digest while it streams; concurrent reads of one blob share one download). Existence
+//! (`FindMissingBlobs`, an action result's outputs) is answered from the fast tier, then a
+//! bounded cache of blobs known to be in the bucket, then a HEAD per remaining blob.
+//! S3 failures the SDK's retries ([`crate::s3::S3_ATTEMPTS`]) did not cure reach the client as
+//! UNAVAILABLE, which recache's client treats as a miss.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use hashing::{Digest, EMPTY_DIGEST};
+use store::LocalStore;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::Status;
+
+use crate::s3::{S3Blobs, S3Error, S3Options};
+
+/// How the S3 tier behaves; `TierOptions::new(s3)` documents the defaults.
+#[derive(Debug, Clone)]
+pub struct TierOptions {
+    /// The bucket.
+    pub s3: S3Options,
+    /// Upload workers. Default 4.
+    pub uploaders: usize,
+    /// Uploads outstanding at most (admitted, not yet in the bucket). Default 4096.
+    pub queue: usize,
+    /// How long a write waits for room in a full queue before RESOURCE_EXHAUSTED. Default 30 s.
+    pub queue_wait: Duration,
+    /// Parts of one multipart upload in flight at once. Default 4 (memory: this × part size).
+    pub part_concurrency: usize,
+    /// Open multipart uploads no journal row owns are aborted once this old. Default 24 h: it
+    /// must exceed the longest upload of any server sharing the bucket.
+    pub sweep_grace: Duration,
+    /// How often the sweep runs (it also runs at start). Default 1 h.
+    pub sweep_every: Duration,
+    /// Blobs remembered as present in the bucket (saves HEADs). Default 1 M (≈ 80 MiB at most).
+    pub known_capacity: usize,
+}
+
+impl TierOptions {
+    /// Defaults for the bucket `s3`.
+    pub fn new(s3: S3Options) -> TierOptions {
+        TierOptions {
+            s3,
+            uploaders: 4,
+            queue: 4096,
+            queue_wait: Duration::from_secs(30),
+            part_concurrency: 4,
+            sweep_grace: Duration::from_secs(24 * 3600),
+            sweep_every: Duration::from_secs(3600),
+            known_capacity: 1 << 20,
+        }
+    }
+}
+
+/// Longest wait before a failed upload is tried again.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// HEADs in flight at once for one existence check.
+const HEAD_CONCURRENCY: usize = 32;
+/// How long a blob seen in the bucket is trusted to stay there without asking again.
+const KNOWN_TTL: Duration = Duration::from_secs(3600);
+
+/// A journal row (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Row {
+    Queued,
+    Creating,
+    Multipart {
+        upload_id: String,
+        part_size: u64,
+        parts: Vec<(i32, String)>,
+    },
+}
+
+impl Row {
+    /// `q` | `c` | `m` part_size(u64 LE) id_len(u32 LE) id { number(i32 LE) etag_len(u32 LE)
+    /// etag }*. Versioned by the tag byte; an unreadable row decodes as `Creating` (the safe
+    /// state: stray uploads of the key are aborted and the blob uploaded again).
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Row::Queued => b"q".to_vec(),
+            Row::Creating => b"c".to_vec(),
+            Row::Multipart {
+                upload_id,
+                part_size,
+                parts,
+            } => {
+                let mut out = b"m".to_vec();
+                out.extend_from_slice(&part_size.to_le_bytes());
+                put_str(&mut out, upload_id);
+                for (n, etag) in parts {
+                    out.extend_from_slice(&n.to_le_bytes());
+                    put_str(&mut out, etag);
+                }
+                out
+            }
+        }
+    }
+
+    fn decode(b: &[u8]) -> Row {
+        fn parse(b: &[u8]) -> Option<Row> {
+            match b.first()? {
+                b'q' => Some(Row::Queued),
+                b'c' => Some(Row::Creating),
+                b'm' => {
+                    let part_size = u64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
+                    let mut rest = &b[9..];
+                    let upload_id = take_str(&mut rest)?;
+                    let mut parts = Vec::new();
+                    while !rest.is_empty() {
+                        let n = i32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+                        rest = &rest[4..];
+                        parts.push((n, take_str(&mut rest)?));
+                    }
+                    Some(Row::Multipart {
+                        upload_id,
+                        part_size,
+                        parts,
+                    })
+                }
+                _ => None,
+            }
+        }
+        parse(b).unwrap_or(Row::Creating)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn take_str(rest: &mut &[u8]) -> Option<String> {
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let s = std::str::from_utf8(rest.get(4..4 + len)?).ok()?.to_owned();
+    *rest = &rest[4 + len..];
+    Some(s)
+}
+
+/// One blob for the workers; holds its queue slot (if it was admitted) until it is done.
+struct Job {
+    digest: Digest,
+    _slot: Option<OwnedSemaphorePermit>,
+    attempt: u32,
+}
+
+/// Blobs recently seen in the bucket, at most `capacity`, each trusted for [`KNOWN_TTL`].
+#[derive(Debug, Default)]
+struct Known {
+    seen: HashMap<Digest, Instant>,
+    order: VecDeque<Digest>,
+    capacity: usize,
+}
+
+impl Known {
+    fn contains(&self, d: &Digest) -> bool {
+        self.seen.get(d).is_some_and(|t| t.elapsed() < KNOWN_TTL)
+    }
+
+    fn insert(&mut self, d: Digest) {
+        if self.seen.insert(d, Instant::now()).is_none() {
+            self.order.push_back(d);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// A fetch from the bucket several readers may await: `Ok(false)` when the bucket lacks it.
+type SharedFetch = futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>;
+
+/// Counters for tests and logs.
+#[derive(Debug, Default)]
+pub(crate) struct TierStats {
+    pub uploaded: std::sync::atomic::AtomicU64,
+    pub upload_failures: std::sync::atomic::AtomicU64,
+    pub fetched: std::sync::atomic::AtomicU64,
+}
+
+/// The S3 tier of one server. See the module docs.
+pub(crate) struct Tier {
+    s3: S3Blobs,
+    store: LocalStore,
+    options: TierOptions,
+    slots: Arc<Semaphore>,
+    jobs_tx: mpsc::UnboundedSender<Job>,
+    jobs_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    /// Admissions in progress per blob (a row is not dropped while its blob may still arrive).
+    admitting: Mutex<HashMap<Digest, usize>>,
+    /// Blobs a worker is uploading (one worker per blob).
+    uploading: Mutex<HashSet<Digest>>,
+    known: Mutex<Known>,
+    fetches: Mutex<HashMap<Digest, SharedFetch>>,
+    pub stats: TierStats,
+}
+
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tier")
+            .field("s3", &self.s3)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A blob's place in the upload queue while it is being stored; when it ends (stored or not)
+/// its job goes to the workers.
+pub(crate) struct Admission {
+    tier: Arc<Tier>,
+    digest: Digest,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        {
+            let mut admitting = lock(&self.tier.admitting);
+            if let Some(n) = admitting.get_mut(&self.digest) {
+                *n -= 1;
+                if *n == 0 {
+                    admitting.remove(&self.digest);
+                }
+            }
+        }
+        let _ = self.tier.jobs_tx.send(Job {
+            digest: self.digest,
+            _slot: self.slot.take(),
+            attempt: 0,
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An S3 failure as the client sees it: the cache is unavailable for now (a miss to recache).
+pub(crate) fn unavailable(e: &S3Error) -> Status {
+    Status::unavailable(format!("the cache's S3 storage failed: {e}"))
+}
+
+/// What became of one upload job.
+enum Outcome {
+    /// In the bucket (or nothing to upload): the row is gone.
+    Done,
+    /// Another worker has the blob, or an admission will queue it again.
+    Skipped,
+}
+
+impl Tier {
+    /// A tier over `store` (the fast tier) and the bucket in `options`. No request is made.
+    pub fn new(store: LocalStore, options: TierOptions) -> Result<Arc<Tier>, S3Error> {
+        let s3 = S3Blobs::new(options.s3.clone())?;
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(Tier {
+            s3,
+            store,
+            slots: Arc::new(Semaphore::new(options.queue.max(1))),
+            known: Mutex::new(Known {
+                capacity: options.known_capacity,
+                ..Default::default()
+            }),
+            options,
+            jobs_tx,
+            jobs_rx: tokio::sync::Mutex::new(jobs_rx),
+            admitting: Default::default(),
+            uploading: Default::default(),
+            fetches: Default::default(),
+            stats: Default::default(),
+        }))
+    }
+
+    /// The bucket.
+    pub fn s3(&self) -> &S3Blobs {
+        &self.s3
+    }
+
+    /// Starts the workers and the sweep, after queueing every journal row again (recovery, see
+    /// the module docs). The caller aborts the returned tasks to stop them (what they were
+    /// doing stays journaled).
+    pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        match self.store.journal_rows() {
+            Ok(rows) => {
+                if !rows.is_empty() {
+                    tracing::info!(rows = rows.len(), "resuming journaled S3 uploads");
+                }
+                for (digest, _) in rows {
+                    let _ = self.jobs_tx.send(Job {
+                        digest,
+                        _slot: None,
+                        attempt: 0,
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the S3 upload journal"),
+        }
+        for _ in 0..self.options.uploaders.max(1) {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move { me.work().await }));
+        }
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match me.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(aborted = n, "S3 sweep aborted stray multipart uploads"),
+                    Err(e) => tracing::warn!(error = %e, "S3 sweep failed"),
+                }
+                tokio::time::sleep(me.options.sweep_every).await;
+            }
+        }));
+        tasks
+    }
+
+    /// Waits for a slot in the upload queue, then journals `d` (`queued`, unless a row is
+    /// there already) before the caller stores it. RESOURCE_EXHAUSTED when the queue stays
+    /// full for [`TierOptions::queue_wait`].
+    pub async fn admit(self: &Arc<Self>, d: Digest) -> Result<Admission, Status> {
+        let slot = match tokio::time::timeout(
+            self.options.queue_wait,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(Status::resource_exhausted(format!(
+                    "the S3 upload queue is full ({} uploads outstanding for {:?}); nothing \
+                     was stored, retry later",
+                    self.options.queue, self.options.queue_wait
+                )));
+            }
+        };
+        {
+            let mut admitting = lock(&self.admitting);
+            let fresh = self
+                .store
+                .journal_get(d)
+                .map_err(|e| Status::internal(format!("reading the upload journal: {e}")))?
+                .is_none();
+            if fresh {
+                self.store
+                    .journal_put(d, &Row::Queued.encode())
+                    .map_err(|e| Status::internal(format!("writing the upload journal: {e}")))?;
+            }
+            *admitting.entry(d).or_default() += 1;
+        }
+        Ok(Admission {
+            tier: self.clone(),
+            digest: d,
+            slot: Some(slot),
+        })
+    }
+
+    /// Queues `d`, already in the fast tier (a Remote Asset download), for upload: journaled
+    /// first, so it is not evicted before it is in the bucket. Outside the queue's bound (the
+    /// download itself was the back-pressure).
+    pub fn adopt(&self, d: Digest) {
+        if d == EMPTY_DIGEST {
+            return;
+        }
+        let journaled = match self.store.journal_get(d) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => self.store.journal_put(d, &Row::Queued.encode()),
+            Err(e) => Err(e),
+        };
+        match journaled {
+            Ok(()) => {
+                let _ = self.jobs_tx.send(Job {
+                    digest: d,
+                    _slot: None,
+                    attempt: 0,
+                });
+            }
+            Err(e) => tracing::warn!(digest = %d, error = %e, "cannot journal a download for S3"),
+        }
+    }
+
+    async fn work(self: Arc<Self>) {
+        loop {
+            let job = {
+                let mut rx = self.jobs_rx.lock().await;
+                rx.recv().await
+            };
+            let Some(mut job) = job else { return };
+            if !lock(&self.uploading).insert(job.digest) {
+                continue; // another worker has it; this job's slot is released here
+            }
+            let result = self.upload(job.digest).await;
+            lock(&self.uploading).remove(&job.digest);
+            match result {
+                Ok(Outcome::Done) => {}
+                Ok(Outcome::Skipped) => {}
+                Err(e) => {
+                    self.stats
+                        .upload_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    job.attempt += 1;
+                    let wait = Duration::from_secs(1u64 << job.attempt.min(6)).min(RETRY_MAX);
+                    tracing::warn!(digest = %job.digest, attempt = job.attempt, ?wait, error = %e,
+                        "S3 upload failed; it stays journaled and is tried again");
+                    let tx = self.jobs_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(job);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Works one journal row until the blob is in the bucket (see the module docs).
+    async fn upload(&self, d: Digest) -> Result<Outcome, S3Error> {
+        let row = match self.store.journal_get(d) {
+            Ok(Some(r)) => Row::decode(&r),
+            Ok(None) => return Ok(Outcome::Done),
+            Err(e) => return Err(local_err(d, e)),
+        };
+        if !self.store.contains(d) {
+            if lock(&self.admitting).contains_key(&d) {
+                return Ok(Outcome::Skipped); // still arriving: its admission queues it again
+            }
+            // Never stored (or gone by hand): nothing to upload, so nothing to keep open.
+            if let Row::Multipart { upload_id, .. } = &row {
+                let _ = self.s3.abort(&self.s3.key(d), upload_id).await;
+            }
+            let admitting = lock(&self.admitting);
+            if !admitting.contains_key(&d) && !self.store.contains(d) {
+                tracing::info!(digest = %d, "dropping the journal row of a blob that was never stored");
+                self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
+            }
+            return Ok(Outcome::Done);
+        }
+        if d == EMPTY_DIGEST || lock(&self.known).contains(&d) {
+            return self.finished(d);
+        }
+        if d.size_bytes < self.s3.multipart_threshold() {
+            let data = self.read_range(d, 0, d.size_bytes).await?;
+            self.s3.put_bytes(d, data).await?;
+            return self.finished(d);
+        }
+        let (upload_id, part_size, mut parts) = match row {
+            Row::Multipart {
+                upload_id,
+                part_size,
+                parts,
+            } => {
+                if self.s3.contains(d).await? {
+                    // Completed before the row was updated (a crash), or by another server.
+                    let _ = self.s3.abort(&self.s3.key(d), &upload_id).await;
+                    return self.finished(d);
+                }
+                (upload_id, part_size, parts)
+            }
+            Row::Queued | Row::Creating => {
+                if self.s3.contains(d).await? {
+                    return self.finished(d);
+                }
+                if row == Row::Creating {
+                    // A create may have reached S3 unrecorded: its upload would leak.
+                    let key = self.s3.key(d);
+                    for u in self.s3.open_uploads(Some(&key)).await? {
+                        self.s3.abort(&key, &u.upload_id).await?;
+                    }
+                }
+                self.put_row(d, &Row::Creating)?;
+                let upload_id = self.s3.start_multipart(d).await?;
+                let part_size = self.s3.part_size();
+                self.put_row(
+                    d,
+                    &Row::Multipart {
+                        upload_id: upload_id.clone(),
+                        part_size,
+                        parts: vec![],
+                    },
+                )?;
+                (upload_id, part_size, vec![])
+            }
+        };
+        let count = d.size_bytes.div_ceil(part_size).max(1) as i32;
+        let done: HashSet<i32> = parts.iter().map(|(n, _)| *n).collect();
+        let todo: Vec<i32> = (1..=count).filter(|n| !done.contains(n)).collect();
+        let mut uploads = futures::stream::iter(todo)
+            .map(|n| {
+                let upload_id = &upload_id;
+                async move {
+                    let start = (n as u64 - 1) * part_size;
+                    let len = part_size.min(d.size_bytes - start);
+                    let data = self.read_range(d, start, len).await?;
+                    let etag = self.s3.upload_part(d, upload_id, n, data).await?;
+                    Ok::<_, S3Error>((n, etag))
+                }
+            })
+            .buffer_unordered(self.options.part_concurrency.max(1));
+        let mut failed = None;
+        while let Some(part) = uploads.next().await {
+            match part {
+                Ok(p) => {
+                    parts.push(p);
+                    self.put_row(
+                        d,
+                        &Row::Multipart {
+                            upload_id: upload_id.clone(),
+                            part_size,
+                            parts: parts.clone(),
+                        },
+                    )?;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(uploads);
+        let result = match failed {
+            Some(e) => Err(e),
+            None => self.s3.complete(d, &upload_id, &parts).await,
+        };
+        match result {
+            Ok(()) => self.finished(d),
+            Err(e) if e.is_no_such_upload() => {
+                if self.s3.contains(d).await? {
+                    return self.finished(d);
+                }
+                // Aborted under us (a sweep): start over.
+                self.put_row(d, &Row::Queued)?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The blob is in the bucket: forget its row (it becomes evictable), remember it is there.
+    fn finished(&self, d: Digest) -> Result<Outcome, S3Error> {
+        self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
+        lock(&self.known).insert(d);
+        self.stats
+            .uploaded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Outcome::Done)
+    }
+
+    fn put_row(&self, d: Digest, row: &Row) -> Result<(), S3Error> {
+        self.store
+            .journal_put(d, &row.encode())
+            .map_err(|e| local_err(d, e))
+    }
+
+    /// Bytes `start..start+len` of `d` from the fast tier (on a blocking thread).
+    async fn read_range(&self, d: Digest, start: u64, len: u64) -> Result<Vec<u8>, S3Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = store
+                .open_blob(d)?
+                .ok_or_else(|| store::StoreError::invalid(format!("{d} left the fast tier")))?;
+            reader.read_range(start, len).map(|b| b.to_vec())
+        })
+        .await
+        .map_err(|e| local_err(d, e))?
+        .map_err(|e| local_err(d, e))
+    }
+
+    /// Aborts the open multipart uploads under the prefix that no journal row owns and that
+    /// are older than the grace period. Returns how many it aborted.
+    pub async fn sweep(&self) -> Result<usize, S3Error> {
+        let open = self.s3.open_uploads(None).await?;
+        if open.is_empty() {
+            return Ok(0);
+        }
+        let owned: HashSet<String> = self
+            .store
+            .journal_rows()
+            .map_err(|e| local_err(EMPTY_DIGEST, e))?
+            .into_iter()
+            .filter_map(|(_, r)| match Row::decode(&r) {
+                Row::Multipart { upload_id, .. } => Some(upload_id),
+                _ => None,
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs() as i64);
+        let cutoff = now - self.options.sweep_grace.as_secs() as i64;
+        let mut aborted = 0;
+        for u in open {
+            if !owned.contains(&u.upload_id) && u.initiated <= cutoff {
+                self.s3.abort(&u.key, &u.upload_id).await?;
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
+    }
+
+    /// Which of `digests` neither the fast tier nor the bucket holds. A failed HEAD counts as
+    /// missing (the client then uploads the blob again: safe).
+    pub async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        let local = self.store.missing(digests.iter().copied());
+        let unknown: Vec<Digest> = {
+            let known = lock(&self.known);
+            local.into_iter().filter(|d| !known.contains(d)).collect()
+        };
+        let checked: Vec<(Digest, bool)> = futures::stream::iter(unknown)
+            .map(|d| async move {
+                match self.s3.contains(d).await {
+                    Ok(there) => (d, there),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "S3 existence check failed; reporting missing");
+                        (d, false)
+                    }
+                }
+            })
+            .buffer_unordered(HEAD_CONCURRENCY)
+            .collect()
+            .await;
+        let mut known = lock(&self.known);
+        let mut out = Vec::new();
+        for (d, there) in checked {
+            if there {
+                known.insert(d);
+            } else {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Makes sure the fast tier holds `d`, fetching it from the bucket (verified; one download
+    /// per blob however many wait). `Ok(false)`: neither has it.
+    pub async fn fetch(self: &Arc<Self>, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, Status> {
+        if self.store.contains(d) {
+            return Ok(true);
+        }
+        let shared = {
+            let mut fetches = lock(&self.fetches);
+            if let Some(f) = fetches.get(&d) {
+                f.clone()
+            } else {
+                let me = self.clone();
+                let inner = inner.clone();
+                let f = async move {
+                    let result = me.download(&inner, d).await;
+                    lock(&me.fetches).remove(&d);
+                    result
+                }
+                .boxed()
+                .shared();
+                fetches.insert(d, f.clone());
+                f
+            }
+        };
+        shared
+            .await
+            .map_err(|e| Status::unavailable(format!("fetching {d} from the cache's S3 storage: {e}")))
+    }
+
+    async fn download(&self, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, String> {
+        if self.store.contains(d) {
+            return Ok(true);
+        }
+        let _room = inner.reserve(d.size_bytes).map_err(|s| s.message().to_owned())?;
+        let Some(mut body) = self.s3.get(d).await.map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        let mut dest = self.store.begin_write(d).await.map_err(|e| e.to_string())?;
+        while let Some(chunk) = body.try_next().await.map_err(|e| format!("S3 GetObject: {e}"))? {
+            dest.write_all(&chunk)
+                .await
+                .map_err(|e| format!("storing {d}: {e}"))?;
+        }
+        dest.commit()
+            .await
+            .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+        lock(&self.known).insert(d);
+        self.stats
+            .fetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The action result of `action` from the bucket, if it has one.
+    pub async fn get_ac(&self, action: Digest) -> Result<Option<Vec<u8>>, Status> {
+        self.s3.get_ac(action).await.map_err(|e| unavailable(&e))
+    }
+
+    /// Stores the action result of `action` in the bucket (so every server sharing it hits).
+    pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), Status> {
+        self.s3
+            .put_ac(action, encoded)
+            .await
+            .map_err(|e| unavailable(&e))
+    }
+
+    /// Journal rows outstanding (uploads not yet in the bucket).
+    pub fn pending(&self) -> usize {
+        self.store.journal_rows().map_or(0, |r| r.len())
+    }
+}
+
+fn local_err(d: Digest, e: impl std::fmt::Display) -> S3Error {
+    crate::s3::local_error(d, e)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn journal_rows_round_trip_and_unreadable_rows_are_treated_as_creating() {
+        for row in [
+            Row::Queued,
+            Row::Creating,
+            Row::Multipart {
+                upload_id: "abc-123".into(),
+                part_size: 8 << 20,
+                parts: vec![(1, "\"e1\"".into()), (3, "\"e3\"".into())],
+            },
+        ] {
+            assert_eq!(Row::decode(&row.encode()), row);
+        }
+        assert_eq!(Row::decode(b""), Row::Creating);
+        assert_eq!(Row::decode(b"m\x01"), Row::Creating);
+        assert_eq!(Row::decode(b"zzz"), Row::Creating);
+    }
+
+    #[test]
+    fn the_known_set_is_bounded() {
+        let mut k = Known {
+            capacity: 3,
+            ..Default::default()
+        };
+        let ds: Vec<Digest> = (0..5u8).map(|i| Digest::of_bytes(&[i])).collect();
+        for d in &ds {
+            k.insert(*d);
+        }
+        assert_eq!(k.seen.len(), 3);
+        assert!(!k.contains(&ds[0]) && !k.contains(&ds[1]));
+        assert!(k.contains(&ds[4]));
+    }
+}
