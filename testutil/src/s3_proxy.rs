@@ -41,6 +41,7 @@ pub struct S3Proxy {
     pub endpoint: String,
     /// The knobs.
     pub faults: Arc<Faults>,
+    cut: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -68,23 +69,37 @@ impl S3Proxy {
         let addr = listener.local_addr().expect("addr");
         let faults = Arc::new(Faults::default());
         let f = faults.clone();
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                let f = f.clone();
+                let (f, cut_rx) = (f.clone(), cut_rx.clone());
                 tokio::spawn(async move {
-                    let _ = handle(conn, target, f).await;
+                    let _ = handle(conn, target, f, cut_rx).await;
                 });
             }
         });
         S3Proxy {
             endpoint: format!("http://{addr}"),
             faults,
+            cut,
             task,
         }
     }
+
+    /// Closes every forwarded connection open now, so the next requests open new ones (and
+    /// meet the faults armed): the client's pooled connections would otherwise bypass them.
+    pub fn cut_connections(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
 }
 
-async fn handle(mut conn: TcpStream, target: SocketAddr, f: Arc<Faults>) -> std::io::Result<()> {
+async fn handle(
+    mut conn: TcpStream,
+    target: SocketAddr,
+    f: Arc<Faults>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) -> std::io::Result<()> {
+    cut.mark_unchanged();
     if take(&f.resets) {
         f.served.fetch_add(1, Ordering::AcqRel);
         // Linger 0 makes the close a reset; it cannot block here (nothing unsent).
@@ -146,7 +161,10 @@ async fn handle(mut conn: TcpStream, target: SocketAddr, f: Arc<Faults>) -> std:
         tokio::io::copy(&mut ur, &mut cw).await?;
         cw.shutdown().await
     };
-    let _ = tokio::try_join!(up, down);
+    tokio::select! {
+        _ = async { tokio::try_join!(up, down) } => {}
+        _ = cut.changed() => {}
+    }
     Ok(())
 }
 

@@ -755,6 +755,21 @@ impl Tier {
     }
 }
 
+/// A journal row as the tier writes it, for tests that stage a crash's leftovers: `None` is
+/// `creating`; `Some` a multipart upload with these parts done.
+#[doc(hidden)]
+pub fn encode_row_for_tests(multipart: Option<(&str, u64, &[(i32, String)])>) -> Vec<u8> {
+    match multipart {
+        None => Row::Creating.encode(),
+        Some((id, part_size, parts)) => Row::Multipart {
+            upload_id: id.to_owned(),
+            part_size,
+            parts: parts.to_vec(),
+        }
+        .encode(),
+    }
+}
+
 fn local_err(d: Digest, e: impl std::fmt::Display) -> S3Error {
     crate::s3::local_error(d, e)
 }

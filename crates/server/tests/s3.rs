@@ -330,3 +330,181 @@ async fn two_servers_share_a_moto_bucket() {
 async fn two_servers_share_a_seaweedfs_bucket() {
     two_servers_share_a_bucket("RECACHE_TEST_S3_SEAWEED").await;
 }
+
+/// The fast tier as recache serve opens it, for staging what a crash leaves behind.
+fn open_fast_tier(dir: &std::path::Path) -> store::LocalStore {
+    let mut o = store::LocalStoreOptions::new(dir.join("store"));
+    o.pool_compression = store::PoolCompression::Zstd;
+    store::LocalStore::open(o).unwrap()
+}
+
+/// Every state a crash can leave the journal in, staged by hand, then a start: the upload
+/// completed before the crash is reconciled, the one cut mid-way resumes, a create whose answer
+/// was lost has its stray upload aborted, a row for a blob never stored is dropped, and the
+/// sweep aborts an upload nothing owns. Afterwards the bucket has exactly the blobs, and no
+/// multipart upload is open under the prefix.
+async fn a_restart_recovers_every_journal_state(var: &str) {
+    let Some(o) = s3_options(var) else { return };
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    s3.ensure_bucket().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fast = open_fast_tier(dir.path());
+    let part = o.part_size;
+    let blob = |seed| testutil::data::pseudo_random(12 << 20, seed);
+    let (x, y, z) = (blob(21), blob(22), blob(23));
+    let (dx, dy, dz) = (Digest::of_bytes(&x), Digest::of_bytes(&y), Digest::of_bytes(&z));
+    for data in [&x, &y, &z] {
+        fast.store_verified(Digest::of_bytes(data), &mut &data[..]).unwrap();
+    }
+    // X: completed in S3, the row not yet deleted.
+    let id_x = s3.start_multipart(dx).await.unwrap();
+    let mut parts_x = Vec::new();
+    for (i, chunk) in x.chunks(part as usize).enumerate() {
+        let n = i as i32 + 1;
+        parts_x.push((n, s3.upload_part(dx, &id_x, n, chunk.to_vec()).await.unwrap()));
+    }
+    s3.complete(dx, &id_x, &parts_x).await.unwrap();
+    fast.journal_put(dx, &server::tier::encode_row_for_tests(Some((&id_x, part, &parts_x))))
+        .unwrap();
+    // Y: one part of three uploaded and recorded.
+    let id_y = s3.start_multipart(dy).await.unwrap();
+    let etag = s3.upload_part(dy, &id_y, 1, y[..part as usize].to_vec()).await.unwrap();
+    fast.journal_put(dy, &server::tier::encode_row_for_tests(Some((&id_y, part, &[(1, etag)]))))
+        .unwrap();
+    // Z: created in S3, the answer never recorded.
+    let stray_z = s3.start_multipart(dz).await.unwrap();
+    fast.journal_put(dz, &server::tier::encode_row_for_tests(None)).unwrap();
+    // V: admitted, never stored.
+    let dv = Digest::of_bytes(&blob(24));
+    fast.journal_put(dv, &server::tier::encode_row_for_tests(None)).unwrap();
+    // W: an upload no row owns (another server's crash, long ago).
+    let dw = Digest::of_bytes(b"w");
+    let stray_w = s3.start_multipart(dw).await.unwrap();
+    drop(fast);
+
+    let mut tier = TierOptions::new(o.clone());
+    tier.sweep_grace = Duration::ZERO;
+    let s = serve(dir.path(), tier).await;
+    s.drained(Duration::from_secs(60)).await;
+    let check = tempfile::tempdir().unwrap();
+    for d in [dx, dy, dz] {
+        assert!(
+            s3.get_to_file(d, &check.path().join(d.hash.to_string())).await.unwrap(),
+            "{d} is in the bucket, verified"
+        );
+    }
+    assert!(!s3.contains(dv).await.unwrap());
+    // The sweep runs in the background at start: give it a moment.
+    let start = Instant::now();
+    loop {
+        let open = s3.open_uploads(None).await.unwrap();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "uploads still open: {open:?} (stray Z {stray_z}, stray W {stray_w})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once uploaded, the blobs are evictable again; all of them still read.
+    assert_eq!(read_blob(&s, dy).await.unwrap(), y);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_recovers_every_journal_state_on_moto() {
+    a_restart_recovers_every_journal_state("RECACHE_TEST_S3_MOTO").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_recovers_every_journal_state_on_seaweedfs() {
+    a_restart_recovers_every_journal_state("RECACHE_TEST_S3_SEAWEED").await;
+}
+
+/// With the bucket unreachable, writes are accepted until the queue is full, then refused
+/// with RESOURCE_EXHAUSTED (nothing stored); the accepted ones stay readable and, after a
+/// restart with the bucket back, all reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_pushes_back_and_loses_nothing() {
+    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else { return };
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut down = o.clone();
+    down.endpoint = Some(dead);
+    let mut tier = TierOptions::new(down);
+    tier.queue = 2;
+    tier.queue_wait = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), tier).await;
+    let one = put_small(&s, b"first blob while S3 is down").await.unwrap();
+    let two = write_blob(&s, &testutil::data::pseudo_random(7 << 20, 31)).await.unwrap();
+    let refused = put_small(&s, b"third blob: the queue is full").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("queue is full"), "{}", refused.message());
+    let third = Digest::of_bytes(b"third blob: the queue is full");
+    assert_eq!(missing(&s, &[one, two, third]).await, vec![third]);
+    assert_eq!(read_blob(&s, one).await.unwrap(), b"first blob while S3 is down");
+    assert_eq!(s.server.s3_pending(), Some(2));
+    s.stop().await;
+
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    let s = serve(dir.path(), TierOptions::new(o)).await;
+    s.drained(Duration::from_secs(60)).await;
+    assert!(s3.contains(one).await.unwrap() && s3.contains(two).await.unwrap());
+    assert!(!s3.contains(third).await.unwrap());
+    s.stop().await;
+}
+
+/// Faults no real server shows on demand, through the fault proxy: resets, 503 SlowDown, 500
+/// and a hung connection are retried and the upload lands; a bucket that keeps failing reaches
+/// the client as UNAVAILABLE (a miss to recache), never as a wrong answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_faults_are_retried_then_reported_unavailable() {
+    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else { return };
+    let proxy = testutil::s3_proxy::S3Proxy::start(o.endpoint.as_deref().unwrap()).await;
+    let mut via = o.clone();
+    via.endpoint = Some(proxy.endpoint.clone());
+    via.read_timeout = Duration::from_secs(1);
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), TierOptions::new(via.clone())).await;
+    use std::sync::atomic::Ordering;
+    let f = &proxy.faults;
+    f.resets.store(1, Ordering::Release);
+    f.slow_downs.store(1, Ordering::Release);
+    f.internal_errors.store(1, Ordering::Release);
+    f.stalls.store(1, Ordering::Release);
+    proxy.cut_connections();
+    let d = put_small(&s, b"uploaded through four faults").await.unwrap();
+    s.drained(Duration::from_secs(60)).await;
+    assert!(s3.contains(d).await.unwrap());
+    assert_eq!(f.served.load(Ordering::Acquire), 4, "every fault was met and retried");
+
+    // A blob only the bucket has, read through a server whose S3 keeps answering 503.
+    let only_remote = testutil::data::pseudo_random(300_000, 41);
+    let dr = Digest::of_bytes(&only_remote);
+    s3.put_bytes(dr, only_remote.clone()).await.unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = serve(dir_b.path(), TierOptions::new(via)).await;
+    f.always_slow_down.store(true, Ordering::Release);
+    proxy.cut_connections();
+    let e = read_blob(&b, dr).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let e = ActionCacheClient::new(b.channel.clone())
+        .get_action_result(remexec::GetActionResultRequest {
+            action_digest: Some(Digest::of_bytes(b"some action").into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // Existence checks that fail report the blob missing (the client uploads it again).
+    assert_eq!(missing(&b, &[dr]).await, vec![dr]);
+    f.always_slow_down.store(false, Ordering::Release);
+    assert_eq!(read_blob(&b, dr).await.unwrap(), only_remote, "served once S3 recovers");
+    s.stop().await;
+    b.stop().await;
+}
