@@ -114,9 +114,19 @@ async fn handle(
         while conn.read(&mut buf).await? > 0 {}
         return Ok(());
     } else if f.always_slow_down.load(Ordering::Acquire) || take(&f.slow_downs) {
-        Some((503, "Slow Down", "SlowDown", "Please reduce your request rate."))
+        Some((
+            503,
+            "Slow Down",
+            "SlowDown",
+            "Please reduce your request rate.",
+        ))
     } else if take(&f.internal_errors) {
-        Some((500, "Internal Server Error", "InternalError", "We encountered an internal error."))
+        Some((
+            500,
+            "Internal Server Error",
+            "InternalError",
+            "We encountered an internal error.",
+        ))
     } else {
         None
     };

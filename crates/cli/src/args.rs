@@ -153,7 +153,11 @@ pub struct ServeArgs {
     /// bucket `s3://BUCKET/PREFIX` (then the folder `server` in the cache directory is the
     /// fast tier in front of it, bounded by --max-size; see the --s3-* flags). Default: the
     /// folder `server` in the cache directory.
-    #[arg(long, env = "RECACHE_SERVE_STORAGE", value_name = "DIR|s3://BUCKET/PREFIX")]
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_STORAGE",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
     pub storage: Option<String>,
 
     /// S3 endpoint URL (an S3-compatible server: MinIO, Ceph, Garage, SeaweedFS, R2…).
@@ -163,7 +167,12 @@ pub struct ServeArgs {
     pub s3_endpoint: Option<String>,
 
     /// S3 region.
-    #[arg(long, env = "AWS_REGION", default_value = "us-east-1", value_name = "REGION")]
+    #[arg(
+        long,
+        env = "AWS_REGION",
+        default_value = "us-east-1",
+        value_name = "REGION"
+    )]
     pub s3_region: String,
 
     /// Bucket addressing: path (`host/bucket`, what most S3-compatible servers need) or
@@ -172,12 +181,22 @@ pub struct ServeArgs {
     pub s3_addressing: Option<String>,
 
     /// Upload workers moving blobs from the fast tier to the bucket.
-    #[arg(long, env = "RECACHE_S3_UPLOADERS", default_value = "4", value_name = "N")]
+    #[arg(
+        long,
+        env = "RECACHE_S3_UPLOADERS",
+        default_value = "4",
+        value_name = "N"
+    )]
     pub s3_uploaders: usize,
 
     /// Uploads outstanding at most; a write past it waits (--s3-queue-wait), then gets
     /// RESOURCE_EXHAUSTED. Nothing is ever dropped: the queue is journaled on disk.
-    #[arg(long, env = "RECACHE_S3_QUEUE", default_value = "4096", value_name = "N")]
+    #[arg(
+        long,
+        env = "RECACHE_S3_QUEUE",
+        default_value = "4096",
+        value_name = "N"
+    )]
     pub s3_queue: usize,
 
     /// Seconds a write waits for room in a full upload queue.

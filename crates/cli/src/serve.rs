@@ -125,7 +125,9 @@ fn parse_s3_url(url: &str) -> Result<(String, String), CliError> {
         )));
     }
     let prefix = prefix.trim_matches('/');
-    if prefix.split('/').any(|seg| seg.is_empty() && !prefix.is_empty() || seg == "." || seg == "..")
+    if prefix
+        .split('/')
+        .any(|seg| seg.is_empty() && !prefix.is_empty() || seg == "." || seg == "..")
         || prefix.chars().any(char::is_control)
     {
         return Err(CliError::new(format!(
@@ -151,8 +153,17 @@ mod tests {
             parse_s3_url("s3://team-cache/ci/main/").unwrap(),
             ("team-cache".into(), "ci/main/".into())
         );
-        assert_eq!(parse_s3_url("s3://team-cache").unwrap(), ("team-cache".into(), String::new()));
-        for bad in ["s3://", "s3://Upper", "s3://a", "s3://ok-bucket/a//b", "s3://ok-bucket/../x"] {
+        assert_eq!(
+            parse_s3_url("s3://team-cache").unwrap(),
+            ("team-cache".into(), String::new())
+        );
+        for bad in [
+            "s3://",
+            "s3://Upper",
+            "s3://a",
+            "s3://ok-bucket/a//b",
+            "s3://ok-bucket/../x",
+        ] {
             let e = parse_s3_url(bad).unwrap_err().to_string();
             assert!(e.contains("--storage"), "{bad}: {e}");
         }

@@ -175,3 +175,121 @@ fn tokio_stream_from<T: Send + 'static>(
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// `recache serve --storage s3://…` killed with -9 while a blob is going to the bucket in
+/// parts, then restarted: the journal resumes (or the sweep aborts) the upload, so the blob ends
+/// complete in the bucket and no multipart upload stays open under the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_multipart_to_s3_then_restart_completes_or_aborts() {
+    let endpoint = match std::env::var("RECACHE_TEST_S3_SEAWEED") {
+        Ok(e) => e,
+        Err(_) => {
+            let msg = "RECACHE_TEST_S3_SEAWEED is not set: run scripts/s3-servers.sh start";
+            assert!(!testutil::real_servers::in_ci(), "CI=true: {msg}");
+            eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
+            return;
+        }
+    };
+    let (key, secret) = (
+        std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
+        std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
+    );
+    let proxy = testutil::s3_proxy::S3Proxy::start(&endpoint).await;
+    // 8 MiB/s to the bucket: the 40 MiB upload takes ~5 s, long enough to be cut.
+    proxy
+        .faults
+        .upload_rate
+        .store(8 << 20, std::sync::atomic::Ordering::Release);
+    let prefix = format!("kill9-{}", uuid::Uuid::new_v4().simple());
+    let mut o = server::s3::S3Options::new(Some(endpoint.clone()), "recache-test");
+    o.credentials = Some((key.clone(), secret.clone()));
+    o.prefix = format!("{prefix}/");
+    let s3 = server::s3::S3Blobs::new(o).unwrap();
+    s3.ensure_bucket().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |via: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+            .arg(dir.path())
+            .args(["--storage", &format!("s3://recache-test/{prefix}")])
+            .args(["--s3-endpoint", via, "--s3-sweep-grace", "0"])
+            .args(["--s3-multipart-threshold", "5M"])
+            .env("AWS_ACCESS_KEY_ID", &key)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("grpc://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        (child, addr)
+    };
+    let (mut child, addr) = start(&proxy.endpoint);
+    let blob = testutil::data::pseudo_random(40 << 20, 77);
+    let d = hashing::Digest::of_bytes(&blob);
+    let msgs: Vec<WriteRequest> = blob
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 {
+                format!("uploads/k/blobs/{}/{}", d.hash, d.size_bytes)
+            } else {
+                String::new()
+            },
+            write_offset: (i << 20) as i64,
+            finish_write: (i + 1) << 20 >= blob.len(),
+            data: c.to_vec(),
+        })
+        .collect();
+    ByteStreamClient::new(channel(&addr).await)
+        .write(futures::stream::iter(msgs))
+        .await
+        .expect("acknowledged once in the fast tier and journaled");
+    // Wait for the multipart upload to be open in the bucket, let a part or two go, then kill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s3.open_uploads(None).await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!s3.contains(d).await.unwrap(), "cut before it completed");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !s3.open_uploads(None).await.unwrap().is_empty(),
+        "left open by the kill"
+    );
+
+    // Restart without the slow link.
+    let (mut child, _addr) = start(&endpoint);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = s3.open_uploads(None).await.unwrap();
+        if s3.contains(d).await.unwrap() && open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the restart: in bucket {}, open uploads {open:?}",
+            s3.contains(d).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = dir.path().join("check");
+    assert!(
+        s3.get_to_file(d, &out).await.unwrap(),
+        "complete and verified"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -113,7 +113,10 @@ fn environment_credentials() -> Option<(String, String, Option<String>)> {
         None => std::path::PathBuf::from(var("HOME")?).join(".aws/credentials"),
     };
     let text = std::fs::read_to_string(file).ok()?;
-    profile_credentials(&text, &var("AWS_PROFILE").unwrap_or_else(|| "default".into()))
+    profile_credentials(
+        &text,
+        &var("AWS_PROFILE").unwrap_or_else(|| "default".into()),
+    )
 }
 
 /// The keys of `[profile]` in an AWS shared credentials file.
@@ -614,7 +617,11 @@ impl S3Blobs {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = sdk_err("AbortMultipartUpload", key, e);
-                if e.is_no_such_upload() { Ok(()) } else { Err(e) }
+                if e.is_no_such_upload() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
             }
         }
     }
@@ -629,7 +636,10 @@ mod tests {
     fn profiles_are_read_from_the_shared_credentials_file() {
         let text = "[default]\naws_access_key_id = A\naws_secret_access_key=B\n\n\
                     [ci]\naws_access_key_id=C\naws_secret_access_key = D\naws_session_token=T\n";
-        assert_eq!(profile_credentials(text, "default"), Some(("A".into(), "B".into(), None)));
+        assert_eq!(
+            profile_credentials(text, "default"),
+            Some(("A".into(), "B".into(), None))
+        );
         assert_eq!(
             profile_credentials(text, "ci"),
             Some(("C".into(), "D".into(), Some("T".into())))

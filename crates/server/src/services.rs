@@ -663,7 +663,9 @@ impl ActionCache for Svc {
         {
             // Recorded through another server sharing the bucket: keep a local copy.
             remexec::ActionResult::decode(&shared[..]).map_err(|e| {
-                Status::unavailable(format!("the bucket's result for {action} is undecodable: {e}"))
+                Status::unavailable(format!(
+                    "the bucket's result for {action} is undecodable: {e}"
+                ))
             })?;
             let _ = self.store().put_ref(action, &shared);
             bytes = Some(shared.into());

@@ -216,7 +216,8 @@ impl Known {
 }
 
 /// A fetch from the bucket several readers may await: `Ok(false)` when the bucket lacks it.
-type SharedFetch = futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>;
+type SharedFetch =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>;
 
 /// Counters for tests and logs.
 #[derive(Debug, Default)]
@@ -361,7 +362,9 @@ impl Tier {
             loop {
                 match me.sweep().await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(aborted = n, "S3 sweep aborted stray multipart uploads"),
+                    Ok(n) => {
+                        tracing::info!(aborted = n, "S3 sweep aborted stray multipart uploads")
+                    }
                     Err(e) => tracing::warn!(error = %e, "S3 sweep failed"),
                 }
                 tokio::time::sleep(me.options.sweep_every).await;
@@ -374,21 +377,19 @@ impl Tier {
     /// there already) before the caller stores it. RESOURCE_EXHAUSTED when the queue stays
     /// full for [`TierOptions::queue_wait`].
     pub async fn admit(self: &Arc<Self>, d: Digest) -> Result<Admission, Status> {
-        let slot = match tokio::time::timeout(
-            self.options.queue_wait,
-            self.slots.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                return Err(Status::resource_exhausted(format!(
-                    "the S3 upload queue is full ({} uploads outstanding for {:?}); nothing \
+        let slot =
+            match tokio::time::timeout(self.options.queue_wait, self.slots.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    return Err(Status::resource_exhausted(format!(
+                        "the S3 upload queue is full ({} uploads outstanding for {:?}); nothing \
                      was stored, retry later",
-                    self.options.queue, self.options.queue_wait
-                )));
-            }
-        };
+                        self.options.queue, self.options.queue_wait
+                    )));
+                }
+            };
         {
             let mut admitting = lock(&self.admitting);
             let fresh = self
@@ -685,7 +686,11 @@ impl Tier {
 
     /// Makes sure the fast tier holds `d`, fetching it from the bucket (verified; one download
     /// per blob however many wait). `Ok(false)`: neither has it.
-    pub async fn fetch(self: &Arc<Self>, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, Status> {
+    pub async fn fetch(
+        self: &Arc<Self>,
+        inner: &Arc<crate::Inner>,
+        d: Digest,
+    ) -> Result<bool, Status> {
         if self.store.contains(d) {
             return Ok(true);
         }
@@ -707,21 +712,27 @@ impl Tier {
                 f
             }
         };
-        shared
-            .await
-            .map_err(|e| Status::unavailable(format!("fetching {d} from the cache's S3 storage: {e}")))
+        shared.await.map_err(|e| {
+            Status::unavailable(format!("fetching {d} from the cache's S3 storage: {e}"))
+        })
     }
 
     async fn download(&self, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, String> {
         if self.store.contains(d) {
             return Ok(true);
         }
-        let _room = inner.reserve(d.size_bytes).map_err(|s| s.message().to_owned())?;
+        let _room = inner
+            .reserve(d.size_bytes)
+            .map_err(|s| s.message().to_owned())?;
         let Some(mut body) = self.s3.get(d).await.map_err(|e| e.to_string())? else {
             return Ok(false);
         };
         let mut dest = self.store.begin_write(d).await.map_err(|e| e.to_string())?;
-        while let Some(chunk) = body.try_next().await.map_err(|e| format!("S3 GetObject: {e}"))? {
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| format!("S3 GetObject: {e}"))?
+        {
             dest.write_all(&chunk)
                 .await
                 .map_err(|e| format!("storing {d}: {e}"))?;

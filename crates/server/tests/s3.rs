@@ -203,14 +203,23 @@ async fn put_small(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
 
 async fn write_blob(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
     let d = Digest::of_bytes(data);
-    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), d.hash, d.size_bytes);
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash,
+        d.size_bytes
+    );
     let chunks: Vec<&[u8]> = data.chunks(1 << 20).collect();
     let n = chunks.len();
     let msgs: Vec<WriteRequest> = chunks
         .into_iter()
         .enumerate()
         .map(|(i, c)| WriteRequest {
-            resource_name: if i == 0 { resource.clone() } else { String::new() },
+            resource_name: if i == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
             write_offset: (i << 20) as i64,
             finish_write: i + 1 == n,
             data: c.to_vec(),
@@ -304,7 +313,11 @@ async fn two_servers_share_a_bucket(var: &str) {
         .expect("a hit recorded on A is a hit on B")
         .into_inner();
     assert_eq!(got, result);
-    assert_eq!(read_blob(&b, dl).await.unwrap(), large, "B serves A's large blob");
+    assert_eq!(
+        read_blob(&b, dl).await.unwrap(),
+        large,
+        "B serves A's large blob"
+    );
     let batch = cas(&b)
         .batch_read_blobs(remexec::BatchReadBlobsRequest {
             digests: vec![ds.into()],
@@ -352,31 +365,50 @@ async fn a_restart_recovers_every_journal_state(var: &str) {
     let part = o.part_size;
     let blob = |seed| testutil::data::pseudo_random(12 << 20, seed);
     let (x, y, z) = (blob(21), blob(22), blob(23));
-    let (dx, dy, dz) = (Digest::of_bytes(&x), Digest::of_bytes(&y), Digest::of_bytes(&z));
+    let (dx, dy, dz) = (
+        Digest::of_bytes(&x),
+        Digest::of_bytes(&y),
+        Digest::of_bytes(&z),
+    );
     for data in [&x, &y, &z] {
-        fast.store_verified(Digest::of_bytes(data), &mut &data[..]).unwrap();
+        fast.store_verified(Digest::of_bytes(data), &mut &data[..])
+            .unwrap();
     }
     // X: completed in S3, the row not yet deleted.
     let id_x = s3.start_multipart(dx).await.unwrap();
     let mut parts_x = Vec::new();
     for (i, chunk) in x.chunks(part as usize).enumerate() {
         let n = i as i32 + 1;
-        parts_x.push((n, s3.upload_part(dx, &id_x, n, chunk.to_vec()).await.unwrap()));
+        parts_x.push((
+            n,
+            s3.upload_part(dx, &id_x, n, chunk.to_vec()).await.unwrap(),
+        ));
     }
     s3.complete(dx, &id_x, &parts_x).await.unwrap();
-    fast.journal_put(dx, &server::tier::encode_row_for_tests(Some((&id_x, part, &parts_x))))
-        .unwrap();
+    fast.journal_put(
+        dx,
+        &server::tier::encode_row_for_tests(Some((&id_x, part, &parts_x))),
+    )
+    .unwrap();
     // Y: one part of three uploaded and recorded.
     let id_y = s3.start_multipart(dy).await.unwrap();
-    let etag = s3.upload_part(dy, &id_y, 1, y[..part as usize].to_vec()).await.unwrap();
-    fast.journal_put(dy, &server::tier::encode_row_for_tests(Some((&id_y, part, &[(1, etag)]))))
+    let etag = s3
+        .upload_part(dy, &id_y, 1, y[..part as usize].to_vec())
+        .await
         .unwrap();
+    fast.journal_put(
+        dy,
+        &server::tier::encode_row_for_tests(Some((&id_y, part, &[(1, etag)]))),
+    )
+    .unwrap();
     // Z: created in S3, the answer never recorded.
     let stray_z = s3.start_multipart(dz).await.unwrap();
-    fast.journal_put(dz, &server::tier::encode_row_for_tests(None)).unwrap();
+    fast.journal_put(dz, &server::tier::encode_row_for_tests(None))
+        .unwrap();
     // V: admitted, never stored.
     let dv = Digest::of_bytes(&blob(24));
-    fast.journal_put(dv, &server::tier::encode_row_for_tests(None)).unwrap();
+    fast.journal_put(dv, &server::tier::encode_row_for_tests(None))
+        .unwrap();
     // W: an upload no row owns (another server's crash, long ago).
     let dw = Digest::of_bytes(b"w");
     let stray_w = s3.start_multipart(dw).await.unwrap();
@@ -389,7 +421,9 @@ async fn a_restart_recovers_every_journal_state(var: &str) {
     let check = tempfile::tempdir().unwrap();
     for d in [dx, dy, dz] {
         assert!(
-            s3.get_to_file(d, &check.path().join(d.hash.to_string())).await.unwrap(),
+            s3.get_to_file(d, &check.path().join(d.hash.to_string()))
+                .await
+                .unwrap(),
             "{d} is in the bucket, verified"
         );
     }
@@ -427,7 +461,9 @@ async fn a_restart_recovers_every_journal_state_on_seaweedfs() {
 /// restart with the bucket back, all reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_pushes_back_and_loses_nothing() {
-    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else { return };
+    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else {
+        return;
+    };
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
@@ -440,13 +476,28 @@ async fn a_full_queue_pushes_back_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = serve(dir.path(), tier).await;
     let one = put_small(&s, b"first blob while S3 is down").await.unwrap();
-    let two = write_blob(&s, &testutil::data::pseudo_random(7 << 20, 31)).await.unwrap();
-    let refused = put_small(&s, b"third blob: the queue is full").await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("queue is full"), "{}", refused.message());
+    let two = write_blob(&s, &testutil::data::pseudo_random(7 << 20, 31))
+        .await
+        .unwrap();
+    let refused = put_small(&s, b"third blob: the queue is full")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("queue is full"),
+        "{}",
+        refused.message()
+    );
     let third = Digest::of_bytes(b"third blob: the queue is full");
     assert_eq!(missing(&s, &[one, two, third]).await, vec![third]);
-    assert_eq!(read_blob(&s, one).await.unwrap(), b"first blob while S3 is down");
+    assert_eq!(
+        read_blob(&s, one).await.unwrap(),
+        b"first blob while S3 is down"
+    );
     assert_eq!(s.server.s3_pending(), Some(2));
     s.stop().await;
 
@@ -463,7 +514,9 @@ async fn a_full_queue_pushes_back_and_loses_nothing() {
 /// the client as UNAVAILABLE (a miss to recache), never as a wrong answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_faults_are_retried_then_reported_unavailable() {
-    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else { return };
+    let Some(o) = s3_options("RECACHE_TEST_S3_MOTO") else {
+        return;
+    };
     let proxy = testutil::s3_proxy::S3Proxy::start(o.endpoint.as_deref().unwrap()).await;
     let mut via = o.clone();
     via.endpoint = Some(proxy.endpoint.clone());
@@ -478,10 +531,16 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
     f.internal_errors.store(1, Ordering::Release);
     f.stalls.store(1, Ordering::Release);
     proxy.cut_connections();
-    let d = put_small(&s, b"uploaded through four faults").await.unwrap();
+    let d = put_small(&s, b"uploaded through four faults")
+        .await
+        .unwrap();
     s.drained(Duration::from_secs(60)).await;
     assert!(s3.contains(d).await.unwrap());
-    assert_eq!(f.served.load(Ordering::Acquire), 4, "every fault was met and retried");
+    assert_eq!(
+        f.served.load(Ordering::Acquire),
+        4,
+        "every fault was met and retried"
+    );
 
     // A blob only the bucket has, read through a server whose S3 keeps answering 503.
     let only_remote = testutil::data::pseudo_random(300_000, 41);
@@ -504,7 +563,11 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
     // Existence checks that fail report the blob missing (the client uploads it again).
     assert_eq!(missing(&b, &[dr]).await, vec![dr]);
     f.always_slow_down.store(false, Ordering::Release);
-    assert_eq!(read_blob(&b, dr).await.unwrap(), only_remote, "served once S3 recovers");
+    assert_eq!(
+        read_blob(&b, dr).await.unwrap(),
+        only_remote,
+        "served once S3 recovers"
+    );
     s.stop().await;
     b.stop().await;
 }

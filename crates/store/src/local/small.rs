@@ -667,7 +667,11 @@ impl SmallDb {
     pub(crate) fn journal_rows(&self) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
         let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
         let mut out = Vec::new();
-        for item in self.journal.iter(&r).map_err(|e| db_err("list journal", e))? {
+        for item in self
+            .journal
+            .iter(&r)
+            .map_err(|e| db_err("list journal", e))?
+        {
             let (k, v) = item.map_err(|e| db_err("list journal", e))?;
             out.push((k.to_vec(), Bytes::copy_from_slice(v)));
         }
