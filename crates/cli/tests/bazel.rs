@@ -108,6 +108,111 @@ fn bazel_builds_hit_recache_serve_after_a_clean() {
     bazel(&bin, &root, &ws, &["shutdown"]);
 }
 
+/// Starts `recache serve` with the S3 tier on SeaweedFS (bucket prefix `prefix`, fast tier in
+/// `cache_dir`); returns the child and its grpc address. `None` (a loud skip) outside CI when
+/// the S3 servers are not running.
+fn serve_on_s3(cache_dir: &Path, prefix: &str) -> Option<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let Ok(endpoint) = std::env::var("RECACHE_TEST_S3_SEAWEED") else {
+        let msg = "RECACHE_TEST_S3_SEAWEED is not set: run scripts/s3-servers.sh start";
+        assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
+        eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
+        return None;
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(cache_dir)
+        .args(["--storage", &format!("s3://recache-test/{prefix}")])
+        .args(["--s3-endpoint", &endpoint])
+        .env(
+            "AWS_ACCESS_KEY_ID",
+            std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
+        )
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("grpc://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    Some((child, addr))
+}
+
+/// Stops a server the way an operator does (SIGTERM) and checks it exits cleanly.
+fn terminate(mut child: std::process::Child) {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "recache serve exits 0 on SIGTERM"
+    );
+}
+
+/// The genrule workspace against `recache serve` with S3 behind it: built through one server,
+/// which is then stopped; `bazel clean` and a build through a second server with an empty fast
+/// tier on the same bucket: every action is a remote cache hit, served from S3.
+#[test]
+fn bazel_hits_through_a_second_server_on_the_same_s3_bucket() {
+    let Some(bin) = bazel_binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("bazel-{}", uuid::Uuid::new_v4().simple());
+    let Some((first_server, first_addr)) = serve_on_s3(&dir.path().join("server-a"), &prefix)
+    else {
+        return;
+    };
+    let (ws, root) = (dir.path().join("ws"), dir.path().join("bazel-root"));
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
+    let salt = uuid::Uuid::new_v4().simple().to_string();
+    let mut build = String::new();
+    for i in 0..GENRULES {
+        build += &format!(
+            "genrule(name = \"g{i}\", outs = [\"g{i}.txt\"], cmd = \"echo {salt}-{i} > $@; seq 1 {n} >> $@\")\n",
+            n = 100 * (i + 1)
+        );
+    }
+    std::fs::write(ws.join("BUILD"), build).unwrap();
+    bazel(
+        &bin,
+        &root,
+        &ws,
+        &["build", "//:all", &format!("--remote_cache={first_addr}")],
+    );
+    let expected = outputs(&ws);
+    // Stopping drains the upload queue into the bucket.
+    terminate(first_server);
+
+    let (second_server, second_addr) = serve_on_s3(&dir.path().join("server-b"), &prefix).unwrap();
+    bazel(&bin, &root, &ws, &["clean"]);
+    let again = bazel(
+        &bin,
+        &root,
+        &ws,
+        &["build", "//:all", &format!("--remote_cache={second_addr}")],
+    );
+    assert!(
+        again.contains(&format!("{GENRULES} remote cache hit")),
+        "every genrule is a remote cache hit through the second server:\n{again}"
+    );
+    assert_eq!(outputs(&ws), expected, "identical outputs from the bucket");
+    bazel(&bin, &root, &ws, &["shutdown"]);
+    terminate(second_server);
+}
+
 /// Bazel's remote downloader pointed at `recache serve`: an `http_file` from a local origin is
 /// fetched by the server (FetchBlob with its checksum) and read from the CAS; a second build in
 /// a fresh output base gets it with the origin gone.

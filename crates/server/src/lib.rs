@@ -40,6 +40,9 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
 /// `max_batch_total_size_bytes` advertised: what one batch request may carry.
 pub const MAX_BATCH_TOTAL_BYTES: i64 = 4 * 1024 * 1024;
 
+/// How long a stopping server with an S3 tier waits for queued uploads to reach the bucket.
+pub const SHUTDOWN_UPLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bytes per ByteStream.Read response message.
 pub(crate) const READ_CHUNK_BYTES: usize = 1024 * 1024;
 
@@ -234,7 +237,8 @@ impl CacheServer {
     /// Serves on `listener` until `shutdown` completes. In-flight calls then finish; an upload
     /// cut off is discarded (never half-visible), and access times are flushed to disk. With
     /// an S3 tier, journaled uploads resume first (in the background) and the uploaders run
-    /// while serving; what they have not finished at shutdown stays journaled for next time.
+    /// while serving; at shutdown they get [`SHUTDOWN_UPLOAD_GRACE`] to finish, and what they
+    /// have not finished stays journaled for next time.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -261,6 +265,19 @@ impl CacheServer {
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
+        if let Some(t) = &self.inner.tier {
+            // Give queued uploads a moment to land; the rest stay journaled for next start.
+            let deadline = std::time::Instant::now() + SHUTDOWN_UPLOAD_GRACE;
+            while t.pending() > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if t.pending() > 0 {
+                tracing::info!(
+                    pending = t.pending(),
+                    "S3 uploads stay journaled for the next start"
+                );
+            }
+        }
         for t in &tier_tasks {
             t.abort();
         }
