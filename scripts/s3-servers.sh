@@ -13,6 +13,10 @@
 #            RECACHE_TEST_S3_MOTO / RECACHE_TEST_S3_SEAWEED (endpoint URLs) and the credentials
 #            both accept (RECACHE_TEST_S3_ACCESS_KEY / RECACHE_TEST_S3_SECRET_KEY)
 #
+# When BuildGrid is installed (scripts/reapi-servers.sh install), `start` also starts a
+# cache-only BuildGrid whose CAS is its S3 storage backend on the SeaweedFS above (bucket
+# buildgrid-peer): the peer of perf-report's S3 rows (RECACHE_TEST_BUILDGRID_S3).
+#
 # SeaweedFS is started loopback-only, without telemetry, the admin UI, WebDAV or the Iceberg
 # port (without those flags it binds every interface and phones home).
 set -euo pipefail
@@ -104,6 +108,77 @@ export RECACHE_TEST_S3_SEAWEED=http://127.0.0.1:$weed_port
 export RECACHE_TEST_S3_ACCESS_KEY=$ACCESS_KEY
 export RECACHE_TEST_S3_SECRET_KEY=$SECRET_KEY
 EOF
+  if [ -x "$BGD_VENV/bin/bgd" ]; then
+    start_buildgrid_s3 "$weed_port"
+  fi
+}
+
+BGD_VENV="$ROOT/.reapi/venv"
+
+# BuildGrid with its S3 storage backend on SeaweedFS at port $1.
+start_buildgrid_s3() {
+  local weed_port=$1 port pid
+  port="$(free_port)"
+  AWS_ACCESS_KEY_ID="$ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$SECRET_KEY" "$BGD_VENV/bin/python" -c "
+import boto3
+s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:$weed_port', region_name='us-east-1')
+try:
+    s3.create_bucket(Bucket='buildgrid-peer')
+except s3.exceptions.BucketAlreadyOwnedByYou:
+    pass
+" || die "could not create the buildgrid-peer bucket"
+  cat >"$RUN/buildgrid-s3.yml" <<EOF
+description: recache perf peer - cache-only BuildGrid on S3 (SeaweedFS) on loopback
+server:
+  - !channel
+    address: "127.0.0.1:$port"
+    insecure-mode: true
+authorization:
+  method: none
+monitoring:
+  enabled: false
+storages:
+  - !s3-storage &cas-storage
+    bucket: buildgrid-peer
+    endpoint: http://127.0.0.1:$weed_port
+    access-key: $ACCESS_KEY
+    secret-key: $SECRET_KEY
+caches:
+  - !lru-action-cache &ac
+    storage: *cas-storage
+    max-cached-refs: 100000
+    allow-updates: true
+    cache-failed-actions: true
+instances:
+  - name: main
+    services:
+      - !action-cache
+        cache: *ac
+      - !cas
+        storage: *cas-storage
+      - !bytestream
+        storage: *cas-storage
+EOF
+  "$BGD_VENV/bin/bgd" server start "$RUN/buildgrid-s3.yml" >"$RUN/buildgrid-s3.log" 2>&1 &
+  pid=$!
+  echo "$pid" >"$RUN/buildgrid-s3.pid"
+  "$BGD_VENV/bin/python" - "127.0.0.1:$port" "$pid" <<'PY' || { tail -n 30 "$RUN/buildgrid-s3.log" >&2; die "BuildGrid on S3 did not become ready"; }
+import os, sys, time, grpc
+from buildgrid._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re, remote_execution_pb2_grpc as re_grpc
+addr, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    os.kill(pid, 0)
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            re_grpc.CapabilitiesStub(ch).GetCapabilities(re.GetCapabilitiesRequest(instance_name="main"), timeout=2)
+            sys.exit(0)
+    except grpc.RpcError:
+        time.sleep(0.2)
+sys.exit("no answer within 60 s")
+PY
+  echo "export RECACHE_TEST_BUILDGRID_S3=grpc://127.0.0.1:$port" >>"$RUN/env.sh"
+  say "BuildGrid on S3 (SeaweedFS bucket buildgrid-peer) ready on 127.0.0.1:$port (pid $pid)"
 }
 
 stop_quietly() {
@@ -125,7 +200,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop_quietly; say "stopped" ;;
   status)
-    for n in moto weed; do
+    for n in moto weed buildgrid-s3; do
       if [ -e "$RUN/$n.pid" ] && kill -0 "$(cat "$RUN/$n.pid")" 2>/dev/null; then
         echo "$n: running (pid $(cat "$RUN/$n.pid"))"
       else

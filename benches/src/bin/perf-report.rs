@@ -260,6 +260,16 @@ fn main() {
              scripts/reapi-servers.sh and eval its env)"
         ),
     }
+    // The S3 tier on SeaweedFS, when scripts/s3-servers.sh runs.
+    match rt.block_on(benches::s3::report(quick, &tmp)) {
+        Some(s3) => {
+            report.insert("s3".into(), s3);
+        }
+        None => eprintln!(
+            "perf-report: no `s3` section: SeaweedFS is not reachable (start \
+             scripts/s3-servers.sh and eval its env)"
+        ),
+    }
     let mut put = |k: &str, v: f64| {
         report.insert(k.to_owned(), serde_json::json!(v));
     };
