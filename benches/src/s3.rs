@@ -126,7 +126,7 @@ async fn plain_upload(s3: &S3Blobs, d: Digest, path: &Path) {
                     .unwrap();
                 let mut buf = Vec::with_capacity(part as usize);
                 f.take(part).read_to_end(&mut buf).await.unwrap();
-                (n, s3.upload_part(d, id, n, buf).await.unwrap())
+                (n, s3.upload_part(d, id, n, buf.into()).await.unwrap())
             }
         })
         .buffer_unordered(TierOptions::new(S3Options::new(None, "x")).part_concurrency)

@@ -223,6 +223,14 @@ impl S3Blobs {
             .http_client(http)
             .retry_config(retry)
             .timeout_config(timeouts)
+            // Every blob is verified against its SHA-256 by whoever reads it: the SDK's own
+            // CRC32 on each body would be a second pass over every byte for nothing.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new(region))
             .credentials_provider(creds)
@@ -300,7 +308,7 @@ impl S3Blobs {
     /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
     /// (`If-None-Match: *`): a blob the bucket already has is not written again (412), and a
     /// server that ignores the condition just rewrites the same bytes.
-    pub async fn put_bytes(&self, d: Digest, data: Vec<u8>) -> Result<(), S3Error> {
+    pub async fn put_bytes(&self, d: Digest, data: bytes::Bytes) -> Result<(), S3Error> {
         let key = self.key(d);
         match self
             .client
@@ -356,7 +364,7 @@ impl S3Blobs {
                     break;
                 }
                 let last = (buf.len() as u64) < self.part_size;
-                let etag = self.upload_part(d, &upload_id, number, buf).await?;
+                let etag = self.upload_part(d, &upload_id, number, buf.into()).await?;
                 parts.push((number, etag));
                 number += 1;
                 if last {
@@ -397,7 +405,7 @@ impl S3Blobs {
         d: Digest,
         upload_id: &str,
         number: i32,
-        data: Vec<u8>,
+        data: bytes::Bytes,
     ) -> Result<String, S3Error> {
         let key = self.key(d);
         let part = self

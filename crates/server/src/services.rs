@@ -743,7 +743,25 @@ impl ByteStream for Svc {
             0 => d.size_bytes,
             n => (offset + n as u64).min(d.size_bytes),
         };
-        self.ensure_local(d).await?;
+        if let Some(t) = &self.0.tier
+            && !self.store().contains(d)
+        {
+            // A whole large blob only the bucket has: stream it to the client while it fills
+            // the fast tier, instead of fetching it all before the first byte goes out.
+            let whole = offset == 0 && end == d.size_bytes && !r.compressed;
+            if whole
+                && !self.store().is_small(d.size_bytes)
+                && let Some(rx) = t.stream_through(&self.0, d).await?
+            {
+                let stream = futures::stream::poll_fn({
+                    let mut rx = rx;
+                    move |cx| rx.poll_recv(cx)
+                })
+                .map(|item| item.map(|data| ReadResponse { data }));
+                return Ok(Response::new(Box::pin(stream)));
+            }
+            t.fetch(&self.0, d).await?;
+        }
         let source = self.open(d, r.compressed).await?;
         let stream = read_stream(source, offset, end, r.compressed);
         Ok(Response::new(Box::pin(stream)))

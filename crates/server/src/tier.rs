@@ -495,7 +495,7 @@ impl Tier {
         }
         if d.size_bytes < self.s3.multipart_threshold() {
             let data = self.read_range(d, 0, d.size_bytes).await?;
-            self.s3.put_bytes(d, data).await?;
+            self.s3.put_bytes(d, data.into()).await?;
             return self.finished(d);
         }
         let (upload_id, part_size, mut parts) = match row {
@@ -607,13 +607,13 @@ impl Tier {
     }
 
     /// Bytes `start..start+len` of `d` from the fast tier (on a blocking thread).
-    async fn read_range(&self, d: Digest, start: u64, len: u64) -> Result<Vec<u8>, S3Error> {
+    async fn read_range(&self, d: Digest, start: u64, len: u64) -> Result<bytes::Bytes, S3Error> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let mut reader = store
                 .open_blob(d)?
                 .ok_or_else(|| store::StoreError::invalid(format!("{d} left the fast tier")))?;
-            reader.read_range(start, len).map(|b| b.to_vec())
+            reader.read_range(start, len)
         })
         .await
         .map_err(|e| local_err(d, e))?
@@ -745,6 +745,129 @@ impl Tier {
             .fetched
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// A whole-blob read of `d`, which the fast tier lacks, served while it is fetched: one
+    /// GetObject whose bytes go to the client and into the fast tier at once, hashed on the
+    /// way. Bytes reach the client before the end is verified (as from any proxy), so a blob
+    /// that does not verify ends the stream with DATA_LOSS instead of a clean finish: a client
+    /// never takes wrong bytes for the blob. Other readers of the blob meanwhile wait for the
+    /// fast tier. `Ok(None)`: a fetch of it is already running (wait for it instead).
+    pub async fn stream_through(
+        self: &Arc<Self>,
+        inner: &Arc<crate::Inner>,
+        d: Digest,
+    ) -> Result<Option<mpsc::Receiver<Result<Vec<u8>, Status>>>, Status> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<bool, String>>();
+        {
+            let mut fetches = lock(&self.fetches);
+            if fetches.contains_key(&d) {
+                return Ok(None);
+            }
+            let waiting = async move {
+                done_rx
+                    .await
+                    .unwrap_or_else(|_| Err("the fetch was interrupted".into()))
+            }
+            .boxed()
+            .shared();
+            fetches.insert(d, waiting);
+        }
+        let finish =
+            move |me: &Tier, result: Result<bool, String>, tx: tokio::sync::oneshot::Sender<_>| {
+                lock(&me.fetches).remove(&d);
+                let _ = tx.send(result);
+            };
+        let room = match inner.reserve(d.size_bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                finish(self, Err(e.message().to_owned()), done_tx);
+                return Err(e);
+            }
+        };
+        let opened = async {
+            let body = self.s3.get(d).await.map_err(|e| unavailable(&e))?;
+            let dest = self
+                .store
+                .begin_write(d)
+                .await
+                .map_err(|e| Status::internal(format!("storing {d}: {e}")))?;
+            Ok::<_, Status>((body, dest))
+        }
+        .await;
+        let (mut body, mut dest) = match opened {
+            Ok((Some(body), dest)) => (body, dest),
+            Ok((None, _)) => {
+                finish(self, Ok(false), done_tx);
+                return Err(Status::not_found(format!("blob {d} not found")));
+            }
+            Err(e) => {
+                finish(self, Err(e.message().to_owned()), done_tx);
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Result<Vec<u8>, Status>>(4);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _room = room;
+            let mut pending = Vec::with_capacity(crate::READ_CHUNK_BYTES);
+            let mut client = Some(tx);
+            let result: Result<(), String> = async {
+                while let Some(chunk) = body
+                    .try_next()
+                    .await
+                    .map_err(|e| format!("S3 GetObject {d}: {e}"))?
+                {
+                    dest.write_all(&chunk)
+                        .await
+                        .map_err(|e| format!("storing {d}: {e}"))?;
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() >= crate::READ_CHUNK_BYTES {
+                        let out = std::mem::replace(
+                            &mut pending,
+                            Vec::with_capacity(crate::READ_CHUNK_BYTES),
+                        );
+                        // A reader that went away does not stop the fast tier's copy.
+                        if let Some(c) = &client
+                            && c.send(Ok(out)).await.is_err()
+                        {
+                            client = None;
+                        }
+                    }
+                }
+                dest.commit()
+                    .await
+                    .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    if let Some(c) = &client
+                        && (!pending.is_empty() || d.size_bytes == 0)
+                    {
+                        let _ = c.send(Ok(pending)).await;
+                    }
+                    lock(&me.known).insert(d);
+                    me.stats
+                        .fetched
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    finish(&me, Ok(true), done_tx);
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "streaming a blob from S3 failed");
+                    if let Some(c) = &client {
+                        let _ = c
+                            .send(Err(Status::data_loss(format!(
+                                "reading {d} from the cache's S3 storage failed midway: {e}"
+                            ))))
+                            .await;
+                    }
+                    finish(&me, Err(e), done_tx);
+                }
+            }
+        });
+        Ok(Some(rx))
     }
 
     /// The action result of `action` from the bucket, if it has one.

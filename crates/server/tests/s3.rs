@@ -381,7 +381,9 @@ async fn a_restart_recovers_every_journal_state(var: &str) {
         let n = i as i32 + 1;
         parts_x.push((
             n,
-            s3.upload_part(dx, &id_x, n, chunk.to_vec()).await.unwrap(),
+            s3.upload_part(dx, &id_x, n, chunk.to_vec().into())
+                .await
+                .unwrap(),
         ));
     }
     s3.complete(dx, &id_x, &parts_x).await.unwrap();
@@ -393,7 +395,7 @@ async fn a_restart_recovers_every_journal_state(var: &str) {
     // Y: one part of three uploaded and recorded.
     let id_y = s3.start_multipart(dy).await.unwrap();
     let etag = s3
-        .upload_part(dy, &id_y, 1, y[..part as usize].to_vec())
+        .upload_part(dy, &id_y, 1, y[..part as usize].to_vec().into())
         .await
         .unwrap();
     fast.journal_put(
@@ -545,7 +547,7 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
     // A blob only the bucket has, read through a server whose S3 keeps answering 503.
     let only_remote = testutil::data::pseudo_random(300_000, 41);
     let dr = Digest::of_bytes(&only_remote);
-    s3.put_bytes(dr, only_remote.clone()).await.unwrap();
+    s3.put_bytes(dr, only_remote.clone().into()).await.unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let b = serve(dir_b.path(), TierOptions::new(via)).await;
     f.always_slow_down.store(true, Ordering::Release);
@@ -568,6 +570,17 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
         only_remote,
         "served once S3 recovers"
     );
+
+    // An object that is not the blob its key names (bit rot, a bad writer): streamed reads
+    // end in DATA_LOSS, never a clean finish, and nothing lands in the fast tier.
+    let real = testutil::data::pseudo_random(2 << 20, 42);
+    let dc = Digest::of_bytes(&real);
+    let mut rotten = real.clone();
+    rotten[1_500_000] ^= 1;
+    s3.put_bytes(dc, rotten.into()).await.unwrap();
+    let e = read_blob(&b, dc).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{e:?}");
+    assert!(!b.server.store().contains(dc));
     s.stop().await;
     b.stop().await;
 }
