@@ -94,13 +94,15 @@ async fn connect(addr: &str) -> Channel {
         .unwrap()
 }
 
-/// Writes a pseudo-random file of `mib` MiB a piece at a time; returns its digest.
+/// Writes a pseudo-random file of `mib` MiB a piece at a time, content never seen before (a
+/// fresh seed per call, so no server answers from an earlier run); returns its digest.
 fn make_file(path: &Path, mib: usize) -> Digest {
+    let seed = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let mut h = hashing::Hasher::new();
     for i in 0..mib.div_ceil(8) {
-        let piece = crate::pseudo_random_bytes(8 << 20, 500 + i as u64);
+        let piece = crate::pseudo_random_bytes(8 << 20, seed.wrapping_add(i as u64));
         let piece = &piece[..((mib - i * 8).min(8) << 20)];
         h.update(piece);
         f.write_all(piece).unwrap();
@@ -371,15 +373,16 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     let ours = serve(fast.path(), o).await;
     let (mut ours_small, mut bg_small, mut ours_large, mut bg_large, mut drain) =
         (vec![], vec![], vec![], vec![], vec![]);
-    for rep in 0..reps {
+    for _ in 0..reps {
+        let salt = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
         // Fresh content each repetition, so neither side answers from an earlier one.
         let blobs: Vec<(Digest, Vec<u8>)> = (0..1000)
             .map(|i| {
-                let data = crate::pseudo_random_bytes(64 << 10, 10_000 * (rep as u64 + 1) + i);
+                let data = crate::pseudo_random_bytes(64 << 10, salt.wrapping_add(i));
                 (Digest::of_bytes(&data), data)
             })
             .collect();
-        let pd = make_file(&peer_file, 256 + rep);
+        let pd = make_file(&peer_file, 256);
         for (side, channel, instance) in [(0, &ours.channel, ""), (1, &bgd, "main")] {
             let (w, r) = small_blobs(channel, instance, &blobs).await;
             let s = Instant::now();

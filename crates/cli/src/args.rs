@@ -208,7 +208,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_S3_SWEEP_GRACE", default_value = "86400", value_name = "SECONDS", value_parser = parse_seconds)]
     pub s3_sweep_grace: Duration,
 
-    /// Blobs at least this large go to the bucket in parts (of 8 MiB, 4 in flight).
+    /// Blobs at least this large go to the bucket in parts (of 8 MiB, 2 in flight).
     #[arg(long, env = "RECACHE_S3_MULTIPART_THRESHOLD", default_value = "16M", value_name = "SIZE", value_parser = parse_size)]
     pub s3_multipart_threshold: u64,
 

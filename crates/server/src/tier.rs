@@ -72,7 +72,8 @@ pub struct TierOptions {
     pub queue: usize,
     /// How long a write waits for room in a full queue before RESOURCE_EXHAUSTED. Default 30 s.
     pub queue_wait: Duration,
-    /// Parts of one multipart upload in flight at once. Default 4 (memory: this × part size).
+    /// Parts of one multipart upload in flight at once. Default 2 (memory: this × part size;
+    /// two already keep a loopback link busy on these 2-core machines).
     pub part_concurrency: usize,
     /// Open multipart uploads no journal row owns are aborted once this old. Default 24 h: it
     /// must exceed the longest upload of any server sharing the bucket.
@@ -91,7 +92,7 @@ impl TierOptions {
             uploaders: 4,
             queue: 4096,
             queue_wait: Duration::from_secs(30),
-            part_concurrency: 4,
+            part_concurrency: 2,
             sweep_grace: Duration::from_secs(24 * 3600),
             sweep_every: Duration::from_secs(3600),
             known_capacity: 1 << 20,
