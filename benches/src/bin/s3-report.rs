@@ -6,6 +6,8 @@
 //! cargo run --release -p benches --bin s3-report -- [--quick]
 //! ```
 
+#![allow(clippy::unwrap_used)] // a benchmark: a broken environment ends it
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");

@@ -164,7 +164,7 @@ mod tests {
             "s3://ok-bucket/a//b",
             "s3://ok-bucket/../x",
         ] {
-            let e = parse_s3_url(bad).unwrap_err().to_string();
+            let e = parse_s3_url(bad).unwrap_err().0;
             assert!(e.contains("--storage"), "{bad}: {e}");
         }
     }

@@ -1,6 +1,6 @@
 //! `recache serve`: a REAPI cache server (Capabilities, ContentAddressableStorage, ByteStream,
-//! ActionCache, and Remote Asset Fetch/Push) on the recache local store; [`s3`] is the first
-//! layer of an S3 slow tier.
+//! ActionCache, and Remote Asset Fetch/Push) on the recache local store, optionally with an
+//! S3-compatible bucket behind it ([`tier`], over [`s3`]).
 //!
 //! The server shares the client's store instead of growing a second one: small blobs in the
 //! LMDB database, large ones one file each in the verified pool (`<hash>-<size>` names, so a

@@ -4,7 +4,7 @@
 //!
 //! # Writes
 //!
-//! A client's blob is *admitted* before it is stored ([`Tier::admit`]): admission waits for room
+//! A client's blob is *admitted* before it is stored (`Tier::admit`): admission waits for room
 //! in the upload queue (at most [`TierOptions::queue`] uploads outstanding; past
 //! [`TierOptions::queue_wait`] the write is refused with RESOURCE_EXHAUSTED, never dropped) and
 //! writes the blob's journal row (`queued`) in the local database. Then the blob is stored in
@@ -35,7 +35,7 @@
 //! are uploaded and the upload completed. An upload id S3 no longer knows (aborted by a sweep)
 //! sends the row back to `queued`. A row whose blob the fast tier does not hold (the write that
 //! admitted it failed, or the process died before the blob was stored) is dropped: that blob was
-//! never acknowledged. Then the sweep ([`Tier::sweep`]) lists the bucket's open multipart uploads
+//! never acknowledged. Then the sweep (`Tier::sweep`) lists the bucket's open multipart uploads
 //! under the prefix and aborts those no row owns once older than [`TierOptions::sweep_grace`];
 //! it runs again every [`TierOptions::sweep_every`].
 //!
@@ -496,7 +496,7 @@ impl Tier {
         }
         if d.size_bytes < self.s3.multipart_threshold() {
             let data = self.read_range(d, 0, d.size_bytes).await?;
-            self.s3.put_bytes(d, data.into()).await?;
+            self.s3.put_bytes(d, data).await?;
             return self.finished(d);
         }
         let (upload_id, part_size, mut parts) = match row {
@@ -890,10 +890,14 @@ impl Tier {
     }
 }
 
+/// A multipart upload as a test stages it: upload id, part size, parts done (number, ETag).
+#[doc(hidden)]
+pub type StagedUpload<'a> = (&'a str, u64, &'a [(i32, String)]);
+
 /// A journal row as the tier writes it, for tests that stage a crash's leftovers: `None` is
 /// `creating`; `Some` a multipart upload with these parts done.
 #[doc(hidden)]
-pub fn encode_row_for_tests(multipart: Option<(&str, u64, &[(i32, String)])>) -> Vec<u8> {
+pub fn encode_row_for_tests(multipart: Option<StagedUpload<'_>>) -> Vec<u8> {
     match multipart {
         None => Row::Creating.encode(),
         Some((id, part_size, parts)) => Row::Multipart {
