@@ -2,7 +2,8 @@
 //! `scripts/s3-servers.sh` starts.
 //!
 //! - A large file (1 GiB; 256 MiB with `--quick`) uploaded through `recache serve` until it is
-//!   in the bucket (ByteStream write, then the upload queue drained), and downloaded through a
+//!   in the bucket (ByteStream write, then the upload queue drained; the client itself waits
+//!   only until the write is acknowledged, printed too), and downloaded through a
 //!   second server with an empty fast tier (ByteStream read, fetched from the bucket), each
 //!   against a plain copy of the same file with the same S3 client crate (multipart, parts of
 //!   the same size, as many in flight), and the peak RSS growth of the process while
@@ -73,8 +74,15 @@ async fn serve(dir: &Path, s3: S3Options) -> Serving {
 }
 
 impl Serving {
+    /// Waits until the upload queue is empty; a bench that cannot get there (the bucket
+    /// refusing writes, a full disk) stops loudly instead of hanging.
     async fn drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(600);
         while self.server.s3_pending() != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "uploads still pending after 10 min: is the S3 server refusing them (full disk)?"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -294,6 +302,8 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
 
     // 1. The large file: recache serve vs a plain copy, up and down.
     let (mut plain_up, mut plain_down, mut up, mut down) = (vec![], vec![], vec![], vec![]);
+    // The client's wait: until the write is acknowledged (in the fast tier and journaled).
+    let mut ack = vec![];
     let (mut rss_up, mut rss_down) = (0.0f64, 0.0f64);
     for rep in 0..reps {
         let mut o = base.clone();
@@ -317,6 +327,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let before = crate::rss_mib();
         let s = Instant::now();
         write_file(&a.channel, "", d, &file).await;
+        ack.push(s.elapsed().as_secs_f64());
         a.drained().await;
         up.push(s.elapsed().as_secs_f64());
         rss_up = rss_up.max(crate::peak_rss_mib() - before);
@@ -345,6 +356,10 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     out.insert("large_upload_plain_s".into(), pu.into());
     out.insert("large_upload_recache_s".into(), ru.into());
     out.insert("large_upload_ratio".into(), ratio(pu, ru).into());
+    out.insert(
+        "large_upload_recache_acknowledged_s".into(),
+        median(ack).into(),
+    );
     out.insert("large_download_plain_s".into(), pd.into());
     out.insert("large_download_recache_s".into(), rd.into());
     out.insert("large_download_ratio".into(), ratio(pd, rd).into());

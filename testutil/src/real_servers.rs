@@ -197,6 +197,28 @@ fn prefix_instance(instance: &str, rest: &str) -> String {
     }
 }
 
+/// Spawns a `recache serve` command line (its `--listen` port 0 or not) and waits for the line
+/// it prints when listening; returns the child and the `grpc://` (or `grpcs://`) address in it.
+/// Panics (a test helper) when the process cannot start or prints no address.
+pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting recache serve");
+    let mut line = String::new();
+    let stdout = child.stdout.as_mut().expect("piped stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading recache serve's first line");
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("grpc://") || w.starts_with("grpcs://"))
+        .unwrap_or_else(|| panic!("no address in recache serve's first line {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,23 @@ fn bazel(bin: &str, root: &Path, ws: &Path, args: &[&str]) -> String {
     text
 }
 
+/// Writes a workspace of [`GENRULES`] genrules with unique outputs (so a warm server cannot
+/// turn the first build into hits); returns the salt that makes them unique.
+fn genrule_workspace(ws: &Path) -> String {
+    std::fs::create_dir_all(ws).unwrap();
+    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
+    let salt = uuid::Uuid::new_v4().simple().to_string();
+    let mut build = String::new();
+    for i in 0..GENRULES {
+        build += &format!(
+            "genrule(name = \"g{i}\", outs = [\"g{i}.txt\"], cmd = \"echo {salt}-{i} > $@; seq 1 {n} >> $@\")\n",
+            n = 100 * (i + 1)
+        );
+    }
+    std::fs::write(ws.join("BUILD"), build).unwrap();
+    salt
+}
+
 fn outputs(ws: &Path) -> Vec<String> {
     (0..GENRULES)
         .map(|i| std::fs::read_to_string(ws.join(format!("bazel-bin/g{i}.txt"))).unwrap())
@@ -69,18 +86,7 @@ fn bazel_builds_hit_recache_serve_after_a_clean() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (ws, root) = (dir.path().join("ws"), dir.path().join("bazel-root"));
-    std::fs::create_dir_all(&ws).unwrap();
-    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
-    // Unique outputs, so a warm server cannot turn the first build into hits.
-    let salt = uuid::Uuid::new_v4().simple().to_string();
-    let mut build = String::new();
-    for i in 0..GENRULES {
-        build += &format!(
-            "genrule(name = \"g{i}\", outs = [\"g{i}.txt\"], cmd = \"echo {salt}-{i} > $@; seq 1 {n} >> $@\")\n",
-            n = 100 * (i + 1)
-        );
-    }
-    std::fs::write(ws.join("BUILD"), build).unwrap();
+    let salt = genrule_workspace(&ws);
     let remote = format!("--remote_cache={}", server.address);
     let first = bazel(&bin, &root, &ws, &["build", "//:all", &remote]);
     assert!(
@@ -112,15 +118,14 @@ fn bazel_builds_hit_recache_serve_after_a_clean() {
 /// `cache_dir`); returns the child and its grpc address. `None` (a loud skip) outside CI when
 /// the S3 servers are not running.
 fn serve_on_s3(cache_dir: &Path, prefix: &str) -> Option<(std::process::Child, String)> {
-    use std::io::BufRead;
     let Ok(endpoint) = std::env::var("RECACHE_TEST_S3_SEAWEED") else {
         let msg = "RECACHE_TEST_S3_SEAWEED is not set: run scripts/s3-servers.sh start";
         assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
         eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
         return None;
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
         .arg(cache_dir)
         .args(["--storage", &format!("s3://recache-test/{prefix}")])
         .args(["--s3-endpoint", &endpoint])
@@ -131,20 +136,8 @@ fn serve_on_s3(cache_dir: &Path, prefix: &str) -> Option<(std::process::Child, S
         .env(
             "AWS_SECRET_ACCESS_KEY",
             std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("grpc://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Some((child, addr))
+        );
+    Some(testutil::real_servers::spawn_serve(cmd))
 }
 
 /// Stops a server the way an operator does (SIGTERM) and checks it exits cleanly.
@@ -175,17 +168,7 @@ fn bazel_hits_through_a_second_server_on_the_same_s3_bucket() {
         return;
     };
     let (ws, root) = (dir.path().join("ws"), dir.path().join("bazel-root"));
-    std::fs::create_dir_all(&ws).unwrap();
-    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
-    let salt = uuid::Uuid::new_v4().simple().to_string();
-    let mut build = String::new();
-    for i in 0..GENRULES {
-        build += &format!(
-            "genrule(name = \"g{i}\", outs = [\"g{i}.txt\"], cmd = \"echo {salt}-{i} > $@; seq 1 {n} >> $@\")\n",
-            n = 100 * (i + 1)
-        );
-    }
-    std::fs::write(ws.join("BUILD"), build).unwrap();
+    genrule_workspace(&ws);
     bazel(
         &bin,
         &root,

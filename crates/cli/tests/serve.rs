@@ -3,9 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
@@ -15,23 +14,10 @@ use bazel_remote_apis::google::bytestream::{WriteRequest, byte_stream_client::By
 
 /// Starts `recache serve` on a free port; returns the child and its grpc address.
 fn serve(storage: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
-        .arg(storage)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("grpc://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (child, addr)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--storage"])
+        .arg(storage);
+    testutil::real_servers::spawn_serve(cmd)
 }
 
 async fn channel(addr: &str) -> tonic::transport::Channel {
@@ -208,28 +194,15 @@ async fn kill_9_mid_multipart_to_s3_then_restart_completes_or_aborts() {
     s3.ensure_bucket().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let start = |via: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_recache"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
             .arg(dir.path())
             .args(["--storage", &format!("s3://recache-test/{prefix}")])
             .args(["--s3-endpoint", via, "--s3-sweep-grace", "0"])
             .args(["--s3-multipart-threshold", "5M"])
             .env("AWS_ACCESS_KEY_ID", &key)
-            .env("AWS_SECRET_ACCESS_KEY", &secret)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("grpc://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        (child, addr)
+            .env("AWS_SECRET_ACCESS_KEY", &secret);
+        testutil::real_servers::spawn_serve(cmd)
     };
     let (mut child, addr) = start(&proxy.endpoint);
     let blob = testutil::data::pseudo_random(40 << 20, 77);
