@@ -653,19 +653,29 @@ impl Tier {
     }
 
     /// Which of `digests` neither the fast tier nor the bucket holds. A failed HEAD counts as
-    /// missing (the client then uploads the blob again: safe).
+    /// missing (the client then uploads the blob again: safe), and so does every blob of the
+    /// call not checked yet when one fails.
     pub async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
         let local = self.store.missing(digests.iter().copied());
         let unknown: Vec<Digest> = {
             let known = lock(&self.known);
             local.into_iter().filter(|d| !known.contains(d)).collect()
         };
+        // Once one HEAD has failed (after the SDK's retries), the rest of this call is not sent:
+        // a bucket that is down would otherwise cost every digest its retries.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
         let checked: Vec<(Digest, bool)> = futures::stream::iter(unknown)
             .map(|d| async move {
+                if failed.load(std::sync::atomic::Ordering::Acquire) {
+                    return (d, false);
+                }
                 match self.s3.contains(d).await {
                     Ok(there) => (d, there),
                     Err(e) => {
-                        tracing::warn!(error = %e, "S3 existence check failed; reporting missing");
+                        if !failed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                            tracing::warn!(error = %e, "S3 existence check failed; reporting the unchecked blobs missing");
+                        }
                         (d, false)
                     }
                 }
