@@ -308,11 +308,7 @@ impl S3Blobs {
     /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
     /// (`If-None-Match: *`): a blob the bucket already has is not written again (412), and a
     /// server that ignores the condition just rewrites the same bytes.
-    ///
-    /// Blob bodies (here and in [`S3Blobs::upload_part`]) are sent with an unsigned payload:
-    /// the signature covers the request, not a SHA-256 of the body, which would be one more
-    /// pass over every byte. Integrity does not rest on it: every read verifies the blob
-    /// against its digest.
+
     pub async fn put_bytes(&self, d: Digest, data: bytes::Bytes) -> Result<(), S3Error> {
         let key = self.key(d);
         match self
@@ -323,8 +319,6 @@ impl S3Blobs {
             .if_none_match("*")
             .content_length(data.len() as i64)
             .body(ByteStream::from(data))
-            .customize()
-            .disable_payload_signing()
             .send()
             .await
         {
@@ -424,8 +418,6 @@ impl S3Blobs {
             .part_number(number)
             .content_length(data.len() as i64)
             .body(ByteStream::from(data))
-            .customize()
-            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| sdk_err("UploadPart", &key, e))?;
