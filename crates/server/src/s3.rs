@@ -308,7 +308,6 @@ impl S3Blobs {
     /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
     /// (`If-None-Match: *`): a blob the bucket already has is not written again (412), and a
     /// server that ignores the condition just rewrites the same bytes.
-
     pub async fn put_bytes(&self, d: Digest, data: bytes::Bytes) -> Result<(), S3Error> {
         let key = self.key(d);
         match self
