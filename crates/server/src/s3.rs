@@ -459,26 +459,35 @@ impl S3Blobs {
     /// the caller hashes what it reads.
     pub async fn get(&self, d: Digest) -> Result<Option<ByteStream>, S3Error> {
         let key = self.key(d);
+        let Some((length, body)) = self.get_object(&key).await? else {
+            return Ok(None);
+        };
+        if length.is_some_and(|n| n as u64 != d.size_bytes) {
+            return Err(s3_err(
+                "GetObject",
+                &key,
+                format!(
+                    "the object has {length:?} bytes, not the {} its key names",
+                    d.size_bytes
+                ),
+            ));
+        }
+        Ok(Some(body))
+    }
+
+    /// The object at `key` (its announced length and body), `None` when there is none.
+    async fn get_object(&self, key: &str) -> Result<Option<(Option<i64>, ByteStream)>, S3Error> {
         match self
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(&key)
+            .key(key)
             .send()
             .await
         {
-            Ok(r) if r.content_length().is_some_and(|n| n as u64 != d.size_bytes) => Err(s3_err(
-                "GetObject",
-                &key,
-                format!(
-                    "the object has {:?} bytes, not the {} its key names",
-                    r.content_length(),
-                    d.size_bytes
-                ),
-            )),
-            Ok(r) => Ok(Some(r.body)),
+            Ok(r) => Ok(Some((r.content_length(), r.body))),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(sdk_err("GetObject", &key, e)),
+            Err(e) => Err(sdk_err("GetObject", key, e)),
         }
     }
 
@@ -538,30 +547,17 @@ impl S3Blobs {
     /// The encoded action result of action `action`, if the bucket has one (at most 16 MiB).
     pub async fn get_ac(&self, action: Digest) -> Result<Option<Vec<u8>>, S3Error> {
         let key = self.ac_key(action);
-        let resp = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
-            Err(e) => return Err(sdk_err("GetObject", &key, e)),
+        let Some((length, body)) = self.get_object(&key).await? else {
+            return Ok(None);
         };
-        if resp.content_length().is_none_or(|n| n > MAX_AC_BYTES) {
+        if length.is_none_or(|n| n > MAX_AC_BYTES) {
             return Err(s3_err(
                 "GetObject",
                 &key,
-                format!(
-                    "an action result of {:?} bytes (the limit is {MAX_AC_BYTES})",
-                    resp.content_length()
-                ),
+                format!("an action result of {length:?} bytes (the limit is {MAX_AC_BYTES})"),
             ));
         }
-        let data = resp
-            .body
+        let data = body
             .collect()
             .await
             .map_err(|e| s3_err("GetObject", &key, e))?;

@@ -137,10 +137,13 @@ impl Svc {
         Ok(())
     }
 
-    /// With an S3 tier: a place in the upload queue for `d`, taken before it is stored.
+    /// With an S3 tier: a place in the upload queue for `d`, taken before it is stored (none
+    /// for a blob the store already holds: it was queued when it arrived).
     async fn admit(&self, d: Digest) -> Result<Option<crate::tier::Admission>, Status> {
         match &self.0.tier {
-            Some(t) if d != EMPTY_DIGEST => Ok(Some(t.admit(d).await?)),
+            Some(t) if d != EMPTY_DIGEST && !self.store().contains(d) => {
+                Ok(Some(t.admit(d).await?))
+            }
             _ => Ok(None),
         }
     }
@@ -371,14 +374,9 @@ impl ContentAddressableStorage for Svc {
         let mut responses = Vec::with_capacity(req.requests.len());
         for (i, r) in req.requests.into_iter().enumerate() {
             let d = digest(&format!("requests[{i}].digest"), r.digest.as_ref())?;
-            let admission = match self.check_size(d) {
-                Ok(()) if !self.store().contains(d) => self.admit(d).await,
-                Ok(()) => Ok(None),
-                Err(e) => Err(e),
-            };
-            let result = (|| -> Result<(), Status> {
-                let _admission = admission?;
+            let result = async {
                 self.check_size(d)?;
+                let _admission = self.admit(d).await?;
                 let data = match r.compressor {
                     c if c == compressor::Value::Identity as i32 => r.data,
                     c if c == compressor::Value::Zstd as i32 => {
@@ -394,7 +392,8 @@ impl ContentAddressableStorage for Svc {
                     }
                 };
                 self.store_verified(d, &data)
-            })();
+            }
+            .await;
             responses.push(remexec::batch_update_blobs_response::Response {
                 digest: Some(d.into()),
                 status: match result {

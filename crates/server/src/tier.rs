@@ -220,14 +220,6 @@ impl Known {
 type SharedFetch =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>;
 
-/// Counters for tests and logs.
-#[derive(Debug, Default)]
-pub(crate) struct TierStats {
-    pub uploaded: std::sync::atomic::AtomicU64,
-    pub upload_failures: std::sync::atomic::AtomicU64,
-    pub fetched: std::sync::atomic::AtomicU64,
-}
-
 /// The S3 tier of one server. See the module docs.
 pub(crate) struct Tier {
     s3: S3Blobs,
@@ -242,7 +234,6 @@ pub(crate) struct Tier {
     uploading: Mutex<HashSet<Digest>>,
     known: Mutex<Known>,
     fetches: Mutex<HashMap<Digest, SharedFetch>>,
-    pub stats: TierStats,
 }
 
 impl std::fmt::Debug for Tier {
@@ -298,14 +289,6 @@ pub(crate) fn unavailable(e: &S3Error) -> Status {
     Status::unavailable(format!("the cache's S3 storage failed: {e}"))
 }
 
-/// What became of one upload job.
-enum Outcome {
-    /// In the bucket (or nothing to upload): the row is gone.
-    Done,
-    /// Another worker has the blob, or an admission will queue it again.
-    Skipped,
-}
-
 impl Tier {
     /// A tier over `store` (the fast tier) and the bucket in `options`. No request is made.
     pub fn new(store: LocalStore, options: TierOptions) -> Result<Arc<Tier>, S3Error> {
@@ -325,7 +308,6 @@ impl Tier {
             admitting: Default::default(),
             uploading: Default::default(),
             fetches: Default::default(),
-            stats: Default::default(),
         }))
     }
 
@@ -393,16 +375,8 @@ impl Tier {
             };
         {
             let mut admitting = lock(&self.admitting);
-            let fresh = self
-                .store
-                .journal_get(d)
-                .map_err(|e| Status::internal(format!("reading the upload journal: {e}")))?
-                .is_none();
-            if fresh {
-                self.store
-                    .journal_put(d, &Row::Queued.encode())
-                    .map_err(|e| Status::internal(format!("writing the upload journal: {e}")))?;
-            }
+            self.journal_queued(d)
+                .map_err(|e| Status::internal(format!("writing the upload journal: {e}")))?;
             *admitting.entry(d).or_default() += 1;
         }
         Ok(Admission {
@@ -419,12 +393,7 @@ impl Tier {
         if d == EMPTY_DIGEST {
             return;
         }
-        let journaled = match self.store.journal_get(d) {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => self.store.journal_put(d, &Row::Queued.encode()),
-            Err(e) => Err(e),
-        };
-        match journaled {
+        match self.journal_queued(d) {
             Ok(()) => {
                 let _ = self.jobs_tx.send(Job {
                     digest: d,
@@ -433,6 +402,14 @@ impl Tier {
                 });
             }
             Err(e) => tracing::warn!(digest = %d, error = %e, "cannot journal a download for S3"),
+        }
+    }
+
+    /// Gives `d` a `queued` row unless it has a row already (whose progress is kept).
+    fn journal_queued(&self, d: Digest) -> Result<(), store::StoreError> {
+        match self.store.journal_get(d)? {
+            Some(_) => Ok(()),
+            None => self.store.journal_put(d, &Row::Queued.encode()),
         }
     }
 
@@ -449,12 +426,8 @@ impl Tier {
             let result = self.upload(job.digest).await;
             lock(&self.uploading).remove(&job.digest);
             match result {
-                Ok(Outcome::Done) => {}
-                Ok(Outcome::Skipped) => {}
+                Ok(()) => {}
                 Err(e) => {
-                    self.stats
-                        .upload_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     job.attempt += 1;
                     let wait = Duration::from_secs(1u64 << job.attempt.min(6)).min(RETRY_MAX);
                     tracing::warn!(digest = %job.digest, attempt = job.attempt, ?wait, error = %e,
@@ -469,16 +442,18 @@ impl Tier {
         }
     }
 
-    /// Works one journal row until the blob is in the bucket (see the module docs).
-    async fn upload(&self, d: Digest) -> Result<Outcome, S3Error> {
+    /// Works one journal row until the blob is in the bucket (see the module docs). `Ok` also
+    /// when there is nothing to do (no row), or nothing yet (the blob is still arriving: its
+    /// admission queues it again).
+    async fn upload(&self, d: Digest) -> Result<(), S3Error> {
         let row = match self.store.journal_get(d) {
             Ok(Some(r)) => Row::decode(&r),
-            Ok(None) => return Ok(Outcome::Done),
+            Ok(None) => return Ok(()),
             Err(e) => return Err(local_err(d, e)),
         };
         if !self.store.contains(d) {
             if lock(&self.admitting).contains_key(&d) {
-                return Ok(Outcome::Skipped); // still arriving: its admission queues it again
+                return Ok(()); // still arriving: its admission queues it again
             }
             // Never stored (or gone by hand): nothing to upload, so nothing to keep open.
             if let Row::Multipart { upload_id, .. } = &row {
@@ -489,7 +464,7 @@ impl Tier {
                 tracing::info!(digest = %d, "dropping the journal row of a blob that was never stored");
                 self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
             }
-            return Ok(Outcome::Done);
+            return Ok(());
         }
         if d == EMPTY_DIGEST || lock(&self.known).contains(&d) {
             return self.finished(d);
@@ -592,13 +567,10 @@ impl Tier {
     }
 
     /// The blob is in the bucket: forget its row (it becomes evictable), remember it is there.
-    fn finished(&self, d: Digest) -> Result<Outcome, S3Error> {
+    fn finished(&self, d: Digest) -> Result<(), S3Error> {
         self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
         lock(&self.known).insert(d);
-        self.stats
-            .uploaded
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Outcome::Done)
+        Ok(())
     }
 
     fn put_row(&self, d: Digest, row: &Row) -> Result<(), S3Error> {
@@ -752,9 +724,6 @@ impl Tier {
             .await
             .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
         lock(&self.known).insert(d);
-        self.stats
-            .fetched
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
@@ -860,9 +829,6 @@ impl Tier {
                         let _ = c.send(Ok(pending)).await;
                     }
                     lock(&me.known).insert(d);
-                    me.stats
-                        .fetched
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     finish(&me, Ok(true), done_tx);
                 }
                 Err(e) => {
@@ -896,7 +862,7 @@ impl Tier {
 
     /// Journal rows outstanding (uploads not yet in the bucket).
     pub fn pending(&self) -> usize {
-        self.store.journal_rows().map_or(0, |r| r.len())
+        self.store.journal_len().map_or(0, |n| n as usize)
     }
 }
 

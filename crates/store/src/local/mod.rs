@@ -833,6 +833,11 @@ impl LocalStore {
         self.inner.db.journal_remove(&ref_key(digest))
     }
 
+    /// How many journal rows there are (one read transaction, no copies).
+    pub fn journal_len(&self) -> Result<u64, StoreError> {
+        self.inner.db.journal_len()
+    }
+
     /// Every journal row, by blob.
     pub fn journal_rows(&self) -> Result<Vec<(Digest, Bytes)>, StoreError> {
         Ok(self

@@ -663,6 +663,12 @@ impl SmallDb {
         w.commit().map_err(|e| db_err("commit", e))
     }
 
+    /// How many journal rows there are.
+    pub(crate) fn journal_len(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
+        self.journal.len(&r).map_err(|e| db_err("count journal", e))
+    }
+
     /// Every journal row.
     pub(crate) fn journal_rows(&self) -> Result<Vec<(Vec<u8>, Bytes)>, StoreError> {
         let r = self.env.read_txn().map_err(|e| db_err("begin read", e))?;
