@@ -294,6 +294,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The section, or `None` when SeaweedFS is not running.
 pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     let base = options()?;
+    // What `recache serve` does at start, so the memory figures are the server's.
+    server::return_large_buffers_to_the_system();
     let reps = if quick { 1 } else { 3 };
     let big_mib = if quick { 256 } else { 1024 };
     let file = dir.join("s3-big.bin");
@@ -413,6 +415,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
                 let s = Instant::now();
                 ours.drained().await;
                 drain.push(s.elapsed().as_secs_f64());
+
                 ours_small.push(small);
                 ours_large.push(large);
             } else {

@@ -79,6 +79,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         compress_at_rest: args.storage_compression == "zstd",
         s3,
     };
+    server::return_large_buffers_to_the_system();
     let server = CacheServer::open(options)
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", storage.display())))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -43,6 +43,26 @@ pub const MAX_BATCH_TOTAL_BYTES: i64 = 4 * 1024 * 1024;
 /// How long a stopping server with an S3 tier waits for queued uploads to reach the bucket.
 pub const SHUTDOWN_UPLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Buffers at least this large come from (and go back to) the system directly; see
+/// [`return_large_buffers_to_the_system`].
+const MMAP_THRESHOLD_BYTES: i32 = 4 << 20;
+
+/// Makes freed large buffers (≥ 4 MiB: the S3 tier's 8 MiB upload parts) go straight back to
+/// the system. glibc otherwise raises its mmap threshold the first time such a buffer is freed
+/// and serves later ones from its heaps, which then keep them: measured with `s3-report
+/// --quick`, the peak RSS growth of one 256 MiB upload to S3 was 83 MiB, 48 MiB with this.
+/// Smaller buffers (1 MiB read chunks, gRPC messages) stay on the heap, where reuse is cheap.
+/// `recache serve` calls this at start; a program embedding the server may. A no-op on other
+/// C libraries.
+pub fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: sets one allocator parameter; no memory is handed over.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) };
+    }
+}
+
 /// Bytes per ByteStream.Read response message.
 pub(crate) const READ_CHUNK_BYTES: usize = 1024 * 1024;
 

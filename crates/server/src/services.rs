@@ -209,21 +209,28 @@ impl Svc {
         let refused = Arc::new(std::sync::Mutex::new(None::<String>));
         let store = self.store().clone();
         let why = refused.clone();
+        // With an S3 tier, a large blob's parts start up to the bucket as they arrive.
+        let tee = self.0.tier.as_ref().and_then(|t| t.tee(d));
         let writer = tokio::task::spawn_blocking(move || {
-            let mut input = ChannelReader {
+            let input = ChannelReader {
                 rx,
                 current: Vec::new(),
                 pos: 0,
             };
+            let store_from = |mut blob: Box<dyn std::io::Read>| match tee {
+                Some(tee) => {
+                    store.store_verified(d, &mut crate::tier::TeeReader { inner: blob, tee })
+                }
+                None => store.store_verified(d, &mut blob),
+            };
             if compressed {
-                let mut decoded = RefusingReader {
+                store_from(Box::new(RefusingReader {
                     inner: zstd::stream::read::Decoder::new(input)
                         .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
                     refused: why,
-                };
-                store.store_verified(d, &mut decoded)
+                }))
             } else {
-                store.store_verified(d, &mut input)
+                store_from(Box::new(input))
             }
         });
         Ok(crate::uploads::Upload {
@@ -762,7 +769,12 @@ impl ByteStream for Svc {
             t.fetch(&self.0, d).await?;
         }
         let source = self.open(d, r.compressed).await?;
-        let stream = read_stream(source, offset, end, r.compressed);
+        // Background S3 uploads give way while this streams.
+        let reading = self.0.tier.as_ref().map(|t| t.reading());
+        let stream = read_stream(source, offset, end, r.compressed).map(move |chunk| {
+            let _ = &reading;
+            chunk
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -10,7 +10,14 @@
 //! writes the blob's journal row (`queued`) in the local database. Then the blob is stored in
 //! the fast tier and the write is acknowledged: it is readable at once, from the fast tier. When
 //! the admission ends (stored or not) a job goes to the upload workers
-//! ([`TierOptions::uploaders`] of them).
+//! ([`TierOptions::uploaders`] of them). A large blob's multipart upload starts while it
+//! arrives (`PartTee`); it is completed only after the blob verified and was stored.
+//!
+//! # Background work
+//!
+//! Workers, sweep and early parts run on the tier's own thread at lower CPU priority
+//! (`BACKGROUND_NICE`) with their own S3 connections, and hold back while clients' reads
+//! stream (`YIELD_MAX`): uploads are never on a build's critical path, reads are.
 //!
 //! # The journal
 //!
@@ -106,6 +113,84 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 const HEAD_CONCURRENCY: usize = 32;
 /// How long a blob seen in the bucket is trusted to stay there without asking again.
 const KNOWN_TTL: Duration = Duration::from_secs(3600);
+
+/// CPU priority (nice value) of the tier's background work (uploads, the sweep): on a busy
+/// machine it yields the CPU to clients' requests, on an idle one it runs at full speed.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`] (Linux: a per-thread
+/// attribute). Best effort: a refusal only leaves the thread at normal priority.
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread, no memory handed over.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            BACKGROUND_NICE,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the S3 uploaders' priority");
+    }
+}
+
+/// The runtime the tier's background work runs on: one thread of its own (plus blocking
+/// threads for fast-tier reads), all at [`BACKGROUND_NICE`], with its own S3 connections. It
+/// stops when the tier is dropped.
+struct Background {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Background {
+    fn start() -> std::io::Result<Background> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("recache-s3-uploads".into())
+            .spawn(move || {
+                lower_priority();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name("recache-s3-blocking")
+                    .on_thread_start(lower_priority)
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let _ = handle_tx.send(Ok(rt.handle().clone()));
+                        // Until the tier is dropped; then its tasks are dropped with the runtime.
+                        let _ = rt.block_on(stopped);
+                    }
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                    }
+                }
+            })?;
+        let handle = handle_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the S3 upload thread ended at start"))??;
+        Ok(Background {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+/// Longest a background upload holds a part (or a small blob) back while clients' reads
+/// stream ([`Tier::reading`]): reads are on a build's critical path, uploads are not (the
+/// blob is durable in the fast tier and journaled). Bounded, so a server that is never idle
+/// still uploads: at worst one part per this long per upload.
+const YIELD_MAX: Duration = Duration::from_secs(1);
+
+/// A client's read in progress (see [`Tier::reading`]).
+pub(crate) struct ReadGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// A journal row (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,7 +307,11 @@ type SharedFetch =
 
 /// The S3 tier of one server. See the module docs.
 pub(crate) struct Tier {
+    /// The bucket, for clients' requests (reads, existence, action results).
     s3: S3Blobs,
+    /// The bucket again, with its own connections, for the background work on `bg`.
+    s3_bg: S3Blobs,
+    bg: Background,
     store: LocalStore,
     options: TierOptions,
     slots: Arc<Semaphore>,
@@ -232,7 +321,12 @@ pub(crate) struct Tier {
     admitting: Mutex<HashMap<Digest, usize>>,
     /// Blobs a worker is uploading (one worker per blob).
     uploading: Mutex<HashSet<Digest>>,
+    /// Large blobs whose first parts go to the bucket while they arrive (see [`PartTee`]);
+    /// a worker waits for this before it takes the blob over.
+    early: Mutex<HashMap<Digest, futures::future::Shared<futures::future::BoxFuture<'static, ()>>>>,
     known: Mutex<Known>,
+    /// Clients' ByteStream reads streaming now; uploads yield to them (see [`YIELD_MAX`]).
+    reads: Arc<std::sync::atomic::AtomicUsize>,
     fetches: Mutex<HashMap<Digest, SharedFetch>>,
 }
 
@@ -280,6 +374,71 @@ impl Drop for Admission {
     }
 }
 
+/// A part a [`PartTee`] hands to the early uploader: its number, its bytes, and its place
+/// among the parts allowed in memory at once.
+type EarlyPart = (i32, bytes::Bytes, OwnedSemaphorePermit);
+
+/// Copies the parts of a large blob out of the byte stream being stored, for the bucket, as
+/// they go by ([`Tier::tee`]). At most [`TierOptions::part_concurrency`] parts are in memory
+/// (being filled or on their way up); a part that starts while none is free is skipped, and
+/// the worker reads it from the fast tier later, so a bucket slower than the client never
+/// slows the write. Nothing is completed from these bytes until the stored blob has verified.
+#[derive(Debug)]
+pub(crate) struct PartTee {
+    size: u64,
+    part_size: u64,
+    /// Bytes of the blob gone by.
+    seen: u64,
+    current: Option<(i32, bytes::BytesMut, OwnedSemaphorePermit)>,
+    permits: Arc<Semaphore>,
+    tx: mpsc::UnboundedSender<EarlyPart>,
+}
+
+impl PartTee {
+    /// The next bytes of the blob, in order.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && self.seen < self.size && !self.tx.is_closed() {
+            let index = self.seen / self.part_size;
+            let offset = self.seen % self.part_size;
+            let len = self.part_size.min(self.size - index * self.part_size);
+            if offset == 0 {
+                self.current = self.permits.clone().try_acquire_owned().ok().map(|p| {
+                    (
+                        index as i32 + 1,
+                        bytes::BytesMut::with_capacity(len as usize),
+                        p,
+                    )
+                });
+            }
+            let take = (len - offset).min(data.len() as u64) as usize;
+            if let Some((_, buf, _)) = &mut self.current {
+                buf.extend_from_slice(&data[..take]);
+            }
+            self.seen += take as u64;
+            data = &data[take..];
+            if offset + take as u64 == len
+                && let Some((n, buf, permit)) = self.current.take()
+            {
+                let _ = self.tx.send((n, buf.freeze(), permit));
+            }
+        }
+    }
+}
+
+/// A reader that shows what it reads to a [`PartTee`] (the store's input for a large upload).
+pub(crate) struct TeeReader<R> {
+    pub inner: R,
+    pub tee: PartTee,
+}
+
+impl<R: std::io::Read> std::io::Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.tee.feed(&buf[..n]);
+        Ok(n)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -293,9 +452,14 @@ impl Tier {
     /// A tier over `store` (the fast tier) and the bucket in `options`. No request is made.
     pub fn new(store: LocalStore, options: TierOptions) -> Result<Arc<Tier>, S3Error> {
         let s3 = S3Blobs::new(options.s3.clone())?;
+        let s3_bg = S3Blobs::new(options.s3.clone())?;
+        let bg = Background::start()
+            .map_err(|e| local_err(EMPTY_DIGEST, format!("starting the upload thread: {e}")))?;
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Tier {
             s3,
+            s3_bg,
+            bg,
             store,
             slots: Arc::new(Semaphore::new(options.queue.max(1))),
             known: Mutex::new(Known {
@@ -307,6 +471,8 @@ impl Tier {
             jobs_rx: tokio::sync::Mutex::new(jobs_rx),
             admitting: Default::default(),
             uploading: Default::default(),
+            early: Default::default(),
+            reads: Default::default(),
             fetches: Default::default(),
         }))
     }
@@ -316,9 +482,27 @@ impl Tier {
         &self.s3
     }
 
-    /// Starts the workers and the sweep, after queueing every journal row again (recovery, see
-    /// the module docs). The caller aborts the returned tasks to stop them (what they were
-    /// doing stays journaled).
+    /// Marks a client's read as streaming until the guard is dropped: background uploads hold
+    /// their next part back meanwhile, for at most [`YIELD_MAX`] each.
+    pub fn reading(&self) -> ReadGuard {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ReadGuard(self.reads.clone())
+    }
+
+    /// Waits while clients' reads stream, up to [`YIELD_MAX`].
+    async fn yield_to_reads(&self) {
+        let start = Instant::now();
+        while self.reads.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && start.elapsed() < YIELD_MAX
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts the workers and the sweep (on the background thread, see [`BACKGROUND_NICE`]),
+    /// after queueing every journal row again (recovery, see the module docs). The caller
+    /// aborts the returned tasks to stop them (what they were doing stays journaled).
     pub fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         match self.store.journal_rows() {
@@ -338,10 +522,10 @@ impl Tier {
         }
         for _ in 0..self.options.uploaders.max(1) {
             let me = self.clone();
-            tasks.push(tokio::spawn(async move { me.work().await }));
+            tasks.push(self.bg.handle.spawn(async move { me.work().await }));
         }
         let me = self.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(self.bg.handle.spawn(async move {
             loop {
                 match me.sweep().await {
                     Ok(0) => {}
@@ -405,6 +589,106 @@ impl Tier {
         }
     }
 
+    /// For a large blob about to be stored by an upload that holds its admission: a [`PartTee`]
+    /// the store's input runs through, so the bucket's multipart upload starts while the blob
+    /// still arrives instead of after. `None` for small blobs, blobs known to be in the bucket,
+    /// or one another upload is already working on.
+    pub fn tee(self: &Arc<Self>, d: Digest) -> Option<PartTee> {
+        let part_size = self.s3_bg.part_size();
+        if d.size_bytes < self.s3_bg.multipart_threshold() || lock(&self.known).contains(&d) {
+            return None;
+        }
+        if !lock(&self.uploading).insert(d) {
+            return None;
+        }
+        let permits = Arc::new(Semaphore::new(self.options.part_concurrency.max(1)));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = self.clone();
+        let task = async move {
+            if let Err(e) = me.early_parts(d, rx).await {
+                tracing::debug!(digest = %d, error = %e,
+                    "early S3 parts stopped; the upload worker carries on from the journal");
+            }
+            lock(&me.uploading).remove(&d);
+            lock(&me.early).remove(&d);
+        }
+        .boxed()
+        .shared();
+        lock(&self.early).insert(d, task.clone());
+        self.bg.handle.spawn(task);
+        Some(PartTee {
+            size: d.size_bytes,
+            part_size,
+            seen: 0,
+            current: None,
+            permits,
+            tx,
+        })
+    }
+
+    /// Starts `d`'s multipart upload and sends the parts its [`PartTee`] hands over, recording
+    /// each in the journal. Leaves the rest (parts it skipped, the completion, which must wait
+    /// until the blob is verified and stored) to the worker that takes the row next.
+    async fn early_parts(
+        &self,
+        d: Digest,
+        rx: mpsc::UnboundedReceiver<EarlyPart>,
+    ) -> Result<(), S3Error> {
+        // Only a fresh row: a row with progress (an earlier attempt) is the worker's to resume.
+        match self.store.journal_get(d).map_err(|e| local_err(d, e))? {
+            Some(r) if Row::decode(&r) == Row::Queued => {}
+            _ => return Ok(()),
+        }
+        if self.s3_bg.contains(d).await? {
+            return Ok(()); // the worker finds it there and finishes the row
+        }
+        let (upload_id, part_size) = self.create_upload(d).await?;
+        let mut parts = Vec::new();
+        let upload_id = &upload_id;
+        let mut rx = rx;
+        let mut uploads = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+            .map(|(n, data, permit): EarlyPart| async move {
+                self.yield_to_reads().await;
+                let etag = self.s3_bg.upload_part(d, upload_id, n, data).await;
+                drop(permit); // the tee may build the next part
+                etag.map(|e| (n, e))
+            })
+            .buffer_unordered(self.options.part_concurrency.max(1));
+        while let Some(part) = uploads.next().await {
+            parts.push(part?);
+            self.record_parts(d, upload_id, part_size, &parts)?;
+        }
+        Ok(())
+    }
+
+    /// Creates `d`'s multipart upload, journaled on both sides of the call (`creating`, then
+    /// `multipart` with no parts). Returns the upload id and part size.
+    async fn create_upload(&self, d: Digest) -> Result<(String, u64), S3Error> {
+        self.put_row(d, &Row::Creating)?;
+        let upload_id = self.s3_bg.start_multipart(d).await?;
+        let part_size = self.s3_bg.part_size();
+        self.record_parts(d, &upload_id, part_size, &[])?;
+        Ok((upload_id, part_size))
+    }
+
+    /// Journals the parts of `d`'s multipart upload done so far.
+    fn record_parts(
+        &self,
+        d: Digest,
+        upload_id: &str,
+        part_size: u64,
+        parts: &[(i32, String)],
+    ) -> Result<(), S3Error> {
+        self.put_row(
+            d,
+            &Row::Multipart {
+                upload_id: upload_id.to_owned(),
+                part_size,
+                parts: parts.to_vec(),
+            },
+        )
+    }
+
     /// Gives `d` a `queued` row unless it has a row already (whose progress is kept).
     fn journal_queued(&self, d: Digest) -> Result<(), store::StoreError> {
         match self.store.journal_get(d)? {
@@ -420,6 +704,11 @@ impl Tier {
                 rx.recv().await
             };
             let Some(mut job) = job else { return };
+            // The blob's first parts may still be going up as it arrived: take over after.
+            let early = lock(&self.early).get(&job.digest).cloned();
+            if let Some(early) = early {
+                early.await;
+            }
             if !lock(&self.uploading).insert(job.digest) {
                 continue; // another worker has it; this job's slot is released here
             }
@@ -457,7 +746,7 @@ impl Tier {
             }
             // Never stored (or gone by hand): nothing to upload, so nothing to keep open.
             if let Row::Multipart { upload_id, .. } = &row {
-                let _ = self.s3.abort(&self.s3.key(d), upload_id).await;
+                let _ = self.s3_bg.abort(&self.s3_bg.key(d), upload_id).await;
             }
             let admitting = lock(&self.admitting);
             if !admitting.contains_key(&d) && !self.store.contains(d) {
@@ -469,9 +758,10 @@ impl Tier {
         if d == EMPTY_DIGEST || lock(&self.known).contains(&d) {
             return self.finished(d);
         }
-        if d.size_bytes < self.s3.multipart_threshold() {
+        if d.size_bytes < self.s3_bg.multipart_threshold() {
+            self.yield_to_reads().await;
             let data = self.read_range(d, 0, d.size_bytes).await?;
-            self.s3.put_bytes(d, data).await?;
+            self.s3_bg.put_bytes(d, data).await?;
             return self.finished(d);
         }
         let (upload_id, part_size, mut parts) = match row {
@@ -480,35 +770,25 @@ impl Tier {
                 part_size,
                 parts,
             } => {
-                if self.s3.contains(d).await? {
+                if self.s3_bg.contains(d).await? {
                     // Completed before the row was updated (a crash), or by another server.
-                    let _ = self.s3.abort(&self.s3.key(d), &upload_id).await;
+                    let _ = self.s3_bg.abort(&self.s3_bg.key(d), &upload_id).await;
                     return self.finished(d);
                 }
                 (upload_id, part_size, parts)
             }
             Row::Queued | Row::Creating => {
-                if self.s3.contains(d).await? {
+                if self.s3_bg.contains(d).await? {
                     return self.finished(d);
                 }
                 if row == Row::Creating {
                     // A create may have reached S3 unrecorded: its upload would leak.
-                    let key = self.s3.key(d);
-                    for u in self.s3.open_uploads(Some(&key)).await? {
-                        self.s3.abort(&key, &u.upload_id).await?;
+                    let key = self.s3_bg.key(d);
+                    for u in self.s3_bg.open_uploads(Some(&key)).await? {
+                        self.s3_bg.abort(&key, &u.upload_id).await?;
                     }
                 }
-                self.put_row(d, &Row::Creating)?;
-                let upload_id = self.s3.start_multipart(d).await?;
-                let part_size = self.s3.part_size();
-                self.put_row(
-                    d,
-                    &Row::Multipart {
-                        upload_id: upload_id.clone(),
-                        part_size,
-                        parts: vec![],
-                    },
-                )?;
+                let (upload_id, part_size) = self.create_upload(d).await?;
                 (upload_id, part_size, vec![])
             }
         };
@@ -521,8 +801,9 @@ impl Tier {
                 async move {
                     let start = (n as u64 - 1) * part_size;
                     let len = part_size.min(d.size_bytes - start);
+                    self.yield_to_reads().await;
                     let data = self.read_range(d, start, len).await?;
-                    let etag = self.s3.upload_part(d, upload_id, n, data).await?;
+                    let etag = self.s3_bg.upload_part(d, upload_id, n, data).await?;
                     Ok::<_, S3Error>((n, etag))
                 }
             })
@@ -532,14 +813,7 @@ impl Tier {
             match part {
                 Ok(p) => {
                     parts.push(p);
-                    self.put_row(
-                        d,
-                        &Row::Multipart {
-                            upload_id: upload_id.clone(),
-                            part_size,
-                            parts: parts.clone(),
-                        },
-                    )?;
+                    self.record_parts(d, &upload_id, part_size, &parts)?;
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -550,12 +824,12 @@ impl Tier {
         drop(uploads);
         let result = match failed {
             Some(e) => Err(e),
-            None => self.s3.complete(d, &upload_id, &parts).await,
+            None => self.s3_bg.complete(d, &upload_id, &parts).await,
         };
         match result {
             Ok(()) => self.finished(d),
             Err(e) if e.is_no_such_upload() => {
-                if self.s3.contains(d).await? {
+                if self.s3_bg.contains(d).await? {
                     return self.finished(d);
                 }
                 // Aborted under us (a sweep): start over.
@@ -596,7 +870,7 @@ impl Tier {
     /// Aborts the open multipart uploads under the prefix that no journal row owns and that
     /// are older than the grace period. Returns how many it aborted.
     pub async fn sweep(&self) -> Result<usize, S3Error> {
-        let open = self.s3.open_uploads(None).await?;
+        let open = self.s3_bg.open_uploads(None).await?;
         if open.is_empty() {
             return Ok(0);
         }
@@ -617,7 +891,7 @@ impl Tier {
         let mut aborted = 0;
         for u in open {
             if !owned.contains(&u.upload_id) && u.initiated <= cutoff {
-                self.s3.abort(&u.key, &u.upload_id).await?;
+                self.s3_bg.abort(&u.key, &u.upload_id).await?;
                 aborted += 1;
             }
         }

@@ -344,6 +344,129 @@ async fn two_servers_share_a_seaweedfs_bucket() {
     two_servers_share_a_bucket("RECACHE_TEST_S3_SEAWEED").await;
 }
 
+/// A ByteStream write of `data` under `d`'s name that stops after `pause_at` bytes until the
+/// returned sender says go on. The call's result comes from the handle.
+fn write_with_pause(
+    s: &Serving,
+    d: Digest,
+    data: Vec<u8>,
+    pause_at: usize,
+) -> (
+    tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(1);
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash,
+        d.size_bytes
+    );
+    tokio::spawn(async move {
+        let mut wait = Some(wait);
+        for (i, c) in data.chunks(1 << 20).enumerate() {
+            if i << 20 >= pause_at
+                && let Some(w) = wait.take()
+            {
+                let _ = w.await;
+            }
+            let msg = WriteRequest {
+                resource_name: if i == 0 {
+                    resource.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: (i << 20) as i64,
+                finish_write: (i + 1) << 20 >= data.len(),
+                data: c.to_vec(),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut client = ByteStreamClient::new(s.channel.clone());
+    let call = tokio::spawn(async move {
+        let stream = futures::stream::poll_fn({
+            let mut rx = rx;
+            move |cx| rx.poll_recv(cx)
+        });
+        client.write(stream).await.map(|_| ())
+    });
+    (call, go)
+}
+
+/// Waits (up to 20 s) until the bucket has a multipart upload open under `key`.
+async fn upload_opens(s3: &S3Blobs, key: &str) {
+    let start = Instant::now();
+    while s3.open_uploads(Some(key)).await.unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no multipart upload of {key} was opened while the blob was arriving"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A large blob's multipart upload starts while the blob still arrives (its first parts go
+/// up before the client has finished sending), and only a blob that verified is ever
+/// completed: a write whose bytes are not its digest's leaves no object and no open upload,
+/// even though some of its parts were already in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blobs_go_up_while_they_arrive_and_only_verified_ones_complete() {
+    let Some(o) = s3_options("RECACHE_TEST_S3_SEAWEED") else {
+        return;
+    };
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), TierOptions::new(o.clone())).await;
+    s3.ensure_bucket().await.unwrap();
+
+    // A good blob of four parts: the upload is open while 11 MiB of 17 have arrived.
+    let good = testutil::data::pseudo_random(17 << 20, 71);
+    let d = Digest::of_bytes(&good);
+    let (call, go) = write_with_pause(&s, d, good.clone(), 11 << 20);
+    upload_opens(&s3, &s3.key(d)).await;
+    assert!(
+        !s3.contains(d).await.unwrap(),
+        "completed before the blob was whole"
+    );
+    go.send(()).unwrap();
+    call.await.unwrap().unwrap();
+    s.drained(Duration::from_secs(60)).await;
+    let back = dir.path().join("good-back");
+    assert!(s3.get_to_file(d, &back).await.unwrap());
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        good,
+        "the bucket's copy is the blob"
+    );
+
+    // Bytes that are not the named blob: parts went up, nothing is completed.
+    let claimed = Digest::of_bytes(&testutil::data::pseudo_random(17 << 20, 72));
+    let wrong = testutil::data::pseudo_random(17 << 20, 73);
+    let (call, go) = write_with_pause(&s, claimed, wrong, 11 << 20);
+    upload_opens(&s3, &s3.key(claimed)).await;
+    go.send(()).unwrap();
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    s.drained(Duration::from_secs(60)).await;
+    assert!(
+        !s3.contains(claimed).await.unwrap(),
+        "a blob that did not verify reached the bucket"
+    );
+    assert!(
+        s3.open_uploads(None).await.unwrap().is_empty(),
+        "the refused blob's multipart upload was left open"
+    );
+    assert_eq!(
+        read_blob(&s, claimed).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    s.stop().await;
+}
+
 /// The fast tier as recache serve opens it, for staging what a crash leaves behind.
 fn open_fast_tier(dir: &std::path::Path) -> store::LocalStore {
     let mut o = store::LocalStoreOptions::new(dir.join("store"));
