@@ -36,7 +36,8 @@ struct Target {
     instance: String,
 }
 
-fn resource(instance: &str, rest: String) -> String {
+/// A ByteStream resource name under `instance` (none when empty).
+pub(crate) fn resource(instance: &str, rest: String) -> String {
     if instance.is_empty() {
         rest
     } else {
