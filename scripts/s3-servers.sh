@@ -81,6 +81,17 @@ except Exception:
   die "$name did not answer on 127.0.0.1:$port"
 }
 
+# SeaweedFS marks its volumes read-only once the disk has less than 1 % free, and then answers
+# every write with 500 InternalError: say so up front rather than let tests fail obscurely.
+warn_low_disk() {
+  local free_kb
+  free_kb="$(df -Pk "$1" | awk 'NR == 2 { print $4 }')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024)) MiB free under $1; SeaweedFS refuses writes" \
+      "(500 InternalError) when the disk is nearly full, and the S3 tests need a few GiB"
+  fi
+}
+
 start() {
   install
   stop_quietly
@@ -94,6 +105,7 @@ start() {
 
   weed_port="$(free_port)"
   mkdir -p "$RUN/weed-data"
+  warn_low_disk "$RUN/weed-data"
   AWS_ACCESS_KEY_ID="$ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$SECRET_KEY" \
     "$VENV/bin/weed" mini -dir="$RUN/weed-data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -admin.ui=false -webdav=false -s3.port.iceberg=0 -master.telemetry=false \
