@@ -11,7 +11,8 @@
 #   status   say which servers are running
 #   env      print the environment lines (`eval "$(scripts/s3-servers.sh env)"`):
 #            RECACHE_TEST_S3_MOTO / RECACHE_TEST_S3_SEAWEED (endpoint URLs) and the credentials
-#            both accept (RECACHE_TEST_S3_ACCESS_KEY / RECACHE_TEST_S3_SECRET_KEY)
+#            both accept (RECACHE_TEST_S3_ACCESS_KEY / RECACHE_TEST_S3_SECRET_KEY), and
+#            SeaweedFS's PID (RECACHE_TEST_S3_SEAWEED_PID: the S3 bench reports its CPU time)
 #
 # When BuildGrid is installed (scripts/reapi-servers.sh install), `start` also starts a
 # cache-only BuildGrid whose CAS is its S3 storage backend on the SeaweedFS above (bucket
@@ -117,6 +118,7 @@ start() {
   cat >"$RUN/env.sh" <<EOF
 export RECACHE_TEST_S3_MOTO=http://127.0.0.1:$moto_port
 export RECACHE_TEST_S3_SEAWEED=http://127.0.0.1:$weed_port
+export RECACHE_TEST_S3_SEAWEED_PID=$(cat "$RUN/weed.pid")
 export RECACHE_TEST_S3_ACCESS_KEY=$ACCESS_KEY
 export RECACHE_TEST_S3_SECRET_KEY=$SECRET_KEY
 EOF

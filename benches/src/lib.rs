@@ -37,6 +37,19 @@ pub fn peak_rss_mib() -> f64 {
     status_kib("VmHWM:").unwrap_or(0) as f64 / 1024.0
 }
 
+/// CPU time (user + system, all threads) process `pid` has used so far, seconds; `"self"` for
+/// this process. From `/proc/<pid>/stat`, whose times are in USER_HZ (100 on Linux, fixed by
+/// its ABI). `None` when the process is gone or not Linux.
+pub fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11); // field 3 is the first after ')'
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Size of the large blob the benches move, from `RECACHE_BENCH_BLOB_MIB` (default `default`).
 pub fn blob_mib(default: usize) -> usize {
     std::env::var("RECACHE_BENCH_BLOB_MIB")

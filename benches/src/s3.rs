@@ -271,6 +271,45 @@ async fn small_blobs(
     (write, s.elapsed())
 }
 
+/// CPU seconds used by this process (client and server alike) and by the S3 server between
+/// `start` and `stop`: where the time went, since on these 2 cores both compete for CPU.
+#[derive(Clone, Copy)]
+struct CpuMeter {
+    s3_pid: Option<u32>,
+    at: (f64, f64),
+}
+
+impl CpuMeter {
+    fn start(s3_pid: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            s3_pid,
+            at: CpuMeter::now(s3_pid),
+        }
+    }
+
+    fn now(s3_pid: Option<u32>) -> (f64, f64) {
+        let s3 = s3_pid
+            .and_then(|p| crate::cpu_secs(&p.to_string()))
+            .unwrap_or(f64::NAN);
+        (crate::cpu_secs("self").unwrap_or(f64::NAN), s3)
+    }
+
+    /// (this process, the S3 server) CPU seconds since `start`.
+    fn stop(self) -> (f64, f64) {
+        let (a, b) = CpuMeter::now(self.s3_pid);
+        (a - self.at.0, b - self.at.1)
+    }
+}
+
+/// Medians of (this process, the S3 server) CPU seconds as JSON.
+fn cpu_json(v: Vec<(f64, f64)>) -> serde_json::Value {
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    serde_json::json!({
+        "bench_process": round(median(v.iter().map(|c| c.0).collect())),
+        "s3_server": round(median(v.iter().map(|c| c.1).collect())),
+    })
+}
+
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
@@ -300,18 +339,25 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     // The client's wait: until the write is acknowledged (in the fast tier and journaled).
     let mut ack = vec![];
     let (mut rss_up, mut rss_down) = (0.0f64, 0.0f64);
+    let s3_pid = std::env::var("RECACHE_TEST_S3_SEAWEED_PID")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    let (mut cpu_plain_up, mut cpu_plain_down, mut cpu_up, mut cpu_down) =
+        (vec![], vec![], vec![], vec![]);
     for rep in 0..reps {
         let mut o = base.clone();
         o.prefix = format!("{}plain-{rep}/", base.prefix);
         let plain = S3Blobs::new(o).unwrap();
         plain.ensure_bucket().await.unwrap();
-        let s = Instant::now();
+        let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         plain_upload(&plain, d, &file).await;
         plain_up.push(s.elapsed().as_secs_f64());
+        cpu_plain_up.push(cpu.stop());
         let back = dir.join("s3-plain-back.bin");
-        let s = Instant::now();
+        let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         assert!(plain.get_to_file(d, &back).await.unwrap());
         plain_down.push(s.elapsed().as_secs_f64());
+        cpu_plain_down.push(cpu.stop());
         let _ = std::fs::remove_file(&back);
 
         let mut o = base.clone();
@@ -320,11 +366,12 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let a = serve(fast_a.path(), o.clone()).await;
         crate::reset_peak_rss().ok();
         let before = crate::rss_mib();
-        let s = Instant::now();
+        let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         write_file(&a.channel, "", d, &file).await;
         ack.push(s.elapsed().as_secs_f64());
         a.drained().await;
         up.push(s.elapsed().as_secs_f64());
+        cpu_up.push(cpu.stop());
         rss_up = rss_up.max(crate::peak_rss_mib() - before);
         a.stop().await;
         drop(fast_a);
@@ -334,9 +381,10 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let back = dir.join("s3-tier-back.bin");
         crate::reset_peak_rss().ok();
         let before = crate::rss_mib();
-        let s = Instant::now();
+        let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         read_to_file(&b.channel, "", d, &back).await;
         down.push(s.elapsed().as_secs_f64());
+        cpu_down.push(cpu.stop());
         rss_down = rss_down.max(crate::peak_rss_mib() - before);
         let _ = std::fs::remove_file(&back);
         b.stop().await;
@@ -355,6 +403,15 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         "large_upload_recache_acknowledged_s".into(),
         median(ack).into(),
     );
+    if s3_pid.is_some() {
+        out.insert("large_upload_plain_cpu_s".into(), cpu_json(cpu_plain_up));
+        out.insert("large_upload_recache_cpu_s".into(), cpu_json(cpu_up));
+        out.insert(
+            "large_download_plain_cpu_s".into(),
+            cpu_json(cpu_plain_down),
+        );
+        out.insert("large_download_recache_cpu_s".into(), cpu_json(cpu_down));
+    }
     out.insert("large_download_plain_s".into(), pd.into());
     out.insert("large_download_recache_s".into(), rd.into());
     out.insert("large_download_ratio".into(), ratio(pd, rd).into());

@@ -1004,12 +1004,30 @@ impl<R: std::io::Read> std::io::Read for RefusingReader<R> {
     }
 }
 
+/// The reader of a [`Source::Blob`]: idle, or on a blocking thread reading the chunk that
+/// goes out next (read while the previous one is being sent, so disk and network overlap; one
+/// chunk ahead at most).
+enum BlobSlot {
+    Idle(store::BlobReader),
+    Reading(tokio::task::JoinHandle<(store::BlobReader, Result<bytes::Bytes, store::StoreError>)>),
+    /// Only while a read's result is being taken, or after a failed one.
+    Gone,
+}
+
+impl BlobSlot {
+    fn read(mut reader: store::BlobReader, pos: u64, len: u64) -> BlobSlot {
+        BlobSlot::Reading(tokio::task::spawn_blocking(move || {
+            let got = reader.read_range(pos, len);
+            (reader, got)
+        }))
+    }
+}
+
 /// Where a read's bytes come from.
 enum Source {
     /// Logical bytes, read a range at a time from one open reader (a compressed pool file is
     /// opened and its seek table read once; each range decodes only the frames it touches).
-    /// `None` only while a chunk is being read on a blocking thread.
-    Blob(Option<store::BlobReader>),
+    Blob(BlobSlot),
     /// Stored zstd frames, sent as they are to a client that asked for compressed bytes.
     Frames(tokio::fs::File),
 }
@@ -1030,7 +1048,7 @@ impl Svc {
             .open_blob(d)
             .map_err(|e| store_status("reading", &e))?
         {
-            Some(reader) => Ok(Source::Blob(Some(reader))),
+            Some(reader) => Ok(Source::Blob(BlobSlot::Idle(reader))),
             None => Err(Status::not_found(format!("blob {d} not found"))),
         }
     }
@@ -1068,15 +1086,23 @@ fn read_stream(
             }
             Source::Blob(slot) => {
                 let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                let mut reader = slot.take()?;
-                let chunk = match tokio::task::spawn_blocking(move || {
-                    let got = reader.read_range(pos, want);
-                    (reader, got)
-                })
-                .await
-                {
+                let reading = match std::mem::replace(slot, BlobSlot::Gone) {
+                    BlobSlot::Idle(reader) => BlobSlot::read(reader, pos, want),
+                    reading @ BlobSlot::Reading(_) => reading,
+                    BlobSlot::Gone => return None,
+                };
+                let BlobSlot::Reading(task) = reading else {
+                    return None;
+                };
+                let chunk = match task.await {
                     Ok((reader, got)) => {
-                        *slot = Some(reader);
+                        let next = pos + want;
+                        *slot = if got.is_ok() && next < end {
+                            // The next chunk is read while this one is sent.
+                            BlobSlot::read(reader, next, (end - next).min(READ_CHUNK_BYTES as u64))
+                        } else {
+                            BlobSlot::Idle(reader)
+                        };
                         got.map_err(|e| store_status("reading", &e))
                     }
                     Err(e) => Err(Status::internal(format!("read task: {e}"))),
@@ -1086,7 +1112,8 @@ fn read_stream(
                         zstd::bulk::compress(&data, 1)
                             .map_err(|e| Status::internal(format!("zstd: {e}")))?
                     } else {
-                        data.to_vec()
+                        // No copy when the chunk owns its buffer (a pool file's range).
+                        Vec::from(data)
                     };
                     Ok(ReadResponse { data })
                 });

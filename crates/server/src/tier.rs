@@ -1005,8 +1005,10 @@ impl Tier {
     /// GetObject whose bytes go to the client and into the fast tier at once, hashed on the
     /// way. Bytes reach the client before the end is verified (as from any proxy), so a blob
     /// that does not verify ends the stream with DATA_LOSS instead of a clean finish: a client
-    /// never takes wrong bytes for the blob. Other readers of the blob meanwhile wait for the
-    /// fast tier. `Ok(None)`: a fetch of it is already running (wait for it instead).
+    /// never takes wrong bytes for the blob. The last bytes and the clean end go out as soon as
+    /// the whole blob verified, before the fast tier's copy is fsynced and committed. Other
+    /// readers of the blob meanwhile wait for the fast tier. `Ok(None)`: a fetch of it is
+    /// already running (wait for it instead).
     pub async fn stream_through(
         self: &Arc<Self>,
         inner: &Arc<crate::Inner>,
@@ -1089,19 +1091,24 @@ impl Tier {
                         }
                     }
                 }
+                dest.verify()
+                    .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+                // Verified: the reader gets its last bytes and its end of stream now, while
+                // the fast tier's copy is made durable (the fsync of a large blob takes a
+                // while, and the reader's bytes do not depend on it).
+                if let Some(c) = client.take()
+                    && (!pending.is_empty() || d.size_bytes == 0)
+                {
+                    let _ = c.send(Ok(std::mem::take(&mut pending))).await;
+                }
                 dest.commit()
                     .await
-                    .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+                    .map_err(|e| format!("storing {d}: {e}"))?;
                 Ok(())
             }
             .await;
             match result {
                 Ok(()) => {
-                    if let Some(c) = &client
-                        && (!pending.is_empty() || d.size_bytes == 0)
-                    {
-                        let _ = c.send(Ok(pending)).await;
-                    }
                     lock(&me.known).insert(d);
                     finish(&me, Ok(true), done_tx);
                 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::StoreError;
 use crate::local::LocalStore;
-use crate::local::pool::InFlightGuard;
+use crate::local::pool::{InFlightGuard, WritingBack};
 
 /// A sink a provider streams a blob into. Object-safe, so providers take
 /// `&mut dyn LoadDestination` and live behind `Arc<dyn …>`.
@@ -60,20 +60,23 @@ enum Sink {
 }
 
 /// A pool temp file compressed at rest (`PoolCompression::Zstd`): logical bytes are hashed, then
-/// compressed into 1 MiB frames as they arrive (synchronously: a frame at a time, ≈ 3 ms).
+/// compressed into 1 MiB frames as they arrive (synchronously: a frame at a time, ≈ 3 ms). The
+/// file's pages are handed to the disk as they are written ([`WritingBack`]), so the fsync at
+/// commit does not flush the whole blob at once.
 #[derive(Debug)]
 struct CompressedSink {
-    writer: Option<crate::local::zstd_blob::Writer<std::io::BufWriter<std::fs::File>>>,
+    writer: Option<CompressedWriter>,
     temp: PathBuf,
     hasher: Hasher,
     committed: bool,
     _guard: InFlightGuard,
 }
 
+type CompressedWriter =
+    crate::local::zstd_blob::Writer<std::io::BufWriter<WritingBack<std::fs::File>>>;
+
 impl CompressedSink {
-    fn writer(
-        &mut self,
-    ) -> io::Result<&mut crate::local::zstd_blob::Writer<std::io::BufWriter<std::fs::File>>> {
+    fn writer(&mut self) -> io::Result<&mut CompressedWriter> {
         self.writer
             .as_mut()
             .ok_or_else(|| io::Error::other("the compressed destination is closed"))
@@ -104,7 +107,7 @@ impl LocalDestination {
             let (temp, file) = store.pool().create_temp()?;
             Sink::Compressed(Box::new(CompressedSink {
                 writer: Some(crate::local::zstd_blob::Writer::new(
-                    std::io::BufWriter::with_capacity(1 << 20, file),
+                    std::io::BufWriter::with_capacity(1 << 20, WritingBack::new(file)),
                 )),
                 temp,
                 hasher: Hasher::new(),
@@ -135,6 +138,19 @@ impl LocalDestination {
     /// The digest this destination will accept.
     pub fn expected(&self) -> Digest {
         self.expected
+    }
+
+    /// Whether what was written so far is the whole expected blob, without committing it: a
+    /// proxy can hand the last bytes on to its reader once they verify, and make them durable
+    /// afterwards. [`commit`](LocalDestination::commit) checks again (an error here is the one
+    /// commit would give).
+    pub fn verify(&self) -> Result<(), StoreError> {
+        let actual = match &self.sink {
+            Sink::Memory(buf) => Digest::of_bytes(buf),
+            Sink::Pool(sink) => sink.hasher.clone().finish(),
+            Sink::Compressed(sink) => sink.hasher.clone().finish(),
+        };
+        check(self.expected, actual)
     }
 
     /// Verifies what was written against the expected digest and commits it to the store.
@@ -182,7 +198,8 @@ impl LocalDestination {
                     .finish()
                     .map_err(|e| io_err("writing", e))?
                     .into_inner()
-                    .map_err(|e| io_err("writing", e.into_error()))?;
+                    .map_err(|e| io_err("writing", e.into_error()))?
+                    .into_file();
                 file.sync_all().map_err(|e| io_err("fsync", e))?;
                 let _lease = self.store.lease([expected]);
                 let is_new = self.store.pool().commit_temp(&temp, &expected)?;
@@ -300,11 +317,15 @@ impl LoadDestination for LocalDestination {
                     .writer
                     .take()
                     .ok_or_else(|| io::Error::other("the compressed destination is closed"))?;
-                let mut file = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
+                let mut file = writer
+                    .finish()?
+                    .into_inner()
+                    .map_err(|e| e.into_error())?
+                    .into_file();
                 file.set_len(0)?;
                 file.seek(io::SeekFrom::Start(0))?;
                 sink.writer = Some(crate::local::zstd_blob::Writer::new(
-                    std::io::BufWriter::with_capacity(1 << 20, file),
+                    std::io::BufWriter::with_capacity(1 << 20, WritingBack::new(file)),
                 ));
                 sink.hasher = Hasher::new();
             }

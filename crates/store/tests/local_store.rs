@@ -177,6 +177,43 @@ async fn corruption_detected_on_write_is_never_committed() {
     assert_eq!(store.usage().total_blobs(), 0);
 }
 
+/// A proxy hands the last bytes on once `verify` passes, before the commit's fsync: `verify`
+/// must refuse exactly what `commit` would, in every kind of sink (memory, plain pool file,
+/// compressed pool file), and leave the destination committable.
+#[tokio::test]
+async fn verify_answers_what_commit_would_without_committing() {
+    for compressed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = LocalStoreOptions::new(dir.path());
+        if compressed {
+            options.pool_compression = store::PoolCompression::Zstd;
+        }
+        let store = LocalStore::open(options).unwrap();
+        for len in [1000usize, 3 * 1024 * 1024 + 7] {
+            let good = bytes(len, 31);
+            let d = Digest::of_bytes(&good);
+            let mut dest = store.begin_write(d).await.unwrap();
+            dest.write_all(&good[..len - 1]).await.unwrap();
+            let err = dest.verify().unwrap_err();
+            assert!(err.to_string().contains("truncated"), "{err}");
+            let mut last = good[len - 1..].to_vec();
+            last[0] ^= 1;
+            dest.write_all(&last).await.unwrap();
+            let err = dest.verify().unwrap_err();
+            assert!(err.to_string().contains("corrupt"), "{err}");
+            assert!(!store.contains(d), "verify never commits");
+            drop(dest); // a pool destination holds the digest's write lock
+
+            let mut dest = store.begin_write(d).await.unwrap();
+            dest.write_all(&good).await.unwrap();
+            dest.verify().unwrap();
+            assert!(!store.contains(d), "verify never commits");
+            dest.commit().await.unwrap();
+            assert_eq!(store.load_bytes(d).unwrap().unwrap(), &good[..]);
+        }
+    }
+}
+
 #[tokio::test]
 async fn reset_discards_a_partial_attempt() {
     use store::LoadDestination;

@@ -13,6 +13,7 @@
 //! and locking it, an unlocked temp file is removed only when its writer's PID (in the name) is
 //! gone from this machine or the file is older than [`STALE_TEMP_AGE`].
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
@@ -203,7 +204,7 @@ impl Pool {
         let file = buffered
             .into_inner()
             .map_err(|e| io_err("writing", e.into_error()))?
-            .file;
+            .into_file();
         file.sync_all().map_err(|e| io_err("fsync", e))?;
         Ok(digest)
     }
@@ -455,19 +456,27 @@ const WRITEBACK_STEP_BYTES: u64 = 8 * 1024 * 1024;
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait). The fsync before commit then
 /// finds most of the blob already on disk, instead of flushing all of it at the end while the
 /// client waits: writeback overlaps the receive. A hint only; the fsync is what guarantees.
-struct WritingBack<'a> {
-    file: &'a fs::File,
+///
+/// `F` is the file or a borrow of it (`&fs::File`), for writers that own it or not.
+#[derive(Debug)]
+pub(crate) struct WritingBack<F: Borrow<fs::File>> {
+    file: F,
     written: u64,
     kicked: u64,
 }
 
-impl<'a> WritingBack<'a> {
-    fn new(file: &'a fs::File) -> WritingBack<'a> {
+impl<F: Borrow<fs::File>> WritingBack<F> {
+    pub(crate) fn new(file: F) -> WritingBack<F> {
         WritingBack {
             file,
             written: 0,
             kicked: 0,
         }
+    }
+
+    /// The file back, for the fsync.
+    pub(crate) fn into_file(self) -> F {
+        self.file
     }
 
     #[cfg(target_os = "linux")]
@@ -480,11 +489,11 @@ impl<'a> WritingBack<'a> {
             return;
         };
         // SAFETY: sync_file_range only reads its integer arguments; the descriptor is valid for
-        // as long as `self.file` is borrowed. Failure is harmless (the fsync still runs).
+        // as long as `self.file` is held. Failure is harmless (the fsync still runs).
         #[allow(unsafe_code)]
         let _ = unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                self.file.borrow().as_raw_fd(),
                 from,
                 len,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -497,9 +506,9 @@ impl<'a> WritingBack<'a> {
     fn kick(&mut self) {}
 }
 
-impl io::Write for WritingBack<'_> {
+impl<F: Borrow<fs::File>> io::Write for WritingBack<F> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (&mut &*self.file).write(buf)?;
+        let n = (&mut self.file.borrow()).write(buf)?;
         self.written += n as u64;
         if self.written - self.kicked >= WRITEBACK_STEP_BYTES {
             self.kick();
