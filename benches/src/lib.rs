@@ -50,6 +50,15 @@ pub fn cpu_secs(pid: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// Writes every dirty page back (`sync`) before a timed section, so the disk is not still busy
+/// with an earlier section's bytes (a 1 GiB transfer leaves gigabytes of writeback behind it,
+/// which would land on whichever side is timed next). Best effort: a missing `sync` only warns.
+pub fn settle_disk() {
+    if let Err(e) = std::process::Command::new("sync").status() {
+        eprintln!("bench: could not run sync: {e}");
+    }
+}
+
 /// Size of the large blob the benches move, from `RECACHE_BENCH_BLOB_MIB` (default `default`).
 pub fn blob_mib(default: usize) -> usize {
     std::env::var("RECACHE_BENCH_BLOB_MIB")

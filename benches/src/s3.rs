@@ -349,11 +349,13 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         o.prefix = format!("{}plain-{rep}/", base.prefix);
         let plain = S3Blobs::new(o).unwrap();
         plain.ensure_bucket().await.unwrap();
+        crate::settle_disk();
         let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         plain_upload(&plain, d, &file).await;
         plain_up.push(s.elapsed().as_secs_f64());
         cpu_plain_up.push(cpu.stop());
         let back = dir.join("s3-plain-back.bin");
+        crate::settle_disk();
         let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         assert!(plain.get_to_file(d, &back).await.unwrap());
         plain_down.push(s.elapsed().as_secs_f64());
@@ -366,6 +368,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let a = serve(fast_a.path(), o.clone()).await;
         crate::reset_peak_rss().ok();
         let before = crate::rss_mib();
+        crate::settle_disk();
         let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         write_file(&a.channel, "", d, &file).await;
         ack.push(s.elapsed().as_secs_f64());
@@ -381,6 +384,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let back = dir.join("s3-tier-back.bin");
         crate::reset_peak_rss().ok();
         let before = crate::rss_mib();
+        crate::settle_disk();
         let (s, cpu) = (Instant::now(), CpuMeter::start(s3_pid));
         read_to_file(&b.channel, "", d, &back).await;
         down.push(s.elapsed().as_secs_f64());
@@ -440,6 +444,8 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     let ours = serve(fast.path(), o).await;
     let (mut ours_small, mut bg_small, mut ours_large, mut bg_large, mut drain) =
         (vec![], vec![], vec![], vec![], vec![]);
+    // The 256 MiB row's write and read apart: [ours, BuildGrid] × [write, read].
+    let mut split: [[Vec<f64>; 2]; 2] = Default::default();
     for _ in 0..reps {
         let salt = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
         // Fresh content each repetition, so neither side answers from an earlier one.
@@ -451,7 +457,9 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
             .collect();
         let pd = make_file(&peer_file, 256);
         for (side, channel, instance) in [(0, &ours.channel, ""), (1, &bgd, "main")] {
+            crate::settle_disk();
             let (w, r) = small_blobs(channel, instance, &blobs).await;
+            crate::settle_disk();
             let s = Instant::now();
             write_file(channel, instance, pd, &peer_file).await;
             let lw = s.elapsed();
@@ -460,6 +468,8 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
             read_to_file(channel, instance, pd, &back).await;
             let lr = s.elapsed();
             let _ = std::fs::remove_file(&back);
+            split[side][0].push(lw.as_secs_f64());
+            split[side][1].push(lr.as_secs_f64());
             let (small, large) = ((w + r).as_secs_f64(), (lw + lr).as_secs_f64());
             if side == 0 {
                 let s = Instant::now();
@@ -503,6 +513,14 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         secs(Duration::from_secs_f64(bl)).into(),
     );
     out.insert("large_256m_ratio_vs_buildgrid".into(), ratio(bl, ol).into());
+    let [ours_split, bg_split] = split.map(|[w, r]| {
+        serde_json::json!({
+            "write": secs(Duration::from_secs_f64(median(w))),
+            "read": secs(Duration::from_secs_f64(median(r))),
+        })
+    });
+    out.insert("large_256m_recache_split_s".into(), ours_split);
+    out.insert("large_256m_buildgrid_split_s".into(), bg_split);
     out.insert(
         "recache_queue_drain_after_s".into(),
         secs(Duration::from_secs_f64(median(drain))).into(),
