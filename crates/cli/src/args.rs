@@ -208,6 +208,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_S3_SWEEP_GRACE", default_value = "86400", value_name = "SECONDS", value_parser = parse_seconds)]
     pub s3_sweep_grace: Duration,
 
+    /// After a client's request to the bucket fails (past its retries), clients' requests
+    /// leave the bucket alone this many seconds: existence checks answer "missing", reads and
+    /// action results UNAVAILABLE (a miss to the client) at once, served from the fast tier
+    /// meanwhile. 0: ask every time.
+    #[arg(long, env = "RECACHE_S3_COOLDOWN", default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub s3_cooldown: Duration,
+
     /// Blobs at least this large go to the bucket in parts (of 8 MiB, 2 in flight).
     #[arg(long, env = "RECACHE_S3_MULTIPART_THRESHOLD", default_value = "16M", value_name = "SIZE", value_parser = parse_size)]
     pub s3_multipart_threshold: u64,

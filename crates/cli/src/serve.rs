@@ -31,6 +31,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             t.queue = args.s3_queue.max(1);
             t.queue_wait = args.s3_queue_wait;
             t.sweep_grace = args.s3_sweep_grace;
+            t.cooldown = args.s3_cooldown;
             (default_dir()?, Some(t))
         }
         Some(dir) => (std::path::PathBuf::from(dir), None),

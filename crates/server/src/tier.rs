@@ -89,6 +89,13 @@ pub struct TierOptions {
     pub sweep_every: Duration,
     /// Blobs remembered as present in the bucket (saves HEADs). Default 1 M (≈ 80 MiB at most).
     pub known_capacity: usize,
+    /// After a client's request to the bucket failed (past the SDK's retries), clients'
+    /// requests leave the bucket alone this long: existence checks answer "missing", reads
+    /// and action results UNAVAILABLE, at once instead of after another round of retries (a
+    /// hung bucket would otherwise hold every request for its timeouts). The first request
+    /// after it asks again. Background uploads keep their own backoff. Default
+    /// [`BUCKET_COOLDOWN`].
+    pub cooldown: Duration,
 }
 
 impl TierOptions {
@@ -103,10 +110,15 @@ impl TierOptions {
             sweep_grace: Duration::from_secs(24 * 3600),
             sweep_every: Duration::from_secs(3600),
             known_capacity: 1 << 20,
+            cooldown: BUCKET_COOLDOWN,
         }
     }
 }
 
+/// Default [`TierOptions::cooldown`]: long enough that a bucket that is down costs clients one
+/// slow request per 10 s instead of one per request; short enough that a bucket that is back
+/// serves again before a build notices.
+pub const BUCKET_COOLDOWN: Duration = Duration::from_secs(10);
 /// Longest wait before a failed upload is tried again.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// HEADs in flight at once for one existence check.
@@ -328,6 +340,8 @@ pub(crate) struct Tier {
     /// Clients' ByteStream reads streaming now; uploads yield to them (see [`YIELD_MAX`]).
     reads: Arc<std::sync::atomic::AtomicUsize>,
     fetches: Mutex<HashMap<Digest, SharedFetch>>,
+    /// Until when clients' requests leave the bucket alone (see [`TierOptions::cooldown`]).
+    cooling: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Tier {
@@ -474,7 +488,40 @@ impl Tier {
             early: Default::default(),
             reads: Default::default(),
             fetches: Default::default(),
+            cooling: Default::default(),
         }))
+    }
+
+    /// Whether a client's request may ask the bucket now: `Err` (why not) while it cools down
+    /// after a failure (see [`TierOptions::cooldown`]).
+    fn bucket_usable(&self) -> Result<(), String> {
+        match *lock(&self.cooling) {
+            Some(until) if Instant::now() < until => Err(format!(
+                "the cache's S3 storage failed moments ago; it is asked again in {:.1} s",
+                (until - Instant::now()).as_secs_f64()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Notes how a client's request to the bucket went: a failure starts a cooldown, a
+    /// success ends one.
+    fn noted<T>(&self, result: Result<T, S3Error>) -> Result<T, S3Error> {
+        let mut cooling = lock(&self.cooling);
+        match &result {
+            Ok(_) => *cooling = None,
+            Err(e) => {
+                let now = Instant::now();
+                if cooling.is_none_or(|until| until <= now) {
+                    tracing::warn!(error = %e, cooldown_s = self.options.cooldown.as_secs_f64(),
+                        "the S3 bucket failed; clients' requests leave it alone for the cooldown");
+                }
+                // (A cooldown too large for the clock counts as a year.)
+                let year = Duration::from_secs(365 * 24 * 3600);
+                *cooling = Some(now + self.options.cooldown.min(year));
+            }
+        }
+        result
     }
 
     /// The bucket.
@@ -899,32 +946,22 @@ impl Tier {
     }
 
     /// Which of `digests` neither the fast tier nor the bucket holds. A failed HEAD counts as
-    /// missing (the client then uploads the blob again: safe), and so does every blob of the
-    /// call not checked yet when one fails.
+    /// missing (the client then uploads the blob again: safe), and so does every blob not
+    /// checked while the bucket cools down after a failure (this call's rest included).
     pub async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
         let local = self.store.missing(digests.iter().copied());
         let unknown: Vec<Digest> = {
             let known = lock(&self.known);
             local.into_iter().filter(|d| !known.contains(d)).collect()
         };
-        // Once one HEAD has failed (after the SDK's retries), the rest of this call is not sent:
-        // a bucket that is down would otherwise cost every digest its retries.
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        let failed = &failed;
+        // Once one HEAD has failed (after the SDK's retries) the bucket cools down, and the
+        // rest is not sent: a bucket that is down would otherwise cost every digest its retries.
         let checked: Vec<(Digest, bool)> = futures::stream::iter(unknown)
             .map(|d| async move {
-                if failed.load(std::sync::atomic::Ordering::Acquire) {
+                if self.bucket_usable().is_err() {
                     return (d, false);
                 }
-                match self.s3.contains(d).await {
-                    Ok(there) => (d, there),
-                    Err(e) => {
-                        if !failed.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                            tracing::warn!(error = %e, "S3 existence check failed; reporting the unchecked blobs missing");
-                        }
-                        (d, false)
-                    }
-                }
+                (d, self.noted(self.s3.contains(d).await).unwrap_or(false))
             })
             .buffer_unordered(HEAD_CONCURRENCY)
             .collect()
@@ -978,10 +1015,14 @@ impl Tier {
         if self.store.contains(d) {
             return Ok(true);
         }
+        self.bucket_usable()?;
         let _room = inner
             .reserve(d.size_bytes)
             .map_err(|s| s.message().to_owned())?;
-        let Some(mut body) = self.s3.get(d).await.map_err(|e| e.to_string())? else {
+        let Some(mut body) = self
+            .noted(self.s3.get(d).await)
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(false);
         };
         let mut dest = self.store.begin_write(d).await.map_err(|e| e.to_string())?;
@@ -1042,7 +1083,10 @@ impl Tier {
             }
         };
         let opened = async {
-            let body = self.s3.get(d).await.map_err(|e| unavailable(&e))?;
+            self.bucket_usable().map_err(Status::unavailable)?;
+            let body = self
+                .noted(self.s3.get(d).await)
+                .map_err(|e| unavailable(&e))?;
             let dest = self
                 .store
                 .begin_write(d)
@@ -1130,14 +1174,15 @@ impl Tier {
 
     /// The action result of `action` from the bucket, if it has one.
     pub async fn get_ac(&self, action: Digest) -> Result<Option<Vec<u8>>, Status> {
-        self.s3.get_ac(action).await.map_err(|e| unavailable(&e))
+        self.bucket_usable().map_err(Status::unavailable)?;
+        self.noted(self.s3.get_ac(action).await)
+            .map_err(|e| unavailable(&e))
     }
 
     /// Stores the action result of `action` in the bucket (so every server sharing it hits).
     pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), Status> {
-        self.s3
-            .put_ac(action, encoded)
-            .await
+        self.bucket_usable().map_err(Status::unavailable)?;
+        self.noted(self.s3.put_ac(action, encoded).await)
             .map_err(|e| unavailable(&e))
     }
 

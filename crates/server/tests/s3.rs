@@ -672,22 +672,54 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
     let dr = Digest::of_bytes(&only_remote);
     s3.put_bytes(dr, only_remote.clone().into()).await.unwrap();
     let dir_b = tempfile::tempdir().unwrap();
-    let b = serve(dir_b.path(), TierOptions::new(via)).await;
+    let cooldown = Duration::from_secs(2);
+    let b = serve(
+        dir_b.path(),
+        TierOptions {
+            cooldown,
+            ..TierOptions::new(via)
+        },
+    )
+    .await;
+    let get_ac = || async {
+        ActionCacheClient::new(b.channel.clone())
+            .get_action_result(remexec::GetActionResultRequest {
+                action_digest: Some(Digest::of_bytes(b"some action").into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+    };
     f.always_slow_down.store(true, Ordering::Release);
     proxy.cut_connections();
+    let before = f.served.load(Ordering::Acquire);
     let e = read_blob(&b, dr).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    let e = ActionCacheClient::new(b.channel.clone())
-        .get_action_result(remexec::GetActionResultRequest {
-            action_digest: Some(Digest::of_bytes(b"some action").into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let asked = f.served.load(Ordering::Acquire);
+    assert!(
+        asked > before,
+        "the read asked the bucket (and its retries met 503s)"
+    );
+    // The failure starts the cooldown: no request reaches the bucket, each answer is at once.
+    let e = get_ac().await;
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    // Existence checks that fail report the blob missing (the client uploads it again).
+    // Existence checks that cannot ask report the blob missing (the client uploads it again).
     assert_eq!(missing(&b, &[dr]).await, vec![dr]);
+    let e = read_blob(&b, dr).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("asked again in"), "{e:?}");
+    assert_eq!(
+        f.served.load(Ordering::Acquire),
+        asked,
+        "nothing was sent to the bucket during the cooldown"
+    );
+    // After it, the bucket is asked again; an action result it fails to give is UNAVAILABLE.
+    tokio::time::sleep(cooldown + Duration::from_millis(100)).await;
+    let e = get_ac().await;
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(f.served.load(Ordering::Acquire) > asked, "asked again");
     f.always_slow_down.store(false, Ordering::Release);
+    tokio::time::sleep(cooldown + Duration::from_millis(100)).await;
     assert_eq!(
         read_blob(&b, dr).await.unwrap(),
         only_remote,
