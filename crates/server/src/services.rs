@@ -1009,18 +1009,20 @@ impl<R: std::io::Read> std::io::Read for RefusingReader<R> {
 /// chunk ahead at most).
 enum BlobSlot {
     Idle(store::BlobReader),
-    Reading(tokio::task::JoinHandle<(store::BlobReader, Result<bytes::Bytes, store::StoreError>)>),
-    /// Only while a read's result is being taken, or after a failed one.
+    Reading(ChunkRead),
+    /// Only while a read's result is being taken, or after its task died.
     Gone,
 }
 
-impl BlobSlot {
-    fn read(mut reader: store::BlobReader, pos: u64, len: u64) -> BlobSlot {
-        BlobSlot::Reading(tokio::task::spawn_blocking(move || {
-            let got = reader.read_range(pos, len);
-            (reader, got)
-        }))
-    }
+type ChunkRead =
+    tokio::task::JoinHandle<(store::BlobReader, Result<bytes::Bytes, store::StoreError>)>;
+
+/// Reads `len` bytes at `pos` on a blocking thread; the reader comes back with them.
+fn read_chunk(mut reader: store::BlobReader, pos: u64, len: u64) -> ChunkRead {
+    tokio::task::spawn_blocking(move || {
+        let got = reader.read_range(pos, len);
+        (reader, got)
+    })
 }
 
 /// Where a read's bytes come from.
@@ -1086,26 +1088,29 @@ fn read_stream(
             }
             Source::Blob(slot) => {
                 let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                let reading = match std::mem::replace(slot, BlobSlot::Gone) {
-                    BlobSlot::Idle(reader) => BlobSlot::read(reader, pos, want),
-                    reading @ BlobSlot::Reading(_) => reading,
+                let task = match std::mem::replace(slot, BlobSlot::Gone) {
+                    BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
+                    BlobSlot::Reading(task) => task,
                     BlobSlot::Gone => return None,
-                };
-                let BlobSlot::Reading(task) = reading else {
-                    return None;
                 };
                 let chunk = match task.await {
                     Ok((reader, got)) => {
                         let next = pos + want;
                         *slot = if got.is_ok() && next < end {
                             // The next chunk is read while this one is sent.
-                            BlobSlot::read(reader, next, (end - next).min(READ_CHUNK_BYTES as u64))
+                            BlobSlot::Reading(read_chunk(
+                                reader,
+                                next,
+                                (end - next).min(READ_CHUNK_BYTES as u64),
+                            ))
                         } else {
                             BlobSlot::Idle(reader)
                         };
                         got.map_err(|e| store_status("reading", &e))
                     }
-                    Err(e) => Err(Status::internal(format!("read task: {e}"))),
+                    Err(e) => Err(Status::internal(format!(
+                        "reading a stored blob: its read task failed: {e}"
+                    ))),
                 };
                 let item = chunk.and_then(|data| {
                     let data = if compressed {

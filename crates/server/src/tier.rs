@@ -492,21 +492,24 @@ impl Tier {
         }))
     }
 
-    /// Whether a client's request may ask the bucket now: `Err` (why not) while it cools down
-    /// after a failure (see [`TierOptions::cooldown`]).
-    fn bucket_usable(&self) -> Result<(), String> {
-        match *lock(&self.cooling) {
-            Some(until) if Instant::now() < until => Err(format!(
-                "the cache's S3 storage failed moments ago; it is asked again in {:.1} s",
-                (until - Instant::now()).as_secs_f64()
-            )),
-            _ => Ok(()),
+    /// A client's request to the bucket (`call`, not sent until awaited), unless the bucket
+    /// cools down after a failure (see [`TierOptions::cooldown`]): then UNAVAILABLE at once.
+    /// A failure starts a cooldown, a success ends one.
+    async fn ask<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, S3Error>>,
+    ) -> Result<T, Status> {
+        if let Some(until) = *lock(&self.cooling) {
+            let now = Instant::now();
+            if now < until {
+                return Err(Status::unavailable(format!(
+                    "the cache's S3 storage failed moments ago (the server's log says how); \
+                     it is asked again in {:.1} s",
+                    (until - now).as_secs_f64()
+                )));
+            }
         }
-    }
-
-    /// Notes how a client's request to the bucket went: a failure starts a cooldown, a
-    /// success ends one.
-    fn noted<T>(&self, result: Result<T, S3Error>) -> Result<T, S3Error> {
+        let result = call.await;
         let mut cooling = lock(&self.cooling);
         match &result {
             Ok(_) => *cooling = None,
@@ -521,7 +524,7 @@ impl Tier {
                 *cooling = Some(now + self.options.cooldown.min(year));
             }
         }
-        result
+        result.map_err(|e| unavailable(&e))
     }
 
     /// The bucket.
@@ -957,12 +960,7 @@ impl Tier {
         // Once one HEAD has failed (after the SDK's retries) the bucket cools down, and the
         // rest is not sent: a bucket that is down would otherwise cost every digest its retries.
         let checked: Vec<(Digest, bool)> = futures::stream::iter(unknown)
-            .map(|d| async move {
-                if self.bucket_usable().is_err() {
-                    return (d, false);
-                }
-                (d, self.noted(self.s3.contains(d).await).unwrap_or(false))
-            })
+            .map(|d| async move { (d, self.ask(self.s3.contains(d)).await.unwrap_or(false)) })
             .buffer_unordered(HEAD_CONCURRENCY)
             .collect()
             .await;
@@ -1015,13 +1013,13 @@ impl Tier {
         if self.store.contains(d) {
             return Ok(true);
         }
-        self.bucket_usable()?;
         let _room = inner
             .reserve(d.size_bytes)
             .map_err(|s| s.message().to_owned())?;
         let Some(mut body) = self
-            .noted(self.s3.get(d).await)
-            .map_err(|e| e.to_string())?
+            .ask(self.s3.get(d))
+            .await
+            .map_err(|s| s.message().to_owned())?
         else {
             return Ok(false);
         };
@@ -1083,10 +1081,7 @@ impl Tier {
             }
         };
         let opened = async {
-            self.bucket_usable().map_err(Status::unavailable)?;
-            let body = self
-                .noted(self.s3.get(d).await)
-                .map_err(|e| unavailable(&e))?;
+            let body = self.ask(self.s3.get(d)).await?;
             let dest = self
                 .store
                 .begin_write(d)
@@ -1174,16 +1169,12 @@ impl Tier {
 
     /// The action result of `action` from the bucket, if it has one.
     pub async fn get_ac(&self, action: Digest) -> Result<Option<Vec<u8>>, Status> {
-        self.bucket_usable().map_err(Status::unavailable)?;
-        self.noted(self.s3.get_ac(action).await)
-            .map_err(|e| unavailable(&e))
+        self.ask(self.s3.get_ac(action)).await
     }
 
     /// Stores the action result of `action` in the bucket (so every server sharing it hits).
     pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), Status> {
-        self.bucket_usable().map_err(Status::unavailable)?;
-        self.noted(self.s3.put_ac(action, encoded).await)
-            .map_err(|e| unavailable(&e))
+        self.ask(self.s3.put_ac(action, encoded)).await
     }
 
     /// Journal rows outstanding (uploads not yet in the bucket).
