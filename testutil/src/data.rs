@@ -24,6 +24,28 @@ pub fn unique(len: usize) -> Vec<u8> {
     out
 }
 
+/// A `len`-byte blob (`len` ≥ 64 KiB) that does not compress yet *ends* like a compressed pool
+/// file of `len` bytes: random bytes, then one zstd frame that decodes to `len` zero bytes, a
+/// two-entry offset table pointing at it, and a seek-table tail (chunk size `len`, one chunk,
+/// logical size `len`, the magic `RCZ1`). A store that guessed a file's layout from its last
+/// bytes would serve `len` zeros for this blob's digest; it is how issue 28's first bug was
+/// reproduced.
+pub fn forged_framed_blob(len: usize) -> Vec<u8> {
+    let zeros = vec![0u8; len];
+    let frame = zstd::bulk::compress(&zeros, 1).unwrap_or_default();
+    let tail_len = 16 + 4 + 4 + 8 + 4;
+    let start = len - tail_len - frame.len();
+    let mut out = pseudo_random(start, 28);
+    out.extend_from_slice(&frame);
+    out.extend_from_slice(&(start as u64).to_le_bytes());
+    out.extend_from_slice(&((start + frame.len()) as u64).to_le_bytes());
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+    out.extend_from_slice(b"RCZ1");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,23 @@ fn rpc_status(code: Code, message: String) -> Option<RpcStatus> {
     })
 }
 
+/// A read of `d` that failed. A stored blob that is not what its digest says (the wrong size,
+/// a seek table or frame that does not decode to it, bytes that do not hash to it) is DATA_LOSS,
+/// never OK, and is evicted on the spot so the next upload of it replaces it; any other failure
+/// as [`store_status`].
+fn read_failed(store: &store::LocalStore, d: Digest, e: &StoreError) -> Status {
+    if matches!(e.kind(), ErrorKind::InvalidData) {
+        tracing::error!(digest = %d, error = %e, "a stored blob is damaged; evicting it");
+        if let Err(e) = store.remove(&[d]) {
+            tracing::warn!(digest = %d, error = %e, "could not evict a damaged blob");
+        }
+        return Status::data_loss(format!(
+            "the stored copy of blob {d} is damaged and was evicted (upload it again): {e}"
+        ));
+    }
+    store_status("reading", e)
+}
+
 impl Svc {
     fn store(&self) -> &store::LocalStore {
         &self.0.store
@@ -449,7 +466,15 @@ impl ContentAddressableStorage for Svc {
         }
         let mut responses = Vec::with_capacity(digests.len());
         for d in digests {
-            let (data, status, comp) = match self.store().load_bytes(d) {
+            // A batch is small (≤ 4 MiB): every blob in it is hashed before it goes out.
+            let loaded = self.store().load_bytes(d).and_then(|b| match b {
+                Some(b) if Digest::of_bytes(&b) != d => Err(StoreError::invalid(format!(
+                    "its {} stored bytes do not hash to it",
+                    b.len()
+                ))),
+                other => Ok(other),
+            });
+            let (data, status, comp) = match loaded {
                 Ok(Some(b)) => {
                     // Compress only what shrinks enough to pay for it.
                     let compressed = if zstd_ok && b.len() >= 4096 {
@@ -478,7 +503,7 @@ impl ContentAddressableStorage for Svc {
                     compressor::Value::Identity,
                 ),
                 Err(e) => {
-                    let s = store_status("reading", &e);
+                    let s = read_failed(self.store(), d, &e);
                     (
                         vec![],
                         rpc_status(s.code(), s.message().to_owned()),
@@ -771,7 +796,11 @@ impl ByteStream for Svc {
         let source = self.open(d, r.compressed).await?;
         // Background S3 uploads give way while this streams.
         let reading = self.0.tier.as_ref().map(|t| t.reading());
-        let stream = read_stream(source, offset, end, r.compressed).map(move |chunk| {
+        let store = self.store().clone();
+        let stream = read_stream(source, offset, end, r.compressed, move |e| {
+            read_failed(&store, d, e)
+        })
+        .map(move |chunk| {
             let _ = &reading;
             chunk
         });
@@ -1048,7 +1077,7 @@ impl Svc {
         match self
             .store()
             .open_blob(d)
-            .map_err(|e| store_status("reading", &e))?
+            .map_err(|e| read_failed(self.store(), d, &e))?
         {
             Some(reader) => Ok(Source::Blob(BlobSlot::Idle(reader))),
             None => Err(Status::not_found(format!("blob {d} not found"))),
@@ -1058,15 +1087,19 @@ impl Svc {
 
 /// The bytes `offset..end` of `source` in chunks. Compressed from a plain source: each chunk
 /// its own zstd frame (concatenated frames are one valid zstd stream); from stored frames: the
-/// file as it is.
+/// file as it is. A chunk the store cannot read ends the stream with `failed`'s status.
 fn read_stream(
     source: Source,
     offset: u64,
     end: u64,
     compressed: bool,
+    failed: impl Fn(&StoreError) -> Status + Send + Sync + 'static,
 ) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
+    let failed = Arc::new(failed);
     let state = (source, offset, false);
-    futures::stream::unfold(state, move |(mut source, pos, done)| async move {
+    futures::stream::unfold(state, move |(mut source, pos, done)| {
+        let failed = failed.clone();
+        async move {
         if done {
             return None;
         }
@@ -1106,7 +1139,7 @@ fn read_stream(
                         } else {
                             BlobSlot::Idle(reader)
                         };
-                        got.map_err(|e| store_status("reading", &e))
+                        got.map_err(|e| failed(&e))
                     }
                     Err(e) => Err(Status::internal(format!(
                         "reading a stored blob: its read task failed: {e}"
@@ -1129,6 +1162,7 @@ fn read_stream(
             }
         };
         Some((item, (source, next, finished)))
+        }
     })
 }
 

@@ -765,3 +765,90 @@ async fn blobs_a_client_was_told_exist_outlive_older_unmentioned_ones() {
     assert!(!missing(&r, ds[2]).await);
     r.stop().await;
 }
+
+/// Issue 28 item 1: a blob that does not compress is stored plain, and a client can make one
+/// whose last bytes are a well-formed seek table. How a blob is stored is recorded in its file
+/// name, so every read path gives back exactly the uploaded bytes.
+#[tokio::test]
+async fn a_plain_blob_that_looks_framed_reads_back_as_itself() {
+    let r = start_with(|_| {}).await;
+    let forged = testutil::data::forged_framed_blob(1024 * 1024);
+    let d = Digest::of_bytes(&forged);
+    write(
+        &r,
+        &format!("uploads/f/blobs/{}/{}", d.hash, d.size_bytes),
+        forged.chunks(100_000).map(<[u8]>::to_vec).collect(),
+    )
+    .await
+    .unwrap();
+    // A second forgery, uploaded by batch.
+    let mut other = testutil::data::forged_framed_blob(1024 * 1024);
+    other[0] ^= 1;
+    let od = Digest::of_bytes(&other);
+    let resp = cas(&r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(od.into()),
+                data: other.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, 0);
+
+    for (d, content) in [(d, &forged), (od, &other)] {
+        let res = blob_resource(d);
+        assert_eq!(&read(&r, &res, 0, 0).await.unwrap(), content, "whole read");
+        let ranged = read(&r, &res, 1000, 5000).await.unwrap();
+        assert_eq!(ranged, &content[1000..6000], "ranged read");
+        let batch = cas(&r)
+            .batch_read_blobs(remexec::BatchReadBlobsRequest {
+                digests: vec![d.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&batch.responses[0].data, content, "batch read");
+        let zres = format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+        let z = read(&r, &zres, 0, 0).await.unwrap();
+        assert_eq!(
+            &zstd::stream::decode_all(&z[..]).expect("a compressed read is zstd"),
+            content,
+            "compressed read"
+        );
+    }
+    r.stop().await;
+}
+
+/// A stored file damaged on disk (here: a plain pool file cut short) is DATA_LOSS, never OK with
+/// other bytes, and is evicted so that the next upload replaces it.
+#[tokio::test]
+async fn a_damaged_stored_blob_is_data_loss_and_evicted() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = start_with(|_| {}).await;
+    let content = data(2 * 1024 * 1024, 77);
+    let d = Digest::of_bytes(&content);
+    let upload = format!("uploads/a/blobs/{}/{}", d.hash, d.size_bytes);
+    write(&r, &upload, vec![content.clone()]).await.unwrap();
+    let hex = d.hash.to_hex();
+    let file = r
+        .dir()
+        .join(format!("store/large/{}/{hex}-{}", &hex[..2], d.size_bytes));
+    assert!(file.is_file(), "random bytes are stored plain, under the plain name");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(d.size_bytes - 1).unwrap();
+    drop(f);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+
+    let err = read(&r, &blob_resource(d), 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(missing(&r, d).await, "the damaged copy was evicted");
+    write(&r, &upload, vec![content.clone()]).await.unwrap();
+    assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), content);
+    r.stop().await;
+}

@@ -180,7 +180,11 @@ impl LocalDestination {
                 // Leased from the rename until it is recorded: a GC running meanwhile (another
                 // write's size bound) must not evict a blob in the instant it becomes visible.
                 let _lease = self.store.lease([expected]);
-                let is_new = self.store.pool().commit_temp(temp, &expected)?;
+                let is_new = self.store.pool().commit_temp(
+                    temp,
+                    &expected,
+                    crate::local::pool::Stored::Plain,
+                )?;
                 *committed = true;
                 self.store.note_pool_added(expected, is_new)?;
             }
@@ -194,15 +198,14 @@ impl LocalDestination {
                     .writer
                     .take()
                     .ok_or_else(|| StoreError::invalid("destination already closed"))?;
-                let file = writer
-                    .finish()
-                    .map_err(|e| io_err("writing", e))?
+                let (buffered, stored) = writer.finish().map_err(|e| io_err("writing", e))?;
+                let file = buffered
                     .into_inner()
                     .map_err(|e| io_err("writing", e.into_error()))?
                     .into_file();
                 file.sync_all().map_err(|e| io_err("fsync", e))?;
                 let _lease = self.store.lease([expected]);
-                let is_new = self.store.pool().commit_temp(&temp, &expected)?;
+                let is_new = self.store.pool().commit_temp(&temp, &expected, stored)?;
                 sink.committed = true;
                 drop(file);
                 self.store.note_pool_added(expected, is_new)?;
@@ -319,6 +322,7 @@ impl LoadDestination for LocalDestination {
                     .ok_or_else(|| io::Error::other("the compressed destination is closed"))?;
                 let mut file = writer
                     .finish()?
+                    .0
                     .into_inner()
                     .map_err(|e| e.into_error())?
                     .into_file();

@@ -5,6 +5,8 @@
 //! ```text
 //! db/                     LMDB environment (tables `blobs`, `atime`, `pool`, `meta`)
 //! large/ab/<hash>-<size>  one read-only file per blob at or above the threshold
+//! large/ab/<hash>-<size>.zst  the same, stored as zstd frames (compressed pools only; the
+//!                          name records the layout, see `pool::Stored`)
 //! large/.tmp-<pid>-<uuid>  writes in progress, each locked (`flock`) by its writer; removed
 //!                          at open once no one holds the lock
 //! ```
@@ -134,6 +136,10 @@ pub struct RepairReport {
 /// A process that stored something syncs the database when it closes the store, unless some
 /// process did in the last this many milliseconds.
 const EXIT_SYNC_INTERVAL_MS: u64 = 5_000;
+
+/// `meta` flag set once the pool's file names record how each blob is laid out (`.zst` for
+/// zstd frames); a store without it is migrated once at open ([`Pool::name_legacy_frames`]).
+const LAYOUT_NAMED_KEY: &[u8] = b"pool-layout-named";
 
 /// `meta` flag set while the store is open and cleared by the last process to close it: found
 /// set by the first opener, it means a crash.
@@ -337,6 +343,16 @@ impl LocalStore {
                 .lock_shared()
                 .map_err(|e| StoreError::io(format!("{}: locking open.lock", ctx()), e))?;
         }
+        if first && !db.flag(LAYOUT_NAMED_KEY).map_err(|e| e.context(ctx()))? {
+            // Once per store: name the frame files of a compressed pool written before layouts
+            // were recorded in names (free for a new or uncompressed store).
+            let renamed = pool.name_legacy_frames().map_err(|e| e.context(ctx()))?;
+            if renamed > 0 {
+                tracing::info!(renamed, store = %root.display(), "pool files renamed to record their zstd layout");
+            }
+            db.set_flag(LAYOUT_NAMED_KEY, true)
+                .map_err(|e| e.context(ctx()))?;
+        }
         if db.counters().map_err(|e| e.context(ctx()))?.is_none() {
             // First open of this store (or of one from before the counters): count once.
             let mut c = Counters::default();
@@ -404,7 +420,8 @@ impl LocalStore {
             c.large_blobs += 1;
             c.large_bytes += d.size_bytes;
             if !rows.contains(&d.hash)
-                && let Ok(meta) = fs::metadata(self.inner.pool.path(d))
+                && let Some((path, _)) = self.inner.pool.locate(d)
+                && let Ok(meta) = fs::metadata(path)
             {
                 adopt.push((d.hash, mtime_nanos(&meta)));
             }
@@ -567,7 +584,10 @@ impl LocalStore {
             self.touch(digest);
             return Ok(());
         }
-        let path = self.inner.pool.path(&digest);
+        let Some((path, _)) = self.inner.pool.locate(&digest) else {
+            // Evicted in the instant after its rename: nothing to record (see below).
+            return Ok(());
+        };
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
             // Evicted in the instant after its rename (a concurrent GC of an unleased write):
@@ -590,7 +610,9 @@ impl LocalStore {
     /// changed, the content is hashed: intact → the file is made read-only again and the new time
     /// recorded; changed → the blob is evicted (a later hit fetches or rebuilds it).
     fn pool_file_intact(&self, digest: Digest) -> bool {
-        let path = self.inner.pool.path(&digest);
+        let Some((path, stored)) = self.inner.pool.locate(&digest) else {
+            return false;
+        };
         let Ok(meta) = fs::metadata(&path) else {
             return false;
         };
@@ -599,8 +621,8 @@ impl LocalStore {
         }
         let recorded = self.inner.db.pool_mtime(digest).ok().flatten();
         let read_only = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o222 == 0;
-        // A compressed file's length is not the blob's; its seek table is checked on read.
-        let right_size = self.inner.pool.compressed() || meta.len() == digest.size_bytes;
+        // A framed file's length is not the blob's; its seek table is checked on read.
+        let right_size = stored == pool::Stored::Frames || meta.len() == digest.size_bytes;
         if right_size && read_only && recorded.is_none_or(|t| t == mtime_nanos(&meta)) {
             return true;
         }
@@ -609,11 +631,7 @@ impl LocalStore {
                 .ok()
                 .and_then(|mut f| {
                     let mut h = hashing::WriterHasher::new(std::io::sink());
-                    if self.inner.pool.compressed() {
-                        zstd_blob::decode_into(&mut f, digest.size_bytes, &mut h).ok()?;
-                    } else {
-                        std::io::copy(&mut f, &mut h).ok()?;
-                    }
+                    zstd_blob::decode_into(&mut f, digest.size_bytes, stored, &mut h).ok()?;
                     Some(h.finish().0 == digest)
                 })
                 .unwrap_or(false);
@@ -719,29 +737,21 @@ impl LocalStore {
         }
         let found = if self.is_small(digest.size_bytes) {
             self.inner.db.get(digest)?
-        } else if self.inner.pool.compressed() {
-            let path = self.inner.pool.path(&digest);
+        } else if let Some((path, stored)) = self.inner.pool.locate(&digest) {
             match fs::File::open(&path) {
                 Ok(mut f) => {
                     let mut out = Vec::with_capacity(
                         usize::try_from(digest.size_bytes.min(1 << 30)).unwrap_or(0),
                     );
-                    zstd_blob::decode_into(&mut f, digest.size_bytes, &mut out).map_err(|e| {
-                        StoreError::invalid(format!("compressed blob {}: {e}", path.display()))
-                    })?;
+                    zstd_blob::decode_into(&mut f, digest.size_bytes, stored, &mut out)
+                        .map_err(|e| blob_read_error(&path, e))?;
                     Some(Bytes::from(out))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
             }
         } else {
-            let path = self.inner.pool.path(&digest);
-            match fs::read(&path) {
-                Ok(v) if v.len() as u64 == digest.size_bytes => Some(Bytes::from(v)),
-                Ok(_) => None,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
-            }
+            None
         };
         if found.is_some() {
             self.touch(digest);
@@ -757,7 +767,7 @@ impl LocalStore {
         }
         if self.pool_file_intact(digest) {
             self.touch(digest);
-            Ok(Some(self.inner.pool.path(&digest)))
+            Ok(Some(self.inner.pool.path_as(&digest, pool::Stored::Plain)))
         } else {
             Ok(None)
         }
@@ -877,19 +887,19 @@ impl LocalStore {
                 source: BlobSource::Memory(b),
             }));
         }
-        let path = self.inner.pool.path(&digest);
+        let Some((path, stored)) = self.inner.pool.locate(&digest) else {
+            return Ok(None);
+        };
         let mut file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
         };
         self.touch(digest);
-        let layout = if self.inner.pool.compressed() {
-            zstd_blob::Layout::of(&mut file, digest.size_bytes)
-                .map_err(|e| blob_read_error(&path, e))?
-        } else {
-            zstd_blob::Layout::Plain
-        };
+        // The file must be what its name says: a plain one exactly the blob's length, a framed
+        // one a seek table of the blob's size (each frame is checked as it is decoded).
+        let layout = zstd_blob::Layout::open(&mut file, digest.size_bytes, stored)
+            .map_err(|e| blob_read_error(&path, e))?;
         Ok(Some(BlobReader {
             digest,
             source: BlobSource::File { file, layout, path },
@@ -934,15 +944,17 @@ impl LocalStore {
         if !self.inner.pool.compressed() || self.is_small(digest.size_bytes) {
             return None;
         }
-        let path = self.inner.pool.path(&digest);
-        // A blob that did not compress is stored plain: not a zstd stream.
-        let mut f = fs::File::open(&path).ok()?;
-        match zstd_blob::Layout::of(&mut f, digest.size_bytes).ok()? {
-            zstd_blob::Layout::Frames(_) => {
+        // A blob that did not compress is stored plain: not a zstd stream. A framed file whose
+        // table does not describe the blob is not handed out either (`open_blob` then reports
+        // it as the damaged blob it is).
+        match self.inner.pool.locate(&digest)? {
+            (path, pool::Stored::Frames) => {
+                let mut f = fs::File::open(&path).ok()?;
+                zstd_blob::Table::read(&mut f, digest.size_bytes).ok()?;
                 self.touch(digest);
                 Some(path)
             }
-            zstd_blob::Layout::Plain => None,
+            (_, pool::Stored::Plain) => None,
         }
     }
 
@@ -1018,7 +1030,13 @@ impl LocalStore {
         for d in self.inner.pool.list()? {
             let atime = match atimes.get(&d.hash) {
                 Some(t) => *t,
-                None => fs::metadata(self.inner.pool.path(&d))
+                None => self
+                    .inner
+                    .pool
+                    .locate(&d)
+                    .map(|(path, _)| path)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+                    .and_then(fs::metadata)
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

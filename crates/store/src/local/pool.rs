@@ -1,4 +1,7 @@
-//! The large-file pool: one read-only file per blob at `large/<2 hex>/<hash>-<size>`.
+//! The large-file pool: one read-only file per blob at `large/<2 hex>/<hash>-<size>`, or
+//! `large/<2 hex>/<hash>-<size>.zst` in a compressed pool for a blob stored as zstd frames
+//! ([`Stored`]: how a blob is laid out at rest is recorded in its name when it is committed, and
+//! never guessed from its content).
 //!
 //! Writes go to a `.tmp-*` file at the pool's top level (same filesystem), are hashed while
 //! written, fsynced, made read-only and renamed into place only when the digest verifies; the
@@ -38,6 +41,19 @@ const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Buffer for streaming copies into the pool.
 const COPY_BUFFER_BYTES: usize = 1024 * 1024;
 
+/// How a committed pool file holds its blob, as its name records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Exactly the blob's bytes: `<hash>-<size>`.
+    Plain,
+    /// zstd frames and a seek table (compressed pools only): `<hash>-<size>.zst`, a valid `.zst`
+    /// file.
+    Frames,
+}
+
+/// Name suffix of a file stored as frames.
+const FRAMES_SUFFIX: &str = ".zst";
+
 #[derive(Debug)]
 pub(crate) struct Pool {
     dir: PathBuf,
@@ -70,30 +86,43 @@ impl Pool {
         scan(&self.dir)
     }
 
-    /// Where `digest` lives (whether or not it is there).
     /// The committed blob whose SHA-256 is `hash`, whatever its size (one shard listed).
     pub(crate) fn find_by_hash(&self, hash: &Fingerprint) -> Option<Digest> {
         let hex = hash.to_hex();
-        let prefix = format!("{hex}-");
         fs::read_dir(self.dir.join(&hex[..2]))
             .ok()?
             .flatten()
-            .find_map(|e| {
-                let name = e.file_name();
-                let size = name.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
-                Some(Digest::new(*hash, size))
-            })
+            .find_map(|e| parse_pool_name(e.file_name().to_str()?).filter(|d| d.hash == *hash))
     }
 
-    pub(crate) fn path(&self, digest: &Digest) -> PathBuf {
+    /// Where `digest` lives when stored as `stored` (whether or not it is there).
+    pub(crate) fn path_as(&self, digest: &Digest, stored: Stored) -> PathBuf {
         let hex = digest.hash.to_hex();
+        let suffix = match stored {
+            Stored::Plain => "",
+            Stored::Frames => FRAMES_SUFFIX,
+        };
         self.dir
             .join(&hex[..2])
-            .join(format!("{hex}-{}", digest.size_bytes))
+            .join(format!("{hex}-{}{suffix}", digest.size_bytes))
+    }
+
+    /// The committed file of `digest` and how it is stored, or `None` when the pool lacks it.
+    /// A compressed pool looks for frames first (most blobs compress), then a plain file.
+    pub(crate) fn locate(&self, digest: &Digest) -> Option<(PathBuf, Stored)> {
+        let kinds: &[Stored] = if self.compressed {
+            &[Stored::Frames, Stored::Plain]
+        } else {
+            &[Stored::Plain]
+        };
+        kinds.iter().find_map(|k| {
+            let path = self.path_as(digest, *k);
+            path.is_file().then_some((path, *k))
+        })
     }
 
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
+        self.locate(digest).is_some()
     }
 
     /// A fresh temp path inside the pool (same filesystem as the final place, so rename works).
@@ -128,14 +157,26 @@ impl Pool {
         self.inflight.lock(digest).await
     }
 
-    /// Makes a fully written and fsynced temp file read-only and renames it into place.
-    /// Returns false when the blob was already there (the temp file is removed).
-    pub(crate) fn commit_temp(&self, temp: &Path, digest: &Digest) -> Result<bool, StoreError> {
-        let dest = self.path(digest);
-        if dest.is_file() {
+    /// Makes a fully written and fsynced temp file read-only and renames it into place, under
+    /// the name that records how it is `stored`. Returns false when the blob was already there
+    /// (the temp file is removed).
+    pub(crate) fn commit_temp(
+        &self,
+        temp: &Path,
+        digest: &Digest,
+        stored: Stored,
+    ) -> Result<bool, StoreError> {
+        if stored == Stored::Frames && !self.compressed {
+            let _ = fs::remove_file(temp);
+            return Err(StoreError::invalid(
+                "zstd frames offered to a pool that stores blobs plain",
+            ));
+        }
+        if self.contains(digest) {
             let _ = fs::remove_file(temp);
             return Ok(false);
         }
+        let dest = self.path_as(digest, stored);
         fs::set_permissions(temp, fs::Permissions::from_mode(POOL_FILE_MODE))
             .map_err(|e| StoreError::io(format!("making {} read-only", temp.display()), e))?;
         if let Some(parent) = dest.parent() {
@@ -170,8 +211,8 @@ impl Pool {
         // The file (and its lock) stays open until the rename is done.
         let result = self
             .write_temp(&temp, &file, src, expected)
-            .and_then(|digest| {
-                let new = self.commit_temp(&temp, &digest)?;
+            .and_then(|(digest, stored)| {
+                let new = self.commit_temp(&temp, &digest, stored)?;
                 Ok((digest, new))
             });
         if result.is_err() {
@@ -183,30 +224,32 @@ impl Pool {
 
     /// Copies `src` into `temp` hashing on the way (verifying against `expected` when given),
     /// and fsyncs it. One pass over the data; a compressed pool hashes the logical bytes, then
-    /// compresses them.
+    /// compresses them. Returns the digest and how the file holds it.
     fn write_temp(
         &self,
         temp: &Path,
         file: &fs::File,
         src: &mut dyn Read,
         expected: Option<Digest>,
-    ) -> Result<Digest, StoreError> {
+    ) -> Result<(Digest, Stored), StoreError> {
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", temp.display()), e);
         let buffered = io::BufWriter::with_capacity(COPY_BUFFER_BYTES, WritingBack::new(file));
-        let (digest, buffered) = if self.compressed {
+        let (digest, buffered, stored) = if self.compressed {
             let mut out = super::zstd_blob::Writer::new(buffered);
             let digest = copy_hashing(src, &mut out, expected, temp)?;
-            (digest, out.finish().map_err(|e| io_err("writing", e))?)
+            let (buffered, stored) = out.finish().map_err(|e| io_err("writing", e))?;
+            (digest, buffered, stored)
         } else {
             let mut out = buffered;
-            (copy_hashing(src, &mut out, expected, temp)?, out)
+            let digest = copy_hashing(src, &mut out, expected, temp)?;
+            (digest, out, Stored::Plain)
         };
         let file = buffered
             .into_inner()
             .map_err(|e| io_err("writing", e.into_error()))?
             .into_file();
         file.sync_all().map_err(|e| io_err("fsync", e))?;
-        Ok(digest)
+        Ok((digest, stored))
     }
 
     /// Hashes an existing file the caller promises never to modify again and hardlinks it into
@@ -252,7 +295,7 @@ impl Pool {
             })
             .map_err(|e| StoreError::io(format!("syncing {}", temp.display()), e))
             .and_then(|f| {
-                let new = self.commit_temp(&temp, &digest)?;
+                let new = self.commit_temp(&temp, &digest, Stored::Plain)?;
                 drop(f);
                 Ok(new)
             });
@@ -262,13 +305,64 @@ impl Pool {
         Ok((digest, result?))
     }
 
-    /// Removes `digest`'s file. Missing is fine (someone else removed it).
+    /// Removes `digest`'s file (whichever way it is stored). Missing is fine (someone else
+    /// removed it).
     pub(crate) fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
-        match fs::remove_file(self.path(digest)) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::io(format!("removing pool blob {digest}"), e)),
+        let mut removed = false;
+        for stored in [Stored::Plain, Stored::Frames] {
+            match fs::remove_file(self.path_as(digest, stored)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(format!("removing pool blob {digest}"), e)),
+            }
         }
+        Ok(removed)
+    }
+
+    /// Gives the frame files of a compressed pool written before layouts were recorded in
+    /// names (every file was `<hash>-<size>`, its layout guessed from its last bytes) their
+    /// `.zst` name. A file with a seek table of its blob's size is frames unless it is exactly
+    /// the blob's length and hashes to it as it is (a plain blob that merely ends like a table).
+    /// Walks every shard once; returns how many files were renamed.
+    pub(crate) fn name_legacy_frames(&self) -> Result<u64, StoreError> {
+        if !self.compressed {
+            return Ok(0);
+        }
+        let mut renamed = 0;
+        for digest in self.list()? {
+            let plain = self.path_as(&digest, Stored::Plain);
+            let Ok(mut file) = fs::File::open(&plain) else {
+                continue; // stored as frames already (or gone)
+            };
+            if super::zstd_blob::Table::read(&mut file, digest.size_bytes).is_err() {
+                continue;
+            }
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len == digest.size_bytes {
+                let mut hasher = WriterHasher::new(io::sink());
+                let as_is = io::Seek::rewind(&mut file)
+                    .and_then(|()| io::copy(&mut file, &mut hasher))
+                    .is_ok()
+                    && hasher.finish().0 == digest;
+                if as_is {
+                    continue;
+                }
+            }
+            let framed = self.path_as(&digest, Stored::Frames);
+            fs::rename(&plain, &framed)
+                .map_err(|e| StoreError::io(format!("renaming {}", plain.display()), e))?;
+            renamed += 1;
+        }
+        if renamed > 0
+            && let Ok(shards) = fs::read_dir(&self.dir)
+        {
+            for shard in shards.flatten() {
+                if shard.file_type().is_ok_and(|t| t.is_dir()) {
+                    fsync_dir(&shard.path())?;
+                }
+            }
+        }
+        Ok(renamed)
     }
 }
 
@@ -381,8 +475,9 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// Parses `<64 hex>-<size>`; anything else in the pool is ignored.
+/// Parses `<64 hex>-<size>` or `<64 hex>-<size>.zst`; anything else in the pool is ignored.
 fn parse_pool_name(name: &str) -> Option<Digest> {
+    let name = name.strip_suffix(FRAMES_SUFFIX).unwrap_or(name);
     let (hash, size) = name.split_once('-')?;
     Some(Digest::new(
         Fingerprint::from_hex(hash).ok()?,
@@ -518,5 +613,47 @@ impl<F: Borrow<fs::File>> io::Write for WritingBack<F> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A compressed pool from before layouts were named: every file `<hash>-<size>`. The
+    /// migration gives frame files their `.zst` name and leaves plain ones (even one that ends
+    /// like a seek table) as they are.
+    #[test]
+    fn legacy_frame_files_get_their_zst_name_and_plain_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), true).unwrap();
+        let text: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| format!("{i} ").into_bytes())
+            .take(3 << 20)
+            .collect();
+        let forged = testutil::data::forged_framed_blob(1 << 20);
+        let random = testutil::data::pseudo_random(1 << 20, 9);
+        let mut digests = Vec::new();
+        for content in [&text, &forged, &random] {
+            let (d, new) = pool.write_from(&mut &content[..], None).unwrap();
+            assert!(new);
+            digests.push(d);
+        }
+        let (framed, _) = pool.locate(&digests[0]).unwrap();
+        assert!(framed.to_string_lossy().ends_with(".zst"));
+        for d in &digests[1..] {
+            assert_eq!(pool.locate(d).unwrap().1, Stored::Plain);
+        }
+        // Back to the old naming.
+        fs::rename(&framed, pool.path_as(&digests[0], Stored::Plain)).unwrap();
+        assert_eq!(pool.locate(&digests[0]).unwrap().1, Stored::Plain);
+
+        assert_eq!(pool.name_legacy_frames().unwrap(), 1);
+        assert_eq!(pool.locate(&digests[0]).unwrap().1, Stored::Frames);
+        assert_eq!(pool.locate(&digests[1]).unwrap().1, Stored::Plain);
+        assert_eq!(pool.locate(&digests[2]).unwrap().1, Stored::Plain);
+        assert_eq!(pool.list().unwrap().len(), 3);
+        assert_eq!(pool.name_legacy_frames().unwrap(), 0, "idempotent");
     }
 }

@@ -18,11 +18,19 @@
 //!
 //! A blob whose first megabyte does not compress (already compressed archives, images, random
 //! data) is stored plain instead: no frames, no table, exactly its bytes. Compressing it again
-//! would cost time on every write and read for nothing. [`Layout::of`] tells the two apart (a
-//! plain file has the blob's length and no table).
+//! would cost time on every write and read for nothing.
+//!
+//! Which of the two a file is, is recorded in its name when it is committed (`<hash>-<size>.zst`
+//! for frames, `<hash>-<size>` for plain; see [`super::pool::Stored`]) and never guessed from
+//! its bytes: a plain blob is whatever a client uploaded, and a client can upload bytes that end
+//! in a perfectly valid seek table. [`Layout::open`] takes the recorded kind and checks the file
+//! against it (a plain file must have the blob's length; a framed one a table of the blob's
+//! size whose every frame decodes to exactly its share).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+
+pub(crate) use super::pool::Stored;
 
 /// Logical bytes per frame.
 pub(crate) const CHUNK_BYTES: usize = 1024 * 1024;
@@ -90,12 +98,13 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    /// Writes the last frame and the seek table; returns the inner writer.
-    pub(crate) fn finish(mut self) -> io::Result<W> {
+    /// Writes the last frame and the seek table; returns the inner writer and how the blob was
+    /// stored (which the caller records in the file's name).
+    pub(crate) fn finish(mut self) -> io::Result<(W, Stored)> {
         self.flush_chunk()?;
         if self.plain == Some(true) {
             self.out.flush()?;
-            return Ok(self.out);
+            return Ok((self.out, Stored::Plain));
         }
         let mut payload = Vec::with_capacity(8 * (self.offsets.len() + 1) + TAIL_BYTES);
         for o in &self.offsets {
@@ -112,7 +121,7 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&payload)?;
         self.out.flush()?;
-        Ok(self.out)
+        Ok((self.out, Stored::Frames))
     }
 }
 
@@ -244,15 +253,20 @@ pub(crate) enum Layout {
 }
 
 impl Layout {
-    /// Reads the layout of `file`, which must hold a blob of `logical` bytes.
-    pub(crate) fn of(file: &mut File, logical: u64) -> io::Result<Layout> {
-        match Table::read(file, logical) {
-            Ok(t) => Ok(Layout::Frames(t)),
-            Err(e) => {
-                if file.seek(SeekFrom::End(0))? == logical {
+    /// Reads the layout of `file`, which was committed as `stored` and must hold a blob of
+    /// `logical` bytes. A file that does not match what was recorded is `InvalidData`: frames
+    /// without a table of that size, or a plain file of another length.
+    pub(crate) fn open(file: &mut File, logical: u64, stored: Stored) -> io::Result<Layout> {
+        match stored {
+            Stored::Frames => Table::read(file, logical).map(Layout::Frames),
+            Stored::Plain => {
+                let len = file.seek(SeekFrom::End(0))?;
+                if len == logical {
                     Ok(Layout::Plain)
                 } else {
-                    Err(e)
+                    Err(bad(format!(
+                        "a plain blob of {logical} bytes is stored as {len} bytes"
+                    )))
                 }
             }
         }
@@ -279,9 +293,15 @@ impl Layout {
     }
 }
 
-/// Streams every logical byte of a compressed pool file into `out`, one chunk at a time.
-pub(crate) fn decode_into(file: &mut File, logical: u64, out: &mut dyn Write) -> io::Result<()> {
-    match Layout::of(file, logical)? {
+/// Streams every logical byte of a pool file committed as `stored` into `out`, one chunk at a
+/// time.
+pub(crate) fn decode_into(
+    file: &mut File,
+    logical: u64,
+    stored: Stored,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    match Layout::open(file, logical, stored)? {
         Layout::Frames(table) => {
             for i in 0..table.bounds.len().saturating_sub(1) {
                 out.write_all(&table.chunk(file, i)?)?;
@@ -311,22 +331,23 @@ mod tests {
         v
     }
 
-    fn store(data: &[u8]) -> (tempfile::NamedTempFile, File) {
+    fn store(data: &[u8]) -> (tempfile::NamedTempFile, File, Stored) {
         let f = tempfile::NamedTempFile::new().unwrap();
         let mut w = Writer::new(f.reopen().unwrap());
         // Odd write sizes, so chunk boundaries fall inside writes.
         for part in data.chunks(300_007) {
             w.write_all(part).unwrap();
         }
-        w.finish().unwrap();
+        let (_, stored) = w.finish().unwrap();
         let file = f.reopen().unwrap();
-        (f, file)
+        (f, file, stored)
     }
 
     #[test]
     fn a_compressed_file_is_plain_zstd_and_reads_at_any_offset() {
         let data = text(3 * CHUNK_BYTES + 12_345);
-        let (tmp, mut file) = store(&data);
+        let (tmp, mut file, stored) = store(&data);
+        assert_eq!(stored, Stored::Frames);
         // Any zstd decoder gives the blob back (the seek table is a skippable frame).
         let raw = std::fs::read(tmp.path()).unwrap();
         assert_eq!(zstd::stream::decode_all(&raw[..]).unwrap(), data);
@@ -353,35 +374,53 @@ mod tests {
             );
         }
         let mut all = Vec::new();
-        decode_into(&mut file, data.len() as u64, &mut all).unwrap();
+        decode_into(&mut file, data.len() as u64, Stored::Frames, &mut all).unwrap();
         assert_eq!(all, data);
     }
 
     #[test]
     fn a_blob_that_does_not_compress_is_stored_plain() {
         let data = testutil::data::pseudo_random(2 * CHUNK_BYTES + 77, 5);
-        let (tmp, mut file) = store(&data);
+        let (tmp, mut file, stored) = store(&data);
+        assert_eq!(stored, Stored::Plain);
         assert_eq!(
             std::fs::read(tmp.path()).unwrap(),
             data,
             "exactly its bytes"
         );
-        let layout = Layout::of(&mut file, data.len() as u64).unwrap();
+        let layout = Layout::open(&mut file, data.len() as u64, Stored::Plain).unwrap();
         assert!(matches!(layout, Layout::Plain));
         let got = layout
             .read_range(&mut file, data.len() as u64, CHUNK_BYTES as u64 - 3, 10)
             .unwrap();
         assert_eq!(got, &data[CHUNK_BYTES - 3..CHUNK_BYTES + 7]);
         let mut all = Vec::new();
-        decode_into(&mut file, data.len() as u64, &mut all).unwrap();
+        decode_into(&mut file, data.len() as u64, Stored::Plain, &mut all).unwrap();
         assert_eq!(all, data);
-        assert!(Layout::of(&mut file, data.len() as u64 + 1).is_err());
+        let wrong_size = Layout::open(&mut file, data.len() as u64 + 1, Stored::Plain);
+        assert_eq!(wrong_size.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A plain blob is whatever a client sent: bytes that end in a well-formed seek table are
+    /// still read as themselves, because the layout comes from the name, not the bytes.
+    #[test]
+    fn a_plain_blob_that_ends_in_a_seek_table_reads_as_itself() {
+        let data = testutil::data::forged_framed_blob(CHUNK_BYTES);
+        let (_tmp, mut file, stored) = store(&data);
+        assert_eq!(stored, Stored::Plain, "random bytes do not compress");
+        assert!(
+            Table::read(&mut file, data.len() as u64).is_ok(),
+            "the forgery does carry a valid table"
+        );
+        let mut all = Vec::new();
+        decode_into(&mut file, data.len() as u64, stored, &mut all).unwrap();
+        assert_eq!(all, data);
     }
 
     #[test]
     fn damaged_or_foreign_files_are_refused() {
         let data = text(CHUNK_BYTES + 10);
-        let (tmp, mut file) = store(&data);
+        let (tmp, mut file, _) = store(&data);
         assert!(
             Table::read(&mut file, data.len() as u64 + 1).is_err(),
             "wrong size"
