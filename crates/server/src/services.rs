@@ -27,6 +27,7 @@ use store::{ErrorKind, StoreError};
 use tokio::io::AsyncReadExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::uploads::Piece;
 use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, READ_CHUNK_BYTES, ServerError};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -222,7 +223,7 @@ impl Svc {
     /// the back-pressure; a channel closed early leaves nothing visible.
     fn start_upload(&self, d: Digest, compressed: bool) -> Result<crate::uploads::Upload, Status> {
         let room = self.0.reserve(d.size_bytes)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let (tx, rx) = tokio::sync::mpsc::channel::<crate::uploads::Piece>(2);
         let refused = Arc::new(std::sync::Mutex::new(None::<String>));
         let store = self.store().clone();
         let why = refused.clone();
@@ -233,6 +234,7 @@ impl Svc {
                 rx,
                 current: Vec::new(),
                 pos: 0,
+                ended: false,
             };
             let store_from = |mut blob: Box<dyn std::io::Read>| match tee {
                 Some(tee) => {
@@ -831,17 +833,18 @@ impl ByteStream for Svc {
             return Ok(Response::new(done()));
         }
         let name = first.resource_name.clone();
-        let upload = if first.write_offset == 0 {
+        let (upload, active) = if first.write_offset == 0 {
             // A fresh start (also of a name that was paused: the client chose to start over).
-            self.0.paused.abandon_digest(d);
+            // Paused uploads of this blob are abandoned: their writers hold its write lock.
+            let active = self.0.paused.begin(d);
             let admission = self.admit(d).await?;
             let mut upload = self.start_upload(d, r.compressed)?;
             upload.admission = admission;
-            upload
+            (upload, active)
         } else {
-            match self.0.paused.take(&name) {
-                Some(u) if u.received == first.write_offset => u,
-                Some(u) => {
+            match self.0.paused.resume(&name) {
+                Some((u, active)) if u.received == first.write_offset => (u, active),
+                Some((u, _)) => {
                     let received = u.received;
                     self.0.paused.pause(name, u);
                     return Err(Status::invalid_argument(format!(
@@ -866,6 +869,7 @@ impl ByteStream for Svc {
             upload: Some(upload),
             name,
             paused: self.0.paused.clone(),
+            active,
         };
         let Some(upload) = guard.upload.as_mut() else {
             return Err(Status::internal("upload state lost"));
@@ -886,12 +890,18 @@ impl ByteStream for Svc {
                     "resource_name changed in the middle of a write",
                 ));
             }
-            upload.received += msg.data.len() as i64;
+            // Counted only once the writer has it: a call cancelled while this send waits
+            // drops the message, and a resume must send it again (committed_size never runs
+            // ahead of the writer).
+            let len = msg.data.len() as i64;
             let finish = msg.finish_write;
-            if upload.tx.send(msg.data).await.is_err() {
+            if upload.tx.send(Piece::Bytes(msg.data)).await.is_err() {
                 break Ok(()); // the writer stopped early (refused): its result says why
             }
+            upload.received += len;
             if finish {
+                // The writer's input ends only here; a channel closed without it is abandoned.
+                let _ = upload.tx.send(Piece::End).await;
                 break Ok(());
             }
             msg = match stream.next().await {
@@ -899,9 +909,11 @@ impl ByteStream for Svc {
                 // The guard pauses the upload on the way out.
                 Some(Err(e)) => return Err(e),
                 None => {
+                    // Paused by the guard; never committed unless a Write finishes it.
                     return Err(Status::invalid_argument(format!(
                         "the write stream ended without finish_write after {} bytes; nothing \
-                         was stored yet: resume at write_offset {} within {} s",
+                         was stored, and nothing will be without finish_write: resume at \
+                         write_offset {} within {} s, or start over at 0",
                         upload.received,
                         upload.received,
                         crate::uploads::PAUSE_TTL.as_secs()
@@ -964,11 +976,12 @@ impl ByteStream for Svc {
 }
 
 /// The upload a `Write` call is feeding; paused for a resume if the call ends without
-/// finishing it.
+/// finishing it (or abandoned, when another upload of the same blob is active).
 struct ActiveUpload {
     upload: Option<crate::uploads::Upload>,
     name: String,
     paused: Arc<crate::uploads::PausedUploads>,
+    active: crate::uploads::Active,
 }
 
 impl Drop for ActiveUpload {
@@ -976,7 +989,8 @@ impl Drop for ActiveUpload {
         if let Some(u) = self.upload.take() {
             // Only an upload whose writer still waits for bytes can be resumed.
             if u.received > 0 && !u.tx.is_closed() && !u.writer.is_finished() {
-                self.paused.pause(std::mem::take(&mut self.name), u);
+                self.paused
+                    .pause_or_abandon(std::mem::take(&mut self.name), u, &self.active);
             }
         }
     }
@@ -992,22 +1006,34 @@ impl Resource {
     }
 }
 
-/// A blocking `Read` over the chunks an upload's async task sends.
+/// A blocking `Read` over the chunks an upload's async task sends. It ends at
+/// [`Piece::End`]; a channel closed before that (an abandoned upload) is an error, so the
+/// writer commits nothing.
 struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Piece>,
     current: Vec<u8>,
     pos: usize,
+    ended: bool,
 }
 
 impl std::io::Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.current.len() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.rx.blocking_recv() {
-                Some(next) => {
+                Some(Piece::Bytes(next)) => {
                     self.current = next;
                     self.pos = 0;
                 }
-                None => return Ok(0), // the upload ended (or was cut off)
+                Some(Piece::End) => self.ended = true,
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the upload was abandoned before finish_write",
+                    ));
+                }
             }
         }
         let n = buf.len().min(self.current.len() - self.pos);

@@ -852,3 +852,199 @@ async fn a_damaged_stored_blob_is_data_loss_and_evicted() {
     assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), content);
     r.stop().await;
 }
+
+/// Text-like bytes: the writer compresses them, so it is slower than the network and the
+/// `Write` handler waits on its channel (where a cancelled call used to lose a message).
+fn text_blob(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 64);
+    let mut i = seed;
+    while v.len() < len {
+        v.extend_from_slice(format!("{i:016x} some build output line\n").as_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+/// Issue 28 item 2: a Write cancelled while the server waits to hand a message to its writer
+/// used to count that message anyway, so QueryWriteStatus ran ahead of what the writer held and
+/// the resume ended "truncated". committed_size is now what the writer took: every resume at
+/// the reported offset completes and the blob reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_mid_send_resumes_at_what_the_writer_holds() {
+    let r = start_with(|_| {}).await;
+    for round in 0..5u64 {
+        let blob = text_blob(48 << 20, round * 1_000_000);
+        let d = Digest::of_bytes(&blob);
+        let name = format!("uploads/cancel-{round}/{}", blob_resource(d));
+        let chunk = 256 * 1024;
+        let msgs: Vec<WriteRequest> = blob
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, c)| WriteRequest {
+                resource_name: name.clone(),
+                write_offset: (i * chunk) as i64,
+                finish_write: false,
+                data: c.to_vec(),
+            })
+            .collect();
+        // Sends as fast as the server takes them and never finishes: cancelled mid-stream.
+        let mut client = ByteStreamClient::new(r.channel.clone());
+        let call = tokio::spawn(async move {
+            client
+                .write(futures::stream::iter(msgs).chain(futures::stream::pending()))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(60 + 15 * round)).await;
+        call.abort();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let committed = loop {
+            let (committed, complete) = write_status(&r, &name).await;
+            assert!(!complete, "round {round}");
+            if committed > 0 {
+                break committed;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: never paused"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let rest: Vec<WriteRequest> = blob[committed as usize..]
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| WriteRequest {
+                resource_name: name.clone(),
+                write_offset: committed + (i << 20) as i64,
+                finish_write: committed as usize + (i << 20) + c.len() == blob.len(),
+                data: c.to_vec(),
+            })
+            .collect();
+        let done = write_msgs(&r, rest)
+            .await
+        .unwrap_or_else(|e| panic!("round {round}: resume at {committed}: {e:?}"));
+        assert_eq!(done, d.size_bytes as i64);
+        assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), blob);
+    }
+    r.stop().await;
+}
+
+/// Issue 28 item 5: upload A of a blob is active, upload B of the same blob sends everything
+/// and waits for A's writer (which holds the blob's write lock); then A's client goes away.
+/// A used to be paused, lock held, and B answered only when the pause expired (121 s). Now A
+/// is abandoned because B is active, and B commits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_upload_never_waits_behind_a_paused_one() {
+    let r = start_with(|_| {}).await;
+    let blob = data(4 << 20, 55);
+    let d = Digest::of_bytes(&blob);
+    let a_name = format!("uploads/a/{}", blob_resource(d));
+    let b_name = format!("uploads/b/{}", blob_resource(d));
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let mut a_client = ByteStreamClient::new(r.channel.clone());
+    let a = tokio::spawn(async move {
+        a_client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(WriteRequest {
+        resource_name: a_name.clone(),
+        write_offset: 0,
+        finish_write: false,
+        data: blob[..1 << 20].to_vec(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = {
+        let msgs: Vec<WriteRequest> = blob
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| WriteRequest {
+                resource_name: b_name.clone(),
+                write_offset: (i << 20) as i64,
+                finish_write: (i + 1) << 20 >= blob.len(),
+                data: c.to_vec(),
+            })
+            .collect();
+        let mut client = ByteStreamClient::new(r.channel.clone());
+        tokio::spawn(async move { client.write(futures::stream::iter(msgs)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_finished(), "B waits for A's writer while A is active");
+    a.abort();
+    drop(tx);
+    let done = tokio::time::timeout(Duration::from_secs(30), b)
+        .await
+        .expect("B must not wait for A's pause to expire")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.into_inner().committed_size, d.size_bytes as i64);
+    assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), blob);
+    r.stop().await;
+}
+
+/// Minor item of issue 28: an upload whose every byte arrived but whose stream ended without
+/// finish_write is told "nothing was stored"; that stays true when the paused upload is
+/// abandoned (it used to commit then), and a resume with finish_write completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_without_finish_write_is_never_committed_by_abandonment() {
+    let r = start_with(|o| o.max_size = 7 << 20).await;
+    let x = data(4 << 20, 61);
+    let xd = Digest::of_bytes(&x);
+    let x_name = format!("uploads/x/{}", blob_resource(xd));
+    let e = write_msgs(
+        &r,
+        vec![WriteRequest {
+            resource_name: x_name.clone(),
+            write_offset: 0,
+            finish_write: false,
+            data: x.clone(),
+        }],
+    )
+    .await
+    .unwrap_err();
+    assert!(e.message().contains("nothing was stored"), "{}", e.message());
+    assert_eq!(write_status(&r, &x_name).await, (4 << 20, false));
+    // Another 4 MiB upload needs the paused one's room: it is abandoned, and stores nothing.
+    let y = data(4 << 20, 62);
+    let yd = Digest::of_bytes(&y);
+    write(
+        &r,
+        &format!("uploads/y/{}", blob_resource(yd)),
+        vec![y.clone()],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(missing(&r, xd).await, "an abandoned upload stores nothing");
+    assert!(!missing(&r, yd).await);
+    assert_eq!(write_status(&r, &x_name).await, (0, false));
+
+    // Paused again, then finished by a resume with finish_write and no more bytes.
+    let e = write_msgs(
+        &r,
+        vec![WriteRequest {
+            resource_name: x_name.clone(),
+            write_offset: 0,
+            finish_write: false,
+            data: x.clone(),
+        }],
+    )
+    .await;
+    assert!(e.is_err());
+    let done = write_msgs(
+        &r,
+        vec![WriteRequest {
+            resource_name: x_name.clone(),
+            write_offset: 4 << 20,
+            finish_write: true,
+            data: vec![],
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(done, 4 << 20);
+    assert_eq!(read(&r, &blob_resource(xd), 0, 0).await.unwrap(), x);
+    r.stop().await;
+}
