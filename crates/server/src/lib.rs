@@ -124,8 +124,6 @@ pub enum ServerError {
 pub(crate) struct Inner {
     pub store: LocalStore,
     pub options: ServerOptions,
-    /// Bytes reserved by uploads in progress (see [`Inner::reserve`]).
-    pub reserved: std::sync::atomic::AtomicU64,
     /// One reservation decision (and its GC) at a time.
     pub reserving: std::sync::Mutex<()>,
     /// Uploads whose stream broke, kept for the client to resume.
@@ -145,20 +143,13 @@ pub(crate) type SharedDownload = futures::future::Shared<
     >,
 >;
 
-/// Space held for one upload in progress; released when dropped (committed or abandoned).
-#[derive(Debug)]
-pub(crate) struct Reservation {
-    inner: Arc<Inner>,
-    bytes: u64,
-}
+/// Room held in the store for one upload in progress (see [`Inner::reserve`]).
+pub(crate) type Reservation = store::Reservation;
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.inner
-            .reserved
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
-    }
-}
+/// How many times a reservation evicts and asks again before it is refused. Each try evicts
+/// down to what the last answer said is needed; another try is needed only when uploads that
+/// were not yet counted (stored by a path without a reservation) grew the store meanwhile.
+const RESERVE_TRIES: usize = 3;
 
 impl Inner {
     /// Refuses instance names outside the `--instance-name` allow-list (empty: any).
@@ -173,40 +164,52 @@ impl Inner {
         }
     }
 
-    /// Reserves room for a blob of `bytes` before its upload starts: stored bytes plus every
-    /// upload in progress must stay within `max_size`. When they would not, least-recently-used
-    /// blobs are evicted first (never one being uploaded: it is not stored yet, and the newest
-    /// blobs are evicted last); when even that cannot make room, the upload is refused with
-    /// RESOURCE_EXHAUSTED rather than filling the disk.
-    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, tonic::Status> {
-        use std::sync::atomic::Ordering;
+    /// Reserves room for blob `d` before its upload starts: stored bytes plus every upload in
+    /// progress must stay within `max_size`. When they would not, paused uploads give their
+    /// room back first, then least-recently-used blobs are evicted (never one being uploaded:
+    /// it is not stored yet, and the newest blobs go last) and the reservation is asked again.
+    /// The store keeps the books ([`store::LocalStore::try_reserve`]): an upload's bytes move
+    /// from reserved to stored in the same step that stores it, so an upload that finishes
+    /// during this decision is never counted twice. What still cannot fit once eviction has
+    /// done what it can is refused with RESOURCE_EXHAUSTED rather than filling the disk.
+    pub fn reserve(self: &Arc<Self>, d: hashing::Digest) -> Result<Reservation, tonic::Status> {
         let max = self.options.max_size;
+        let bytes = d.size_bytes;
+        // One decision (and its eviction) at a time: two uploads must not both evict for room
+        // only one of them then gets.
         let _one = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
-        let in_flight = self.reserved.load(Ordering::Acquire);
-        let fits = |stored: u64| stored.saturating_add(in_flight).saturating_add(bytes) <= max;
-        let mut in_flight = in_flight;
-        if !fits(self.store.usage().total_bytes()) && self.paused.abandon_all() > 0 {
-            // Paused uploads give their room back before any stored blob is evicted.
-            in_flight = self.reserved.load(Ordering::Acquire);
+        let mut room = match self.store.try_reserve(d, max) {
+            Ok(r) => return Ok(r),
+            Err(room) => room,
+        };
+        if bytes <= max && self.paused.abandon_all() > 0 {
+            match self.store.try_reserve(d, max) {
+                Ok(r) => return Ok(r),
+                Err(r) => room = r,
+            }
         }
-        let fits = |stored: u64| stored.saturating_add(in_flight).saturating_add(bytes) <= max;
-        if !fits(self.store.usage().total_bytes()) {
-            let target = max.saturating_sub(in_flight.saturating_add(bytes));
+        for _ in 0..RESERVE_TRIES {
+            if bytes.saturating_add(room.reserved) > max {
+                break; // eviction cannot help: uploads in progress hold the rest
+            }
+            let target = max - room.reserved - bytes;
             if let Err(e) = self.store.gc(target) {
                 tracing::warn!(error = %e, "GC to make room for an upload failed");
             }
-            if !fits(self.store.usage().total_bytes()) {
-                return Err(tonic::Status::resource_exhausted(format!(
-                    "the cache is full: {bytes} more bytes would exceed --max-size {max} \
-                     ({in_flight} bytes of uploads in progress); retry later"
-                )));
+            match self.store.try_reserve(d, max) {
+                Ok(r) => return Ok(r),
+                Err(r) if r.stored >= room.stored && r.reserved >= room.reserved => {
+                    room = r;
+                    break; // eviction freed nothing (every blob left is in use)
+                }
+                Err(r) => room = r,
             }
         }
-        self.reserved.fetch_add(bytes, Ordering::AcqRel);
-        Ok(Reservation {
-            inner: self.clone(),
-            bytes,
-        })
+        Err(tonic::Status::resource_exhausted(format!(
+            "the cache is full: {bytes} more bytes would exceed --max-size {max} ({} bytes \
+             stored that cannot be evicted now, {} bytes of uploads in progress); retry later",
+            room.stored, room.reserved
+        )))
     }
 }
 
@@ -235,7 +238,6 @@ impl CacheServer {
             inner: Arc::new(Inner {
                 store,
                 options,
-                reserved: Default::default(),
                 reserving: Default::default(),
                 paused: Default::default(),
                 downloads: Default::default(),

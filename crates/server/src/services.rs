@@ -201,15 +201,21 @@ impl Svc {
         }
     }
 
-    /// Verifies `data` against `d` and stores it.
+    /// Verifies `data` against `d` and stores it. A blob already stored is not reserved for
+    /// again (which could evict an unrelated blob to make room for nothing): re-sending it is a
+    /// use of it, as a `Write` of it is.
     fn store_verified(&self, d: Digest, data: &[u8]) -> Result<(), Status> {
         self.check_size(d)?;
-        let _room = self.0.reserve(d.size_bytes)?;
         if data.len() as u64 != d.size_bytes || Digest::of_bytes(data) != d {
             return Err(Status::invalid_argument(format!(
                 "content does not match digest {d}"
             )));
         }
+        if self.store().contains(d) {
+            self.store().touch_all([d]);
+            return Ok(());
+        }
+        let _room = self.0.reserve(d)?;
         self.store()
             .store_verified(d, &mut &data[..])
             .map_err(|e| store_status("storing", &e))
@@ -222,7 +228,7 @@ impl Svc {
     /// task keeps receiving (the two overlap instead of taking turns). The 2-message channel is
     /// the back-pressure; a channel closed early leaves nothing visible.
     fn start_upload(&self, d: Digest, compressed: bool) -> Result<crate::uploads::Upload, Status> {
-        let room = self.0.reserve(d.size_bytes)?;
+        let room = self.0.reserve(d)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<crate::uploads::Piece>(2);
         let refused = Arc::new(std::sync::Mutex::new(None::<String>));
         let store = self.store().clone();
@@ -615,55 +621,120 @@ impl ContentAddressableStorage for Svc {
     }
 }
 
-/// Every blob an ActionResult references: the ones a client will read after a hit.
+/// The digests an ActionResult names, by what they are.
+#[derive(Debug, Default)]
+struct Referenced {
+    /// Plain blobs: stdout, stderr, output files.
+    blobs: Vec<Digest>,
+    /// `OutputDirectory.tree_digest`: encoded Tree messages (their files are blobs too).
+    trees: Vec<Digest>,
+    /// `OutputDirectory.root_directory_digest` (REAPI 2.3's DIRECTORY_ONLY form, or beside a
+    /// Tree): Directory messages, each naming its files and subdirectories by digest.
+    roots: Vec<Digest>,
+}
+
+/// Every digest an ActionResult names, under either output directory form; each must parse,
+/// and an output directory must name its contents one way or the other.
 #[allow(deprecated)] // output_file_symlinks etc. carry no digests; listed for completeness
-fn referenced_blobs(ar: &remexec::ActionResult) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
-    let mut blobs = Vec::new();
-    let mut trees = Vec::new();
+fn referenced_blobs(ar: &remexec::ActionResult) -> Result<Referenced, Status> {
+    let mut r = Referenced::default();
     for (field, d) in [
         ("stdout_digest", ar.stdout_digest.as_ref()),
         ("stderr_digest", ar.stderr_digest.as_ref()),
     ] {
         if let Some(d) = d {
-            blobs.push(digest(field, Some(d))?);
+            r.blobs.push(digest(field, Some(d))?);
         }
     }
     for (i, f) in ar.output_files.iter().enumerate() {
-        blobs.push(digest(
+        r.blobs.push(digest(
             &format!("output_files[{i}].digest"),
             f.digest.as_ref(),
         )?);
     }
     for (i, d) in ar.output_directories.iter().enumerate() {
-        trees.push(digest(
-            &format!("output_directories[{i}].tree_digest"),
-            d.tree_digest.as_ref(),
-        )?);
+        if d.tree_digest.is_none() && d.root_directory_digest.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "output_directories[{i}] ({:?}) has neither tree_digest nor \
+                 root_directory_digest",
+                d.path
+            )));
+        }
+        if let Some(t) = &d.tree_digest {
+            r.trees.push(digest(
+                &format!("output_directories[{i}].tree_digest"),
+                Some(t),
+            )?);
+        }
+        if let Some(root) = &d.root_directory_digest {
+            r.roots.push(digest(
+                &format!("output_directories[{i}].root_directory_digest"),
+                Some(root),
+            )?);
+        }
     }
-    Ok((blobs, trees))
+    Ok(r)
 }
 
 impl Svc {
-    /// Whether every blob `ar` references is here, Tree contents included: a hit must never
-    /// send a client after a blob this cache lost.
+    /// Loads a Tree or Directory message a result names; `None` when it is gone or is not
+    /// one (then the result cannot be used: a miss, not an error).
+    async fn load_message<M: Message + Default>(&self, d: Digest) -> Result<Option<M>, Status> {
+        self.ensure_local(d).await?;
+        let Some(bytes) = self
+            .store()
+            .load_bytes(d)
+            .map_err(|e| store_status("reading an output directory", &e))?
+        else {
+            return Ok(None);
+        };
+        match M::decode(&bytes[..]) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "an action result names an undecodable directory");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether every blob `ar` names is here: its files, its Trees and their files, and under
+    /// a `root_directory_digest` every Directory message and file: a hit must never send a
+    /// client after a blob this cache lost. A hit counts as a use of all of them.
     async fn outputs_present(&self, ar: &remexec::ActionResult) -> Result<bool, Status> {
-        let (mut blobs, trees) = referenced_blobs(ar)?;
-        for t in &trees {
-            self.ensure_local(*t).await?;
-            let Some(bytes) = self
-                .store()
-                .load_bytes(*t)
-                .map_err(|e| store_status("reading a Tree", &e))?
-            else {
+        let Referenced {
+            mut blobs,
+            trees,
+            roots,
+        } = referenced_blobs(ar)?;
+        let mut messages = Vec::with_capacity(trees.len() + roots.len());
+        for t in trees {
+            let Some(tree) = self.load_message::<remexec::Tree>(t).await? else {
                 return Ok(false);
             };
-            let tree = remexec::Tree::decode(&bytes[..])
-                .map_err(|e| Status::internal(format!("stored Tree {t} is undecodable: {e}")))?;
             for dir in tree.root.iter().chain(&tree.children) {
                 for f in &dir.files {
                     blobs.push(digest("Tree file digest", f.digest.as_ref())?);
                 }
             }
+            messages.push(t);
+        }
+        // A Directory graph is walked once per distinct Directory (shared subtrees are common).
+        let mut queue = VecDeque::from(roots);
+        let mut seen = HashSet::new();
+        while let Some(d) = queue.pop_front() {
+            if !seen.insert(d) {
+                continue;
+            }
+            let Some(dir) = self.load_message::<remexec::Directory>(d).await? else {
+                return Ok(false);
+            };
+            for f in &dir.files {
+                blobs.push(digest("Directory file digest", f.digest.as_ref())?);
+            }
+            for sub in &dir.directories {
+                queue.push_back(digest("Directory subdirectory digest", sub.digest.as_ref())?);
+            }
+            messages.push(d);
         }
         blobs.retain(|d| *d != EMPTY_DIGEST);
         if !self.missing(&blobs).await.is_empty() {
@@ -671,7 +742,7 @@ impl Svc {
         }
         // A hit is a use of its outputs even when the client never downloads them (Bazel's
         // --remote_download_minimal): keep them as fresh as the entry.
-        self.store().touch_all(blobs.into_iter().chain(trees));
+        self.store().touch_all(blobs.into_iter().chain(messages));
         Ok(true)
     }
 }
@@ -830,6 +901,7 @@ impl ByteStream for Svc {
         };
         if self.store().contains(d) {
             self.0.paused.abandon_digest(d);
+            self.store().touch_all([d]);
             return Ok(Response::new(done()));
         }
         let name = first.resource_name.clone();

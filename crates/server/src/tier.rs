@@ -1014,7 +1014,7 @@ impl Tier {
             return Ok(true);
         }
         let _room = inner
-            .reserve(d.size_bytes)
+            .reserve(d)
             .map_err(|s| s.message().to_owned())?;
         let Some(mut body) = self
             .ask(self.s3.get(d))
@@ -1073,7 +1073,7 @@ impl Tier {
                 lock(&me.fetches).remove(&d);
                 let _ = tx.send(result);
             };
-        let room = match inner.reserve(d.size_bytes) {
+        let room = match inner.reserve(d) {
             Ok(r) => r,
             Err(e) => {
                 finish(self, Err(e.message().to_owned()), done_tx);

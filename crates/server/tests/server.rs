@@ -1048,3 +1048,288 @@ async fn an_upload_without_finish_write_is_never_committed_by_abandonment() {
     assert_eq!(read(&r, &blob_resource(xd), 0, 0).await.unwrap(), x);
     r.stop().await;
 }
+
+/// Bytes of committed pool files under `storage`, tolerating files removed while listing.
+fn pool_bytes_now(storage: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let Ok(shards) = std::fs::read_dir(storage.join("store/large")) else {
+        return 0;
+    };
+    for shard in shards.flatten() {
+        if let Ok(files) = std::fs::read_dir(shard.path()) {
+            for f in files.flatten() {
+                total += f.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// `uploaders` clients upload distinct 1–3 MiB blobs in a loop (`total` in all) into a 64 MiB
+/// store. Returns (stored, refused, the most pool bytes seen on disk while they ran).
+async fn upload_storm(uploaders: usize, total: usize) -> (usize, Vec<String>, u64) {
+    const MAX: u64 = 64 << 20;
+    let r = start_with(|o| o.max_size = MAX).await;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (dir, stop) = (r.dir().to_path_buf(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(pool_bytes_now(&dir));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let workers = (0..uploaders).map(|_| {
+        let (next, refused, channel) = (next.clone(), refused.clone(), r.channel.clone());
+        async move {
+            let mut stored = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return stored;
+                }
+                let len = (1 << 20) + (i * 700_001) % (2 << 20);
+                let blob = data(len, 10_000 + i as u64);
+                let d = Digest::of_bytes(&blob);
+                let msgs: Vec<WriteRequest> = blob
+                    .chunks(1 << 20)
+                    .enumerate()
+                    .map(|(k, c)| WriteRequest {
+                        resource_name: format!("uploads/s{i}/{}", blob_resource(d)),
+                        write_offset: (k << 20) as i64,
+                        finish_write: (k << 20) + c.len() == blob.len(),
+                        data: c.to_vec(),
+                    })
+                    .collect();
+                match ByteStreamClient::new(channel.clone())
+                    .write(futures::stream::iter(msgs))
+                    .await
+                {
+                    Ok(_) => stored += 1,
+                    Err(e) if e.code() == Code::ResourceExhausted => {
+                        refused.lock().unwrap().push(e.message().to_owned());
+                    }
+                    Err(e) => panic!("upload {i}: {e:?}"),
+                }
+            }
+        }
+    });
+    let stored: usize = tokio::time::timeout(
+        Duration::from_secs(300),
+        futures::future::join_all(workers),
+    )
+    .await
+    .expect("the uploads finish")
+    .into_iter()
+    .sum();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watcher.await.unwrap();
+    r.stop().await;
+    let refused = std::mem::take(&mut *refused.lock().unwrap());
+    assert!(most <= MAX, "the pool held {most} bytes, over the {MAX} bound");
+    (stored, refused, most)
+}
+
+/// Issue 28 item 3: concurrent uploads that each fit after eviction were refused (an upload
+/// finishing during a reservation was counted twice: stored, and still reserved). Every upload
+/// now lands, whatever the concurrency, and the store stays within its bound. Uploader counts
+/// can be set with RECACHE_UPLOAD_STORM (e.g. `1,2,4,16`) to compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_that_fit_after_eviction_are_never_refused() {
+    let counts: Vec<usize> = std::env::var("RECACHE_UPLOAD_STORM")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![4, 16]);
+    for uploaders in counts {
+        let total = 96.max(uploaders * 6);
+        let (stored, refused, most) = upload_storm(uploaders, total).await;
+        eprintln!(
+            "{uploaders} uploaders: {stored} stored, {} refused, pool peak {most} bytes",
+            refused.len()
+        );
+        assert!(
+            refused.is_empty(),
+            "{uploaders} uploaders: {} of {total} refused, e.g. {:?}",
+            refused.len(),
+            refused.first()
+        );
+        assert_eq!(stored, total);
+    }
+}
+
+/// Issue 28 item 6: re-sending a stored blob by BatchUpdateBlobs must not reserve room for it
+/// again (which evicted an unrelated blob in a full store).
+#[tokio::test]
+async fn resending_a_stored_blob_by_batch_evicts_nothing() {
+    let r = start_with(|o| o.max_size = 64 << 20).await;
+    let big: Vec<Vec<u8>> = (0..3).map(|i| data(20 << 20, 300 + i)).collect();
+    for b in &big {
+        let d = Digest::of_bytes(b);
+        write(
+            &r,
+            &format!("uploads/big/{}", blob_resource(d)),
+            b.chunks(1 << 20).map(<[u8]>::to_vec).collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let p = data(3 << 20, 310);
+    let pd = Digest::of_bytes(&p);
+    let batch = || remexec::BatchUpdateBlobsRequest {
+        requests: vec![remexec::batch_update_blobs_request::Request {
+            digest: Some(pd.into()),
+            data: p.clone(),
+            compressor: 0,
+        }],
+        ..Default::default()
+    };
+    // 63 MiB in a 64 MiB store. (No FindMissingBlobs before the resend: it would count as a
+    // use of the big blobs and make P the least recently used.)
+    let first = cas(&r).batch_update_blobs(batch()).await.unwrap().into_inner();
+    assert_eq!(first.responses[0].status.as_ref().unwrap().code, 0);
+    let again = cas(&r).batch_update_blobs(batch()).await.unwrap().into_inner();
+    assert_eq!(again.responses[0].status.as_ref().unwrap().code, 0);
+    for b in &big {
+        assert!(
+            !missing(&r, Digest::of_bytes(b)).await,
+            "sending a stored blob again evicted another"
+        );
+    }
+    r.stop().await;
+}
+
+/// Uploads small blobs by batch.
+async fn put_blobs(r: &Running, blobs: &[Vec<u8>]) {
+    let resp = cas(r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: blobs
+                .iter()
+                .map(|b| remexec::batch_update_blobs_request::Request {
+                    digest: Some(Digest::of_bytes(b).into()),
+                    data: b.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for resp in resp.responses {
+        assert_eq!(resp.status.unwrap().code, 0);
+    }
+}
+
+/// Issue 28 item 4: a result naming its output directory by `root_directory_digest` only
+/// (REAPI 2.3's DIRECTORY_ONLY) is accepted, and every Directory message under it counts: with
+/// the root Directory or a nested one evicted, the entry is a miss, never a dangling hit. The
+/// same holds for a Tree result whose Tree blob is gone; a result naming neither is refused.
+#[tokio::test]
+async fn directory_only_results_are_accepted_and_every_directory_counts() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let leaf = data(3000, 81);
+    let leaf_d = Digest::of_bytes(&leaf);
+    let sub = remexec::Directory {
+        files: vec![remexec::FileNode {
+            name: "f".into(),
+            digest: Some(leaf_d.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sub_bytes = sub.encode_to_vec();
+    let sub_d = Digest::of_bytes(&sub_bytes);
+    let root = remexec::Directory {
+        directories: vec![remexec::DirectoryNode {
+            name: "sub".into(),
+            digest: Some(sub_d.into()),
+        }],
+        ..Default::default()
+    };
+    let root_bytes = root.encode_to_vec();
+    let root_d = Digest::of_bytes(&root_bytes);
+    let tree = remexec::Tree {
+        root: Some(root.clone()),
+        children: vec![sub.clone()],
+    };
+    let tree_bytes = tree.encode_to_vec();
+    let tree_d = Digest::of_bytes(&tree_bytes);
+    put_blobs(
+        &r,
+        &[leaf.clone(), sub_bytes.clone(), root_bytes.clone(), tree_bytes.clone()],
+    )
+    .await;
+
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    let result = |tree: Option<Digest>, root: Option<Digest>| remexec::ActionResult {
+        output_directories: vec![remexec::OutputDirectory {
+            path: "out".into(),
+            tree_digest: tree.map(Into::into),
+            root_directory_digest: root.map(Into::into),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let put = |action: &str, ar: remexec::ActionResult| remexec::UpdateActionResultRequest {
+        action_digest: Some(Digest::of_bytes(action.as_bytes()).into()),
+        action_result: Some(ar),
+        ..Default::default()
+    };
+    let get = |action: &str| remexec::GetActionResultRequest {
+        action_digest: Some(Digest::of_bytes(action.as_bytes()).into()),
+        ..Default::default()
+    };
+    let err = ac
+        .update_action_result(put("neither", result(None, None)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("root_directory_digest"), "{}", err.message());
+    for (action, ar) in [
+        ("dir-only", result(None, Some(root_d))),
+        ("tree-only", result(Some(tree_d), None)),
+        ("both", result(Some(tree_d), Some(root_d))),
+    ] {
+        ac.update_action_result(put(action, ar.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{action}: {e}"));
+        assert_eq!(ac.get_action_result(get(action)).await.unwrap().into_inner(), ar);
+    }
+
+    // Evict only the nested Directory: DIRECTORY_ONLY and "both" must miss; the Tree form
+    // carries its own copy of every Directory and still hits.
+    r.stop().await;
+    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
+    assert_eq!(store.remove(&[sub_d]).unwrap(), 1);
+    drop(store);
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    for action in ["dir-only", "both"] {
+        let err = ac.get_action_result(get(action)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{action}: {err}");
+    }
+    ac.get_action_result(get("tree-only")).await.unwrap();
+
+    // Put it back, then evict only the root Directory: again a miss, never a dangling hit.
+    put_blobs(&r, &[sub_bytes.clone()]).await;
+    ac.update_action_result(put("dir-only", result(None, Some(root_d))))
+        .await
+        .unwrap();
+    ac.get_action_result(get("dir-only")).await.unwrap();
+    r.stop().await;
+    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
+    assert_eq!(store.remove(&[root_d]).unwrap(), 1);
+    drop(store);
+    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    let err = ac.get_action_result(get("dir-only")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    r.stop().await;
+}

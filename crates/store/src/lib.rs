@@ -25,7 +25,7 @@ pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
 pub use local::{
     BlobReader, GcReport, Lease, LocalStore, LocalStoreOptions, PoolCompression, RepairReport,
-    StoreUsage,
+    Reservation, Room, StoreUsage,
 };
 
 /// Splits `digests` into groups whose sizes (plus `per_item` bytes each) add up to at most

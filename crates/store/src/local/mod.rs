@@ -216,6 +216,48 @@ struct Inner {
     leases: Mutex<HashMap<Digest, usize>>,
     /// Bytes streamed into destinations so far (for progress reporting).
     received: AtomicU64,
+    /// Room promised to writes in progress ([`LocalStore::try_reserve`]). Every transaction
+    /// that raises the usage counters runs under this lock and turns the reservation of the
+    /// blob it stores into stored bytes at the same moment, so `stored + reserved` read under
+    /// it never counts a blob twice (or not at all).
+    accounting: Mutex<Accounting>,
+}
+
+/// Reservations held; see `Inner::accounting`.
+#[derive(Debug, Default)]
+struct Accounting {
+    /// Sum of `open`'s byte counts.
+    reserved: u64,
+    /// Reservation id → (blob it is for, bytes it still holds).
+    open: HashMap<u64, (Digest, u64)>,
+    next_id: u64,
+}
+
+/// What the store holds and has promised, when a reservation did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Bytes of stored blobs.
+    pub stored: u64,
+    /// Bytes reserved by writes in progress.
+    pub reserved: u64,
+}
+
+/// Room held in the store for one write in progress ([`LocalStore::try_reserve`]). When the
+/// blob it is for is stored, its bytes move from reserved to stored in one step; dropping it
+/// releases whatever it still holds (a write that failed or found the blob already there).
+#[derive(Debug)]
+pub struct Reservation {
+    store: LocalStore,
+    id: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut acc = self.store.accounting();
+        if let Some((_, bytes)) = acc.open.remove(&self.id) {
+            acc.reserved -= bytes;
+        }
+    }
 }
 
 /// A blob opened for reading ranges ([`LocalStore::open_blob`]). A compressed pool file
@@ -380,6 +422,7 @@ impl LocalStore {
                 recent_ref_access: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
                 received: AtomicU64::new(0),
+                accounting: Mutex::new(Accounting::default()),
                 root,
             }),
         };
@@ -465,6 +508,88 @@ impl LocalStore {
         self.touch_all([digest]);
     }
 
+    fn accounting(&self) -> std::sync::MutexGuard<'_, Accounting> {
+        self.inner
+            .accounting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves room for a write of `digest` when the blobs stored, the room already reserved
+    /// and this blob fit in `max` bytes together; otherwise says how much is stored and
+    /// reserved, so the caller can evict (see [`LocalStore::gc`]) and ask again. Reservations
+    /// are this process's; other processes' writes count once they are stored.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
+    /// let blob = vec![7u8; 1000];
+    /// let d = hashing::Digest::of_bytes(&blob);
+    /// let room = store.try_reserve(d, 1500).unwrap();
+    /// assert!(store.try_reserve(d, 1500).is_err(), "1000 + 1000 > 1500");
+    /// store.store_verified(d, &mut &blob[..]).unwrap();
+    /// // Stored: its bytes moved from reserved to stored, counted once.
+    /// assert_eq!(store.room(), store::Room { stored: 1000, reserved: 0 });
+    /// drop(room);
+    /// ```
+    pub fn try_reserve(&self, digest: Digest, max: u64) -> Result<Reservation, Room> {
+        let mut acc = self.accounting();
+        let stored = self.usage().total_bytes();
+        let room = Room {
+            stored,
+            reserved: acc.reserved,
+        };
+        if stored
+            .saturating_add(acc.reserved)
+            .saturating_add(digest.size_bytes)
+            > max
+        {
+            return Err(room);
+        }
+        let id = acc.next_id;
+        acc.next_id += 1;
+        acc.open.insert(id, (digest, digest.size_bytes));
+        acc.reserved += digest.size_bytes;
+        Ok(Reservation {
+            store: self.clone(),
+            id,
+        })
+    }
+
+    /// Bytes stored and reserved, read together.
+    pub fn room(&self) -> Room {
+        let acc = self.accounting();
+        Room {
+            stored: self.usage().total_bytes(),
+            reserved: acc.reserved,
+        }
+    }
+
+    /// Runs `txn`, a transaction that stores `digests` and raises the counters, under the
+    /// accounting lock, and turns one reservation of each stored digest into stored bytes.
+    /// (LMDB runs one write transaction at a time anyway: the lock costs no concurrency.)
+    fn growing<T>(
+        &self,
+        digests: impl IntoIterator<Item = Digest>,
+        txn: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut acc = self.accounting();
+        let out = txn()?;
+        if !acc.open.is_empty() {
+            for d in digests {
+                let held = acc
+                    .open
+                    .values_mut()
+                    .find(|(rd, bytes)| *rd == d && *bytes > 0)
+                    .map(|(_, bytes)| std::mem::take(bytes));
+                if let Some(bytes) = held {
+                    acc.reserved -= bytes;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Records uses in memory (`note` fills the maps); flushes them once they grow large.
     fn note_uses(
         &self,
@@ -539,7 +664,9 @@ impl LocalStore {
             self.touch(digest);
             return Ok(());
         }
-        let totals = self.inner.db.put(digest, bytes, now_millis())?;
+        let totals = self.growing([digest], || {
+            self.inner.db.put(digest, bytes, now_millis())
+        })?;
         self.after_growth(totals);
         Ok(())
     }
@@ -572,7 +699,9 @@ impl LocalStore {
         if missing.is_empty() {
             return Ok(());
         }
-        let totals = self.inner.db.put_many(&missing, now_millis())?;
+        let totals = self.growing(missing.iter().map(|(d, _)| *d), || {
+            self.inner.db.put_many(&missing, now_millis())
+        })?;
         self.after_growth(totals);
         Ok(())
     }
@@ -595,10 +724,11 @@ impl LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(StoreError::io(format!("inspecting {}", path.display()), e)),
         };
-        let totals = self
-            .inner
-            .db
-            .pool_added(digest, mtime_nanos(&meta), new, now_millis())?;
+        let totals = self.growing([digest], || {
+            self.inner
+                .db
+                .pool_added(digest, mtime_nanos(&meta), new, now_millis())
+        })?;
         self.after_growth(totals);
         Ok(())
     }
