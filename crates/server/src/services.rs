@@ -35,6 +35,108 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Directories per GetTree page when the client does not say.
 const DEFAULT_TREE_PAGE: usize = 1000;
 
+/// Encoded bytes of Directory messages per GetTree page: under the 4 MiB a gRPC client takes
+/// by default, with room for the framing (a Directory of 60 files is ≈ 6 KiB, so a count-only
+/// page of 1 000 of them did not fit).
+const TREE_PAGE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// A GetTree walk in progress: breadth-first, each distinct Directory once.
+struct TreeWalk {
+    svc: Svc,
+    queue: VecDeque<Digest>,
+    seen: HashSet<Digest>,
+    /// Directories walked so far (returned, or skipped for the page token).
+    index: usize,
+    skip: usize,
+    page: usize,
+    /// A directory walked but left for the next page (it did not fit in this one).
+    pending: Option<remexec::Directory>,
+    sent: bool,
+    done: bool,
+}
+
+impl TreeWalk {
+    /// The next Directory in walk order, not yet counted; `None` at the end.
+    async fn next_dir(&mut self) -> Result<Option<remexec::Directory>, Status> {
+        if let Some(dir) = self.pending.take() {
+            return Ok(Some(dir));
+        }
+        while let Some(d) = self.queue.pop_front() {
+            if !self.seen.insert(d) {
+                continue;
+            }
+            self.svc.ensure_local(d).await?;
+            let dir = self
+                .svc
+                .store()
+                .load_directory(d)
+                .map_err(|e| store_status(&format!("directory {d}"), &e))?;
+            return Ok(Some(dir));
+        }
+        Ok(None)
+    }
+
+    /// Counts `dir` as walked and queues its subdirectories.
+    fn walked(&mut self, dir: &remexec::Directory) -> Result<(), Status> {
+        for sub in &dir.directories {
+            self.queue
+                .push_back(digest("directories[].digest", sub.digest.as_ref())?);
+        }
+        self.index += 1;
+        Ok(())
+    }
+
+    /// The next page; `None` once the last was sent. An error ends the walk.
+    async fn next_page(&mut self) -> Option<Result<remexec::GetTreeResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        let page = self.fill().await;
+        if page.is_err() || self.pending.is_none() {
+            self.done = true;
+        }
+        match page {
+            Ok(directories) if directories.is_empty() && self.sent => None,
+            Ok(directories) => {
+                self.sent = true;
+                let next_page_token = if self.pending.is_some() {
+                    self.index.to_string()
+                } else {
+                    String::new()
+                };
+                Some(Ok(remexec::GetTreeResponse {
+                    directories,
+                    next_page_token,
+                }))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    async fn fill(&mut self) -> Result<Vec<remexec::Directory>, Status> {
+        let mut directories = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(dir) = self.next_dir().await? {
+            if self.index < self.skip {
+                self.walked(&dir)?;
+                continue;
+            }
+            // The message's own framing per entry: a tag and a length of at most 5 bytes.
+            let len = dir.encoded_len() + 6;
+            if !directories.is_empty()
+                && (directories.len() >= self.page || bytes + len > TREE_PAGE_BYTES)
+            {
+                self.pending = Some(dir);
+                break;
+            }
+            self.walked(&dir)?;
+            bytes += len;
+            directories.push(dir);
+        }
+        Ok(directories)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Svc(Arc<Inner>);
 
@@ -531,8 +633,12 @@ impl ContentAddressableStorage for Svc {
 
     type GetTreeStream = BoxStream<remexec::GetTreeResponse>;
 
-    /// Pages through the tree breadth-first; a page token is the number of directories already
-    /// returned (the walk is repeated up to it: simple, stateless, and correct).
+    /// Streams the tree breadth-first (each distinct Directory once) in pages of at most
+    /// `page_size` directories (default and cap: [`DEFAULT_TREE_PAGE`], ten times that) and at
+    /// most [`TREE_PAGE_BYTES`] encoded, every page after the first in the same call, as the
+    /// spec asks. A page token is the number of directories already returned: the walk is
+    /// repeated up to it (stateless, and correct while the tree's blobs are there). The walk is
+    /// lazy: one page is in memory at a time.
     async fn get_tree(
         &self,
         req: Request<remexec::GetTreeRequest>,
@@ -552,42 +658,22 @@ impl ContentAddressableStorage for Svc {
             Ok(0) | Err(_) => DEFAULT_TREE_PAGE,
             Ok(n) => n.min(10 * DEFAULT_TREE_PAGE),
         };
-        let mut queue = VecDeque::from([root]);
-        let mut seen = HashSet::new();
-        let mut index = 0usize;
-        let mut directories = Vec::new();
-        while let Some(d) = queue.pop_front() {
-            if !seen.insert(d) {
-                continue;
-            }
-            self.ensure_local(d).await?;
-            let dir = self
-                .store()
-                .load_directory(d)
-                .map_err(|e| store_status(&format!("directory {d}"), &e))?;
-            for sub in &dir.directories {
-                queue.push_back(digest("directories[].digest", sub.digest.as_ref())?);
-            }
-            if index >= skip {
-                directories.push(dir);
-            }
-            index += 1;
-            if directories.len() == page {
-                break;
-            }
-        }
-        let next_page_token = if queue.iter().any(|d| !seen.contains(d)) {
-            index.to_string()
-        } else {
-            String::new()
+        let walk = TreeWalk {
+            svc: self.clone(),
+            queue: VecDeque::from([root]),
+            seen: HashSet::new(),
+            index: 0,
+            skip,
+            page,
+            pending: None,
+            sent: false,
+            done: false,
         };
-        let response = remexec::GetTreeResponse {
-            directories,
-            next_page_token,
-        };
-        Ok(Response::new(Box::pin(futures::stream::iter([Ok(
-            response,
-        )]))))
+        let stream = futures::stream::unfold(walk, |mut walk| async move {
+            let page = walk.next_page().await?;
+            Some((page, walk))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn split_blob(

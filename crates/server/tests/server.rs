@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
@@ -1331,5 +1332,92 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
     let mut ac = ActionCacheClient::new(r.channel.clone());
     let err = ac.get_action_result(get("dir-only")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
+    r.stop().await;
+}
+
+/// Every page GetTree streams for `root`, from `token`, with `page_size`.
+async fn tree_pages(
+    r: &Running,
+    root: Digest,
+    token: &str,
+    page_size: i32,
+) -> Result<Vec<remexec::GetTreeResponse>, tonic::Status> {
+    let mut stream = cas(r)
+        .get_tree(remexec::GetTreeRequest {
+            root_digest: Some(root.into()),
+            page_token: token.to_owned(),
+            page_size,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut pages = Vec::new();
+    while let Some(p) = stream.next().await {
+        pages.push(p?);
+    }
+    Ok(pages)
+}
+
+/// Issue 28 item 7: GetTree paged by count only, so 1 000 directories of 60 files each (≈ 6 MB)
+/// failed with "encoded message length too large". Pages are now bounded in bytes too, every
+/// page comes in the one call, each fits a client's default 4 MiB, and page_size is honoured.
+#[tokio::test]
+async fn get_tree_pages_large_trees_by_bytes_and_honours_page_size() {
+    use prost::Message;
+    let r = start_with(|_| {}).await;
+    let file = Digest::of_bytes(b"shared content");
+    let mut subdirs = Vec::new();
+    let mut blobs = Vec::new();
+    for i in 0..1000 {
+        let dir = remexec::Directory {
+            files: (0..60)
+                .map(|j| remexec::FileNode {
+                    name: format!("generated_source_file_number_{j:03}_of_directory_{i:04}.rs"),
+                    digest: Some(file.into()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let bytes = dir.encode_to_vec();
+        subdirs.push(remexec::DirectoryNode {
+            name: format!("d{i:04}"),
+            digest: Some(Digest::of_bytes(&bytes).into()),
+        });
+        blobs.push(bytes);
+    }
+    let root = remexec::Directory {
+        directories: subdirs,
+        ..Default::default()
+    };
+    let root_bytes = root.encode_to_vec();
+    let root_d = Digest::of_bytes(&root_bytes);
+    blobs.push(root_bytes);
+    let total: usize = blobs.iter().map(Vec::len).sum();
+    assert!(total > 5 << 20, "the tree is {total} bytes");
+    for batch in blobs.chunks(400) {
+        put_blobs(&r, batch).await;
+    }
+
+    let pages = tree_pages(&r, root_d, "", 0).await.unwrap();
+    assert!(pages.len() >= 2, "{} pages", pages.len());
+    let mut names = HashSet::new();
+    for (i, p) in pages.iter().enumerate() {
+        assert!(p.encoded_len() <= 4 << 20, "page {i}: {} bytes", p.encoded_len());
+        assert_eq!(p.next_page_token.is_empty(), i + 1 == pages.len());
+        for d in &p.directories {
+            assert!(names.insert(Digest::of_bytes(&d.encode_to_vec())));
+        }
+    }
+    assert_eq!(names.len(), 1001, "every directory once");
+    assert_eq!(pages[0].directories[0], root);
+
+    // A client's page size; a token resumes after what was returned.
+    let small = tree_pages(&r, root_d, "", 100).await.unwrap();
+    assert_eq!(small.len(), 11);
+    assert!(small.iter().take(10).all(|p| p.directories.len() == 100));
+    let rest = tree_pages(&r, root_d, &small[0].next_page_token, 100).await.unwrap();
+    assert_eq!(rest.len(), 10);
+    assert_eq!(rest[0].directories, small[1].directories);
     r.stop().await;
 }
