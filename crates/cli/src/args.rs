@@ -232,6 +232,21 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_SERVE_MAX_BLOB_SIZE", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]
     pub max_blob_size: u64,
 
+    /// Remote Asset FetchDirectory: the most bytes one archive may unpack to (checked while it
+    /// unpacks; an archive past it is refused with ABORTED and nothing recorded).
+    #[arg(long, env = "RECACHE_SERVE_ASSET_MAX_UNPACKED", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]
+    pub asset_max_unpacked: u64,
+
+    /// Remote Asset FetchDirectory: the most entries (files, directories, symlinks) one
+    /// archive may hold.
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_ASSET_MAX_ENTRIES",
+        default_value = "500000",
+        value_name = "N"
+    )]
+    pub asset_max_entries: u64,
+
     /// Instance name to serve (repeatable; default: any). Others get INVALID_ARGUMENT.
     /// Environment: RECACHE_SERVE_INSTANCE_NAME, several separated by commas.
     #[arg(long = "instance-name", value_name = "NAME")]

@@ -79,6 +79,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         tls,
         compress_at_rest: args.storage_compression == "zstd",
         s3,
+        archive_limits: fetcher::archive::Limits {
+            max_bytes: args.asset_max_unpacked,
+            max_entries: args.asset_max_entries,
+        },
     };
     server::return_large_buffers_to_the_system();
     let server = CacheServer::open(options)

@@ -230,13 +230,8 @@ impl Fetcher {
     }
 
     fn local_matches(&self, d: Digest, sri: &[Sri]) -> bool {
-        let Ok(Some(mut r)) = self.local.open_blob(d) else {
+        let Ok(Some(mut reader)) = blob_reader(&self.local, d) else {
             return false;
-        };
-        let mut reader = BlobRead {
-            blob: &mut r,
-            pos: 0,
-            size: d.size_bytes,
         };
         download::content_matches(sri, &mut reader).unwrap_or(false)
     }
@@ -347,54 +342,76 @@ impl Fetcher {
     }
 }
 
-/// Reads the stored blob `digest` from the start (`None` when absent).
+/// Reads and seeks the stored blob `digest` (`None` when absent); see [`BlobCursor`].
 pub fn blob_reader(
     store: &LocalStore,
     digest: Digest,
-) -> Result<Option<impl std::io::Read + use<>>, store::StoreError> {
-    Ok(store.open_blob(digest)?.map(|blob| OwnedBlobRead {
+) -> Result<Option<BlobCursor>, store::StoreError> {
+    Ok(store.open_blob(digest)?.map(|blob| BlobCursor {
         blob,
-        pos: 0,
         size: digest.size_bytes,
+        pos: 0,
+        chunk: bytes::Bytes::new(),
+        chunk_start: 0,
     }))
 }
 
-struct OwnedBlobRead {
+/// Bytes a [`BlobCursor`] reads from the store at a time: one frame of a compressed pool file.
+const CURSOR_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// `std::io::Read + Seek` over a stored blob, one aligned 1 MiB chunk in memory at a time: a
+/// compressed pool file decodes each frame once however small the caller's reads are, and a
+/// zip's index is read from its end without the archive in memory.
+#[derive(Debug)]
+pub struct BlobCursor {
     blob: store::BlobReader,
-    pos: u64,
     size: u64,
+    pos: u64,
+    chunk: bytes::Bytes,
+    chunk_start: u64,
 }
 
-impl std::io::Read for OwnedBlobRead {
+impl std::io::Read for BlobCursor {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        BlobRead {
-            blob: &mut self.blob,
-            pos: self.pos,
-            size: self.size,
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
         }
-        .read(buf)
-        .inspect(|n| self.pos += *n as u64)
+        let in_chunk =
+            self.pos >= self.chunk_start && self.pos < self.chunk_start + self.chunk.len() as u64;
+        if !in_chunk {
+            self.chunk_start = self.pos / CURSOR_CHUNK_BYTES * CURSOR_CHUNK_BYTES;
+            self.chunk = self
+                .blob
+                .read_range(self.chunk_start, CURSOR_CHUNK_BYTES)
+                .map_err(std::io::Error::other)?;
+            if self.chunk.len() as u64 <= self.pos - self.chunk_start {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the stored blob is shorter than its digest says",
+                ));
+            }
+        }
+        let from = (self.pos - self.chunk_start) as usize;
+        let n = buf.len().min(self.chunk.len() - from);
+        buf[..n].copy_from_slice(&self.chunk[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
-/// `std::io::Read` over a store blob.
-struct BlobRead<'a> {
-    blob: &'a mut store::BlobReader,
-    pos: u64,
-    size: u64,
-}
-
-impl std::io::Read for BlobRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos >= self.size {
-            return Ok(0);
-        }
-        let chunk = self
-            .blob
-            .read_range(self.pos, (buf.len() as u64).min(self.size - self.pos))
-            .map_err(std::io::Error::other)?;
-        buf[..chunk.len()].copy_from_slice(&chunk);
-        self.pos += chunk.len() as u64;
-        Ok(chunk.len())
+impl std::io::Seek for BlobCursor {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.size.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = target.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the blob",
+            )
+        })?;
+        Ok(self.pos)
     }
 }

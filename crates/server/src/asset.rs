@@ -428,12 +428,17 @@ impl Fetch for AssetSvc {
                     continue;
                 }
             };
-            let (store, max) = (self.0.store.clone(), self.0.options.max_blob_size);
+            let (store, limits) = (self.0.store.clone(), self.0.options.archive_limits);
+            let _turn = self
+                .0
+                .unpacking
+                .acquire()
+                .await
+                .map_err(|e| Status::internal(format!("unpacking: {e}")))?;
+            // Held while it unpacks, so eviction for other uploads cannot take it midway.
+            let _lease = store.lease([archive]);
             let unpacked = tokio::task::spawn_blocking(move || {
-                let mut reader = fetcher::blob_reader(&store, archive)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("the archive {archive} left the store"))?;
-                fetcher::archive::unpack(&store, &mut reader, kind, max).map_err(|e| e.to_string())
+                fetcher::archive::unpack(&store, archive, kind, limits).map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| Status::internal(format!("unpacking: {e}")))?;

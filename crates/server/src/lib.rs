@@ -87,6 +87,9 @@ pub struct ServerOptions {
     /// An S3-compatible bucket behind the store, which then becomes the fast tier (see
     /// [`tier`]). Default none: the store is all there is.
     pub s3: Option<tier::TierOptions>,
+    /// What one archive may unpack to for Remote Asset `FetchDirectory`. Default
+    /// [`fetcher::archive::Limits::default`] (4 GiB, 500 000 entries).
+    pub archive_limits: fetcher::archive::Limits,
 }
 
 impl ServerOptions {
@@ -101,6 +104,7 @@ impl ServerOptions {
             tls: None,
             compress_at_rest: true,
             s3: None,
+            archive_limits: fetcher::archive::Limits::default(),
         }
     }
 }
@@ -133,7 +137,13 @@ pub(crate) struct Inner {
     pub downloads: std::sync::Mutex<std::collections::HashMap<hashing::Digest, SharedDownload>>,
     /// The S3 tier behind the store, when there is one.
     pub tier: Option<Arc<tier::Tier>>,
+    /// Archives being unpacked at once (each holds a blocking thread and the disk): at most
+    /// [`MAX_CONCURRENT_UNPACKS`]; later ones wait their turn.
+    pub unpacking: tokio::sync::Semaphore,
 }
+
+/// Archives unpacked at once for `FetchDirectory`.
+pub(crate) const MAX_CONCURRENT_UNPACKS: usize = 2;
 
 /// A download several `FetchBlob` calls may await.
 pub(crate) type SharedDownload = futures::future::Shared<
@@ -242,6 +252,7 @@ impl CacheServer {
                 paused: Default::default(),
                 downloads: Default::default(),
                 tier,
+                unpacking: tokio::sync::Semaphore::new(MAX_CONCURRENT_UNPACKS),
             }),
         })
     }

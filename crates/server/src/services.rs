@@ -818,7 +818,10 @@ impl Svc {
                 blobs.push(digest("Directory file digest", f.digest.as_ref())?);
             }
             for sub in &dir.directories {
-                queue.push_back(digest("Directory subdirectory digest", sub.digest.as_ref())?);
+                queue.push_back(digest(
+                    "Directory subdirectory digest",
+                    sub.digest.as_ref(),
+                )?);
             }
             messages.push(d);
         }
@@ -1284,68 +1287,68 @@ fn read_stream(
     futures::stream::unfold(state, move |(mut source, pos, done)| {
         let failed = failed.clone();
         async move {
-        if done {
-            return None;
-        }
-        let (item, next, finished) = match &mut source {
-            Source::Frames(f) => {
-                let mut buf = vec![0u8; READ_CHUNK_BYTES];
-                match f.read(&mut buf).await {
-                    Ok(0) if pos > 0 => return None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
+            if done {
+                return None;
+            }
+            let (item, next, finished) = match &mut source {
+                Source::Frames(f) => {
+                    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+                    match f.read(&mut buf).await {
+                        Ok(0) if pos > 0 => return None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
+                        }
+                        Err(e) => (
+                            Err(Status::internal(format!("reading a stored blob: {e}"))),
+                            pos,
+                            true,
+                        ),
                     }
-                    Err(e) => (
-                        Err(Status::internal(format!("reading a stored blob: {e}"))),
-                        pos,
-                        true,
-                    ),
                 }
-            }
-            Source::Blob(slot) => {
-                let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                let task = match std::mem::replace(slot, BlobSlot::Gone) {
-                    BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
-                    BlobSlot::Reading(task) => task,
-                    BlobSlot::Gone => return None,
-                };
-                let chunk = match task.await {
-                    Ok((reader, got)) => {
-                        let next = pos + want;
-                        *slot = if got.is_ok() && next < end {
-                            // The next chunk is read while this one is sent.
-                            BlobSlot::Reading(read_chunk(
-                                reader,
-                                next,
-                                (end - next).min(READ_CHUNK_BYTES as u64),
-                            ))
-                        } else {
-                            BlobSlot::Idle(reader)
-                        };
-                        got.map_err(|e| failed(&e))
-                    }
-                    Err(e) => Err(Status::internal(format!(
-                        "reading a stored blob: its read task failed: {e}"
-                    ))),
-                };
-                let item = chunk.and_then(|data| {
-                    let data = if compressed {
-                        zstd::bulk::compress(&data, 1)
-                            .map_err(|e| Status::internal(format!("zstd: {e}")))?
-                    } else {
-                        // No copy when the chunk owns its buffer (a pool file's range).
-                        Vec::from(data)
+                Source::Blob(slot) => {
+                    let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
+                    let task = match std::mem::replace(slot, BlobSlot::Gone) {
+                        BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
+                        BlobSlot::Reading(task) => task,
+                        BlobSlot::Gone => return None,
                     };
-                    Ok(ReadResponse { data })
-                });
-                let next = pos + want;
-                // An empty blob (or a read at its end) is one empty message; errors end it.
-                let finished = item.is_err() || next >= end;
-                (item, next, finished)
-            }
-        };
-        Some((item, (source, next, finished)))
+                    let chunk = match task.await {
+                        Ok((reader, got)) => {
+                            let next = pos + want;
+                            *slot = if got.is_ok() && next < end {
+                                // The next chunk is read while this one is sent.
+                                BlobSlot::Reading(read_chunk(
+                                    reader,
+                                    next,
+                                    (end - next).min(READ_CHUNK_BYTES as u64),
+                                ))
+                            } else {
+                                BlobSlot::Idle(reader)
+                            };
+                            got.map_err(|e| failed(&e))
+                        }
+                        Err(e) => Err(Status::internal(format!(
+                            "reading a stored blob: its read task failed: {e}"
+                        ))),
+                    };
+                    let item = chunk.and_then(|data| {
+                        let data = if compressed {
+                            zstd::bulk::compress(&data, 1)
+                                .map_err(|e| Status::internal(format!("zstd: {e}")))?
+                        } else {
+                            // No copy when the chunk owns its buffer (a pool file's range).
+                            Vec::from(data)
+                        };
+                        Ok(ReadResponse { data })
+                    });
+                    let next = pos + want;
+                    // An empty blob (or a read at its end) is one empty message; errors end it.
+                    let finished = item.is_err() || next >= end;
+                    (item, next, finished)
+                }
+            };
+            Some((item, (source, next, finished)))
         }
     })
 }

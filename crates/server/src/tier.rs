@@ -1013,9 +1013,7 @@ impl Tier {
         if self.store.contains(d) {
             return Ok(true);
         }
-        let _room = inner
-            .reserve(d)
-            .map_err(|s| s.message().to_owned())?;
+        let _room = inner.reserve(d).map_err(|s| s.message().to_owned())?;
         let Some(mut body) = self
             .ask(self.s3.get(d))
             .await

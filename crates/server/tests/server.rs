@@ -839,7 +839,10 @@ async fn a_damaged_stored_blob_is_data_loss_and_evicted() {
     let file = r
         .dir()
         .join(format!("store/large/{}/{hex}-{}", &hex[..2], d.size_bytes));
-    assert!(file.is_file(), "random bytes are stored plain, under the plain name");
+    assert!(
+        file.is_file(),
+        "random bytes are stored plain, under the plain name"
+    );
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     f.set_len(d.size_bytes - 1).unwrap();
@@ -923,7 +926,7 @@ async fn a_write_cancelled_mid_send_resumes_at_what_the_writer_holds() {
             .collect();
         let done = write_msgs(&r, rest)
             .await
-        .unwrap_or_else(|e| panic!("round {round}: resume at {committed}: {e:?}"));
+            .unwrap_or_else(|e| panic!("round {round}: resume at {committed}: {e:?}"));
         assert_eq!(done, d.size_bytes as i64);
         assert_eq!(read(&r, &blob_resource(d), 0, 0).await.unwrap(), blob);
     }
@@ -1005,7 +1008,11 @@ async fn an_upload_without_finish_write_is_never_committed_by_abandonment() {
     )
     .await
     .unwrap_err();
-    assert!(e.message().contains("nothing was stored"), "{}", e.message());
+    assert!(
+        e.message().contains("nothing was stored"),
+        "{}",
+        e.message()
+    );
     assert_eq!(write_status(&r, &x_name).await, (4 << 20, false));
     // Another 4 MiB upload needs the paused one's room: it is abandoned, and stores nothing.
     let y = data(4 << 20, 62);
@@ -1120,19 +1127,20 @@ async fn upload_storm(uploaders: usize, total: usize) -> (usize, Vec<String>, u6
             }
         }
     });
-    let stored: usize = tokio::time::timeout(
-        Duration::from_secs(300),
-        futures::future::join_all(workers),
-    )
-    .await
-    .expect("the uploads finish")
-    .into_iter()
-    .sum();
+    let stored: usize =
+        tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(workers))
+            .await
+            .expect("the uploads finish")
+            .into_iter()
+            .sum();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let most = watcher.await.unwrap();
     r.stop().await;
     let refused = std::mem::take(&mut *refused.lock().unwrap());
-    assert!(most <= MAX, "the pool held {most} bytes, over the {MAX} bound");
+    assert!(
+        most <= MAX,
+        "the pool held {most} bytes, over the {MAX} bound"
+    );
     (stored, refused, most)
 }
 
@@ -1191,9 +1199,17 @@ async fn resending_a_stored_blob_by_batch_evicts_nothing() {
     };
     // 63 MiB in a 64 MiB store. (No FindMissingBlobs before the resend: it would count as a
     // use of the big blobs and make P the least recently used.)
-    let first = cas(&r).batch_update_blobs(batch()).await.unwrap().into_inner();
+    let first = cas(&r)
+        .batch_update_blobs(batch())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.responses[0].status.as_ref().unwrap().code, 0);
-    let again = cas(&r).batch_update_blobs(batch()).await.unwrap().into_inner();
+    let again = cas(&r)
+        .batch_update_blobs(batch())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.responses[0].status.as_ref().unwrap().code, 0);
     for b in &big {
         assert!(
@@ -1264,7 +1280,12 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
     let tree_d = Digest::of_bytes(&tree_bytes);
     put_blobs(
         &r,
-        &[leaf.clone(), sub_bytes.clone(), root_bytes.clone(), tree_bytes.clone()],
+        &[
+            leaf.clone(),
+            sub_bytes.clone(),
+            root_bytes.clone(),
+            tree_bytes.clone(),
+        ],
     )
     .await;
 
@@ -1292,7 +1313,11 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("root_directory_digest"), "{}", err.message());
+    assert!(
+        err.message().contains("root_directory_digest"),
+        "{}",
+        err.message()
+    );
     for (action, ar) in [
         ("dir-only", result(None, Some(root_d))),
         ("tree-only", result(Some(tree_d), None)),
@@ -1301,7 +1326,13 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
         ac.update_action_result(put(action, ar.clone()))
             .await
             .unwrap_or_else(|e| panic!("{action}: {e}"));
-        assert_eq!(ac.get_action_result(get(action)).await.unwrap().into_inner(), ar);
+        assert_eq!(
+            ac.get_action_result(get(action))
+                .await
+                .unwrap()
+                .into_inner(),
+            ar
+        );
     }
 
     // Evict only the nested Directory: DIRECTORY_ONLY and "both" must miss; the Tree form
@@ -1403,7 +1434,11 @@ async fn get_tree_pages_large_trees_by_bytes_and_honours_page_size() {
     assert!(pages.len() >= 2, "{} pages", pages.len());
     let mut names = HashSet::new();
     for (i, p) in pages.iter().enumerate() {
-        assert!(p.encoded_len() <= 4 << 20, "page {i}: {} bytes", p.encoded_len());
+        assert!(
+            p.encoded_len() <= 4 << 20,
+            "page {i}: {} bytes",
+            p.encoded_len()
+        );
         assert_eq!(p.next_page_token.is_empty(), i + 1 == pages.len());
         for d in &p.directories {
             assert!(names.insert(Digest::of_bytes(&d.encode_to_vec())));
@@ -1416,7 +1451,9 @@ async fn get_tree_pages_large_trees_by_bytes_and_honours_page_size() {
     let small = tree_pages(&r, root_d, "", 100).await.unwrap();
     assert_eq!(small.len(), 11);
     assert!(small.iter().take(10).all(|p| p.directories.len() == 100));
-    let rest = tree_pages(&r, root_d, &small[0].next_page_token, 100).await.unwrap();
+    let rest = tree_pages(&r, root_d, &small[0].next_page_token, 100)
+        .await
+        .unwrap();
     assert_eq!(rest.len(), 10);
     assert_eq!(rest[0].directories, small[1].directories);
     r.stop().await;

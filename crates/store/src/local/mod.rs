@@ -297,6 +297,33 @@ impl BlobReader {
     }
 }
 
+/// A reader that fails (`InvalidData`) rather than yield more than `left` bytes.
+struct Capped<'a> {
+    inner: &'a mut dyn Read,
+    left: u64,
+    /// Set when the source had more.
+    exceeded: &'a std::cell::Cell<bool>,
+}
+
+impl Read for Capped<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // One byte past the cap is asked for, so a source that has more is noticed.
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            self.exceeded.set(true);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "more bytes than allowed",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// A read error of a pool file: undecodable content is `InvalidData`, the rest I/O.
 fn blob_read_error(path: &Path, e: std::io::Error) -> StoreError {
     match e.kind() {
@@ -653,6 +680,44 @@ impl LocalStore {
         }
     }
 
+    /// Stores what `src` yields, whose digest is not known in advance (an archive's entries),
+    /// and returns its digest. At most `limit` bytes are taken: a source with more is
+    /// `InvalidData` and stores nothing. Memory stays bounded whatever the source holds: up to
+    /// the pool threshold is read into memory (a small blob), anything longer streams into the
+    /// pool, hashed on the way.
+    pub fn store_stream(&self, src: &mut dyn Read, limit: u64) -> Result<Digest, StoreError> {
+        let exceeded = std::cell::Cell::new(false);
+        let mut capped = Capped {
+            inner: src,
+            left: limit,
+            exceeded: &exceeded,
+        };
+        let mut head = Vec::new();
+        (&mut capped)
+            .take(self.inner.threshold)
+            .read_to_end(&mut head)
+            .map_err(|e| {
+                if exceeded.get() {
+                    StoreError::invalid(format!("the stream holds more than {limit} bytes"))
+                } else {
+                    StoreError::io("reading a stream to store", e)
+                }
+            })?;
+        if (head.len() as u64) < self.inner.threshold {
+            return self.store_bytes(&head);
+        }
+        let mut whole = (&head[..]).chain(capped);
+        let (digest, new) = self.inner.pool.write_from(&mut whole, None).map_err(|e| {
+            if exceeded.get() {
+                StoreError::invalid(format!("the stream holds more than {limit} bytes"))
+            } else {
+                e
+            }
+        })?;
+        self.note_pool_added(digest, new)?;
+        Ok(digest)
+    }
+
     /// Stores an already verified small blob.
     pub(crate) fn put_small(&self, digest: Digest, bytes: &[u8]) -> Result<(), StoreError> {
         if digest == EMPTY_DIGEST {
@@ -664,9 +729,7 @@ impl LocalStore {
             self.touch(digest);
             return Ok(());
         }
-        let totals = self.growing([digest], || {
-            self.inner.db.put(digest, bytes, now_millis())
-        })?;
+        let totals = self.growing([digest], || self.inner.db.put(digest, bytes, now_millis()))?;
         self.after_growth(totals);
         Ok(())
     }
