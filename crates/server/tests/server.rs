@@ -1350,7 +1350,7 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
     ac.get_action_result(get("tree-only")).await.unwrap();
 
     // Put it back, then evict only the root Directory: again a miss, never a dangling hit.
-    put_blobs(&r, &[sub_bytes.clone()]).await;
+    put_blobs(&r, std::slice::from_ref(&sub_bytes)).await;
     ac.update_action_result(put("dir-only", result(None, Some(root_d))))
         .await
         .unwrap();
