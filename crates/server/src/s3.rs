@@ -82,9 +82,16 @@ pub struct S3Error {
     key: String,
     message: String,
     no_such_upload: bool,
+    bad_object: bool,
 }
 
 impl S3Error {
+    /// The object is not the blob its key names (the wrong size): delete it and treat the blob
+    /// as missing.
+    pub fn is_bad_object(&self) -> bool {
+        self.bad_object
+    }
+
     /// The multipart upload named does not exist (any more): completed, aborted (by a sweep of
     /// another server, say) or never created. The upload must start over.
     pub fn is_no_such_upload(&self) -> bool {
@@ -98,6 +105,7 @@ fn s3_err(op: &'static str, key: &str, e: impl std::fmt::Display) -> S3Error {
         key: key.to_owned(),
         message: e.to_string(),
         no_such_upload: false,
+        bad_object: false,
     }
 }
 
@@ -252,6 +260,25 @@ impl S3Blobs {
         format!("{}cas/{}-{}", self.prefix, d.hash, d.size_bytes)
     }
 
+    /// Whether `key` is a blob key of this server's own layout (`<prefix>cas/<64 hex>-<size>`),
+    /// not merely a key under its prefix: a server whose prefix is `a/` must leave alone the
+    /// keys of one whose prefix is `a/cas/` (`a/cas/cas/…`).
+    pub fn is_own_blob_key(&self, key: &str) -> bool {
+        let Some(rest) = key
+            .strip_prefix(&self.prefix)
+            .and_then(|k| k.strip_prefix("cas/"))
+        else {
+            return false;
+        };
+        let Some((hash, size)) = rest.split_once('-') else {
+            return false;
+        };
+        hash.len() == 64
+            && hash.bytes().all(|b| b.is_ascii_hexdigit())
+            && !size.is_empty()
+            && size.bytes().all(|b| b.is_ascii_digit())
+    }
+
     /// The object key of the action result of action `d`.
     pub fn ac_key(&self, d: Digest) -> String {
         format!("{}ac/{}-{}", self.prefix, d.hash, d.size_bytes)
@@ -307,24 +334,52 @@ impl S3Blobs {
 
     /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
     /// (`If-None-Match: *`): a blob the bucket already has is not written again (412), and a
-    /// server that ignores the condition just rewrites the same bytes.
+    /// server that ignores the condition just rewrites the same bytes. A 412 is success only
+    /// when the object there has the blob's size: a truncated object (a crash, an old bug, a
+    /// hand) is overwritten with the verified bytes, never kept.
     pub async fn put_bytes(&self, d: Digest, data: bytes::Bytes) -> Result<(), S3Error> {
         let key = self.key(d);
-        match self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .if_none_match("*")
-            .content_length(data.len() as i64)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-        {
+        let put = |conditional: bool| {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .content_length(data.len() as i64)
+                .body(ByteStream::from(data.clone()));
+            if conditional {
+                req = req.if_none_match("*");
+            }
+            req.send()
+        };
+        match put(true).await {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                if self.contains(d).await? {
+                    return Ok(());
+                }
+                tracing::warn!(key = %key, "the bucket's object of a blob has the wrong size; replacing it");
+                put(false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| sdk_err("PutObject", &key, e))
+            }
             Err(e) => Err(sdk_err("PutObject", &key, e)),
         }
+    }
+
+    /// Deletes blob `d`'s object (one that failed verification, or a retention sweep's). An
+    /// object already gone counts as deleted.
+    pub async fn delete(&self, d: Digest) -> Result<(), S3Error> {
+        let key = self.key(d);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_err("DeleteObject", &key, e))
     }
 
     /// Uploads the file at `path`, which holds blob `d` (the caller verified it): one PUT below
@@ -463,14 +518,17 @@ impl S3Blobs {
             return Ok(None);
         };
         if length.is_some_and(|n| n as u64 != d.size_bytes) {
-            return Err(s3_err(
-                "GetObject",
-                &key,
-                format!(
-                    "the object has {length:?} bytes, not the {} its key names",
-                    d.size_bytes
-                ),
-            ));
+            return Err(S3Error {
+                bad_object: true,
+                ..s3_err(
+                    "GetObject",
+                    &key,
+                    format!(
+                        "the object has {length:?} bytes, not the {} its key names",
+                        d.size_bytes
+                    ),
+                )
+            });
         }
         Ok(Some(body))
     }

@@ -346,7 +346,12 @@ impl Svc {
             };
             let store_from = |mut blob: Box<dyn std::io::Read>| match tee {
                 Some(tee) => {
-                    store.store_verified(d, &mut crate::tier::TeeReader { inner: blob, tee })
+                    let mut reader = crate::tier::TeeReader { inner: blob, tee };
+                    let stored = store.store_verified(d, &mut reader);
+                    // The parts copied out on the way may complete an object only if this
+                    // attempt's blob verified.
+                    reader.tee.settle(stored.is_ok());
+                    stored
                 }
                 None => store.store_verified(d, &mut blob),
             };
@@ -826,7 +831,11 @@ impl Svc {
             messages.push(d);
         }
         blobs.retain(|d| *d != EMPTY_DIGEST);
-        if !self.missing(&blobs).await.is_empty() {
+        let missing = match &self.0.tier {
+            Some(t) => t.missing_for_hit(&blobs).await,
+            None => self.store().missing(blobs.iter().copied()),
+        };
+        if !missing.is_empty() {
             return Ok(false);
         }
         // A hit is a use of its outputs even when the client never downloads them (Bazel's
@@ -942,18 +951,28 @@ impl ByteStream for Svc {
             // A whole large blob only the bucket has: stream it to the client while it fills
             // the fast tier, instead of fetching it all before the first byte goes out.
             let whole = offset == 0 && end == d.size_bytes && !r.compressed;
-            if whole
-                && !self.store().is_small(d.size_bytes)
-                && let Some(rx) = t.stream_through(&self.0, d).await?
-            {
+            let to_client = |rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, Status>>| {
                 let stream = futures::stream::poll_fn({
                     let mut rx = rx;
                     move |cx| rx.poll_recv(cx)
                 })
                 .map(|item| item.map(|data| ReadResponse { data }));
-                return Ok(Response::new(Box::pin(stream)));
+                Ok(Response::new(Box::pin(stream) as Self::ReadStream))
+            };
+            if whole
+                && !self.store().is_small(d.size_bytes)
+                && let Some(rx) = t.stream_through(&self.0, d).await?
+            {
+                return to_client(rx);
             }
-            t.fetch(&self.0, d).await?;
+            match t.fetch(&self.0, d).await {
+                Ok(_) => {}
+                // The fast tier cannot make room for it: straight from the bucket, not kept.
+                Err(e) if e.code() == Code::ResourceExhausted && !r.compressed => {
+                    return to_client(t.pass_through(d, offset, end).await?);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let source = self.open(d, r.compressed).await?;
         // Background S3 uploads give way while this streams.

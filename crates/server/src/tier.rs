@@ -27,8 +27,13 @@
 //! - `queued`: the blob is (or is about to be) in the fast tier; nothing was asked of S3.
 //! - `creating`: a `CreateMultipartUpload` is about to be sent, or was sent and its answer not
 //!   recorded. Whoever works the row next first aborts every open upload of the blob's key.
-//! - `multipart(upload id, part size, parts done with their ETags)`: recorded as soon as S3
-//!   answers the create, and after each part.
+//! - `multipart(upload id, part size, parts done with their ETags, verified)`: recorded as soon
+//!   as S3 answers the create, and after each part. Parts sent while a write still arrives
+//!   (`PartTee`) are *unverified*: they belong to that one write attempt, and become verified
+//!   only when that write's blob verified and was stored. An attempt that fails verification
+//!   aborts its upload and puts the row back to `queued`; an unverified row found by a worker
+//!   (the attempt died with the process) is aborted and started over from the fast tier's
+//!   verified copy. So only bytes of a verified blob are ever completed into an object.
 //!
 //! The row is deleted once the object exists in the bucket: after `CompleteMultipartUpload`,
 //! after a single PUT (conditional: `If-None-Match: *`), or when a HEAD finds the object
@@ -49,7 +54,11 @@
 //! # Reads
 //!
 //! Fast tier first; a miss is fetched from the bucket into the fast tier (verified against the
-//! digest while it streams; concurrent reads of one blob share one download). Existence
+//! digest while it streams; concurrent reads of one blob share one download). A blob the fast
+//! tier cannot make room for streams through to the client, verified, without being kept. An
+//! object that is not its blob (wrong size, wrong bytes) is deleted from the bucket and the
+//! blob reported missing, so the next upload replaces it; an object that is gone drops its
+//! known-in-bucket entry and reads NOT_FOUND. Existence
 //! (`FindMissingBlobs`, an action result's outputs) is answered from the fast tier, then a
 //! bounded cache of blobs known to be in the bucket, then a HEAD per remaining blob.
 //! S3 failures the SDK's retries ([`crate::s3::S3_ATTEMPTS`]) did not cure reach the client as
@@ -213,13 +222,17 @@ enum Row {
         upload_id: String,
         part_size: u64,
         parts: Vec<(i32, String)>,
+        /// The parts are bytes of a verified blob (false: early parts of a write attempt not
+        /// yet verified; see the module docs).
+        verified: bool,
     },
 }
 
 impl Row {
-    /// `q` | `c` | `m` part_size(u64 LE) id_len(u32 LE) id { number(i32 LE) etag_len(u32 LE)
-    /// etag }*. Versioned by the tag byte; an unreadable row decodes as `Creating` (the safe
-    /// state: stray uploads of the key are aborted and the blob uploaded again).
+    /// `q` | `c` | `m`/`u` part_size(u64 LE) id_len(u32 LE) id { number(i32 LE) etag_len(u32
+    /// LE) etag }* (`m` verified, `u` unverified parts). Versioned by the tag byte; an
+    /// unreadable row decodes as `Creating` (the safe state: stray uploads of the key are
+    /// aborted and the blob uploaded again).
     fn encode(&self) -> Vec<u8> {
         match self {
             Row::Queued => b"q".to_vec(),
@@ -228,8 +241,9 @@ impl Row {
                 upload_id,
                 part_size,
                 parts,
+                verified,
             } => {
-                let mut out = b"m".to_vec();
+                let mut out = if *verified { b"m" } else { b"u" }.to_vec();
                 out.extend_from_slice(&part_size.to_le_bytes());
                 put_str(&mut out, upload_id);
                 for (n, etag) in parts {
@@ -246,7 +260,8 @@ impl Row {
             match b.first()? {
                 b'q' => Some(Row::Queued),
                 b'c' => Some(Row::Creating),
-                b'm' => {
+                tag @ (b'm' | b'u') => {
+                    let verified = *tag == b'm';
                     let part_size = u64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
                     let mut rest = &b[9..];
                     let upload_id = take_str(&mut rest)?;
@@ -260,6 +275,7 @@ impl Row {
                         upload_id,
                         part_size,
                         parts,
+                        verified,
                     })
                 }
                 _ => None,
@@ -301,6 +317,11 @@ impl Known {
         self.seen.get(d).is_some_and(|t| t.elapsed() < KNOWN_TTL)
     }
 
+    /// Forgets `d` (its object turned out gone or bad). Its place in `order` goes with age.
+    fn remove(&mut self, d: &Digest) {
+        self.seen.remove(d);
+    }
+
     fn insert(&mut self, d: Digest) {
         if self.seen.insert(d, Instant::now()).is_none() {
             self.order.push_back(d);
@@ -315,7 +336,16 @@ impl Known {
 
 /// A fetch from the bucket several readers may await: `Ok(false)` when the bucket lacks it.
 type SharedFetch =
-    futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>;
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, Status>>>;
+
+/// What the bucket has under a blob's key.
+enum Object {
+    Body(aws_sdk_s3::primitives::ByteStream),
+    /// No object.
+    Gone,
+    /// An object that is not the blob (its size says so), with why.
+    Bad(String),
+}
 
 /// The S3 tier of one server. See the module docs.
 pub(crate) struct Tier {
@@ -406,9 +436,20 @@ pub(crate) struct PartTee {
     current: Option<(i32, bytes::BytesMut, OwnedSemaphorePermit)>,
     permits: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<EarlyPart>,
+    /// Tells the early uploader how the write attempt ended; dropped unsent = failed.
+    outcome: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl PartTee {
+    /// The write attempt these parts came from ended: `verified` when its blob verified and
+    /// was stored. Only then may the parts sent become part of an object; otherwise their
+    /// upload is aborted.
+    pub fn settle(&mut self, verified: bool) {
+        if let Some(tx) = self.outcome.take() {
+            let _ = tx.send(verified);
+        }
+    }
+
     /// The next bytes of the blob, in order.
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() && self.seen < self.size && !self.tx.is_closed() {
@@ -653,9 +694,10 @@ impl Tier {
         }
         let permits = Arc::new(Semaphore::new(self.options.part_concurrency.max(1)));
         let (tx, rx) = mpsc::unbounded_channel();
+        let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = async move {
-            if let Err(e) = me.early_parts(d, rx).await {
+            if let Err(e) = me.early_parts(d, rx, outcome_rx).await {
                 tracing::debug!(digest = %d, error = %e,
                     "early S3 parts stopped; the upload worker carries on from the journal");
             }
@@ -673,16 +715,20 @@ impl Tier {
             current: None,
             permits,
             tx,
+            outcome: Some(outcome_tx),
         })
     }
 
     /// Starts `d`'s multipart upload and sends the parts its [`PartTee`] hands over, recording
-    /// each in the journal. Leaves the rest (parts it skipped, the completion, which must wait
-    /// until the blob is verified and stored) to the worker that takes the row next.
+    /// each in the journal as unverified. When the write attempt ends, its parts become
+    /// verified (the blob verified and was stored) or the upload is aborted and the row goes
+    /// back to `queued`. Leaves the rest (parts it skipped, the completion) to the worker that
+    /// takes the row next.
     async fn early_parts(
         &self,
         d: Digest,
         rx: mpsc::UnboundedReceiver<EarlyPart>,
+        outcome: tokio::sync::oneshot::Receiver<bool>,
     ) -> Result<(), S3Error> {
         // Only a fresh row: a row with progress (an earlier attempt) is the worker's to resume.
         match self.store.journal_get(d).map_err(|e| local_err(d, e))? {
@@ -706,7 +752,26 @@ impl Tier {
             .buffer_unordered(self.options.part_concurrency.max(1));
         while let Some(part) = uploads.next().await {
             parts.push(part?);
-            self.record_parts(d, upload_id, part_size, &parts)?;
+            self.record_parts(d, upload_id, part_size, &parts, false)?;
+        }
+        drop(uploads);
+        let verified = outcome.await.unwrap_or(false);
+        let ours = |row: Option<bytes::Bytes>| {
+            row.map(|r| Row::decode(&r)).is_some_and(
+                |r| matches!(r, Row::Multipart { upload_id: id, .. } if id == *upload_id),
+            )
+        };
+        let row = self.store.journal_get(d).map_err(|e| local_err(d, e))?;
+        if verified {
+            if ours(row) {
+                self.record_parts(d, upload_id, part_size, &parts, true)?;
+            }
+            return Ok(());
+        }
+        // The attempt's bytes did not verify (or it died): they must never complete an object.
+        self.s3_bg.abort(&self.s3_bg.key(d), upload_id).await?;
+        if ours(self.store.journal_get(d).map_err(|e| local_err(d, e))?) {
+            self.put_row(d, &Row::Queued)?;
         }
         Ok(())
     }
@@ -717,17 +782,19 @@ impl Tier {
         self.put_row(d, &Row::Creating)?;
         let upload_id = self.s3_bg.start_multipart(d).await?;
         let part_size = self.s3_bg.part_size();
-        self.record_parts(d, &upload_id, part_size, &[])?;
+        self.record_parts(d, &upload_id, part_size, &[], false)?;
         Ok((upload_id, part_size))
     }
 
-    /// Journals the parts of `d`'s multipart upload done so far.
+    /// Journals the parts of `d`'s multipart upload done so far (`verified`: read from the fast
+    /// tier's verified copy, or an early attempt's that verified).
     fn record_parts(
         &self,
         d: Digest,
         upload_id: &str,
         part_size: u64,
         parts: &[(i32, String)],
+        verified: bool,
     ) -> Result<(), S3Error> {
         self.put_row(
             d,
@@ -735,8 +802,25 @@ impl Tier {
                 upload_id: upload_id.to_owned(),
                 part_size,
                 parts: parts.to_vec(),
+                verified,
             },
         )
+    }
+
+    /// Aborts whatever multipart upload `row` may have open for `d`: its own upload id, or for
+    /// a `creating` row (the create's answer was never recorded) every open upload of the key.
+    async fn discard_upload(&self, d: Digest, row: &Row) -> Result<(), S3Error> {
+        let key = self.s3_bg.key(d);
+        match row {
+            Row::Queued => {}
+            Row::Multipart { upload_id, .. } => self.s3_bg.abort(&key, upload_id).await?,
+            Row::Creating => {
+                for u in self.s3_bg.open_uploads(Some(&key)).await? {
+                    self.s3_bg.abort(&key, &u.upload_id).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gives `d` a `queued` row unless it has a row already (whose progress is kept).
@@ -794,10 +878,9 @@ impl Tier {
             if lock(&self.admitting).contains_key(&d) {
                 return Ok(()); // still arriving: its admission queues it again
             }
-            // Never stored (or gone by hand): nothing to upload, so nothing to keep open.
-            if let Row::Multipart { upload_id, .. } = &row {
-                let _ = self.s3_bg.abort(&self.s3_bg.key(d), upload_id).await;
-            }
+            // Never stored (or gone by hand): nothing to upload, so nothing to keep open (a
+            // `creating` row's upload may exist unrecorded: every open one of the key goes).
+            self.discard_upload(d, &row).await?;
             let admitting = lock(&self.admitting);
             if !admitting.contains_key(&d) && !self.store.contains(d) {
                 tracing::info!(digest = %d, "dropping the journal row of a blob that was never stored");
@@ -809,16 +892,34 @@ impl Tier {
             return self.finished(d);
         }
         if d.size_bytes < self.s3_bg.multipart_threshold() {
+            // A row from a larger threshold (or an early attempt) may hold an upload open.
+            if row != Row::Queued {
+                self.discard_upload(d, &row).await?;
+                self.put_row(d, &Row::Queued)?;
+            }
             self.yield_to_reads().await;
             let data = self.read_range(d, 0, d.size_bytes).await?;
             self.s3_bg.put_bytes(d, data).await?;
             return self.finished(d);
         }
+        let row = match row {
+            Row::Multipart {
+                verified: false, ..
+            } => {
+                // Early parts of an attempt that never settled (the process died): not known
+                // to be the blob's bytes. Start over from the fast tier's verified copy.
+                self.discard_upload(d, &row).await?;
+                self.put_row(d, &Row::Queued)?;
+                Row::Queued
+            }
+            row => row,
+        };
         let (upload_id, part_size, mut parts) = match row {
             Row::Multipart {
                 upload_id,
                 part_size,
                 parts,
+                ..
             } => {
                 if self.s3_bg.contains(d).await? {
                     // Completed before the row was updated (a crash), or by another server.
@@ -831,13 +932,8 @@ impl Tier {
                 if self.s3_bg.contains(d).await? {
                     return self.finished(d);
                 }
-                if row == Row::Creating {
-                    // A create may have reached S3 unrecorded: its upload would leak.
-                    let key = self.s3_bg.key(d);
-                    for u in self.s3_bg.open_uploads(Some(&key)).await? {
-                        self.s3_bg.abort(&key, &u.upload_id).await?;
-                    }
-                }
+                // A create may have reached S3 unrecorded: its upload would leak.
+                self.discard_upload(d, &row).await?;
                 let (upload_id, part_size) = self.create_upload(d).await?;
                 (upload_id, part_size, vec![])
             }
@@ -863,7 +959,7 @@ impl Tier {
             match part {
                 Ok(p) => {
                     parts.push(p);
-                    self.record_parts(d, &upload_id, part_size, &parts)?;
+                    self.record_parts(d, &upload_id, part_size, &parts, true)?;
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -940,7 +1036,12 @@ impl Tier {
         let cutoff = now - self.options.sweep_grace.as_secs() as i64;
         let mut aborted = 0;
         for u in open {
-            if !owned.contains(&u.upload_id) && u.initiated <= cutoff {
+            // Only keys of this server's own layout: a server on prefix `a/` must not sweep
+            // the uploads of one on `a/cas/`.
+            if !owned.contains(&u.upload_id)
+                && u.initiated <= cutoff
+                && self.s3_bg.is_own_blob_key(&u.key)
+            {
                 self.s3_bg.abort(&u.key, &u.upload_id).await?;
                 aborted += 1;
             }
@@ -952,10 +1053,24 @@ impl Tier {
     /// missing (the client then uploads the blob again: safe), and so does every blob not
     /// checked while the bucket cools down after a failure (this call's rest included).
     pub async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        self.missing_as(digests, true).await
+    }
+
+    /// [`missing`](Tier::missing) for the outputs of an ActionCache hit: what the fast tier
+    /// lacks is asked of the bucket (HEAD) even when it is known to be there, because a hit
+    /// must never name a blob that is gone, and objects vanish behind the server's back (a
+    /// lifecycle rule, another server's sweep, an operator).
+    pub async fn missing_for_hit(&self, digests: &[Digest]) -> Vec<Digest> {
+        self.missing_as(digests, false).await
+    }
+
+    async fn missing_as(&self, digests: &[Digest], trust_known: bool) -> Vec<Digest> {
         let local = self.store.missing(digests.iter().copied());
-        let unknown: Vec<Digest> = {
+        let unknown: Vec<Digest> = if trust_known {
             let known = lock(&self.known);
             local.into_iter().filter(|d| !known.contains(d)).collect()
+        } else {
+            local
         };
         // Once one HEAD has failed (after the SDK's retries) the bucket cools down, and the
         // rest is not sent: a bucket that is down would otherwise cost every digest its retries.
@@ -970,6 +1085,7 @@ impl Tier {
             if there {
                 known.insert(d);
             } else {
+                known.remove(&d);
                 out.push(d);
             }
         }
@@ -977,7 +1093,9 @@ impl Tier {
     }
 
     /// Makes sure the fast tier holds `d`, fetching it from the bucket (verified; one download
-    /// per blob however many wait). `Ok(false)`: neither has it.
+    /// per blob however many wait). `Ok(false)`: neither has it (or the bucket's object was not
+    /// the blob, and is deleted). RESOURCE_EXHAUSTED: the fast tier cannot make room for it
+    /// (the caller can [`pass_through`](Tier::pass_through) instead).
     pub async fn fetch(
         self: &Arc<Self>,
         inner: &Arc<crate::Inner>,
@@ -1004,54 +1122,186 @@ impl Tier {
                 f
             }
         };
-        shared.await.map_err(|e| {
-            Status::unavailable(format!("fetching {d} from the cache's S3 storage: {e}"))
-        })
+        shared.await
     }
 
-    async fn download(&self, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, String> {
+    /// Opens `d`'s object, telling a missing object from one that is not the blob.
+    async fn open_object(&self, d: Digest) -> Result<Object, Status> {
+        self.ask(async {
+            match self.s3.get(d).await {
+                Ok(Some(body)) => Ok(Object::Body(body)),
+                Ok(None) => Ok(Object::Gone),
+                Err(e) if e.is_bad_object() => Ok(Object::Bad(e.to_string())),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// The bucket's object of `d` is not `d` (wrong size or bytes): deleted, so the blob reads
+    /// as missing and the next upload of it replaces it, and no longer known to be there.
+    async fn drop_bad_object(&self, d: Digest, why: &str) {
+        tracing::warn!(digest = %d, why, "the bucket's object of a blob is not that blob; deleting it");
+        lock(&self.known).remove(&d);
+        if let Err(e) = self.s3.delete(d).await {
+            tracing::warn!(digest = %d, error = %e, "could not delete a bad object");
+        }
+    }
+
+    /// An object found gone: no longer known to be there.
+    fn forget(&self, d: Digest) {
+        lock(&self.known).remove(&d);
+    }
+
+    async fn download(&self, inner: &Arc<crate::Inner>, d: Digest) -> Result<bool, Status> {
         if self.store.contains(d) {
             return Ok(true);
         }
-        let _room = inner.reserve(d).map_err(|s| s.message().to_owned())?;
-        let Some(mut body) = self
-            .ask(self.s3.get(d))
-            .await
-            .map_err(|s| s.message().to_owned())?
-        else {
-            return Ok(false);
+        let _room = inner.reserve(d)?;
+        let mut body = match self.open_object(d).await? {
+            Object::Body(b) => b,
+            Object::Gone => {
+                self.forget(d);
+                return Ok(false);
+            }
+            Object::Bad(why) => {
+                self.drop_bad_object(d, &why).await;
+                return Ok(false);
+            }
         };
-        let mut dest = self.store.begin_write(d).await.map_err(|e| e.to_string())?;
+        let failed = |e: String| {
+            Status::unavailable(format!("fetching {d} from the cache's S3 storage: {e}"))
+        };
+        let mut dest = self
+            .store
+            .begin_write(d)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         while let Some(chunk) = body
             .try_next()
             .await
-            .map_err(|e| format!("S3 GetObject: {e}"))?
+            .map_err(|e| failed(format!("S3 GetObject: {e}")))?
         {
-            dest.write_all(&chunk)
-                .await
-                .map_err(|e| format!("storing {d}: {e}"))?;
+            if let Err(e) = dest.write_all(&chunk).await {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    self.drop_bad_object(d, &e.to_string()).await;
+                    return Ok(false);
+                }
+                return Err(failed(format!("storing {d}: {e}")));
+            }
         }
-        dest.commit()
-            .await
-            .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+        match dest.commit().await {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), store::ErrorKind::InvalidData) => {
+                self.drop_bad_object(d, &e.to_string()).await;
+                return Ok(false);
+            }
+            Err(e) => return Err(failed(format!("storing {d}: {e}"))),
+        }
         lock(&self.known).insert(d);
         Ok(true)
+    }
+
+    /// Bytes `offset..end` of `d` straight from the bucket to the reader, for a blob the fast
+    /// tier cannot make room for: nothing is kept. The whole object is read and hashed (bytes
+    /// outside the range are not sent), so the stream ends cleanly only if the object is the
+    /// blob; else DATA_LOSS, and the object is deleted. NOT_FOUND when the bucket lacks it.
+    pub async fn pass_through(
+        self: &Arc<Self>,
+        d: Digest,
+        offset: u64,
+        end: u64,
+    ) -> Result<mpsc::Receiver<Result<Vec<u8>, Status>>, Status> {
+        let mut body = match self.open_object(d).await? {
+            Object::Body(b) => b,
+            Object::Gone => {
+                self.forget(d);
+                return Err(Status::not_found(format!("blob {d} not found")));
+            }
+            Object::Bad(why) => {
+                self.drop_bad_object(d, &why).await;
+                return Err(Status::not_found(format!("blob {d} not found")));
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Result<Vec<u8>, Status>>(4);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut hasher = hashing::Hasher::new();
+            let mut pos = 0u64;
+            let mut pending = Vec::with_capacity(crate::READ_CHUNK_BYTES);
+            let mut client = Some(tx);
+            let read: Result<(), String> = async {
+                while let Some(chunk) = body
+                    .try_next()
+                    .await
+                    .map_err(|e| format!("S3 GetObject {d}: {e}"))?
+                {
+                    hasher.update(&chunk);
+                    let (from, to) = (pos, pos + chunk.len() as u64);
+                    pos = to;
+                    if to > offset && from < end {
+                        let a = (offset.max(from) - from) as usize;
+                        let b = (end.min(to) - from) as usize;
+                        pending.extend_from_slice(&chunk[a..b]);
+                    }
+                    if pending.len() >= crate::READ_CHUNK_BYTES {
+                        let out = std::mem::take(&mut pending);
+                        if let Some(c) = &client
+                            && c.send(Ok(out)).await.is_err()
+                        {
+                            client = None; // the reader went away
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            let Some(c) = client else { return };
+            let outcome = read.and_then(|()| {
+                let actual = hasher.finish();
+                if actual == d {
+                    Ok(())
+                } else {
+                    Err(format!("the object hashes to {actual}"))
+                }
+            });
+            match outcome {
+                Ok(()) => {
+                    if !pending.is_empty() || offset == end {
+                        let _ = c.send(Ok(pending)).await;
+                    }
+                }
+                Err(e) => {
+                    if e.starts_with("the object hashes") {
+                        me.drop_bad_object(d, &e).await;
+                    }
+                    let _ = c
+                        .send(Err(Status::data_loss(format!(
+                            "reading {d} from the cache's S3 storage failed: {e}"
+                        ))))
+                        .await;
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// A whole-blob read of `d`, which the fast tier lacks, served while it is fetched: one
     /// GetObject whose bytes go to the client and into the fast tier at once, hashed on the
     /// way. Bytes reach the client before the end is verified (as from any proxy), so a blob
-    /// that does not verify ends the stream with DATA_LOSS instead of a clean finish: a client
-    /// never takes wrong bytes for the blob. The last bytes and the clean end go out as soon as
-    /// the whole blob verified, before the fast tier's copy is fsynced and committed. Other
-    /// readers of the blob meanwhile wait for the fast tier. `Ok(None)`: a fetch of it is
-    /// already running (wait for it instead).
+    /// that does not verify ends the stream with DATA_LOSS instead of a clean finish (and its
+    /// object is deleted): a client never takes wrong bytes for the blob. The last bytes and
+    /// the clean end go out as soon as the whole blob verified, before the fast tier's copy is
+    /// fsynced and committed. Other readers of the blob meanwhile wait for the fast tier. A
+    /// blob the fast tier cannot make room for is passed through without being kept.
+    /// `Ok(None)`: a fetch of it is already running (wait for it instead).
     pub async fn stream_through(
         self: &Arc<Self>,
         inner: &Arc<crate::Inner>,
         d: Digest,
     ) -> Result<Option<mpsc::Receiver<Result<Vec<u8>, Status>>>, Status> {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<bool, String>>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<bool, Status>>();
         {
             let mut fetches = lock(&self.fetches);
             if fetches.contains_key(&d) {
@@ -1060,42 +1310,53 @@ impl Tier {
             let waiting = async move {
                 done_rx
                     .await
-                    .unwrap_or_else(|_| Err("the fetch was interrupted".into()))
+                    .unwrap_or_else(|_| Err(Status::unavailable("the fetch was interrupted")))
             }
             .boxed()
             .shared();
             fetches.insert(d, waiting);
         }
         let finish =
-            move |me: &Tier, result: Result<bool, String>, tx: tokio::sync::oneshot::Sender<_>| {
+            move |me: &Tier, result: Result<bool, Status>, tx: tokio::sync::oneshot::Sender<_>| {
                 lock(&me.fetches).remove(&d);
                 let _ = tx.send(result);
             };
         let room = match inner.reserve(d) {
             Ok(r) => r,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                // Waiting readers retry on their own; this one streams without keeping it.
+                finish(self, Err(e), done_tx);
+                return self.pass_through(d, 0, d.size_bytes).await.map(Some);
+            }
             Err(e) => {
-                finish(self, Err(e.message().to_owned()), done_tx);
+                finish(self, Err(e.clone()), done_tx);
                 return Err(e);
             }
         };
         let opened = async {
-            let body = self.ask(self.s3.get(d)).await?;
+            let object = self.open_object(d).await?;
             let dest = self
                 .store
                 .begin_write(d)
                 .await
                 .map_err(|e| Status::internal(format!("storing {d}: {e}")))?;
-            Ok::<_, Status>((body, dest))
+            Ok::<_, Status>((object, dest))
         }
         .await;
         let (mut body, mut dest) = match opened {
-            Ok((Some(body), dest)) => (body, dest),
-            Ok((None, _)) => {
+            Ok((Object::Body(body), dest)) => (body, dest),
+            Ok((Object::Gone, _)) => {
+                self.forget(d);
+                finish(self, Ok(false), done_tx);
+                return Err(Status::not_found(format!("blob {d} not found")));
+            }
+            Ok((Object::Bad(why), _)) => {
+                self.drop_bad_object(d, &why).await;
                 finish(self, Ok(false), done_tx);
                 return Err(Status::not_found(format!("blob {d} not found")));
             }
             Err(e) => {
-                finish(self, Err(e.message().to_owned()), done_tx);
+                finish(self, Err(e.clone()), done_tx);
                 return Err(e);
             }
         };
@@ -1105,15 +1366,17 @@ impl Tier {
             let _room = room;
             let mut pending = Vec::with_capacity(crate::READ_CHUNK_BYTES);
             let mut client = Some(tx);
-            let result: Result<(), String> = async {
+            // Err((message, the object is not the blob)).
+            let result: Result<(), (String, bool)> = async {
                 while let Some(chunk) = body
                     .try_next()
                     .await
-                    .map_err(|e| format!("S3 GetObject {d}: {e}"))?
+                    .map_err(|e| (format!("S3 GetObject {d}: {e}"), false))?
                 {
-                    dest.write_all(&chunk)
-                        .await
-                        .map_err(|e| format!("storing {d}: {e}"))?;
+                    dest.write_all(&chunk).await.map_err(|e| {
+                        let bad = e.kind() == std::io::ErrorKind::InvalidData;
+                        (format!("storing {d}: {e}"), bad)
+                    })?;
                     pending.extend_from_slice(&chunk);
                     if pending.len() >= crate::READ_CHUNK_BYTES {
                         let out = std::mem::replace(
@@ -1128,8 +1391,12 @@ impl Tier {
                         }
                     }
                 }
-                dest.verify()
-                    .map_err(|e| format!("the bucket's copy of {d} is not that blob: {e}"))?;
+                dest.verify().map_err(|e| {
+                    (
+                        format!("the bucket's copy of {d} is not that blob: {e}"),
+                        true,
+                    )
+                })?;
                 // Verified: the reader gets its last bytes and its end of stream now, while
                 // the fast tier's copy is made durable (the fsync of a large blob takes a
                 // while, and the reader's bytes do not depend on it).
@@ -1140,7 +1407,7 @@ impl Tier {
                 }
                 dest.commit()
                     .await
-                    .map_err(|e| format!("storing {d}: {e}"))?;
+                    .map_err(|e| (format!("storing {d}: {e}"), false))?;
                 Ok(())
             }
             .await;
@@ -1149,8 +1416,11 @@ impl Tier {
                     lock(&me.known).insert(d);
                     finish(&me, Ok(true), done_tx);
                 }
-                Err(e) => {
+                Err((e, bad)) => {
                     tracing::warn!(digest = %d, error = %e, "streaming a blob from S3 failed");
+                    if bad {
+                        me.drop_bad_object(d, &e).await;
+                    }
                     if let Some(c) = &client {
                         let _ = c
                             .send(Err(Status::data_loss(format!(
@@ -1158,7 +1428,7 @@ impl Tier {
                             ))))
                             .await;
                     }
-                    finish(&me, Err(e), done_tx);
+                    finish(&me, Err(Status::unavailable(e)), done_tx);
                 }
             }
         });
@@ -1195,6 +1465,7 @@ pub fn encode_row_for_tests(multipart: Option<StagedUpload<'_>>) -> Vec<u8> {
             upload_id: id.to_owned(),
             part_size,
             parts: parts.to_vec(),
+            verified: true,
         }
         .encode(),
     }
@@ -1218,6 +1489,13 @@ mod tests {
                 upload_id: "abc-123".into(),
                 part_size: 8 << 20,
                 parts: vec![(1, "\"e1\"".into()), (3, "\"e3\"".into())],
+                verified: true,
+            },
+            Row::Multipart {
+                upload_id: "early".into(),
+                part_size: 8 << 20,
+                parts: vec![(2, "\"e2\"".into())],
+                verified: false,
             },
         ] {
             assert_eq!(Row::decode(&row.encode()), row);
