@@ -215,6 +215,19 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_S3_COOLDOWN", default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
     pub s3_cooldown: Duration,
 
+    /// Keep the bucket's objects while they are used: an object used when older than half of
+    /// DAYS gets its age renewed (a copy onto itself inside the bucket), and objects nobody
+    /// used for 1.5 × DAYS are deleted by the server's hourly sweep (or by the lifecycle rule
+    /// it prints at start, if you install that instead). Anything used within DAYS stays.
+    /// 0 (the default): the bucket keeps everything.
+    #[arg(
+        long,
+        env = "RECACHE_S3_RETENTION",
+        default_value = "0",
+        value_name = "DAYS"
+    )]
+    pub s3_retention: u64,
+
     /// Blobs at least this large go to the bucket in parts (of 8 MiB, 2 in flight).
     #[arg(long, env = "RECACHE_S3_MULTIPART_THRESHOLD", default_value = "16M", value_name = "SIZE", value_parser = parse_size)]
     pub s3_multipart_threshold: u64,

@@ -32,6 +32,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             t.queue_wait = args.s3_queue_wait;
             t.sweep_grace = args.s3_sweep_grace;
             t.cooldown = args.s3_cooldown;
+            if args.s3_retention > 0 {
+                t.retention = Some(std::time::Duration::from_secs(
+                    args.s3_retention.saturating_mul(86_400),
+                ));
+                println!("{}", lifecycle_rule(&t.s3.prefix, args.s3_retention));
+            }
             (default_dir()?, Some(t))
         }
         Some(dir) => (std::path::PathBuf::from(dir), None),
@@ -115,6 +121,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(e.to_string()))?;
     println!("recache serve: stopped");
     Ok(())
+}
+
+/// What `--s3-retention DAYS` prints at start: the bucket lifecycle rule that expires exactly
+/// what the server's own sweep would (objects not renewed for 1.5 × DAYS), for operators who
+/// prefer the store to do the deleting.
+fn lifecycle_rule(prefix: &str, days: u64) -> String {
+    let expire = days.saturating_mul(3).div_ceil(2);
+    format!(
+        "recache serve: --s3-retention {days}: objects used within {days} days are kept (renewed \
+         when used past {half} days); the server deletes objects unused for {expire} days every \
+         hour. The same as a bucket lifecycle rule (aws s3api put-bucket-lifecycle-configuration \
+         --bucket BUCKET --lifecycle-configuration FILE):\n\
+         {{\"Rules\": [{{\"ID\": \"recache-retention\", \"Status\": \"Enabled\", \
+         \"Filter\": {{\"Prefix\": \"{prefix}\"}}, \"Expiration\": {{\"Days\": {expire}}}, \
+         \"AbortIncompleteMultipartUpload\": {{\"DaysAfterInitiation\": 2}}}}]}}",
+        half = days / 2
+    )
 }
 
 /// `s3://BUCKET/PREFIX` → (bucket, prefix ending in `/`, or empty).

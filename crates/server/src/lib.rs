@@ -267,6 +267,11 @@ impl CacheServer {
         self.inner.tier.as_ref().map(|t| t.pending())
     }
 
+    /// What the S3 tier's retention did since the start; `None` without a tier.
+    pub fn s3_retention_stats(&self) -> Option<tier::RetentionStats> {
+        self.inner.tier.as_ref().map(|t| t.retention_stats())
+    }
+
     /// Serves on `listener` until `shutdown` completes. In-flight calls then finish; an upload
     /// cut off is discarded (never half-visible), and access times are flushed to disk. With
     /// an S3 tier, journaled uploads resume first (in the background) and the uploaders run

@@ -264,13 +264,16 @@ impl S3Blobs {
     /// not merely a key under its prefix: a server whose prefix is `a/` must leave alone the
     /// keys of one whose prefix is `a/cas/` (`a/cas/cas/…`).
     pub fn is_own_blob_key(&self, key: &str) -> bool {
-        let Some(rest) = key
+        self.is_own_key("cas/", key)
+    }
+
+    /// Whether `key` is `<prefix><kind><64 hex>-<size>`, nothing more.
+    fn is_own_key(&self, kind: &str, key: &str) -> bool {
+        let Some((hash, size)) = key
             .strip_prefix(&self.prefix)
-            .and_then(|k| k.strip_prefix("cas/"))
+            .and_then(|k| k.strip_prefix(kind))
+            .and_then(|rest| rest.split_once('-'))
         else {
-            return false;
-        };
-        let Some((hash, size)) = rest.split_once('-') else {
             return false;
         };
         hash.len() == 64
@@ -317,19 +320,107 @@ impl S3Blobs {
 
     /// Whether the bucket holds `d` (an object of its key and size).
     pub async fn contains(&self, d: Digest) -> Result<bool, S3Error> {
+        Ok(self.stat(d).await?.is_some())
+    }
+
+    /// When the bucket holds `d` (an object of its key and size): the object's last-modified
+    /// time, in seconds since the epoch (0 when the store does not say).
+    pub async fn stat(&self, d: Digest) -> Result<Option<i64>, S3Error> {
         let key = self.key(d);
+        Ok(self
+            .stat_key(&key)
+            .await?
+            .filter(|(len, _)| *len == d.size_bytes)
+            .map(|(_, modified)| modified))
+    }
+
+    /// The size and last-modified time (seconds since the epoch) of the object at `key`.
+    pub async fn stat_key(&self, key: &str) -> Result<Option<(u64, i64)>, S3Error> {
         match self
             .client
             .head_object()
             .bucket(&self.bucket)
-            .key(&key)
+            .key(key)
             .send()
             .await
         {
-            Ok(h) => Ok(h.content_length().is_some_and(|n| n as u64 == d.size_bytes)),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-            Err(e) => Err(sdk_err("HeadObject", &key, e)),
+            Ok(h) => Ok(Some((
+                h.content_length().map_or(u64::MAX, |n| n as u64),
+                h.last_modified().map_or(0, |t| t.secs()),
+            ))),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(sdk_err("HeadObject", key, e)),
         }
+    }
+
+    /// Renews the age of the object at `key` (for retention: a lifecycle rule or a sweep
+    /// counts age from it): a copy onto itself with its metadata replaced, done inside the
+    /// store, no byte through this server. `Ok(false)` when the object is gone.
+    pub async fn refresh(&self, key: &str) -> Result<bool, S3Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
+        match self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(format!("{}/{key}", self.bucket))
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .metadata("recache-used", now.to_string())
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
+            Err(e) => Err(sdk_err("CopyObject", key, e)),
+        }
+    }
+
+    /// Every object under this server's prefix of `kind` (`"cas/"` or `"ac/"`): key and
+    /// last-modified time (seconds since the epoch), listed a page (1 000) at a time.
+    pub async fn list(&self, kind: &str) -> Result<Vec<(String, i64)>, S3Error> {
+        let prefix = format!("{}{kind}", self.prefix);
+        let mut out = Vec::new();
+        let mut token = None::<String>;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| sdk_err("ListObjectsV2", &prefix, e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    out.push((k.to_owned(), o.last_modified().map_or(0, |t| t.secs())));
+                }
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if page.is_truncated() != Some(true) || token.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the object at `key`. One already gone counts as deleted.
+    pub async fn delete_key(&self, key: &str) -> Result<(), S3Error> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_err("DeleteObject", key, e))
+    }
+
+    /// Whether `key` is an action-result key of this server's layout (`<prefix>ac/<64 hex>-<size>`).
+    pub fn is_own_ac_key(&self, key: &str) -> bool {
+        self.is_own_key("ac/", key)
     }
 
     /// Uploads `data`, the whole of blob `d` (the caller verified it), in one conditional PUT
@@ -368,18 +459,10 @@ impl S3Blobs {
         }
     }
 
-    /// Deletes blob `d`'s object (one that failed verification, or a retention sweep's). An
-    /// object already gone counts as deleted.
+    /// Deletes blob `d`'s object (one that failed verification). An object already gone counts
+    /// as deleted.
     pub async fn delete(&self, d: Digest) -> Result<(), S3Error> {
-        let key = self.key(d);
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| sdk_err("DeleteObject", &key, e))
+        self.delete_key(&self.key(d)).await
     }
 
     /// Uploads the file at `path`, which holds blob `d` (the caller verified it): one PUT below

@@ -490,13 +490,16 @@ impl ContentAddressableStorage for Svc {
         }
         let missing = self.missing(&digests).await;
         // A blob reported present is one the client counts on (it will reference it instead of
-        // uploading it): that is a use, for LRU.
-        if missing.is_empty() {
-            self.store().touch_all(digests);
-        } else {
-            let gone: HashSet<Digest> = missing.iter().copied().collect();
-            self.store()
-                .touch_all(digests.into_iter().filter(|d| !gone.contains(d)));
+        // uploading it): that is a use, for LRU (and for the bucket's retention).
+        let gone: HashSet<Digest> = missing.iter().copied().collect();
+        let present = digests.into_iter().filter(|d| !gone.contains(d));
+        match &self.0.tier {
+            Some(t) => {
+                let present: Vec<Digest> = present.collect();
+                t.used(crate::tier::Kind::Blob, present.iter().copied());
+                self.store().touch_all(present);
+            }
+            None => self.store().touch_all(present),
         }
         Ok(Response::new(remexec::FindMissingBlobsResponse {
             missing_blob_digests: missing.into_iter().map(Into::into).collect(),
@@ -840,6 +843,12 @@ impl Svc {
         }
         // A hit is a use of its outputs even when the client never downloads them (Bazel's
         // --remote_download_minimal): keep them as fresh as the entry.
+        if let Some(t) = &self.0.tier {
+            t.used(
+                crate::tier::Kind::Blob,
+                blobs.iter().chain(&messages).copied(),
+            );
+        }
         self.store().touch_all(blobs.into_iter().chain(messages));
         Ok(true)
     }
@@ -884,6 +893,9 @@ impl ActionCache for Svc {
             return Err(Status::not_found(format!(
                 "the result for action {action} names outputs this cache no longer has"
             )));
+        }
+        if let Some(t) = &self.0.tier {
+            t.used(crate::tier::Kind::Action, [action]);
         }
         Ok(Response::new(ar))
     }
@@ -952,6 +964,7 @@ impl ByteStream for Svc {
             // the fast tier, instead of fetching it all before the first byte goes out.
             let whole = offset == 0 && end == d.size_bytes && !r.compressed;
             let to_client = |rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, Status>>| {
+                t.used(crate::tier::Kind::Blob, [d]);
                 let stream = futures::stream::poll_fn({
                     let mut rx = rx;
                     move |cx| rx.poll_recv(cx)
@@ -975,6 +988,9 @@ impl ByteStream for Svc {
             }
         }
         let source = self.open(d, r.compressed).await?;
+        if let Some(t) = &self.0.tier {
+            t.used(crate::tier::Kind::Blob, [d]);
+        }
         // Background S3 uploads give way while this streams.
         let reading = self.0.tier.as_ref().map(|t| t.reading());
         let store = self.store().clone();

@@ -105,6 +105,10 @@ pub struct TierOptions {
     /// after it asks again. Background uploads keep their own backoff. Default
     /// [`BUCKET_COOLDOWN`].
     pub cooldown: Duration,
+    /// Keep the bucket's objects while they are used (see the module docs, "Retention"): an
+    /// object used when older than half of this is refreshed, and the expiry sweep deletes
+    /// objects not refreshed for 1.5 × this. Default none: the bucket keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl TierOptions {
@@ -120,6 +124,7 @@ impl TierOptions {
             sweep_every: Duration::from_secs(3600),
             known_capacity: 1 << 20,
             cooldown: BUCKET_COOLDOWN,
+            retention: None,
         }
     }
 }
@@ -334,6 +339,61 @@ impl Known {
     }
 }
 
+/// Which kind of object of the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    /// A blob (`<prefix>cas/…`).
+    Blob,
+    /// An action result (`<prefix>ac/…`).
+    Action,
+}
+
+/// Objects' last-modified times as far as this server knows (from its uploads, its HEADs and
+/// its refreshes), at most `capacity`, oldest learned forgotten first.
+#[derive(Debug, Default)]
+struct Ages {
+    modified: HashMap<(Kind, Digest), i64>,
+    order: VecDeque<(Kind, Digest)>,
+    capacity: usize,
+}
+
+impl Ages {
+    fn get(&self, k: &(Kind, Digest)) -> Option<i64> {
+        self.modified.get(k).copied()
+    }
+
+    fn set(&mut self, k: (Kind, Digest), modified: i64) {
+        if self.modified.insert(k, modified).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.modified.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// What retention did since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionStats {
+    /// Objects whose age was renewed because they were used.
+    pub refreshed: u64,
+    /// Objects the expiry sweep deleted (not used for 1.5 × the retention).
+    pub expired: u64,
+    /// Objects deleted because a read found they were not their blob.
+    pub bad_deleted: u64,
+}
+
+/// Refreshes (HEAD, copy) in flight at once.
+const REFRESH_CONCURRENCY: usize = 8;
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_secs() as i64)
+}
+
 /// A fetch from the bucket several readers may await: `Ok(false)` when the bucket lacks it.
 type SharedFetch =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, Status>>>;
@@ -372,6 +432,13 @@ pub(crate) struct Tier {
     fetches: Mutex<HashMap<Digest, SharedFetch>>,
     /// Until when clients' requests leave the bucket alone (see [`TierOptions::cooldown`]).
     cooling: Mutex<Option<Instant>>,
+    /// Retention: what this server knows of objects' ages, refreshes in flight, and counts.
+    ages: Mutex<Ages>,
+    refreshing: Mutex<HashSet<(Kind, Digest)>>,
+    refresh_slots: Arc<Semaphore>,
+    refreshed: std::sync::atomic::AtomicU64,
+    expired: std::sync::atomic::AtomicU64,
+    bad_deleted: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Tier {
@@ -511,6 +578,7 @@ impl Tier {
         let bg = Background::start()
             .map_err(|e| local_err(EMPTY_DIGEST, format!("starting the upload thread: {e}")))?;
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let capacity = options.known_capacity;
         Ok(Arc::new(Tier {
             s3,
             s3_bg,
@@ -530,6 +598,15 @@ impl Tier {
             reads: Default::default(),
             fetches: Default::default(),
             cooling: Default::default(),
+            ages: Mutex::new(Ages {
+                capacity,
+                ..Default::default()
+            }),
+            refreshing: Default::default(),
+            refresh_slots: Arc::new(Semaphore::new(REFRESH_CONCURRENCY)),
+            refreshed: Default::default(),
+            expired: Default::default(),
+            bad_deleted: Default::default(),
         }))
     }
 
@@ -624,6 +701,11 @@ impl Tier {
                         tracing::info!(aborted = n, "S3 sweep aborted stray multipart uploads")
                     }
                     Err(e) => tracing::warn!(error = %e, "S3 sweep failed"),
+                }
+                match me.expire().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "S3 retention deleted unused objects"),
+                    Err(e) => tracing::warn!(error = %e, "S3 retention sweep failed"),
                 }
                 tokio::time::sleep(me.options.sweep_every).await;
             }
@@ -990,6 +1072,7 @@ impl Tier {
     fn finished(&self, d: Digest) -> Result<(), S3Error> {
         self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
         lock(&self.known).insert(d);
+        lock(&self.ages).set((Kind::Blob, d), now_secs());
         Ok(())
     }
 
@@ -1074,16 +1157,18 @@ impl Tier {
         };
         // Once one HEAD has failed (after the SDK's retries) the bucket cools down, and the
         // rest is not sent: a bucket that is down would otherwise cost every digest its retries.
-        let checked: Vec<(Digest, bool)> = futures::stream::iter(unknown)
-            .map(|d| async move { (d, self.ask(self.s3.contains(d)).await.unwrap_or(false)) })
+        let checked: Vec<(Digest, Option<i64>)> = futures::stream::iter(unknown)
+            .map(|d| async move { (d, self.ask(self.s3.stat(d)).await.ok().flatten()) })
             .buffer_unordered(HEAD_CONCURRENCY)
             .collect()
             .await;
         let mut known = lock(&self.known);
+        let mut ages = lock(&self.ages);
         let mut out = Vec::new();
-        for (d, there) in checked {
-            if there {
+        for (d, modified) in checked {
+            if let Some(modified) = modified {
                 known.insert(d);
+                ages.set((Kind::Blob, d), modified);
             } else {
                 known.remove(&d);
                 out.push(d);
@@ -1143,8 +1228,12 @@ impl Tier {
     async fn drop_bad_object(&self, d: Digest, why: &str) {
         tracing::warn!(digest = %d, why, "the bucket's object of a blob is not that blob; deleting it");
         lock(&self.known).remove(&d);
-        if let Err(e) = self.s3.delete(d).await {
-            tracing::warn!(digest = %d, error = %e, "could not delete a bad object");
+        match self.s3.delete(d).await {
+            Ok(()) => {
+                self.bad_deleted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(digest = %d, error = %e, "could not delete a bad object"),
         }
     }
 
@@ -1442,7 +1531,133 @@ impl Tier {
 
     /// Stores the action result of `action` in the bucket (so every server sharing it hits).
     pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), Status> {
-        self.ask(self.s3.put_ac(action, encoded)).await
+        self.ask(self.s3.put_ac(action, encoded)).await?;
+        lock(&self.ages).set((Kind::Action, action), now_secs());
+        Ok(())
+    }
+
+    /// `digests` (of `kind`) were just used: with a retention, each whose object may be older
+    /// than half of it is refreshed in the background (a HEAD first when its age is unknown
+    /// here, then a copy onto itself if it is old), so the expiry keeps exactly what is used.
+    /// A blob whose object turns out gone while the fast tier still holds it is uploaded again.
+    /// Cheap when nothing is due: one map lookup per digest.
+    pub fn used(self: &Arc<Self>, kind: Kind, digests: impl IntoIterator<Item = Digest>) {
+        let Some(retention) = self.options.retention else {
+            return;
+        };
+        let half = (retention.as_secs() / 2) as i64;
+        let now = now_secs();
+        for d in digests {
+            if d == EMPTY_DIGEST {
+                continue;
+            }
+            let known = lock(&self.ages).get(&(kind, d));
+            if known.is_some_and(|m| now - m < half) || !lock(&self.refreshing).insert((kind, d)) {
+                continue;
+            }
+            let me = self.clone();
+            self.bg.handle.spawn(async move {
+                if let Ok(_slot) = me.refresh_slots.clone().acquire_owned().await {
+                    me.refresh(kind, d, known, half).await;
+                }
+                lock(&me.refreshing).remove(&(kind, d));
+            });
+        }
+    }
+
+    async fn refresh(self: &Arc<Self>, kind: Kind, d: Digest, known: Option<i64>, half: i64) {
+        let key = match kind {
+            Kind::Blob => self.s3_bg.key(d),
+            Kind::Action => self.s3_bg.ac_key(d),
+        };
+        let modified = match known {
+            Some(m) => Some(m),
+            None => match self.s3_bg.stat_key(&key).await {
+                Ok(found) => found.map(|(_, m)| m),
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "retention: cannot learn an object's age");
+                    return;
+                }
+            },
+        };
+        let now = now_secs();
+        match modified {
+            Some(m) if now - m < half => lock(&self.ages).set((kind, d), m),
+            Some(_) => match self.s3_bg.refresh(&key).await {
+                Ok(true) => {
+                    lock(&self.ages).set((kind, d), now);
+                    self.refreshed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(false) => self.vanished(kind, d),
+                Err(e) => tracing::warn!(key, error = %e, "retention: refreshing an object failed"),
+            },
+            None => self.vanished(kind, d),
+        }
+    }
+
+    /// An object used here is gone from the bucket: forgotten, and a blob the fast tier still
+    /// holds goes up again.
+    fn vanished(&self, kind: Kind, d: Digest) {
+        if kind == Kind::Blob {
+            self.forget(d);
+            if self.store.contains(d) {
+                tracing::info!(digest = %d, "a used blob vanished from the bucket; uploading it again");
+                self.adopt(d);
+            }
+        }
+    }
+
+    /// The expiry sweep (with a retention): deletes the objects of this server's layout that
+    /// nobody refreshed for 1.5 × the retention (objects used within the last retention were
+    /// refreshed at most half a retention ago, see [`Tier::used`]), except those this server
+    /// saw used and has not refreshed yet. Returns how many it deleted.
+    pub async fn expire(&self) -> Result<u64, S3Error> {
+        let Some(retention) = self.options.retention else {
+            return Ok(0);
+        };
+        let limit = now_secs() - (retention.as_secs() * 3 / 2) as i64;
+        let mut deleted = 0;
+        for (kind, listing) in [(Kind::Blob, "cas/"), (Kind::Action, "ac/")] {
+            for (key, modified) in self.s3_bg.list(listing).await? {
+                let own = match kind {
+                    Kind::Blob => self.s3_bg.is_own_blob_key(&key),
+                    Kind::Action => self.s3_bg.is_own_ac_key(&key),
+                };
+                if !own || modified > limit {
+                    continue;
+                }
+                let Some(d) = key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|name| name.replacen('-', "/", 1).parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                let seen = lock(&self.ages).get(&(kind, d)).is_some_and(|m| m > limit);
+                if seen || lock(&self.refreshing).contains(&(kind, d)) {
+                    continue;
+                }
+                self.s3_bg.delete_key(&key).await?;
+                if kind == Kind::Blob {
+                    self.forget(d);
+                }
+                deleted += 1;
+                self.expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// What retention did since the start.
+    pub fn retention_stats(&self) -> RetentionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        RetentionStats {
+            refreshed: self.refreshed.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            bad_deleted: self.bad_deleted.load(Relaxed),
+        }
     }
 
     /// Journal rows outstanding (uploads not yet in the bucket).

@@ -1110,3 +1110,73 @@ async fn vanished_objects_are_misses_on_moto() {
 async fn vanished_objects_are_misses_on_seaweedfs() {
     vanished_objects_are_misses("RECACHE_TEST_S3_SEAWEED").await;
 }
+
+/// Issue 27 retention, with a retention of 8 s (so: renewed when used past 4 s, deleted when
+/// unused for 12 s; the sweep runs every second): an object used after half its retention gets
+/// its age renewed, an unused one does not, and the expiry sweep leaves exactly the used one
+/// under the prefix.
+async fn retention_keeps_what_is_used(var: &str) {
+    let Some(o) = s3_options(var) else { return };
+    let s3 = S3Blobs::new(o.clone()).unwrap();
+    s3.ensure_bucket().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tier = TierOptions::new(o.clone());
+    tier.retention = Some(Duration::from_secs(8));
+    tier.sweep_every = Duration::from_secs(1);
+    let s = serve(dir.path(), tier).await;
+    let (used, unused) = (
+        testutil::data::pseudo_random(5000, 1001),
+        testutil::data::pseudo_random(5000, 1002),
+    );
+    let du = put_small(&s, &used).await.unwrap();
+    let dn = put_small(&s, &unused).await.unwrap();
+    s.drained(Duration::from_secs(60)).await;
+    let born_u = s3.stat(du).await.unwrap().expect("uploaded");
+    let born_n = s3.stat(dn).await.unwrap().expect("uploaded");
+    // Past half the retention, one is used (a read), the other is not.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    assert_eq!(read_blob(&s, du).await.unwrap(), used);
+    let start = Instant::now();
+    while s3.stat(du).await.unwrap().is_none_or(|m| m <= born_u) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the used object was never renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        s3.stat(dn).await.unwrap(),
+        Some(born_n),
+        "the unused one keeps its age"
+    );
+    // The unused one goes 12 s after its upload; the used one (renewed at ~5 s) stays.
+    let start = Instant::now();
+    while s3.stat(dn).await.unwrap().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the unused object never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed: Vec<String> = s3
+        .list("cas/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(listed, vec![s3.key(du)], "only the used object remains");
+    let stats = s.server.s3_retention_stats().unwrap();
+    assert!(stats.refreshed >= 1 && stats.expired >= 1, "{stats:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_is_used_on_moto() {
+    retention_keeps_what_is_used("RECACHE_TEST_S3_MOTO").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_is_used_on_seaweedfs() {
+    retention_keeps_what_is_used("RECACHE_TEST_S3_SEAWEED").await;
+}
