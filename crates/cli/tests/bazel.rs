@@ -276,3 +276,102 @@ fn bazel_downloads_through_recache_serve_and_builds_with_the_origin_gone() {
         "nobody went back to the origin"
     );
 }
+
+/// Issue 27: objects vanish behind the servers' backs (a lifecycle rule, another server's
+/// sweep, an operator's `aws s3 rm`). With two servers on one bucket, one genrule's output blob
+/// and another's action result are deleted from the bucket directly; the next Bazel build
+/// through the server with an empty fast tier is a correct miss for exactly those actions
+/// (never a failed build, never a dangling hit), it rewrites them, and the build after that
+/// hits everything through either server.
+#[test]
+fn objects_deleted_from_the_bucket_are_misses_then_rewritten() {
+    let Some(bin) = bazel_binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("vanish-{}", uuid::Uuid::new_v4().simple());
+    let Some((a, a_addr)) = serve_on_s3(&dir.path().join("server-a"), &prefix) else {
+        return;
+    };
+    let (ws, root) = (dir.path().join("ws"), dir.path().join("bazel-root"));
+    genrule_workspace(&ws);
+    bazel(
+        &bin,
+        &root,
+        &ws,
+        &["build", "//:all", &format!("--remote_cache={a_addr}")],
+    );
+    let expected = outputs(&ws);
+    terminate(a); // drains its uploads into the bucket
+    let (a, a_addr) = serve_on_s3(&dir.path().join("server-a"), &prefix).unwrap();
+    let (b, b_addr) = serve_on_s3(&dir.path().join("server-b"), &prefix).unwrap();
+
+    // Delete g3's output blob and one action result other than g3's.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut o = server::s3::S3Options::new(
+        Some(std::env::var("RECACHE_TEST_S3_SEAWEED").unwrap()),
+        "recache-test",
+    );
+    o.prefix = format!("{prefix}/");
+    o.credentials = Some((
+        std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
+        std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
+    ));
+    let s3 = server::s3::S3Blobs::new(o).unwrap();
+    let blob = hashing::Digest::of_bytes(expected[3].as_bytes());
+    rt.block_on(async {
+        assert!(
+            s3.contains(blob).await.unwrap(),
+            "g3's output is in the bucket"
+        );
+        s3.delete(blob).await.unwrap();
+        let records = s3.list("ac/").await.unwrap();
+        assert_eq!(records.len(), GENRULES, "{records:?}");
+        s3.delete_key(&records[0].0).await.unwrap();
+    });
+
+    bazel(&bin, &root, &ws, &["clean"]);
+    let after = bazel(
+        &bin,
+        &root,
+        &ws,
+        &["build", "//:all", &format!("--remote_cache={b_addr}")],
+    );
+    assert_eq!(outputs(&ws), expected, "identical outputs");
+    let hits = remote_hits(&after);
+    assert!(
+        (GENRULES - 2..GENRULES).contains(&hits),
+        "the actions whose blob or record vanished are misses, the rest hits:\n{after}"
+    );
+    for addr in [&b_addr, &a_addr, &b_addr] {
+        bazel(&bin, &root, &ws, &["clean"]);
+        let again = bazel(
+            &bin,
+            &root,
+            &ws,
+            &["build", "//:all", &format!("--remote_cache={addr}")],
+        );
+        assert_eq!(
+            remote_hits(&again),
+            GENRULES,
+            "rewritten: every action hits:\n{again}"
+        );
+        assert_eq!(outputs(&ws), expected);
+    }
+    bazel(&bin, &root, &ws, &["shutdown"]);
+    terminate(a);
+    terminate(b);
+}
+
+/// The "N remote cache hit" count of a Bazel build's summary (0 when none).
+fn remote_hits(out: &str) -> usize {
+    let Some(at) = out.find(" remote cache hit") else {
+        return 0;
+    };
+    let before = &out[..at];
+    let digits = before.len() - before.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    before[before.len() - digits..].parse().unwrap_or(0)
+}
