@@ -601,6 +601,10 @@ impl LocalStore {
         txn: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut acc = self.accounting();
+        // Before the transaction, under the lock GC takes to reset the counters: a GC that
+        // listed the pool before this blob's rename sees the generation move and subtracts
+        // instead of overwriting this increment.
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
         let out = txn()?;
         if !acc.open.is_empty() {
             for d in digests {
@@ -1301,6 +1305,9 @@ impl LocalStore {
         // listing may have missed it: then only subtract what this GC removed.
         let small_removed: u64 = small_victims.iter().map(|d| d.size_bytes).sum();
         let large_removed: u64 = removed_large.iter().map(|d| d.size_bytes).sum();
+        // Decided and written under the accounting lock, so no growth transaction runs between
+        // the check and the write (it would be overwritten by a listing that missed it).
+        let _books = self.accounting();
         if self.inner.generation.load(Ordering::Acquire) != generation {
             self.inner.db.subtract_counters(Counters {
                 small_blobs: small_victims.len() as u64,
