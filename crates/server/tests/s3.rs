@@ -206,33 +206,7 @@ async fn put_small(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
 }
 
 async fn write_blob(s: &Serving, data: &[u8]) -> Result<Digest, tonic::Status> {
-    let d = Digest::of_bytes(data);
-    let resource = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        d.hash,
-        d.size_bytes
-    );
-    let chunks: Vec<&[u8]> = data.chunks(1 << 20).collect();
-    let n = chunks.len();
-    let msgs: Vec<WriteRequest> = chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| WriteRequest {
-            resource_name: if i == 0 {
-                resource.clone()
-            } else {
-                String::new()
-            },
-            write_offset: (i << 20) as i64,
-            finish_write: i + 1 == n,
-            data: c.to_vec(),
-        })
-        .collect();
-    ByteStreamClient::new(s.channel.clone())
-        .write(futures::stream::iter(msgs))
-        .await?;
-    Ok(d)
+    write_blob_on(&s.channel, data).await
 }
 
 async fn read_blob(s: &Serving, d: Digest) -> Result<Vec<u8>, tonic::Status> {

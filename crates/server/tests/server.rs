@@ -80,6 +80,16 @@ async fn start_with(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
     start_at(options, Some(dir)).await
 }
 
+/// Stops `r`, removes `gone` from its store (what an eviction or a lost file does), and starts
+/// it again on the same storage.
+async fn restart_without(r: Running, dir: &std::path::Path, gone: &[Digest]) -> Running {
+    r.stop().await;
+    let store = store::LocalStore::open(server_store_options(dir)).unwrap();
+    assert_eq!(store.remove(gone).unwrap(), gone.len() as u64);
+    drop(store);
+    start_at(ServerOptions::new(dir), None).await
+}
+
 /// How recache serve opens its store (compressed at rest), for tests that look inside it.
 fn server_store_options(storage: &std::path::Path) -> store::LocalStoreOptions {
     let mut o = store::LocalStoreOptions::new(storage.join("store"));
@@ -489,11 +499,7 @@ async fn an_action_result_whose_outputs_are_gone_is_not_found() {
         ar
     );
     // The output is lost (evicted, deleted): the entry is not served.
-    r.stop().await;
-    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
-    assert_eq!(store.remove(&[od]).unwrap(), 1);
-    drop(store);
-    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let r = restart_without(r, dir.path(), &[od]).await;
     let mut ac = ActionCacheClient::new(r.channel.clone());
     let err = ac.get_action_result(get).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
@@ -1356,11 +1362,7 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
 
     // Evict only the nested Directory: DIRECTORY_ONLY and "both" must miss; the Tree form
     // carries its own copy of every Directory and still hits.
-    r.stop().await;
-    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
-    assert_eq!(store.remove(&[sub_d]).unwrap(), 1);
-    drop(store);
-    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let r = restart_without(r, dir.path(), &[sub_d]).await;
     let mut ac = ActionCacheClient::new(r.channel.clone());
     for action in ["dir-only", "both"] {
         let err = ac.get_action_result(get(action)).await.unwrap_err();
@@ -1374,11 +1376,7 @@ async fn directory_only_results_are_accepted_and_every_directory_counts() {
         .await
         .unwrap();
     ac.get_action_result(get("dir-only")).await.unwrap();
-    r.stop().await;
-    let store = store::LocalStore::open(server_store_options(dir.path())).unwrap();
-    assert_eq!(store.remove(&[root_d]).unwrap(), 1);
-    drop(store);
-    let r = start_at(ServerOptions::new(dir.path()), None).await;
+    let r = restart_without(r, dir.path(), &[root_d]).await;
     let mut ac = ActionCacheClient::new(r.channel.clone());
     let err = ac.get_action_result(get("dir-only")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
