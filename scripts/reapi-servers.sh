@@ -206,8 +206,9 @@ start_recache() {
   port="$(free_port)"
   log="$RUN/recache.log"
   mkdir -p "$RUN/recache-storage"
+  # The tests' asset origins listen on 127.0.0.1, which recache serve refuses by default.
   "$RECACHE_BIN" serve --listen "127.0.0.1:$port" --storage "$RUN/recache-storage" \
-    >"$log" 2>&1 &
+    --asset-allow-origin 127.0.0.1 >"$log" 2>&1 &
   local pid=$!
   echo "$pid" >"$RUN/recache.pid"
   wait_ready "recache serve" "127.0.0.1:$port" "" "$pid" "$log" || return 1

@@ -23,7 +23,9 @@ pub async fn rows(mib: usize, reps: usize, dir: &std::path::Path) -> Vec<(String
 
     // recache serve on its own storage, with the origin reachable.
     let storage = tempfile::tempdir_in(dir).unwrap();
-    let server = server::CacheServer::open(server::ServerOptions::new(storage.path())).unwrap();
+    let mut options = server::ServerOptions::new(storage.path());
+    options.asset_policy = fetcher::download::OriginPolicy::global_only(vec!["127.0.0.1".into()]);
+    let server = server::CacheServer::open(options).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

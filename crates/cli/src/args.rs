@@ -260,6 +260,18 @@ pub struct ServeArgs {
     )]
     pub asset_max_entries: u64,
 
+    /// Remote Asset: whether the server downloads assets it has no record of from their
+    /// origin (on), or serves only what clients pushed (off).
+    #[arg(long, env = "RECACHE_SERVE_ASSET_FETCH", default_value = "on", value_name = "on|off", value_parser = ["on", "off"])]
+    pub asset_fetch: String,
+
+    /// Remote Asset: an origin the server may download from although it is not a global
+    /// address (by default loopback, private and link-local origins are refused, also after a
+    /// redirect): `host`, `host:port` or a URL prefix. Repeatable. Environment:
+    /// RECACHE_SERVE_ASSET_ALLOW_ORIGIN, several separated by commas.
+    #[arg(long = "asset-allow-origin", value_name = "ORIGIN")]
+    pub asset_allow_origins: Vec<String>,
+
     /// Instance name to serve (repeatable; default: any). Others get INVALID_ARGUMENT.
     /// Environment: RECACHE_SERVE_INSTANCE_NAME, several separated by commas.
     #[arg(long = "instance-name", value_name = "NAME")]

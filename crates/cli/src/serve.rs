@@ -76,6 +76,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         None => None,
     };
     let tls_on = tls.is_some();
+    let mut allow = args.asset_allow_origins.clone();
+    if allow.is_empty()
+        && let Ok(v) = std::env::var("RECACHE_SERVE_ASSET_ALLOW_ORIGIN")
+    {
+        allow = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    let asset_policy = if args.asset_fetch == "off" {
+        fetcher::download::OriginPolicy::off()
+    } else {
+        fetcher::download::OriginPolicy::global_only(allow)
+    };
     let options = ServerOptions {
         storage: storage.clone(),
         max_size: args.max_size,
@@ -89,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             max_bytes: args.asset_max_unpacked,
             max_entries: args.asset_max_entries,
         },
+        asset_policy,
     };
     server::return_large_buffers_to_the_system();
     let server = CacheServer::open(options)

@@ -150,13 +150,18 @@ fn second_machine_hits(kind: ServerKind) {
     let checksum = sri(&body);
     args.push(&checksum);
     args.extend(remote);
-    let r = record(&fetch(ws.path(), first.path(), &args));
+    let out = fetch(ws.path(), first.path(), &args);
+    let r = record(&out);
     assert!(
         r["source"] == "origin" || r["source"] == "remote-asset",
         "{r}"
     );
     if r["source"] == "origin" {
         assert_eq!(r["pushed"], true, "{r}");
+        // The service answered NOT_FOUND (not cached): an ordinary miss, not a warning.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("recache: warning:"), "{err}");
+        assert_eq!(r["warnings"], serde_json::json!([]), "{r}");
     }
 
     origin.set("/dist/lib.tar", Behavior::Status(503));

@@ -9,9 +9,17 @@
 //! timeout, at most [`MAX_REDIRECTS`] redirects, at most `--max-blob-size` bytes.
 //!
 //! Failures carry the status code the Remote Asset API lists for the inline `status`:
-//! NOT_FOUND (404/410, unreachable, other HTTP errors), PERMISSION_DENIED (401/403),
-//! RESOURCE_EXHAUSTED (too large, 429), DEADLINE_EXCEEDED, ABORTED (checksum mismatch, a
-//! truncated body, a redirect loop).
+//! NOT_FOUND (404/410, unreachable, other HTTP errors, and any URI that cannot or may not be
+//! downloaded: not http(s), unparsable, refused by the [`OriginPolicy`]), PERMISSION_DENIED
+//! (401/403), RESOURCE_EXHAUSTED (too large, 429), DEADLINE_EXCEEDED, ABORTED (checksum
+//! mismatch, a truncated body, a redirect loop). Only a malformed request header is
+//! INVALID_ARGUMENT, which a server answers as the RPC's own status, not inline.
+//!
+//! The [`OriginPolicy`] keeps a server from being aimed inside its own network (a server-side
+//! request forgery): by default an origin whose *resolved* address is loopback, private,
+//! link-local, unspecified, multicast or otherwise not global is refused, checked at every hop
+//! (a redirect too), and the connection goes to exactly the addresses checked (a second DNS
+//! answer cannot swap one in).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -26,6 +34,212 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use store::LocalStore;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
+
+/// Which origins a download may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    /// Downloads from origins at all (`recache serve --asset-fetch off`: no, only pushed assets
+    /// are served).
+    pub fetch: bool,
+    /// Only origins whose every resolved address is global (see [`is_global`]); off for
+    /// [`OriginPolicy::any`].
+    pub global_only: bool,
+    /// Origins opened on purpose, loopback and private ones included: `host`, `host:port`, or
+    /// a URL prefix (`https://mirror.internal/dist/`).
+    pub allow: Vec<String>,
+}
+
+impl OriginPolicy {
+    /// A server's default: global addresses only, plus what `allow` names.
+    pub fn global_only(allow: Vec<String>) -> OriginPolicy {
+        OriginPolicy {
+            fetch: true,
+            global_only: true,
+            allow,
+        }
+    }
+
+    /// Any origin (a user's own `recache fetch`: the user can reach it anyway).
+    pub fn any() -> OriginPolicy {
+        OriginPolicy {
+            fetch: true,
+            global_only: false,
+            allow: Vec::new(),
+        }
+    }
+
+    /// No origin downloads at all.
+    pub fn off() -> OriginPolicy {
+        OriginPolicy {
+            fetch: false,
+            global_only: true,
+            allow: Vec::new(),
+        }
+    }
+
+    /// Whether `uri` is one the operator opened on purpose.
+    fn allows(&self, uri: &http::Uri) -> bool {
+        let text = uri.to_string();
+        let Some(host) = uri.host().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        let port = uri.port_u16().unwrap_or(default_port(uri));
+        self.allow.iter().any(|entry| {
+            if entry.contains("://") {
+                return text.starts_with(entry.as_str());
+            }
+            let entry = entry.to_ascii_lowercase();
+            match entry.rsplit_once(':') {
+                // `host:port` (an IPv6 literal is bracketed: `[::1]:8080`).
+                Some((h, p)) if !h.ends_with(':') && p.parse::<u16>().is_ok() => {
+                    h == host && p.parse::<u16>().ok() == Some(port)
+                }
+                _ => entry == host,
+            }
+        })
+    }
+}
+
+fn default_port(uri: &http::Uri) -> u16 {
+    if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    }
+}
+
+/// Whether `ip` is a globally routable address: not loopback, private (RFC 1918, fc00::/7),
+/// link-local (169.254/16, fe80::/10: cloud metadata lives there), unspecified, multicast,
+/// broadcast, shared (100.64/10), documentation, benchmarking or reserved; IPv4 addresses inside
+/// IPv6 (mapped, NAT64) are judged as IPv4.
+pub fn is_global(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_global(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
+                let o = v6.octets();
+                return is_global(IpAddr::V4(std::net::Ipv4Addr::new(
+                    o[12], o[13], o[14], o[15],
+                )));
+            }
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8)
+                || seg[..6] == [0, 0, 0, 0, 0, 0])
+        }
+    }
+}
+
+/// Resolves `uri`'s host and checks every address against the policy: the addresses to
+/// connect to, or NOT_FOUND naming the policy.
+async fn checked_addresses(uri: &http::Uri) -> Result<Vec<std::net::SocketAddr>, DownloadError> {
+    let host = uri
+        .host()
+        .ok_or_else(|| DownloadError::new(Code::NotFound, "the URI names no host"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(default_port(uri));
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|e| DownloadError::new(Code::NotFound, format!("cannot resolve {host}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(DownloadError::new(
+            Code::NotFound,
+            format!("{host} resolves to no address"),
+        ));
+    }
+    if let Some(inside) = addrs.iter().find(|a| !is_global(a.ip())) {
+        return Err(DownloadError::new(
+            Code::NotFound,
+            format!(
+                "refused by this server's origin policy: {host} resolves to {}, which is not a \
+                 global address (loopback, private, link-local, …); an operator can open it \
+                 with --asset-allow-origin",
+                inside.ip()
+            ),
+        ));
+    }
+    Ok(addrs)
+}
+
+/// A resolver that answers with the addresses already checked, whatever the name.
+#[derive(Debug, Clone)]
+struct Checked(std::sync::Arc<Vec<std::net::SocketAddr>>);
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for Checked {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        std::future::ready(Ok(self.0.as_ref().clone().into_iter()))
+    }
+}
+
+/// A client that connects only to `addrs` (checked by [`checked_addresses`]).
+fn pinned_client(
+    addrs: Vec<std::net::SocketAddr>,
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector<Checked>>, Empty<Bytes>>, DownloadError>
+{
+    let mut http = HttpConnector::new_with_resolver(Checked(std::sync::Arc::new(addrs)));
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .map_err(|e| {
+            DownloadError::new(
+                Code::Internal,
+                format!("loading the system's TLS roots: {e}"),
+            )
+        })?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
+
+/// Checks `headers` (from `http_header:*` qualifiers) are valid HTTP headers: a malformed one
+/// is the request's fault (INVALID_ARGUMENT), found before anything is fetched.
+pub fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in headers {
+        http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("http_header:{k}: not a header name ({e})"))?;
+        http::HeaderValue::from_str(v)
+            .map_err(|e| format!("http_header:{k}: not a header value ({e})"))?;
+    }
+    Ok(())
+}
 
 /// Deadline of a whole download when the request sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -173,6 +387,8 @@ pub struct Options {
     pub dir: PathBuf,
     /// Counts the bytes received, for a progress display.
     pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Which origins may be reached.
+    pub policy: OriginPolicy,
 }
 
 impl Options {
@@ -182,6 +398,7 @@ impl Options {
         max_bytes: u64,
         headers: Vec<(String, String)>,
         dir: PathBuf,
+        policy: OriginPolicy,
     ) -> Options {
         let timeout = timeout
             .filter(|t| t.seconds > 0 || t.nanos > 0)
@@ -194,6 +411,7 @@ impl Options {
             headers,
             dir,
             progress: None,
+            policy,
         }
     }
 }
@@ -290,18 +508,30 @@ async fn fetch_inner(
     sri: &[Sri],
     options: &Options,
 ) -> Result<Digest, DownloadError> {
-    let client = client()?;
-    let mut current: http::Uri = uri
-        .parse()
-        .map_err(|e| DownloadError::new(Code::InvalidArgument, format!("not a URI: {e}")))?;
+    if !options.policy.fetch {
+        return Err(DownloadError::new(
+            Code::NotFound,
+            "not recorded here, and this server does not download from origins (--asset-fetch \
+             off): only pushed assets are served",
+        ));
+    }
+    let mut current: http::Uri = uri.parse().map_err(|e| {
+        DownloadError::new(
+            Code::NotFound,
+            format!("not recorded here, and not a URL this server can download ({e})"),
+        )
+    })?;
     let mut hops = 0;
     let response = loop {
         match current.scheme_str() {
-            Some("http") | Some("https") => {}
+            Some("http") | Some("https") if current.host().is_some() => {}
             other => {
                 return Err(DownloadError::new(
-                    Code::InvalidArgument,
-                    format!("scheme {other:?} is not supported (http and https are)"),
+                    Code::NotFound,
+                    format!(
+                        "not recorded here, and not a URL this server can download (scheme \
+                         {other:?}; it downloads http and https)"
+                    ),
                 ));
             }
         }
@@ -312,10 +542,16 @@ async fn fetch_inner(
         let req = req.body(Empty::new()).map_err(|e| {
             DownloadError::new(Code::InvalidArgument, format!("bad request header: {e}"))
         })?;
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| DownloadError::new(Code::NotFound, format!("cannot reach it: {e}")))?;
+        // Checked at every hop, a redirect's target too; a pinned client connects to exactly
+        // the addresses checked.
+        let sent = if options.policy.global_only && !options.policy.allows(&current) {
+            let addrs = checked_addresses(&current).await?;
+            pinned_client(addrs)?.request(req).await
+        } else {
+            client()?.request(req).await
+        };
+        let resp =
+            sent.map_err(|e| DownloadError::new(Code::NotFound, format!("cannot reach it: {e}")))?;
         let code = resp.status();
         if code.is_redirection()
             && let Some(location) = resp.headers().get(http::header::LOCATION)
@@ -502,6 +738,57 @@ mod tests {
         for bad in ["", "md5-abc", "sha256", "sha256-!!!", "sha256-AAAA"] {
             assert!(Sri::parse_list(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_global_addresses_pass_and_allow_rules_match_exactly() {
+        for inside in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2001:db8::1",
+        ] {
+            assert!(
+                !is_global(inside.parse().unwrap()),
+                "{inside} is not global"
+            );
+        }
+        for global in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_global(global.parse().unwrap()), "{global} is global");
+        }
+        let p = OriginPolicy::global_only(vec![
+            "127.0.0.1:8080".into(),
+            "Mirror.Internal".into(),
+            "https://files.internal/dist/".into(),
+            "[::1]:9000".into(),
+        ]);
+        let ok = |u: &str| p.allows(&u.parse().unwrap());
+        assert!(ok("http://127.0.0.1:8080/a"));
+        assert!(!ok("http://127.0.0.1:8081/a"), "another port");
+        assert!(ok("https://mirror.internal/x") && ok("http://mirror.internal:81/x"));
+        assert!(ok("https://files.internal/dist/a.tgz"));
+        assert!(
+            !ok("https://files.internal/other/a.tgz"),
+            "outside the prefix"
+        );
+        assert!(ok("http://[::1]:9000/x") && !ok("http://[::1]:9001/x"));
+        assert!(!ok("http://evil.example/x"));
     }
 
     #[test]

@@ -179,7 +179,9 @@ impl Fetcher {
         // 2. The Remote Asset service.
         if let Some(svc) = &self.service {
             match self.ask_service(svc, req).await {
-                Ok((uri, d)) => {
+                // Not cached: an ordinary miss, the origin's turn (no warning).
+                Ok(None) => {}
+                Ok(Some((uri, d))) => {
                     return Ok(Fetched {
                         digest: d,
                         source: Source::RemoteAsset,
@@ -200,6 +202,8 @@ impl Fetcher {
             headers: req.headers.clone(),
             dir: req.temp_dir.clone(),
             progress: req.progress.clone(),
+            // The user's own download: whatever the user can reach.
+            policy: download::OriginPolicy::any(),
         };
         let mut errors = Vec::new();
         for uri in &req.uris {
@@ -249,12 +253,13 @@ impl Fetcher {
         req
     }
 
-    /// FetchBlob, then the blob from the CAS into the local store, verified.
+    /// FetchBlob, then the blob from the CAS into the local store, verified. `Ok(None)`: the
+    /// service does not have it (NOT_FOUND, the Remote Asset API's "not cached").
     async fn ask_service(
         &self,
         svc: &AssetService,
         req: &FetchRequest,
-    ) -> Result<(String, Digest), String> {
+    ) -> Result<Option<(String, Digest)>, String> {
         let msg = FetchBlobRequest {
             instance_name: svc.instance.clone(),
             timeout: Some(bazel_remote_apis::google::protobuf::Duration {
@@ -265,12 +270,19 @@ impl Fetcher {
             qualifiers: req.qualifiers(),
             ..Default::default()
         };
-        let resp = FetchClient::new(svc.channel.clone())
+        // NOT_FOUND, inline or as the RPC's status (buildbox-casd), is "not cached".
+        let resp = match FetchClient::new(svc.channel.clone())
             .fetch_blob(Self::request(svc, msg))
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
+        {
+            Ok(resp) => resp.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+        };
         if let Some(s) = resp.status.as_ref().filter(|s| s.code != 0) {
+            if tonic::Code::from(s.code) == tonic::Code::NotFound {
+                return Ok(None);
+            }
             return Err(format!("{:?}: {}", tonic::Code::from(s.code), s.message));
         }
         let d = hashing::reapi::require_digest("blob_digest", resp.blob_digest.as_ref())
@@ -283,7 +295,7 @@ impl Fetcher {
         if !self.local_matches(d, &req.sri) {
             return Err(format!("it named {d}, which matches none of the checksums"));
         }
-        Ok((resp.uri, d))
+        Ok(Some((resp.uri, d)))
     }
 
     /// The blob to the CAS, then the asset record.

@@ -304,11 +304,13 @@ impl Fetch for AssetSvc {
             }
         }
         // 3. The origin, URI by URI; concurrent fetches of one asset share one download.
+        download::check_headers(&headers(&req.qualifiers)).map_err(Status::invalid_argument)?;
         let options = download::Options::for_request(
             req.timeout.as_ref(),
             self.0.options.max_blob_size,
             headers(&req.qualifiers),
             self.0.options.storage.join("downloads"),
+            self.0.options.asset_policy.clone(),
         );
         let key = asset_key(&req.uris.join("\u{0}"), &req.qualifiers);
         let shared = {
@@ -413,11 +415,13 @@ impl Fetch for AssetSvc {
             )));
         }
         let sri = check_qualifiers(&req.qualifiers)?;
+        download::check_headers(&headers(&req.qualifiers)).map_err(Status::invalid_argument)?;
         let options = download::Options::for_request(
             req.timeout.as_ref(),
             self.0.options.max_blob_size,
             headers(&req.qualifiers),
             self.0.options.storage.join("downloads"),
+            self.0.options.asset_policy.clone(),
         );
         let mut last = failed(Code::NotFound, "no URI could be fetched".into());
         for (uri, kind) in kinds {

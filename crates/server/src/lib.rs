@@ -90,6 +90,10 @@ pub struct ServerOptions {
     /// What one archive may unpack to for Remote Asset `FetchDirectory`. Default
     /// [`fetcher::archive::Limits::default`] (4 GiB, 500 000 entries).
     pub archive_limits: fetcher::archive::Limits,
+    /// Which origins Remote Asset `Fetch` may download from. Default: any origin whose every
+    /// address is global (no loopback, private or link-local one: see
+    /// [`fetcher::download::OriginPolicy`]).
+    pub asset_policy: fetcher::download::OriginPolicy,
 }
 
 impl ServerOptions {
@@ -105,6 +109,7 @@ impl ServerOptions {
             compress_at_rest: true,
             s3: None,
             archive_limits: fetcher::archive::Limits::default(),
+            asset_policy: fetcher::download::OriginPolicy::global_only(Vec::new()),
         }
     }
 }

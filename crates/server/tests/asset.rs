@@ -30,6 +30,9 @@ struct Running {
 async fn start(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let mut options = ServerOptions::new(dir.path());
+    // The tests' origins listen on 127.0.0.1, which the default policy refuses: opened on
+    // purpose, as an operator would (`--asset-allow-origin 127.0.0.1`).
+    options.asset_policy = fetcher::download::OriginPolicy::global_only(vec!["127.0.0.1".into()]);
     tweak(&mut options);
     let server = CacheServer::open(options).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -305,8 +308,20 @@ async fn requests_the_server_cannot_honour_name_what_is_wrong() {
     }
     let e = fetch_with(&r, &[], vec![], None).await.unwrap_err();
     assert!(e.message().contains("uris"));
+    // A URI the server cannot download is a miss (NOT_FOUND inline), never INVALID_ARGUMENT:
+    // the spec allows only five codes there.
     let resp = fetch(&r, &["ftp://127.0.0.1/x".into()], vec![]).await;
-    assert_eq!(code(&resp), Code::InvalidArgument);
+    assert_eq!(code(&resp), Code::NotFound);
+    // A malformed header qualifier is the request's fault: the RPC's own status.
+    let e = fetch_with(
+        &r,
+        &["http://127.0.0.1:9/x".into()],
+        vec![q("http_header:bad name", "v")],
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 }
 
 #[tokio::test]
@@ -535,4 +550,153 @@ async fn archives_from_the_origin_become_directories_and_hostile_ones_are_refuse
         .await
         .unwrap();
     assert_eq!(origin.hits("/evil.tar"), hits + 1);
+}
+
+/// A listener on 127.0.0.1 (or `[::1]`) that counts the connections it is offered: proof that
+/// a refused origin saw none.
+struct Counter {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn counter(bind: &str) -> Option<Counter> {
+    let listener = tokio::net::TcpListener::bind(bind).await.ok()?;
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((_sock, _)) = listener.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    Some(Counter { addr, accepted })
+}
+
+impl Counter {
+    fn count(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Issue 22 item 1: Remote Asset clients that index their own artifacts ask FetchBlob for URIs
+/// nobody can download (`urn:…`) before every pull and push, and treat only NOT_FOUND as "not
+/// cached". A never-pushed `urn:`, `file:` or unparsable URI is NOT_FOUND inline, saying why;
+/// once pushed, it is served.
+#[tokio::test]
+async fn a_uri_nobody_can_download_is_a_miss_until_pushed() {
+    let r = start(|_| {}).await;
+    let urn = "urn:fdc:example.org:2020:artifact:project/element/0123abcd".to_owned();
+    for uri in [
+        urn.clone(),
+        "file:///etc/passwd".into(),
+        "not a uri at all".into(),
+    ] {
+        let resp = fetch(&r, std::slice::from_ref(&uri), vec![]).await;
+        assert_eq!(code(&resp), Code::NotFound, "{uri}: {:?}", resp.status);
+        let message = resp.status.unwrap().message;
+        assert!(message.contains("not recorded here"), "{uri}: {message}");
+    }
+    let dir = FetchClient::new(r.channel.clone())
+        .fetch_directory(FetchDirectoryRequest {
+            uris: vec![urn.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        Code::from(dir.status.as_ref().map_or(0, |s| s.code)),
+        Code::NotFound
+    );
+
+    let blob = b"an artifact record".to_vec();
+    let d = Digest::of_bytes(&blob);
+    ContentAddressableStorageClient::new(r.channel.clone())
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: blob,
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PushClient::new(r.channel.clone())
+        .push_blob(PushBlobRequest {
+            uris: vec![urn.clone()],
+            blob_digest: Some(d.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let resp = fetch(&r, &[urn], vec![]).await;
+    assert_eq!(code(&resp), Code::Ok);
+    assert_eq!(resp.blob_digest, Some(d.into()));
+}
+
+/// Issue 22 item 3: Fetch cannot be aimed inside the server's network. Without an allow rule,
+/// loopback (by address and by name), IPv6 loopback, link-local (cloud metadata) and private
+/// origins are refused before any connection: NOT_FOUND naming the policy, and the listeners
+/// standing in for them see nothing. An allowed origin that redirects to a refused one is
+/// refused at the redirect. `--asset-fetch off` serves pushed assets only.
+#[tokio::test]
+async fn the_origin_policy_refuses_inside_addresses_before_connecting() {
+    let r = start(|o| {
+        o.asset_policy = fetcher::download::OriginPolicy::global_only(Vec::new());
+    })
+    .await;
+    let v4 = counter("127.0.0.1:0").await.unwrap();
+    let v6 = counter("[::1]:0").await;
+    let mut uris = vec![
+        format!("http://127.0.0.1:{}/x", v4.addr.port()),
+        format!("http://localhost:{}/x", v4.addr.port()),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/x".to_owned(),
+        "http://[::ffff:127.0.0.1]/x".to_owned(),
+    ];
+    match &v6 {
+        Some(c) => uris.push(format!("http://[::1]:{}/x", c.addr.port())),
+        None => uris.push("http://[::1]:9/x".to_owned()),
+    }
+    for uri in &uris {
+        let resp = fetch(&r, std::slice::from_ref(uri), vec![]).await;
+        assert_eq!(code(&resp), Code::NotFound, "{uri}: {:?}", resp.status);
+        let message = resp.status.unwrap().message;
+        assert!(message.contains("origin policy"), "{uri}: {message}");
+    }
+    assert_eq!(v4.count(), 0, "a refused loopback origin saw a connection");
+    if let Some(c) = &v6 {
+        assert_eq!(c.count(), 0, "a refused [::1] origin saw a connection");
+    }
+
+    // An origin the operator opened, redirecting to one that is not.
+    let origin = Origin::start().await;
+    origin.set(
+        "/hop",
+        Behavior::Redirect(format!("http://127.0.0.1:{}/x", v4.addr.port())),
+    );
+    let hop = origin.url("/hop");
+    let opened: String = hop
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = start(|o| {
+        o.asset_policy = fetcher::download::OriginPolicy::global_only(vec![opened]);
+    })
+    .await;
+    let resp = fetch(&r, &[hop], vec![]).await;
+    assert_eq!(code(&resp), Code::NotFound, "{:?}", resp.status);
+    assert!(resp.status.unwrap().message.contains("origin policy"));
+    assert_eq!(v4.count(), 0, "the redirect's target saw a connection");
+
+    // Origin downloads off: only pushed assets.
+    origin.set("/f", Behavior::Serve(b"from the origin".to_vec()));
+    let r = start(|o| o.asset_policy = fetcher::download::OriginPolicy::off()).await;
+    let resp = fetch(&r, &[origin.url("/f")], vec![]).await;
+    assert_eq!(code(&resp), Code::NotFound);
+    assert!(resp.status.unwrap().message.contains("--asset-fetch off"));
+    assert_eq!(origin.hits("/f"), 0);
 }
