@@ -69,6 +69,11 @@ pub(crate) struct Record {
     pub expire_at: i64,
     /// Unix seconds when it was recorded.
     pub stored_at: i64,
+    /// Blobs the asset needs beyond its own digest (`references_blobs` of a push): kept as
+    /// long as the asset, required for a hit.
+    pub refs_blobs: Vec<Digest>,
+    /// Directory trees the asset needs (`references_directories`), every blob under them.
+    pub refs_dirs: Vec<Digest>,
 }
 
 impl Record {
@@ -77,11 +82,19 @@ impl Record {
             Kind::Blob => "blob",
             Kind::Directory => "dir",
         };
-        format!(
+        let mut text = format!(
             "recache-asset-v1 {kind} {} {} {}",
             self.digest, self.expire_at, self.stored_at
-        )
-        .into_bytes()
+        );
+        // References follow as `blobs=<d>,<d>` and `dirs=<d>,…` (a record without any reads
+        // as it did before references were kept).
+        for (name, refs) in [("blobs", &self.refs_blobs), ("dirs", &self.refs_dirs)] {
+            if !refs.is_empty() {
+                let list: Vec<String> = refs.iter().map(ToString::to_string).collect();
+                text.push_str(&format!(" {name}={}", list.join(",")));
+            }
+        }
+        text.into_bytes()
     }
 
     fn decode(bytes: &[u8]) -> Option<Record> {
@@ -98,12 +111,39 @@ impl Record {
         let digest = parts.next()?.parse().ok()?;
         let expire_at = parts.next()?.parse().ok()?;
         let stored_at = parts.next()?.parse().ok()?;
-        parts.next().is_none().then_some(Record {
+        let mut record = Record {
             kind,
             digest,
             expire_at,
             stored_at,
-        })
+            refs_blobs: Vec::new(),
+            refs_dirs: Vec::new(),
+        };
+        for part in parts {
+            let (name, list) = part.split_once('=')?;
+            let refs = list
+                .split(',')
+                .map(|d| d.parse().ok())
+                .collect::<Option<Vec<Digest>>>()?;
+            match name {
+                "blobs" => record.refs_blobs = refs,
+                "dirs" => record.refs_dirs = refs,
+                _ => return None,
+            }
+        }
+        Some(record)
+    }
+
+    /// A record of `kind` for `digest`, recorded now, without references.
+    fn new(kind: Kind, digest: Digest, expire_at: i64) -> Record {
+        Record {
+            kind,
+            digest,
+            expire_at,
+            stored_at: now_secs(),
+            refs_blobs: Vec::new(),
+            refs_dirs: Vec::new(),
+        }
     }
 }
 
@@ -233,11 +273,70 @@ impl AssetSvc {
                 && fresh
                 && record.stored_at >= oldest
                 && self.0.store.contains(record.digest)
+                && self.references_alive(&record)
             {
                 return Some((uri.clone(), record));
             }
         }
         None
+    }
+
+    /// Whether everything `record` references is here (every blob, every tree whole): an asset
+    /// whose references are gone is a miss, never a hit naming a tree that is gone. A hit is a
+    /// use of all of it, for LRU, so references live as long as the asset is used.
+    fn references_alive(&self, record: &Record) -> bool {
+        let store = &self.0.store;
+        if !store.missing(record.refs_blobs.iter().copied()).is_empty() {
+            return false;
+        }
+        let mut used: Vec<Digest> = record.refs_blobs.clone();
+        used.push(record.digest);
+        for d in &record.refs_dirs {
+            match store.tree_digests(*d) {
+                Ok(Some(all)) => used.extend(all),
+                _ => return false,
+            }
+        }
+        store.touch_all(used);
+        true
+    }
+
+    /// Checks that the references of a push are in the CAS (whole trees for directories).
+    fn check_references(
+        &self,
+        blobs: &[bazel_remote_apis::build::bazel::remote::execution::v2::Digest],
+        dirs: &[bazel_remote_apis::build::bazel::remote::execution::v2::Digest],
+    ) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
+        let mut refs_blobs = Vec::with_capacity(blobs.len());
+        for (i, b) in blobs.iter().enumerate() {
+            let d = required(&format!("references_blobs[{i}]"), Some(b))?;
+            if !self.0.store.contains(d) {
+                return Err(Status::failed_precondition(format!(
+                    "referenced blob {d} is not in the CAS: upload it first"
+                )));
+            }
+            refs_blobs.push(d);
+        }
+        let mut refs_dirs = Vec::with_capacity(dirs.len());
+        for (i, t) in dirs.iter().enumerate() {
+            let d = required(&format!("references_directories[{i}]"), Some(t))?;
+            match self.0.store.directory_complete(d) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Status::failed_precondition(format!(
+                        "referenced directory {d} or something in it is not in the CAS: upload \
+                         it first"
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::invalid_argument(format!(
+                        "referenced directory {d} is not a valid tree: {e}"
+                    )));
+                }
+            }
+            refs_dirs.push(d);
+        }
+        Ok((refs_blobs, refs_dirs))
     }
 
     fn record(
@@ -293,12 +392,7 @@ impl Fetch for AssetSvc {
         // 2. The CAS, when the checksum names a SHA-256 it holds.
         for s in &sri {
             if let Some(digest) = s.sha256().and_then(|h| self.0.store.find_by_hash(h)) {
-                let r = Record {
-                    kind: Kind::Blob,
-                    digest,
-                    expire_at: 0,
-                    stored_at: now_secs(),
-                };
+                let r = Record::new(Kind::Blob, digest, 0);
                 self.record(&req.uris[..1], &req.qualifiers, &r)?;
                 return Ok(Response::new(answer(req.uris[0].clone(), digest, 0)));
             }
@@ -339,12 +433,7 @@ impl Fetch for AssetSvc {
                     // The download is the bucket's too, so every server sharing it can serve it.
                     t.adopt(digest);
                 }
-                let r = Record {
-                    kind: Kind::Blob,
-                    digest,
-                    expire_at: 0,
-                    stored_at: now_secs(),
-                };
+                let r = Record::new(Kind::Blob, digest, 0);
                 self.record(std::slice::from_ref(&uri), &req.qualifiers, &r)?;
                 Ok(Response::new(answer(uri, digest, 0)))
             }
@@ -448,12 +537,7 @@ impl Fetch for AssetSvc {
             .map_err(|e| Status::internal(format!("unpacking: {e}")))?;
             match unpacked {
                 Ok(root) => {
-                    let r = Record {
-                        kind: Kind::Directory,
-                        digest: root,
-                        expire_at: 0,
-                        stored_at: now_secs(),
-                    };
+                    let r = Record::new(Kind::Directory, root, 0);
                     self.record(std::slice::from_ref(&uri), &req.qualifiers, &r)?;
                     return Ok(Response::new(FetchDirectoryResponse {
                         status: status(Code::Ok, ""),
@@ -527,11 +611,12 @@ impl Push for AssetSvc {
                 "blob {digest} is not in the CAS: upload it first"
             )));
         }
+        let (refs_blobs, refs_dirs) =
+            self.check_references(&req.references_blobs, &req.references_directories)?;
         let r = Record {
-            kind: Kind::Blob,
-            digest,
-            expire_at: expire(req.expire_at.as_ref()),
-            stored_at: now_secs(),
+            refs_blobs,
+            refs_dirs,
+            ..Record::new(Kind::Blob, digest, expire(req.expire_at.as_ref()))
         };
         self.record(&req.uris, &req.qualifiers, &r)?;
         Ok(Response::new(PushBlobResponse {}))
@@ -566,11 +651,14 @@ impl Push for AssetSvc {
                 )));
             }
         }
+        let (refs_blobs, mut refs_dirs) =
+            self.check_references(&req.references_blobs, &req.references_directories)?;
+        // The pushed tree itself counts like a referenced one: whole, and kept whole by use.
+        refs_dirs.push(digest);
         let r = Record {
-            kind: Kind::Directory,
-            digest,
-            expire_at: expire(req.expire_at.as_ref()),
-            stored_at: now_secs(),
+            refs_blobs,
+            refs_dirs,
+            ..Record::new(Kind::Directory, digest, expire(req.expire_at.as_ref()))
         };
         self.record(&req.uris, &req.qualifiers, &r)?;
         Ok(Response::new(PushDirectoryResponse {}))
@@ -640,8 +728,16 @@ mod tests {
             digest: Digest::of_bytes(b"x"),
             expire_at: 12,
             stored_at: 34,
+            refs_blobs: Vec::new(),
+            refs_dirs: Vec::new(),
         };
-        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
+        let with_refs = Record {
+            refs_blobs: vec![Digest::of_bytes(b"a"), Digest::of_bytes(b"b")],
+            refs_dirs: vec![Digest::of_bytes(b"t")],
+            ..r
+        };
+        assert_eq!(Record::decode(&with_refs.encode()), Some(with_refs));
         assert_eq!(Record::decode(b"recache-asset-v1 blob nonsense 1 2"), None);
     }
 }

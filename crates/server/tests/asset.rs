@@ -700,3 +700,93 @@ async fn the_origin_policy_refuses_inside_addresses_before_connecting() {
     assert!(resp.status.unwrap().message.contains("--asset-fetch off"));
     assert_eq!(origin.hits("/f"), 0);
 }
+
+/// Issue 22 item 2: an asset's `references_blobs` and `references_directories` live as long as
+/// the asset is used. Under eviction pressure, a referenced directory's leaf blob survives while
+/// the asset is fetched (each hit is a use of everything it references); once the leaf is
+/// evicted, the asset is a miss, never a hit whose tree is gone. References not in the CAS are
+/// refused at push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_live_as_long_as_the_asset_and_a_missing_one_is_a_miss() {
+    use prost::Message;
+    let r = start(|o| o.max_size = 1_000_000).await;
+    let mut cas = ContentAddressableStorageClient::new(r.channel.clone());
+    let put = |blobs: Vec<Vec<u8>>| remexec::BatchUpdateBlobsRequest {
+        requests: blobs
+            .into_iter()
+            .map(|b| remexec::batch_update_blobs_request::Request {
+                digest: Some(Digest::of_bytes(&b).into()),
+                data: b,
+                compressor: 0,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let blob = |seed: u64| testutil::data::pseudo_random(100_000, seed);
+    let (asset, leaf, extra) = (blob(1), blob(2), blob(3));
+    let (ad, ld, xd) = (
+        Digest::of_bytes(&asset),
+        Digest::of_bytes(&leaf),
+        Digest::of_bytes(&extra),
+    );
+    let dir = remexec::Directory {
+        files: vec![remexec::FileNode {
+            name: "leaf".into(),
+            digest: Some(ld.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let dd = Digest::of_bytes(&dir);
+    let uri = "urn:example:artifact:with-references".to_owned();
+    let push = |refs_dirs: Vec<Digest>| PushBlobRequest {
+        uris: vec![uri.clone()],
+        blob_digest: Some(ad.into()),
+        references_blobs: vec![xd.into()],
+        references_directories: refs_dirs.into_iter().map(Into::into).collect(),
+        ..Default::default()
+    };
+    cas.batch_update_blobs(put(vec![asset.clone(), extra.clone()]))
+        .await
+        .unwrap();
+    // The referenced tree is not uploaded yet: refused.
+    let e = PushClient::new(r.channel.clone())
+        .push_blob(push(vec![dd]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    cas.batch_update_blobs(put(vec![leaf.clone(), dir.clone()]))
+        .await
+        .unwrap();
+    PushClient::new(r.channel.clone())
+        .push_blob(push(vec![dd]))
+        .await
+        .unwrap();
+
+    // 2 MB of other blobs into a 1 MB cache, the asset fetched between rounds: it keeps its
+    // references alive.
+    for round in 0..10u64 {
+        let resp = fetch(&r, std::slice::from_ref(&uri), vec![]).await;
+        assert_eq!(code(&resp), Code::Ok, "round {round}: {:?}", resp.status);
+        cas.batch_update_blobs(put(vec![blob(100 + 2 * round), blob(101 + 2 * round)]))
+            .await
+            .unwrap();
+    }
+    assert!(
+        in_cas(&r, ld).await,
+        "a used asset's referenced leaf was evicted"
+    );
+
+    // No longer fetched; only the asset's own blob is kept in use (FindMissingBlobs): the
+    // leaf goes, and with it the asset's hits.
+    for round in 0..12u64 {
+        assert!(in_cas(&r, ad).await);
+        cas.batch_update_blobs(put(vec![blob(200 + 2 * round), blob(201 + 2 * round)]))
+            .await
+            .unwrap();
+    }
+    assert!(!in_cas(&r, ld).await, "the leaf should be evicted by now");
+    let resp = fetch(&r, &[uri], vec![]).await;
+    assert_eq!(code(&resp), Code::NotFound, "{:?}", resp.status);
+}

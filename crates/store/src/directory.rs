@@ -254,6 +254,13 @@ impl LocalStore {
     /// Whether the whole tree under `root` is stored: every Directory message (valid) and
     /// every file blob. `Err` when a message is invalid.
     pub fn directory_complete(&self, root: Digest) -> Result<bool, StoreError> {
+        Ok(self.tree_digests(root)?.is_some())
+    }
+
+    /// Every digest of the tree under `root`, its Directory messages and its file blobs, when
+    /// the whole tree is stored; `None` when any of it is missing. `Err` when a message is
+    /// invalid.
+    pub fn tree_digests(&self, root: Digest) -> Result<Option<Vec<Digest>>, StoreError> {
         let mut queue = vec![root];
         let mut seen = HashSet::new();
         let mut files = Vec::new();
@@ -264,7 +271,7 @@ impl LocalStore {
             let dir = match self.load_directory(d) {
                 Ok(dir) => dir,
                 Err(e) if matches!(e.kind(), crate::ErrorKind::MissingDigest(_)) => {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 Err(e) => return Err(e),
             };
@@ -281,7 +288,11 @@ impl LocalStore {
                 );
             }
         }
-        Ok(self.missing(files).is_empty())
+        if !self.missing(files.iter().copied()).is_empty() {
+            return Ok(None);
+        }
+        files.extend(seen);
+        Ok(Some(files))
     }
 
     /// Stores a Directory message (after validating it) and returns its digest.
