@@ -36,6 +36,14 @@ if ! scripts/install-bazel.sh; then
   echo "test.sh: continuing without Bazel; its test will be SKIPPED (not in CI)"
 fi
 
+step "Pants 2.17.1 for the Pants scenario (installed once into .reapi/pants)"
+if ! scripts/install-pants.sh; then
+  # In CI a missing Pants fails (its test would otherwise have nothing to run); elsewhere the
+  # Pants test prints SKIPPED and the rest goes on.
+  [ "${CI:-}" != true ] || exit 1
+  echo "test.sh: continuing without Pants; its test will be SKIPPED (not in CI)"
+fi
+
 step "starting real REAPI servers and S3-compatible servers"
 trap 'scripts/reapi-servers.sh stop; scripts/s3-servers.sh stop' EXIT
 scripts/reapi-servers.sh start
