@@ -796,19 +796,7 @@ async fn a_plain_blob_that_looks_framed_reads_back_as_itself() {
     let mut other = testutil::data::forged_framed_blob(1024 * 1024);
     other[0] ^= 1;
     let od = Digest::of_bytes(&other);
-    let resp = cas(&r)
-        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
-            requests: vec![remexec::batch_update_blobs_request::Request {
-                digest: Some(od.into()),
-                data: other.clone(),
-                compressor: 0,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, 0);
+    put_blobs(&r, std::slice::from_ref(&other)).await;
 
     for (d, content) in [(d, &forged), (od, &other)] {
         let res = blob_resource(d);
