@@ -45,6 +45,11 @@ fn a_huge_entry_streams_into_the_store_with_flat_memory() {
     let before = peak_rss();
     let root = unpack(&store, archive_digest, ArchiveKind::Tar, Limits::default()).unwrap();
     let grown = peak_rss().saturating_sub(before);
+    eprintln!(
+        "unpacking a {} MiB entry grew peak RSS by {:.1} MiB",
+        ENTRY >> 20,
+        grown as f64 / f64::from(1 << 20)
+    );
     let tree = store.build_tree(root).unwrap();
     let file = &tree.root.unwrap().files[0];
     assert_eq!(file.name, "zeros.bin");
