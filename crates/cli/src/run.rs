@@ -369,6 +369,9 @@ async fn capture_inputs(
                 .iter()
                 .map(|o| PathBuf::from(o.trim_end_matches('/')))
                 .collect();
+            // Staging directories of restores: never inputs (one a killed run left behind would
+            // make the next identical run a miss), and removed once their run is gone.
+            exclude.extend(restore_staging_dirs(&cwd));
             if let Ok(rel) = cache_root.strip_prefix(&cwd) {
                 if rel.as_os_str().is_empty() {
                     return Err(Failure::Usage(CliError::new(format!(
@@ -453,11 +456,14 @@ fn build_process(args: &RunArgs, input_root: Digest) -> Result<Process, CliError
         process.env.insert("PATH".into(), path);
     }
     for o in &args.outputs {
-        match o.strip_suffix('/') {
-            Some(dir) => process.output_directories.push(dir.to_owned()),
-            None => process.output_files.push(o.clone()),
+        let (path, dir) = normalize_output(o)?;
+        if dir {
+            process.output_directories.push(path);
+        } else {
+            process.output_files.push(path);
         }
     }
+    check_outputs_apart(&process.output_files, &process.output_directories)?;
     if let Some(t) = args.timeout {
         // The same check as --read-timeout's, but zero makes no sense for a command.
         if !(t > 0.0 && t.is_finite()) {
@@ -475,6 +481,87 @@ fn build_process(args: &RunArgs, input_root: Digest) -> Result<Process, CliError
     process.cache_namespace = args.cache_namespace.clone();
     process.description = args.command.join(" ");
     Ok(process)
+}
+
+/// Name prefix of the staging directory a restore builds outputs in (then `<pid>-<random>`).
+const RESTORE_PREFIX: &str = ".recache-restore-";
+
+/// The restore staging directories in `cwd` (relative names, to leave out of the inputs);
+/// those whose run is gone from this machine (the PID in the name) are removed on the way.
+fn restore_staging_dirs(cwd: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(cwd) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(RESTORE_PREFIX)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let gone = pid.is_none_or(|pid| {
+            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+        });
+        if gone && Path::new("/proc/self").exists() {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %e.path().display(), "removed a staging directory an interrupted run left");
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove a stale staging directory")
+                }
+            }
+        }
+        found.push(PathBuf::from(name));
+    }
+    found
+}
+
+/// An `--output` path as the cache names it: relative, `/`-separated, no `.` or empty
+/// segments (`./out.txt` is `out.txt`, as `--input ./x` is `x`); a trailing `/` means a
+/// directory. Absolute paths, `..`, and the current directory itself are the user's mistake.
+fn normalize_output(raw: &str) -> Result<(String, bool), CliError> {
+    let dir = raw.ends_with('/');
+    let parts: Vec<&str> = raw
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if raw.starts_with('/') || parts.contains(&"..") {
+        return Err(CliError::new(format!(
+            "--output {raw}: outputs must be relative paths inside the current directory"
+        )));
+    }
+    if parts.is_empty() {
+        return Err(CliError::new(format!(
+            "--output {raw}: names the current directory itself; name a file or a directory in it"
+        )));
+    }
+    Ok((parts.join("/"), dir))
+}
+
+/// Outputs must not overlap (`d/` and `d/f`, or the same path twice as a file and a
+/// directory): one would be restored over the other. Checked before anything runs.
+fn check_outputs_apart(files: &[String], dirs: &[String]) -> Result<(), CliError> {
+    let all: Vec<(&String, bool)> = files
+        .iter()
+        .map(|f| (f, false))
+        .chain(dirs.iter().map(|d| (d, true)))
+        .collect();
+    for (i, (a, a_dir)) in all.iter().enumerate() {
+        for (b, b_dir) in &all[i + 1..] {
+            let nested = |outer: &str, inner: &str| inner.starts_with(&format!("{outer}/"));
+            if (a == b && a_dir != b_dir) || nested(a, b) || nested(b, a) {
+                let show = |p: &str, d: bool| if d { format!("{p}/") } else { p.to_owned() };
+                return Err(CliError::new(format!(
+                    "--output {} and --output {} overlap: declare one of them",
+                    show(a, *a_dir),
+                    show(b, *b_dir)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Puts the declared outputs that were produced into the current directory, replacing what is
@@ -497,7 +584,7 @@ fn restore_outputs(
         return Ok(());
     }
     let staging = tempfile::Builder::new()
-        .prefix(".recache-restore-")
+        .prefix(&format!("{RESTORE_PREFIX}{}-", std::process::id()))
         .tempdir_in(cwd)
         .map_err(|e| {
             Restore::Workspace(CliError::new(format!(

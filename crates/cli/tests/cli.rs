@@ -717,3 +717,117 @@ fn runs_share_the_server_capabilities_and_report_their_phases() {
     assert_eq!(server.calls(Method::GetCapabilities), 2);
     drop(rt);
 }
+
+/// Issue 29 item 4: `--output ./out.txt` names `out.txt` (as `--input ./x` names `x`), and the
+/// same run written either way is the same cache entry; outputs that overlap are refused
+/// before the command runs (they used to fail with exit 125 after it ran).
+#[test]
+fn output_paths_are_normalized_and_overlaps_refused_before_running() {
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let run = |out: &str, marker: &str| {
+        let cmd = format!("touch {marker}; tr a-z A-Z < src/in.txt > out.txt");
+        recache(
+            ws.path(),
+            cache.path(),
+            &[
+                "run", "--input", "src", "--output", out, "--", "sh", "-c", &cmd,
+            ],
+        )
+    };
+    let first = run("./out.txt", "ran-1");
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("out.txt")).unwrap(),
+        "HELLO\n"
+    );
+    std::fs::remove_file(ws.path().join("out.txt")).unwrap();
+    let second = run(".//out.txt", "ran-1");
+    assert!(
+        stderr(&second).contains("recache: hit"),
+        "the same output spelled differently is the same entry: {}",
+        stderr(&second)
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("out.txt")).unwrap(),
+        "HELLO\n"
+    );
+
+    for (a, b) in [("d/", "d/f"), ("x", "x/"), ("./e/", "e/sub/")] {
+        let o = recache(
+            ws.path(),
+            cache.path(),
+            &[
+                "run",
+                "--output",
+                a,
+                "--output",
+                b,
+                "--",
+                "sh",
+                "-c",
+                "touch overlap-ran",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(125), "{a} {b}: {}", stderr(&o));
+        assert!(stderr(&o).contains("overlap"), "{}", stderr(&o));
+        assert!(!ws.path().join("overlap-ran").exists(), "the command ran");
+    }
+    for bad in ["/abs.txt", "../up.txt", "./"] {
+        let o = recache(
+            ws.path(),
+            cache.path(),
+            &["run", "--output", bad, "--", "sh", "-c", "touch bad-ran"],
+        );
+        assert_eq!(o.status.code(), Some(125), "{bad}: {}", stderr(&o));
+        assert!(!ws.path().join("bad-ran").exists());
+    }
+}
+
+/// Issue 29 item 3: a restore interrupted by a kill leaves its staging directory in the
+/// workspace. With the default inputs (the whole current directory) it used to become an input,
+/// so the next identical run was a miss. It is left out of the inputs, and removed by the next
+/// run once the run that made it is gone; a live run's staging directory is left alone.
+#[test]
+fn a_leftover_restore_staging_directory_is_no_input_and_is_cleaned() {
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "run",
+        "--output",
+        "out.txt",
+        "--",
+        "sh",
+        "-c",
+        "tr a-z A-Z < src/in.txt > out.txt",
+    ];
+    let first = recache(ws.path(), cache.path(), &args);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+
+    // A dead run's leftover (a PID that has exited) and a live one's (this test's own PID).
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let dead = ws.path().join(format!(".recache-restore-{dead_pid}-x1"));
+    let live = ws
+        .path()
+        .join(format!(".recache-restore-{}-x2", std::process::id()));
+    for d in [&dead, &live] {
+        std::fs::create_dir_all(d.join("o")).unwrap();
+        std::fs::write(d.join("o/out.txt"), "half-restored").unwrap();
+    }
+    let second = recache(ws.path(), cache.path(), &args);
+    assert!(
+        stderr(&second).contains("recache: hit"),
+        "a staging directory is not an input: {}",
+        stderr(&second)
+    );
+    assert!(
+        !dead.exists(),
+        "the dead run's staging directory was removed"
+    );
+    assert!(
+        live.exists(),
+        "a live run's staging directory is left alone"
+    );
+}
