@@ -36,13 +36,65 @@ impl From<CliError> for Failure {
     }
 }
 
+/// How long a command has to finish after a forwarded SIGINT/SIGTERM/SIGHUP before it is
+/// killed (SIGKILL to its process group).
+const SIGNAL_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the command; returns the exit code recache should exit with.
 ///
 /// The promise: nothing a cache server or the cache directory does turns into a failed run.
 /// A hit whose outputs cannot be fetched or restored is re-run locally; a store that cannot
 /// take anything (a full disk) makes recache run the command without the cache, once, with a
 /// warning. Exit 125 is left for recache's own usage errors.
-pub async fn run(mut args: RunArgs, started: Instant) -> Result<i32, CliError> {
+///
+/// SIGINT, SIGTERM and SIGHUP to recache (a terminal's Ctrl-C reaches recache's process group,
+/// not the command's own) are forwarded to the command's process group; recache waits up to
+/// [`SIGNAL_GRACE`] for it, then kills what is left, and exits 128 + the signal's number, its
+/// sandbox and staging directories removed on the way out.
+pub async fn run(args: RunArgs, started: Instant) -> Result<i32, CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ];
+    let mut streams = Vec::new();
+    for (kind, number) in kinds {
+        match signal(kind) {
+            Ok(s) => streams.push((s, number)),
+            Err(e) => tracing::warn!(error = %e, "cannot watch a signal; it will not be forwarded"),
+        }
+    }
+    let received = async {
+        let waits = streams
+            .iter_mut()
+            .map(|(s, n)| Box::pin(async move { s.recv().await.map(|_| *n) }));
+        match futures::future::select_all(waits).await {
+            (Some(n), _, _) => n,
+            (None, _, _) => std::future::pending().await,
+        }
+    };
+    let work = run_unsignalled(args, started);
+    tokio::pin!(work);
+    tokio::select! {
+        code = &mut work => code,
+        number = received => {
+            let reached = process_execution::signal_running(number);
+            tracing::info!(signal = number, groups = reached, "forwarded a signal to the command");
+            if tokio::time::timeout(SIGNAL_GRACE, &mut work).await.is_err() {
+                eprintln!(
+                    "recache: the command did not stop within {} s of the signal; killing it",
+                    SIGNAL_GRACE.as_secs()
+                );
+            }
+            // Dropping the run (here, if it is still going) kills the command's group and
+            // removes its sandbox and staging directories.
+            Ok(128 + number)
+        }
+    }
+}
+
+async fn run_unsignalled(mut args: RunArgs, started: Instant) -> Result<i32, CliError> {
     args.apply_list_env().map_err(CliError::new)?;
     let cache_root = CacheDir::locate(args.cache_dir.cache_dir.clone())?;
     let cwd = std::env::current_dir()

@@ -831,3 +831,122 @@ fn a_leftover_restore_staging_directory_is_no_input_and_is_cleaned() {
         "a live run's staging directory is left alone"
     );
 }
+
+/// `recache run` started in the background; killed if the test ends before it exits.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `recache run` on `script` in the background (`{ws}` in it is the workspace's
+/// absolute path: the command itself runs in a sandbox), waits until the command wrote its PID
+/// to `{ws}/pid.txt`, and returns recache and the command's PID.
+fn start_running(ws: &Path, cache: &Path, script: &str) -> (Running, u32) {
+    let script = script.replace("{ws}", &ws.display().to_string());
+    let child = Command::new(env!("CARGO_BIN_EXE_recache"))
+        .current_dir(ws)
+        .env_remove("RECACHE_REMOTE")
+        .env("RECACHE_CACHE_DIR", cache)
+        .args([
+            "run", "--input", "src", "--output", "out.txt", "--", "sh", "-c", &script,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(pid) = std::fs::read_to_string(ws.join("pid.txt"))
+            && let Ok(pid) = pid.trim().parse()
+        {
+            return (running, pid);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the command never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits (at most 30 s: a deadline, not a timing claim) for recache to exit; its exit code.
+fn exit_within(running: &mut Running) -> i32 {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "recache did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Issue 29 item 3: the command runs in its own process group, so a Ctrl-C (SIGINT) or a
+/// SIGTERM sent to recache never reached it: recache exited 130/143 and left it running.
+/// Now recache forwards the signal to the command's group (its handler runs), waits a bounded
+/// grace period (a command that ignores the signal is killed after it), and exits 128 + the
+/// signal; the command is gone and no sandbox or staging directory is left.
+#[test]
+fn signals_reach_the_command_and_nothing_is_left_running() {
+    for (signal, script, code, handled) in [
+        (
+            "INT",
+            "echo $$ > {ws}/pid.txt; trap 'echo got-int > {ws}/sig.txt; exit 3' INT; while :; do sleep 0.1; done",
+            130,
+            true,
+        ),
+        ("TERM", "echo $$ > {ws}/pid.txt; exec sleep 60", 143, false),
+        // Ignores SIGTERM (inherited by `sleep`): killed once the grace period is over.
+        (
+            "TERM",
+            "echo $$ > {ws}/pid.txt; trap '' TERM; sleep 60",
+            143,
+            false,
+        ),
+    ] {
+        let ws = workspace();
+        let cache = tempfile::tempdir().unwrap();
+        let (mut recache_run, pid) = start_running(ws.path(), cache.path(), script);
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &recache_run.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        assert_eq!(exit_within(&mut recache_run), code, "SIG{signal}: {script}");
+        if handled {
+            assert_eq!(
+                std::fs::read_to_string(ws.path().join("sig.txt")).unwrap(),
+                "got-int\n",
+                "the command's own handler ran"
+            );
+        }
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "SIG{signal}: the command {pid} is still running");
+        let sandboxes: Vec<_> = std::fs::read_dir(cache.path().join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
+        let staging: Vec<_> = std::fs::read_dir(ws.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".recache-restore-")
+            })
+            .collect();
+        assert!(staging.is_empty(), "staging left: {staging:?}");
+    }
+}

@@ -190,11 +190,43 @@ fn validate_relative(kind: &str, path: &str) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// Process groups of the commands this process's local runners are running now.
+static RUNNING_GROUPS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn running_groups() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
+    RUNNING_GROUPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends signal number `signal` (e.g. `libc::SIGINT`) to the process group of every command
+/// the local runners of this process are running, and returns how many it reached. Each
+/// command runs in a process group of its own, so a terminal's Ctrl-C or a supervisor's SIGTERM
+/// sent to the engine (or to `recache run`) does not reach it by itself: the engine forwards
+/// it, waits a bounded time for the commands to finish, then drops their runs (which kills
+/// what is left with SIGKILL).
+pub fn signal_running(signal: i32) -> usize {
+    let Ok(signal) = nix::sys::signal::Signal::try_from(signal) else {
+        return 0;
+    };
+    running_groups()
+        .iter()
+        .filter(|pgid| nix::sys::signal::killpg(nix::unistd::Pid::from_raw(**pgid), signal).is_ok())
+        .count()
+}
+
 /// Kills a process group when dropped, unless disarmed: the `run` future being dropped (a
-/// cancelled build) must not leave the process or its children running.
+/// cancelled build) must not leave the process or its children running. While it lives, the
+/// group is one [`signal_running`] reaches.
 struct KillGroupOnDrop(Option<i32>);
 
 impl KillGroupOnDrop {
+    fn new(pgid: Option<i32>) -> KillGroupOnDrop {
+        if let Some(pgid) = pgid {
+            running_groups().insert(pgid);
+        }
+        KillGroupOnDrop(pgid)
+    }
+
     fn kill(&mut self) {
         if let Some(pgid) = self.0 {
             // ESRCH (already gone) is fine.
@@ -209,6 +241,9 @@ impl KillGroupOnDrop {
 impl Drop for KillGroupOnDrop {
     fn drop(&mut self) {
         self.kill();
+        if let Some(pgid) = self.0 {
+            running_groups().remove(&pgid);
+        }
     }
 }
 
@@ -304,7 +339,7 @@ impl CommandRunner for LocalRunner {
         let mut child = cmd
             .spawn()
             .map_err(|e| unclassified(format!("could not start {:?}: {e}", process.argv[0])))?;
-        let mut group = KillGroupOnDrop(child.id().and_then(|id| i32::try_from(id).ok()));
+        let mut group = KillGroupOnDrop::new(child.id().and_then(|id| i32::try_from(id).ok()));
 
         let waited = match process.timeout {
             Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),

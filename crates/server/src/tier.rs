@@ -383,6 +383,9 @@ pub struct RetentionStats {
     pub expired: u64,
     /// Objects deleted because a read found they were not their blob.
     pub bad_deleted: u64,
+    /// Sweep passes finished (stray multipart uploads, and the expiry with a retention): the
+    /// first runs at start.
+    pub sweeps: u64,
 }
 
 /// Refreshes (HEAD, copy) in flight at once.
@@ -439,6 +442,7 @@ pub(crate) struct Tier {
     refreshed: std::sync::atomic::AtomicU64,
     expired: std::sync::atomic::AtomicU64,
     bad_deleted: std::sync::atomic::AtomicU64,
+    sweeps: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Tier {
@@ -607,6 +611,7 @@ impl Tier {
             refreshed: Default::default(),
             expired: Default::default(),
             bad_deleted: Default::default(),
+            sweeps: Default::default(),
         }))
     }
 
@@ -707,6 +712,7 @@ impl Tier {
                     Ok(n) => tracing::info!(deleted = n, "S3 retention deleted unused objects"),
                     Err(e) => tracing::warn!(error = %e, "S3 retention sweep failed"),
                 }
+                me.sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(me.options.sweep_every).await;
             }
         }));
@@ -1657,6 +1663,7 @@ impl Tier {
             refreshed: self.refreshed.load(Relaxed),
             expired: self.expired.load(Relaxed),
             bad_deleted: self.bad_deleted.load(Relaxed),
+            sweeps: self.sweeps.load(Relaxed),
         }
     }
 

@@ -668,6 +668,16 @@ async fn s3_faults_are_retried_then_reported_unavailable() {
             .await
             .unwrap_err()
     };
+    // The start-up sweep (a background listing) must be done before the faults start, or its
+    // retries would land in the cooldown this test checks.
+    let start = Instant::now();
+    while b.server.s3_retention_stats().unwrap().sweeps == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the start-up sweep never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     f.always_slow_down.store(true, Ordering::Release);
     proxy.cut_connections();
     let before = f.served.load(Ordering::Acquire);
