@@ -584,10 +584,11 @@ impl ContentAddressableStorage for Svc {
         }
         let mut responses = Vec::with_capacity(digests.len());
         for d in digests {
-            // A batch is small (≤ 4 MiB): every blob in it is hashed before it goes out.
+            // The size is checked on the way out; the bytes are not hashed again (SHA-256 of a
+            // full 4 MiB batch is ≈ 3 ms here, as much as the rest of the call).
             let loaded = self.store().load_bytes(d).and_then(|b| match b {
-                Some(b) if Digest::of_bytes(&b) != d => Err(StoreError::invalid(format!(
-                    "its {} stored bytes do not hash to it",
+                Some(b) if b.len() as u64 != d.size_bytes => Err(StoreError::invalid(format!(
+                    "{} bytes are stored for it",
                     b.len()
                 ))),
                 other => Ok(other),
