@@ -210,23 +210,9 @@ fn pinned_client(
     addrs: Vec<std::net::SocketAddr>,
 ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector<Checked>>, Empty<Bytes>>, DownloadError>
 {
-    let mut http = HttpConnector::new_with_resolver(Checked(std::sync::Arc::new(addrs)));
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .map_err(|e| {
-            DownloadError::new(
-                Code::Internal,
-                format!("loading the system's TLS roots: {e}"),
-            )
-        })?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+    client_over(HttpConnector::new_with_resolver(Checked(
+        std::sync::Arc::new(addrs),
+    )))
 }
 
 /// Checks `headers` (from `http_header:*` qualifiers) are valid HTTP headers: a malformed one
@@ -454,26 +440,58 @@ impl std::fmt::Display for DownloadError {
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// One client for the process (connection pool, TLS roots loaded once).
-fn client() -> Result<&'static HttpsClient, DownloadError> {
-    static CLIENT: OnceLock<Result<HttpsClient, String>> = OnceLock::new();
-    CLIENT
+/// The TLS configuration every download client shares (the system's roots, loaded once).
+fn tls_config() -> Result<rustls::ClientConfig, DownloadError> {
+    use hyper_rustls::ConfigBuilderExt as _;
+    static CONFIG: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    CONFIG
         .get_or_init(|| {
-            let mut http = HttpConnector::new();
-            http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            http.enforce_http(false);
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(std::sync::Arc::new(
+            Ok(
+                rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
                     rustls::crypto::ring::default_provider(),
                 ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("setting up TLS: {e}"))?
+                .with_native_roots()
                 .map_err(|e| format!("loading the system's TLS roots: {e}"))?
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+                .with_no_client_auth(),
+            )
         })
+        .clone()
+        .map_err(|e| DownloadError::new(Code::Internal, e))
+}
+
+/// An HTTP(S) client over `http` (its resolver decides where connections go).
+fn client_over<R>(
+    mut http: HttpConnector<R>,
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector<R>>, Empty<Bytes>>, DownloadError>
+where
+    R: tower_service::Service<hyper_util::client::legacy::connect::dns::Name>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    R::Response: Iterator<Item = std::net::SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config()?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
+
+/// One client for the process (its connection pool shared by every download).
+fn client() -> Result<&'static HttpsClient, DownloadError> {
+    static CLIENT: OnceLock<Result<HttpsClient, DownloadError>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| client_over(HttpConnector::new()))
         .as_ref()
-        .map_err(|e| DownloadError::new(Code::Internal, e.clone()))
+        .map_err(Clone::clone)
 }
 
 /// Removes a temp file when dropped (the download failed or was cancelled).

@@ -492,15 +492,11 @@ impl ContentAddressableStorage for Svc {
         // A blob reported present is one the client counts on (it will reference it instead of
         // uploading it): that is a use, for LRU (and for the bucket's retention).
         let gone: HashSet<Digest> = missing.iter().copied().collect();
-        let present = digests.into_iter().filter(|d| !gone.contains(d));
-        match &self.0.tier {
-            Some(t) => {
-                let present: Vec<Digest> = present.collect();
-                t.used(crate::tier::Kind::Blob, present.iter().copied());
-                self.store().touch_all(present);
-            }
-            None => self.store().touch_all(present),
+        let present: Vec<Digest> = digests.into_iter().filter(|d| !gone.contains(d)).collect();
+        if let Some(t) = &self.0.tier {
+            t.used(crate::tier::Kind::Blob, present.iter().copied());
         }
+        self.store().touch_all(present);
         Ok(Response::new(remexec::FindMissingBlobsResponse {
             missing_blob_digests: missing.into_iter().map(Into::into).collect(),
         }))
@@ -994,14 +990,12 @@ impl ByteStream for Svc {
         }
         // Background S3 uploads give way while this streams.
         let reading = self.0.tier.as_ref().map(|t| t.reading());
-        let store = self.store().clone();
-        let stream = read_stream(source, offset, end, r.compressed, move |e| {
-            read_failed(&store, d, e)
-        })
-        .map(move |chunk| {
-            let _ = &reading;
-            chunk
-        });
+        let stream = read_stream(source, offset, end, r.compressed, self.store().clone(), d).map(
+            move |chunk| {
+                let _ = &reading;
+                chunk
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -1310,82 +1304,80 @@ impl Svc {
 
 /// The bytes `offset..end` of `source` in chunks. Compressed from a plain source: each chunk
 /// its own zstd frame (concatenated frames are one valid zstd stream); from stored frames: the
-/// file as it is. A chunk the store cannot read ends the stream with `failed`'s status.
+/// file as it is. A chunk the store cannot read ends the stream ([`read_failed`]: a damaged
+/// blob is evicted).
 fn read_stream(
     source: Source,
     offset: u64,
     end: u64,
     compressed: bool,
-    failed: impl Fn(&StoreError) -> Status + Send + Sync + 'static,
+    store: store::LocalStore,
+    digest: Digest,
 ) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
-    let failed = Arc::new(failed);
-    let state = (source, offset, false);
-    futures::stream::unfold(state, move |(mut source, pos, done)| {
-        let failed = failed.clone();
-        async move {
-            if done {
-                return None;
-            }
-            let (item, next, finished) = match &mut source {
-                Source::Frames(f) => {
-                    let mut buf = vec![0u8; READ_CHUNK_BYTES];
-                    match f.read(&mut buf).await {
-                        Ok(0) if pos > 0 => return None,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
-                        }
-                        Err(e) => (
-                            Err(Status::internal(format!("reading a stored blob: {e}"))),
-                            pos,
-                            true,
-                        ),
-                    }
-                }
-                Source::Blob(slot) => {
-                    let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                    let task = match std::mem::replace(slot, BlobSlot::Gone) {
-                        BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
-                        BlobSlot::Reading(task) => task,
-                        BlobSlot::Gone => return None,
-                    };
-                    let chunk = match task.await {
-                        Ok((reader, got)) => {
-                            let next = pos + want;
-                            *slot = if got.is_ok() && next < end {
-                                // The next chunk is read while this one is sent.
-                                BlobSlot::Reading(read_chunk(
-                                    reader,
-                                    next,
-                                    (end - next).min(READ_CHUNK_BYTES as u64),
-                                ))
-                            } else {
-                                BlobSlot::Idle(reader)
-                            };
-                            got.map_err(|e| failed(&e))
-                        }
-                        Err(e) => Err(Status::internal(format!(
-                            "reading a stored blob: its read task failed: {e}"
-                        ))),
-                    };
-                    let item = chunk.and_then(|data| {
-                        let data = if compressed {
-                            zstd::bulk::compress(&data, 1)
-                                .map_err(|e| Status::internal(format!("zstd: {e}")))?
-                        } else {
-                            // No copy when the chunk owns its buffer (a pool file's range).
-                            Vec::from(data)
-                        };
-                        Ok(ReadResponse { data })
-                    });
-                    let next = pos + want;
-                    // An empty blob (or a read at its end) is one empty message; errors end it.
-                    let finished = item.is_err() || next >= end;
-                    (item, next, finished)
-                }
-            };
-            Some((item, (source, next, finished)))
+    let state = (source, offset, false, store);
+    futures::stream::unfold(state, move |(mut source, pos, done, store)| async move {
+        if done {
+            return None;
         }
+        let (item, next, finished) = match &mut source {
+            Source::Frames(f) => {
+                let mut buf = vec![0u8; READ_CHUNK_BYTES];
+                match f.read(&mut buf).await {
+                    Ok(0) if pos > 0 => return None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
+                    }
+                    Err(e) => (
+                        Err(Status::internal(format!("reading a stored blob: {e}"))),
+                        pos,
+                        true,
+                    ),
+                }
+            }
+            Source::Blob(slot) => {
+                let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
+                let task = match std::mem::replace(slot, BlobSlot::Gone) {
+                    BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
+                    BlobSlot::Reading(task) => task,
+                    BlobSlot::Gone => return None,
+                };
+                let chunk = match task.await {
+                    Ok((reader, got)) => {
+                        let next = pos + want;
+                        *slot = if got.is_ok() && next < end {
+                            // The next chunk is read while this one is sent.
+                            BlobSlot::Reading(read_chunk(
+                                reader,
+                                next,
+                                (end - next).min(READ_CHUNK_BYTES as u64),
+                            ))
+                        } else {
+                            BlobSlot::Idle(reader)
+                        };
+                        got.map_err(|e| read_failed(&store, digest, &e))
+                    }
+                    Err(e) => Err(Status::internal(format!(
+                        "reading a stored blob: its read task failed: {e}"
+                    ))),
+                };
+                let item = chunk.and_then(|data| {
+                    let data = if compressed {
+                        zstd::bulk::compress(&data, 1)
+                            .map_err(|e| Status::internal(format!("zstd: {e}")))?
+                    } else {
+                        // No copy when the chunk owns its buffer (a pool file's range).
+                        Vec::from(data)
+                    };
+                    Ok(ReadResponse { data })
+                });
+                let next = pos + want;
+                // An empty blob (or a read at its end) is one empty message; errors end it.
+                let finished = item.is_err() || next >= end;
+                (item, next, finished)
+            }
+        };
+        Some((item, (source, next, finished, store)))
     })
 }
 

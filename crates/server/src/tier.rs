@@ -309,33 +309,60 @@ struct Job {
     attempt: u32,
 }
 
-/// Blobs recently seen in the bucket, at most `capacity`, each trusted for [`KNOWN_TTL`].
-#[derive(Debug, Default)]
-struct Known {
-    seen: HashMap<Digest, Instant>,
-    order: VecDeque<Digest>,
+/// A map of at most `capacity` entries; the earliest inserted goes first when it is full.
+#[derive(Debug)]
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
     capacity: usize,
 }
 
-impl Known {
-    fn contains(&self, d: &Digest) -> bool {
-        self.seen.get(d).is_some_and(|t| t.elapsed() < KNOWN_TTL)
+impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
+    fn new(capacity: usize) -> Bounded<K, V> {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
     }
 
-    /// Forgets `d` (its object turned out gone or bad). Its place in `order` goes with age.
-    fn remove(&mut self, d: &Digest) {
-        self.seen.remove(d);
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k)
     }
 
-    fn insert(&mut self, d: Digest) {
-        if self.seen.insert(d, Instant::now()).is_none() {
-            self.order.push_back(d);
+    /// Forgets `k`. Its place in `order` goes with age.
+    fn remove(&mut self, k: &K) {
+        self.map.remove(k);
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k, v).is_none() {
+            self.order.push_back(k);
             while self.order.len() > self.capacity {
                 if let Some(old) = self.order.pop_front() {
-                    self.seen.remove(&old);
+                    self.map.remove(&old);
                 }
             }
         }
+    }
+}
+
+/// Blobs recently seen in the bucket, each trusted for [`KNOWN_TTL`].
+#[derive(Debug)]
+struct Known(Bounded<Digest, Instant>);
+
+impl Known {
+    fn contains(&self, d: &Digest) -> bool {
+        self.0.get(d).is_some_and(|t| t.elapsed() < KNOWN_TTL)
+    }
+
+    /// Forgets `d` (its object turned out gone or bad).
+    fn remove(&mut self, d: &Digest) {
+        self.0.remove(d);
+    }
+
+    fn insert(&mut self, d: Digest) {
+        self.0.insert(d, Instant::now());
     }
 }
 
@@ -348,31 +375,9 @@ pub(crate) enum Kind {
     Action,
 }
 
-/// Objects' last-modified times as far as this server knows (from its uploads, its HEADs and
-/// its refreshes), at most `capacity`, oldest learned forgotten first.
-#[derive(Debug, Default)]
-struct Ages {
-    modified: HashMap<(Kind, Digest), i64>,
-    order: VecDeque<(Kind, Digest)>,
-    capacity: usize,
-}
-
-impl Ages {
-    fn get(&self, k: &(Kind, Digest)) -> Option<i64> {
-        self.modified.get(k).copied()
-    }
-
-    fn set(&mut self, k: (Kind, Digest), modified: i64) {
-        if self.modified.insert(k, modified).is_none() {
-            self.order.push_back(k);
-            while self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.modified.remove(&old);
-                }
-            }
-        }
-    }
-}
+/// Objects' last-modified times (unix seconds) as far as this server knows: from its uploads,
+/// its HEADs and its refreshes.
+type Ages = Bounded<(Kind, Digest), i64>;
 
 /// What retention did since the server started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -589,10 +594,7 @@ impl Tier {
             bg,
             store,
             slots: Arc::new(Semaphore::new(options.queue.max(1))),
-            known: Mutex::new(Known {
-                capacity: options.known_capacity,
-                ..Default::default()
-            }),
+            known: Mutex::new(Known(Bounded::new(options.known_capacity))),
             options,
             jobs_tx,
             jobs_rx: tokio::sync::Mutex::new(jobs_rx),
@@ -602,10 +604,7 @@ impl Tier {
             reads: Default::default(),
             fetches: Default::default(),
             cooling: Default::default(),
-            ages: Mutex::new(Ages {
-                capacity,
-                ..Default::default()
-            }),
+            ages: Mutex::new(Ages::new(capacity)),
             refreshing: Default::default(),
             refresh_slots: Arc::new(Semaphore::new(REFRESH_CONCURRENCY)),
             refreshed: Default::default(),
@@ -1078,7 +1077,7 @@ impl Tier {
     fn finished(&self, d: Digest) -> Result<(), S3Error> {
         self.store.journal_remove(d).map_err(|e| local_err(d, e))?;
         lock(&self.known).insert(d);
-        lock(&self.ages).set((Kind::Blob, d), now_secs());
+        lock(&self.ages).insert((Kind::Blob, d), now_secs());
         Ok(())
     }
 
@@ -1174,7 +1173,7 @@ impl Tier {
         for (d, modified) in checked {
             if let Some(modified) = modified {
                 known.insert(d);
-                ages.set((Kind::Blob, d), modified);
+                ages.insert((Kind::Blob, d), modified);
             } else {
                 known.remove(&d);
                 out.push(d);
@@ -1538,7 +1537,7 @@ impl Tier {
     /// Stores the action result of `action` in the bucket (so every server sharing it hits).
     pub async fn put_ac(&self, action: Digest, encoded: Vec<u8>) -> Result<(), Status> {
         self.ask(self.s3.put_ac(action, encoded)).await?;
-        lock(&self.ages).set((Kind::Action, action), now_secs());
+        lock(&self.ages).insert((Kind::Action, action), now_secs());
         Ok(())
     }
 
@@ -1557,7 +1556,7 @@ impl Tier {
             if d == EMPTY_DIGEST {
                 continue;
             }
-            let known = lock(&self.ages).get(&(kind, d));
+            let known = lock(&self.ages).get(&(kind, d)).copied();
             if known.is_some_and(|m| now - m < half) || !lock(&self.refreshing).insert((kind, d)) {
                 continue;
             }
@@ -1588,10 +1587,10 @@ impl Tier {
         };
         let now = now_secs();
         match modified {
-            Some(m) if now - m < half => lock(&self.ages).set((kind, d), m),
+            Some(m) if now - m < half => lock(&self.ages).insert((kind, d), m),
             Some(_) => match self.s3_bg.refresh(&key).await {
                 Ok(true) => {
-                    lock(&self.ages).set((kind, d), now);
+                    lock(&self.ages).insert((kind, d), now);
                     self.refreshed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -1640,7 +1639,7 @@ impl Tier {
                 else {
                     continue;
                 };
-                let seen = lock(&self.ages).get(&(kind, d)).is_some_and(|m| m > limit);
+                let seen = lock(&self.ages).get(&(kind, d)).is_some_and(|m| *m > limit);
                 if seen || lock(&self.refreshing).contains(&(kind, d)) {
                     continue;
                 }
@@ -1729,15 +1728,12 @@ mod tests {
 
     #[test]
     fn the_known_set_is_bounded() {
-        let mut k = Known {
-            capacity: 3,
-            ..Default::default()
-        };
+        let mut k = Known(Bounded::new(3));
         let ds: Vec<Digest> = (0..5u8).map(|i| Digest::of_bytes(&[i])).collect();
         for d in &ds {
             k.insert(*d);
         }
-        assert_eq!(k.seen.len(), 3);
+        assert_eq!(k.0.map.len(), 3);
         assert!(!k.contains(&ds[0]) && !k.contains(&ds[1]));
         assert!(k.contains(&ds[4]));
     }

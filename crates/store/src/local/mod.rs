@@ -490,8 +490,7 @@ impl LocalStore {
             c.large_blobs += 1;
             c.large_bytes += d.size_bytes;
             if !rows.contains(&d.hash)
-                && let Some((path, _)) = self.inner.pool.locate(d)
-                && let Ok(meta) = fs::metadata(path)
+                && let Some((_, _, meta)) = self.inner.pool.locate(d)
             {
                 adopt.push((d.hash, mtime_nanos(&meta)));
             }
@@ -696,28 +695,28 @@ impl LocalStore {
             left: limit,
             exceeded: &exceeded,
         };
-        let mut head = Vec::new();
-        (&mut capped)
-            .take(self.inner.threshold)
-            .read_to_end(&mut head)
-            .map_err(|e| {
-                if exceeded.get() {
-                    StoreError::invalid(format!("the stream holds more than {limit} bytes"))
-                } else {
-                    StoreError::io("reading a stream to store", e)
-                }
-            })?;
-        if (head.len() as u64) < self.inner.threshold {
-            return self.store_bytes(&head);
-        }
-        let mut whole = (&head[..]).chain(capped);
-        let (digest, new) = self.inner.pool.write_from(&mut whole, None).map_err(|e| {
+        // Whatever failed, a source past the cap is the caller's `InvalidData`.
+        let too_long = |e: StoreError| {
             if exceeded.get() {
                 StoreError::invalid(format!("the stream holds more than {limit} bytes"))
             } else {
                 e
             }
-        })?;
+        };
+        let mut head = Vec::new();
+        (&mut capped)
+            .take(self.inner.threshold)
+            .read_to_end(&mut head)
+            .map_err(|e| too_long(StoreError::io("reading a stream to store", e)))?;
+        if (head.len() as u64) < self.inner.threshold {
+            return self.store_bytes(&head);
+        }
+        let mut whole = (&head[..]).chain(capped);
+        let (digest, new) = self
+            .inner
+            .pool
+            .write_from(&mut whole, None)
+            .map_err(too_long)?;
         self.note_pool_added(digest, new)?;
         Ok(digest)
     }
@@ -780,16 +779,10 @@ impl LocalStore {
             self.touch(digest);
             return Ok(());
         }
-        let Some((path, _)) = self.inner.pool.locate(&digest) else {
-            // Evicted in the instant after its rename: nothing to record (see below).
-            return Ok(());
-        };
-        let meta = match fs::metadata(&path) {
-            Ok(m) => m,
+        let Some((_, _, meta)) = self.inner.pool.locate(&digest) else {
             // Evicted in the instant after its rename (a concurrent GC of an unleased write):
             // nothing to record, and the counters were never raised for it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StoreError::io(format!("inspecting {}", path.display()), e)),
+            return Ok(());
         };
         let totals = self.growing([digest], || {
             self.inner
@@ -807,15 +800,9 @@ impl LocalStore {
     /// changed, the content is hashed: intact → the file is made read-only again and the new time
     /// recorded; changed → the blob is evicted (a later hit fetches or rebuilds it).
     fn pool_file_intact(&self, digest: Digest) -> bool {
-        let Some((path, stored)) = self.inner.pool.locate(&digest) else {
+        let Some((path, stored, meta)) = self.inner.pool.locate(&digest) else {
             return false;
         };
-        let Ok(meta) = fs::metadata(&path) else {
-            return false;
-        };
-        if !meta.is_file() {
-            return false;
-        }
         let recorded = self.inner.db.pool_mtime(digest).ok().flatten();
         let read_only = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o222 == 0;
         // A framed file's length is not the blob's; its seek table is checked on read.
@@ -934,7 +921,7 @@ impl LocalStore {
         }
         let found = if self.is_small(digest.size_bytes) {
             self.inner.db.get(digest)?
-        } else if let Some((path, stored)) = self.inner.pool.locate(&digest) {
+        } else if let Some((path, stored, _)) = self.inner.pool.locate(&digest) {
             match fs::File::open(&path) {
                 Ok(mut f) => {
                     let mut out = Vec::with_capacity(
@@ -1084,7 +1071,7 @@ impl LocalStore {
                 source: BlobSource::Memory(b),
             }));
         }
-        let Some((path, stored)) = self.inner.pool.locate(&digest) else {
+        let Some((path, stored, _)) = self.inner.pool.locate(&digest) else {
             return Ok(None);
         };
         let mut file = match fs::File::open(&path) {
@@ -1145,13 +1132,13 @@ impl LocalStore {
         // table does not describe the blob is not handed out either (`open_blob` then reports
         // it as the damaged blob it is).
         match self.inner.pool.locate(&digest)? {
-            (path, pool::Stored::Frames) => {
+            (path, pool::Stored::Frames, _) => {
                 let mut f = fs::File::open(&path).ok()?;
                 zstd_blob::Table::read(&mut f, digest.size_bytes).ok()?;
                 self.touch(digest);
                 Some(path)
             }
-            (_, pool::Stored::Plain) => None,
+            (_, pool::Stored::Plain, _) => None,
         }
     }
 
@@ -1231,11 +1218,7 @@ impl LocalStore {
                     .inner
                     .pool
                     .locate(&d)
-                    .map(|(path, _)| path)
-                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-                    .and_then(fs::metadata)
-                    .and_then(|m| m.modified())
-                    .ok()
+                    .and_then(|(_, _, meta)| meta.modified().ok())
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |t| t.as_millis() as u64),
             };

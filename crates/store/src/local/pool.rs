@@ -95,6 +95,15 @@ impl Pool {
             .find_map(|e| parse_pool_name(e.file_name().to_str()?).filter(|d| d.hash == *hash))
     }
 
+    /// The ways this pool stores blobs, the likelier first.
+    fn kinds(&self) -> &'static [Stored] {
+        if self.compressed {
+            &[Stored::Frames, Stored::Plain]
+        } else {
+            &[Stored::Plain]
+        }
+    }
+
     /// Where `digest` lives when stored as `stored` (whether or not it is there).
     pub(crate) fn path_as(&self, digest: &Digest, stored: Stored) -> PathBuf {
         let hex = digest.hash.to_hex();
@@ -107,17 +116,15 @@ impl Pool {
             .join(format!("{hex}-{}{suffix}", digest.size_bytes))
     }
 
-    /// The committed file of `digest` and how it is stored, or `None` when the pool lacks it.
-    /// A compressed pool looks for frames first (most blobs compress), then a plain file.
-    pub(crate) fn locate(&self, digest: &Digest) -> Option<(PathBuf, Stored)> {
-        let kinds: &[Stored] = if self.compressed {
-            &[Stored::Frames, Stored::Plain]
-        } else {
-            &[Stored::Plain]
-        };
-        kinds.iter().find_map(|k| {
+    /// The committed file of `digest`, how it is stored and its metadata (the one stat callers
+    /// need), or `None` when the pool lacks it. A compressed pool looks for frames first (most
+    /// blobs compress), then a plain file; an uncompressed pool costs one stat, as before
+    /// layouts were named.
+    pub(crate) fn locate(&self, digest: &Digest) -> Option<(PathBuf, Stored, fs::Metadata)> {
+        self.kinds().iter().find_map(|k| {
             let path = self.path_as(digest, *k);
-            path.is_file().then_some((path, *k))
+            let meta = fs::metadata(&path).ok().filter(fs::Metadata::is_file)?;
+            Some((path, *k, meta))
         })
     }
 
@@ -309,8 +316,8 @@ impl Pool {
     /// removed it).
     pub(crate) fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
         let mut removed = false;
-        for stored in [Stored::Plain, Stored::Frames] {
-            match fs::remove_file(self.path_as(digest, stored)) {
+        for stored in self.kinds() {
+            match fs::remove_file(self.path_as(digest, *stored)) {
                 Ok(()) => removed = true,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io(format!("removing pool blob {digest}"), e)),
@@ -640,7 +647,7 @@ mod tests {
             assert!(new);
             digests.push(d);
         }
-        let (framed, _) = pool.locate(&digests[0]).unwrap();
+        let (framed, _, _) = pool.locate(&digests[0]).unwrap();
         assert!(framed.to_string_lossy().ends_with(".zst"));
         for d in &digests[1..] {
             assert_eq!(pool.locate(d).unwrap().1, Stored::Plain);
