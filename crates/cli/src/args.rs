@@ -23,7 +23,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show what the local cache holds and what it has done.
     Stats(CacheDirArg),
-    /// Shrink the local store to at most SIZE by evicting least-recently-used blobs.
+    /// Shrink the local store to at most SIZE by evicting least-recently-used blobs. Blobs a
+    /// running `recache run` (or any process using the store) has leased are kept. Also removes
+    /// the temp files that killed writes left in the default cache.
     Gc(GcArgs),
     /// Run a REAPI cache server (CAS, ByteStream, ActionCache, Remote Asset) for a team's builds:
     /// `recache serve --listen 127.0.0.1:8980`. Point Bazel at it with

@@ -8,6 +8,7 @@ mod fetch;
 mod progress;
 mod run;
 mod serve;
+mod warnings;
 
 use clap::Parser;
 use store::{LocalStore, LocalStoreOptions};
@@ -45,10 +46,16 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let level = std::env::var("RECACHE_LOG").unwrap_or_else(|_| "warn".into());
+    let chosen_level = std::env::var("RECACHE_LOG").ok();
+    let level = chosen_level.as_deref().unwrap_or("warn");
     let level = level.parse().unwrap_or(tracing::Level::WARN);
+    // A run's cache trouble is one line at its end (see `warnings`), unless the user asked for
+    // the log.
+    if matches!(cli.command, Command::Run(_)) && chosen_level.is_none() {
+        warnings::collect();
+    }
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(warnings::LogWriter::default)
         .with_target(false)
         .without_time()
         .with_max_level(level)
@@ -81,6 +88,11 @@ fn main() {
             Command::Fetch(a) => fetch::fetch(*a).await,
         }
     });
+    // `std::process::exit` runs no destructors: whatever still holds the store (a write-behind
+    // task, a blocking thread) is stopped first, so the store is closed cleanly and the next
+    // open need not repair it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    warnings::finish();
     match code {
         Ok(c) => std::process::exit(c),
         Err(e) => fail(e),
@@ -137,5 +149,19 @@ fn gc(dir: Option<std::path::PathBuf>, target: u64) -> Result<(), CliError> {
         human_bytes(report.removed_bytes),
         report.leased_skipped
     );
+    // Partial files of the default cache's writes that were killed (never counted as entries).
+    let default_cache = cache.default_cache_dir();
+    if default_cache.is_dir()
+        && let Ok(provider) = store::remote::local_dir::LocalDirProvider::open(&default_cache)
+    {
+        let removed = provider.remove_stale_temps();
+        if removed > 0 {
+            println!(
+                "recache gc: removed {} of temp files interrupted writes left in {}",
+                human_bytes(removed),
+                default_cache.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use hashing::Digest;
 use process_execution::action::make_action;
 use process_execution::{
     CacheScope, CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process,
-    ProcessError, ProcessResult, ResultSource,
+    ProcessError, ProcessResult, RanSandbox, ResultSource, SandboxHandoff,
 };
 use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::directory::DirectoryBuilder;
@@ -112,9 +112,9 @@ async fn run_unsignalled(mut args: RunArgs, started: Instant) -> Result<i32, Cli
         Ok(code) => Ok(code),
         Err(Failure::Usage(e)) => Err(e),
         Err(Failure::Cache(why)) => {
-            eprintln!(
-                "recache: warning: the cache is unusable for this run ({why}); running the command without it"
-            );
+            crate::warnings::warn(format!(
+                "the cache is unusable for this run ({why}); running the command without it"
+            ));
             let result = run_uncached(&process, &cwd).await?;
             let record = RunRecord::uncached(&result, behavior, started.elapsed());
             report(cache.as_ref().ok(), &record, args.json);
@@ -157,10 +157,16 @@ async fn cached_run(
         .chain(&process.output_directories)
         .cloned()
         .collect();
-    process.input_root = capture_inputs(&local, cwd, &args.inputs, &outputs, cache).await?;
+    // Leased until the run is over: no GC, here or in another process, takes them meanwhile.
+    let (input_root, _inputs_held) =
+        capture_inputs(&local, cwd, &args.inputs, &outputs, cache).await?;
+    process.input_root = input_root;
     let action_digest = make_action(&process).action_digest;
     phases.mark("capture");
     let sandboxes = cache.sandbox_dir();
+    // The sandbox of the command's run, kept until recache is done: if the store cannot give
+    // back what the command produced, the user gets it from there (never from a second run).
+    let handoff = SandboxHandoff::default();
     let runner = RemoteCacheRunner::wrapping(
         store.clone(),
         providers.action_cache.clone(),
@@ -176,6 +182,7 @@ async fn cached_run(
             // One command per process: no need to ask how many cores there are.
             let options = LocalRunnerOptions {
                 parallelism: 1,
+                handoff: Some(handoff.clone()),
                 ..LocalRunnerOptions::new(sandboxes)
             };
             Arc::new(LocalRunner::new(inner_store, options))
@@ -184,48 +191,92 @@ async fn cached_run(
 
     let progress = crate::progress::Progress::start(local.clone());
     let ctx = Context::default();
-    let mut result = run_with_recovery(&runner, ctx.clone(), process.clone()).await?;
-
-    // Outputs the user asked for, stdout and stderr must be local now (deferred and validated
-    // hits fetch here). If that fails for any reason (a blob gone or corrupt, the server gone),
-    // the hit is worthless: run the command locally instead.
-    if was_hit(&result)
-        && let Err(e) = make_local(&store, &result).await
-    {
-        result = runner
-            .run_after_failed_hit(ctx.clone(), process.clone(), &e)
-            .await
-            .map_err(process_failure)?;
-    }
+    let first = run_with_recovery(&runner, ctx.clone(), process.clone()).await;
+    let mut source = match first {
+        // A hit: what it names must be local (deferred and validated hits fetch here) and
+        // leased. If that fails for any reason (a blob gone or corrupt, the server gone), the
+        // hit is worthless: the command runs (once).
+        Ok(result) if was_hit(&result) => match hold_hit(&store, &result).await {
+            Ok(lease) => Source::Store {
+                result,
+                _held: lease,
+            },
+            Err(e) => {
+                let rerun = runner
+                    .run_after_failed_hit(ctx.clone(), process.clone(), &e)
+                    .await
+                    .map_err(process_failure);
+                ran_locally(&local, rerun, &handoff)?
+            }
+        },
+        ran => ran_locally(&local, ran, &handoff)?,
+    };
     progress.finish();
     phases.mark("lookup");
 
-    if let Err(e) = restore_outputs(&local, cwd, &process, &result) {
-        match e {
-            // A blob the store lost between the hit and the restore (evicted, or found modified
-            // in place): run locally and restore that.
-            Restore::Store(e) if was_hit(&result) => {
-                result = runner
-                    .run_after_failed_hit(ctx.clone(), process.clone(), &e)
-                    .await
-                    .map_err(process_failure)?;
-                restore_outputs(&local, cwd, &process, &result).map_err(|e| match e {
-                    Restore::Store(e) => {
-                        Failure::Cache(format!("restoring outputs from the local store: {e}"))
-                    }
-                    Restore::Workspace(e) => Failure::Usage(e),
-                })?;
-            }
-            Restore::Store(e) => {
-                return Err(Failure::Cache(format!(
-                    "restoring outputs from the local store: {e}"
-                )));
-            }
+    // Outputs into the workspace. From the store a hit's outputs can still fail to come back
+    // (damaged on disk): a hit is then re-run once; a command that ran already is taken from
+    // its sandbox.
+    let mut may_rerun = true;
+    while let Err(e) = restore_outputs(&local, cwd, &process, &source) {
+        let why = match e {
             Restore::Workspace(e) => return Err(Failure::Usage(e)),
+            Restore::Store(e) => e,
+        };
+        source = match source {
+            Source::Store { result, .. } if was_hit(&result) && may_rerun => {
+                may_rerun = false;
+                let rerun = runner
+                    .run_after_failed_hit(ctx.clone(), process.clone(), &why)
+                    .await
+                    .map_err(process_failure);
+                ran_locally(&local, rerun, &handoff)?
+            }
+            Source::Store { result, .. } => match handoff.take() {
+                Some(ran) => Source::Sandbox {
+                    result: Some(result),
+                    ran,
+                    why: format!("restoring outputs from the local store: {why}"),
+                },
+                None => {
+                    return Err(Failure::Cache(format!(
+                        "restoring outputs from the local store: {why}"
+                    )));
+                }
+            },
+            Source::Sandbox { .. } => {
+                return Err(Failure::Usage(CliError::new(format!(
+                    "restoring outputs from the command's sandbox: {why}"
+                ))));
+            }
+        };
+    }
+    match &source {
+        Source::Store { result, .. } => {
+            // Leased and checked: a failure here is a damaged or hand-deleted blob. A command
+            // that ran prints from its sandbox instead; a hit says so once.
+            let ran = handoff.take();
+            for (digest, sandbox_file, out) in [
+                (result.stdout, ran.as_ref().map(|r| r.stdout()), Out::Stdout),
+                (result.stderr, ran.as_ref().map(|r| r.stderr()), Out::Stderr),
+            ] {
+                match replay(&local, digest, out) {
+                    Err(Failure::Cache(why)) => match sandbox_file {
+                        Some(file) => replay_file(&file, out)?,
+                        None => crate::warnings::warn(why),
+                    },
+                    other => other?,
+                }
+            }
+        }
+        Source::Sandbox { ran, why, .. } => {
+            crate::warnings::warn(format!(
+                "{why}; the command's own outputs are used (it is not run again)"
+            ));
+            replay_file(&ran.stdout(), Out::Stdout)?;
+            replay_file(&ran.stderr(), Out::Stderr)?;
         }
     }
-    replay(&local, result.stdout, &mut std::io::stdout())?;
-    replay(&local, result.stderr, &mut std::io::stderr())?;
     phases.mark("restore");
 
     // Flush write-behind: a miss is written to the cache before we exit.
@@ -236,15 +287,125 @@ async fn cached_run(
     }
 
     phases.mark("flush");
-    let mut record = RunRecord::new(&result, &stats, action_digest, behavior, started.elapsed());
+    let (result, mut record) = match &source {
+        Source::Store { result, .. }
+        | Source::Sandbox {
+            result: Some(result),
+            ..
+        } => {
+            let record = RunRecord::new(result, &stats, action_digest, behavior, started.elapsed());
+            (result.clone(), record)
+        }
+        Source::Sandbox {
+            result: None, ran, ..
+        } => {
+            let result = sandbox_result(ran);
+            let record = RunRecord::uncached(&result, behavior, started.elapsed());
+            (result, record)
+        }
+    };
     record.phases_ms = phases.into_inner();
     report(Some(cache), &record, args.json);
     Ok(exit_code(&result))
 }
 
+/// Where the run's stdout, stderr and outputs are taken from.
+enum Source {
+    /// The store, leased there until recache exits.
+    Store {
+        result: ProcessResult,
+        _held: store::Lease,
+    },
+    /// The sandbox the command ran in, because the store could not keep or give back what it
+    /// produced (`why`, said once as a warning). `result` is the runner's, when it got one.
+    Sandbox {
+        result: Option<ProcessResult>,
+        ran: RanSandbox,
+        why: String,
+    },
+}
+
+/// A command that ran: its result held in the store (leased, every blob checked present), or,
+/// when the store could not take or keep it (a full disk, a name REAPI cannot represent, a
+/// blob evicted by another process), its sandbox. Only when the command never ran is the
+/// failure returned (the caller then runs it without the cache).
+fn ran_locally(
+    local: &LocalStore,
+    ran: Result<ProcessResult, Failure>,
+    handoff: &SandboxHandoff,
+) -> Result<Source, Failure> {
+    let (result, why) = match ran {
+        Ok(result) => {
+            match local.lease_tree(&[result.output_root], &[result.stdout, result.stderr]) {
+                Ok(Some(lease)) => {
+                    return Ok(Source::Store {
+                        result,
+                        _held: lease,
+                    });
+                }
+                Ok(None) => (
+                    Some(result),
+                    "the command's outputs were evicted from the local store meanwhile (another \
+                 process's GC)"
+                        .to_owned(),
+                ),
+                Err(e) => (Some(result), format!("checking the command's outputs: {e}")),
+            }
+        }
+        Err(Failure::Cache(why)) => (None, why),
+        Err(usage) => return Err(usage),
+    };
+    match handoff.take() {
+        Some(ran) => Ok(Source::Sandbox { result, ran, why }),
+        None => Err(Failure::Cache(why)),
+    }
+}
+
+/// The result of a command whose outputs could not be captured: its exit code, nothing stored.
+fn sandbox_result(ran: &RanSandbox) -> ProcessResult {
+    ProcessResult {
+        stdout: hashing::EMPTY_DIGEST,
+        stderr: hashing::EMPTY_DIGEST,
+        exit_code: ran.exit_code,
+        output_root: hashing::EMPTY_DIGEST,
+        metadata: process_execution::ResultMetadata {
+            source: ResultSource::RanLocally,
+            wall_time: Duration::ZERO,
+            original_run_time: None,
+            timed_out: ran.timed_out,
+            action_digest: None,
+            cache: process_execution::CacheOutcome::NotLookedUp,
+        },
+    }
+}
+
+/// Makes a hit's outputs, stdout and stderr local and leases them. Fetched twice at most: what
+/// another process's GC took between the fetch and the lease comes back on the second.
+async fn hold_hit(
+    store: &Store,
+    result: &ProcessResult,
+) -> Result<store::Lease, store::StoreError> {
+    let local = store.local();
+    let _roots = local.lease([result.output_root, result.stdout, result.stderr]);
+    for _ in 0..2 {
+        make_local(store, result).await?;
+        if let Some(lease) =
+            local.lease_tree(&[result.output_root], &[result.stdout, result.stderr])?
+        {
+            return Ok(lease);
+        }
+    }
+    Err(store::StoreError::new(
+        ErrorKind::Other,
+        "the hit's outputs were evicted from the local store as they were fetched",
+    ))
+}
+
 /// Records the run (when there is a cache directory to record it in) and prints its summary
 /// line, or the JSON record with `--json`.
 fn report(cache: Option<&CacheDir>, record: &RunRecord, json: bool) {
+    // The run's one warning line, if the cache had trouble, then the summary.
+    crate::warnings::finish();
     if let Some(cache) = cache {
         cache.append_record(record);
     }
@@ -391,36 +552,44 @@ pub(crate) async fn providers(
     }
 }
 
-/// Stores the inputs and returns the input root digest.
+/// Stores the inputs and returns the input root digest, leased (with every blob under it)
+/// until the lease is dropped.
 ///
 /// `--input .` (or no `--input`) means the whole current directory, minus the declared outputs
 /// (restored by an earlier run, they must not change the key of the next) and minus the cache
 /// directory when it is inside. Symlinks must stay inside the input root (the same rule as for
 /// outputs).
+///
+/// Another process's GC can evict a blob between its capture and the lease: then the inputs
+/// are captured again (the lease now protects what was kept). A store that cannot take the
+/// inputs, or a file name REAPI cannot represent, is the cache's problem (the command then
+/// runs without it); an input that cannot be read, or a bad path, is the user's.
 async fn capture_inputs(
     local: &LocalStore,
     cwd: &Path,
     inputs: &[PathBuf],
     outputs: &[String],
     cache: &CacheDir,
-) -> Result<Digest, Failure> {
+) -> Result<(Digest, store::Lease), Failure> {
+    /// Captures before giving up on a store that keeps losing what was just stored.
+    const ATTEMPTS: usize = 3;
     let local = local.clone();
     let cwd = cwd.to_path_buf();
     let inputs: Vec<String> = inputs_as_given(inputs)?;
     let outputs = outputs.to_vec();
     let cache_root = cache.root().to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<Digest, Failure> {
-        // A store that cannot take the inputs is the cache's problem; an input that cannot be
-        // read (or a bad path) is the user's.
+    tokio::task::spawn_blocking(move || -> Result<(Digest, store::Lease), Failure> {
         let store_err = |what: String, e: store::StoreError| match e.kind() {
-            ErrorKind::StorageFull => Failure::Cache(format!("{what}: {e}")),
+            ErrorKind::StorageFull | ErrorKind::Unrepresentable | ErrorKind::MissingDigest(_) => {
+                Failure::Cache(format!("{what}: {e}"))
+            }
             _ => Failure::Usage(CliError::new(format!("{what}: {e}"))),
         };
-        let root = if inputs.is_empty() {
-            let mut exclude: Vec<PathBuf> = outputs
-                .iter()
-                .map(|o| PathBuf::from(o.trim_end_matches('/')))
-                .collect();
+        let mut exclude: Vec<PathBuf> = outputs
+            .iter()
+            .map(|o| PathBuf::from(o.trim_end_matches('/')))
+            .collect();
+        if inputs.is_empty() {
             // Staging directories of restores: never inputs (one a killed run left behind would
             // make the next identical run a miss), and removed once their run is gone.
             exclude.extend(restore_staging_dirs(&cwd));
@@ -433,40 +602,76 @@ async fn capture_inputs(
                 }
                 exclude.push(rel.to_path_buf());
             }
-            local
-                .capture_directory_excluding(&cwd, &exclude)
-                .map_err(|e| store_err("capturing the current directory as input".into(), e))?
-        } else {
-            let mut b = DirectoryBuilder::new(&local);
-            for rel in &inputs {
-                let path = cwd.join(rel);
-                let meta = std::fs::symlink_metadata(&path)
-                    .map_err(|e| Failure::Usage(CliError::new(format!("--input {rel}: {e}"))))?;
-                let added = if meta.is_dir() {
-                    local.capture_directory(&path).and_then(|d| b.add_directory(rel, d))
-                } else if meta.file_type().is_symlink() {
-                    std::fs::read_link(&path)
-                        .map_err(|e| store::StoreError::io(format!("reading {}", path.display()), e))
-                        .and_then(|t| b.add_symlink(rel, &t.to_string_lossy()))
-                } else {
-                    let exec =
-                        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
-                    local.store_file(&path, false).and_then(|d| b.add_file(rel, d, exec))
-                };
-                added.map_err(|e| store_err(format!("--input {rel}"), e))?;
-            }
-            b.build()
-                .map_err(|e| store_err("building the input root".into(), e))?
-        };
-        local.check_symlinks(root).map_err(|e| {
-            Failure::Usage(CliError::new(format!(
-                "an input symlink points outside the inputs: {e}"
-            )))
-        })?;
-        Ok(root)
+        }
+        for _ in 0..ATTEMPTS {
+            let root = if inputs.is_empty() {
+                local
+                    .capture_directory_excluding(&cwd, &exclude)
+                    .map_err(|e| store_err("capturing the current directory as input".into(), e))?
+            } else {
+                capture_listed(&local, &cwd, &inputs, &store_err)?
+            };
+            let Some(lease) = local
+                .lease_tree(&[root], &[])
+                .map_err(|e| store_err("checking the input root".into(), e))?
+            else {
+                tracing::info!("input blobs were evicted as they were captured; capturing again");
+                continue;
+            };
+            local.check_symlinks(root).map_err(|e| match e.kind() {
+                ErrorKind::MissingDigest(_) => store_err("checking input symlinks".into(), e),
+                _ => Failure::Usage(CliError::new(format!(
+                    "an input symlink points outside the inputs: {e}"
+                ))),
+            })?;
+            return Ok((root, lease));
+        }
+        Err(Failure::Cache(format!(
+            "the local store lost input blobs as they were captured, {ATTEMPTS} times"
+        )))
     })
     .await
     .map_err(|e| Failure::Cache(format!("input capture failed: {e}")))?
+}
+
+/// The `--input` paths (relative to `cwd`) as one input root.
+fn capture_listed(
+    local: &LocalStore,
+    cwd: &Path,
+    inputs: &[String],
+    store_err: &dyn Fn(String, store::StoreError) -> Failure,
+) -> Result<Digest, Failure> {
+    let mut b = DirectoryBuilder::new(local);
+    for rel in inputs {
+        let path = cwd.join(rel);
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| Failure::Usage(CliError::new(format!("--input {rel}: {e}"))))?;
+        let added = if meta.is_dir() {
+            local
+                .capture_directory(&path)
+                .and_then(|d| b.add_directory(rel, d))
+        } else if meta.file_type().is_symlink() {
+            std::fs::read_link(&path)
+                .map_err(|e| store::StoreError::io(format!("reading {}", path.display()), e))
+                .and_then(|t| {
+                    t.into_os_string().into_string().map_err(|t| {
+                        store::StoreError::new(
+                            ErrorKind::Unrepresentable,
+                            format!("symlink target {t:?} is not UTF-8"),
+                        )
+                    })
+                })
+                .and_then(|t| b.add_symlink(rel, &t))
+        } else {
+            let exec = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0;
+            local
+                .store_file(&path, false)
+                .and_then(|d| b.add_file(rel, d, exec))
+        };
+        added.map_err(|e| store_err(format!("--input {rel}"), e))?;
+    }
+    b.build()
+        .map_err(|e| store_err("building the input root".into(), e))
 }
 
 /// The `--input` paths as relative, `/`-separated strings; empty when they name the whole
@@ -616,9 +821,6 @@ fn check_outputs_apart(files: &[String], dirs: &[String]) -> Result<(), CliError
     Ok(())
 }
 
-/// Puts the declared outputs that were produced into the current directory, replacing what is
-/// there. Large files are hardlinked read-only from the pool unless recache runs as root (root
-/// could write through the link and corrupt the store), in which case they are copied.
 /// Why restoring outputs failed: the store could not provide them, or the workspace could not
 /// take them.
 enum Restore {
@@ -626,11 +828,17 @@ enum Restore {
     Workspace(CliError),
 }
 
+/// Puts the declared outputs that were produced into the current directory, replacing what is
+/// there: built in a staging directory beside them, then each renamed into place.
+///
+/// From the store, large files are hardlinked read-only from the pool unless recache runs as
+/// root (root could write through the link and corrupt the store), in which case they are
+/// copied. From a sandbox, they are copied as the command wrote them.
 fn restore_outputs(
     local: &LocalStore,
     cwd: &Path,
     process: &Process,
-    result: &ProcessResult,
+    source: &Source,
 ) -> Result<(), Restore> {
     if process.output_files.is_empty() && process.output_directories.is_empty() {
         return Ok(());
@@ -644,22 +852,53 @@ fn restore_outputs(
                 cwd.display()
             )))
         })?;
-    let mutable = nix::unistd::geteuid().is_root();
-    let root = staging.path().join("o");
-    local
-        .materialize_directory(result.output_root, &root, MaterializeOptions { mutable })
-        .map_err(|e| match e.kind() {
-            ErrorKind::MissingDigest(_) | ErrorKind::InvalidData | ErrorKind::StorageFull => {
-                Restore::Store(e)
-            }
-            _ => Restore::Workspace(CliError::new(format!("restoring outputs: {e}"))),
-        })?;
     let ws = |e: CliError| Restore::Workspace(e);
-    for out in process
-        .output_files
-        .iter()
-        .chain(&process.output_directories)
-    {
+    let root = staging.path().join("o");
+    let declared = || {
+        process
+            .output_files
+            .iter()
+            .chain(&process.output_directories)
+    };
+    match source {
+        Source::Store { result, .. } => {
+            let mutable = nix::unistd::geteuid().is_root();
+            local
+                .materialize_directory(result.output_root, &root, MaterializeOptions { mutable })
+                .map_err(|e| match e.kind() {
+                    ErrorKind::MissingDigest(_)
+                    | ErrorKind::InvalidData
+                    | ErrorKind::StorageFull => Restore::Store(e),
+                    // A blob gone from under the copy is the store's too, not the workspace's.
+                    _ if !matches!(local.tree_digests(result.output_root), Ok(Some(_))) => {
+                        Restore::Store(e)
+                    }
+                    _ => ws(CliError::new(format!("restoring outputs: {e}"))),
+                })?;
+        }
+        Source::Sandbox { ran, .. } => {
+            std::fs::create_dir_all(&root)
+                .map_err(|e| ws(CliError::new(format!("creating {}: {e}", root.display()))))?;
+            for out in declared() {
+                let from = ran.output(out);
+                if std::fs::symlink_metadata(&from).is_err() {
+                    continue; // declared but not produced
+                }
+                let to = root.join(out);
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        ws(CliError::new(format!("creating {}: {e}", parent.display())))
+                    })?;
+                }
+                copy_tree(&from, &to).map_err(|e| {
+                    ws(CliError::new(format!(
+                        "copying output {out} from the command's sandbox: {e}"
+                    )))
+                })?;
+            }
+        }
+    }
+    for out in declared() {
         let from = root.join(out);
         if std::fs::symlink_metadata(&from).is_err() {
             continue; // declared but not produced
@@ -692,28 +931,89 @@ fn restore_outputs(
     Ok(())
 }
 
+/// Copies a file, a symlink (as a link) or a directory tree from `from` to `to`, never following
+/// a symlink. Files come out writable by their owner, executable bits kept: the store's
+/// read-only pool modes are not the command's.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else if meta.is_dir() {
+        std::fs::create_dir(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        std::fs::copy(from, to)?;
+        let exec = meta.permissions().mode() & 0o111 != 0;
+        std::fs::set_permissions(
+            to,
+            std::fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }),
+        )
+    }
+}
+
+/// Where a replayed stream goes.
+#[derive(Clone, Copy)]
+enum Out {
+    Stdout,
+    Stderr,
+}
+
+impl Out {
+    fn writer(self) -> Box<dyn Write> {
+        match self {
+            Out::Stdout => Box::new(std::io::stdout().lock()),
+            Out::Stderr => Box::new(std::io::stderr().lock()),
+        }
+    }
+}
+
+fn write_failed(e: std::io::Error) -> Failure {
+    Failure::Usage(CliError::new(format!("writing the command's output: {e}")))
+}
+
 /// Writes a stored blob (stdout or stderr) to `out`, streaming pool files. A blob that is not
-/// there is an error, never silently nothing (the caller made sure it is local).
-fn replay(local: &LocalStore, digest: Digest, out: &mut dyn Write) -> Result<(), Failure> {
-    let err = |e: std::io::Error| {
-        Failure::Usage(CliError::new(format!("writing the command's output: {e}")))
-    };
+/// there is an error (nothing written), never silently nothing.
+fn replay(local: &LocalStore, digest: Digest, out: Out) -> Result<(), Failure> {
     let store_err = |e: store::StoreError| {
         Failure::Cache(format!(
             "reading the command's output from the local store: {e}"
         ))
     };
+    let mut w = out.writer();
     if let Some(path) = local.load_file(digest).map_err(store_err)? {
-        let mut f = std::fs::File::open(&path).map_err(err)?;
-        std::io::copy(&mut f, out).map_err(err)?;
+        let mut f = std::fs::File::open(&path).map_err(|e| {
+            store_err(store::StoreError::io(
+                format!("opening {}", path.display()),
+                e,
+            ))
+        })?;
+        std::io::copy(&mut f, &mut w).map_err(write_failed)?;
     } else {
         let bytes = local
             .load_bytes(digest)
             .map_err(store_err)?
             .ok_or_else(|| store_err(store::StoreError::missing(digest)))?;
-        out.write_all(&bytes).map_err(err)?;
+        w.write_all(&bytes).map_err(write_failed)?;
     }
-    out.flush().map_err(err)
+    w.flush().map_err(write_failed)
+}
+
+/// Writes a file of the command's sandbox (its stdout or stderr) to `out`.
+fn replay_file(path: &Path, out: Out) -> Result<(), Failure> {
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        Failure::Usage(CliError::new(format!(
+            "reading the command's output {}: {e}",
+            path.display()
+        )))
+    })?;
+    let mut w = out.writer();
+    std::io::copy(&mut f, &mut w).map_err(write_failed)?;
+    w.flush().map_err(write_failed)
 }
 
 /// The exit code to hand back: the command's, or 128 + signal like a shell.

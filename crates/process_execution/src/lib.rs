@@ -18,7 +18,9 @@ pub mod action;
 mod local;
 mod process;
 
-pub use local::{KeepSandboxes, LocalRunner, LocalRunnerOptions, signal_running};
+pub use local::{
+    KeepSandboxes, LocalRunner, LocalRunnerOptions, RanSandbox, SandboxHandoff, signal_running,
+};
 pub use process::{
     CacheOutcome, CacheScope, CommandRunner, Context, Process, ProcessError, ProcessResult,
     ResultMetadata, ResultSource,

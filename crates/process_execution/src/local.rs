@@ -53,6 +53,9 @@ pub struct LocalRunnerOptions {
     pub parallelism: usize,
     /// Keep sandboxes after runs.
     pub keep_sandboxes: KeepSandboxes,
+    /// Where to leave each finished run's sandbox for the caller (see [`RanSandbox`]).
+    /// Default `None`: sandboxes are removed after the run.
+    pub handoff: Option<SandboxHandoff>,
 }
 
 impl LocalRunnerOptions {
@@ -62,7 +65,76 @@ impl LocalRunnerOptions {
             sandbox_root: sandbox_root.into(),
             parallelism: 0,
             keep_sandboxes: KeepSandboxes::Never,
+            handoff: None,
         }
+    }
+}
+
+/// A finished local run's sandbox, handed to the caller instead of removed: what the command
+/// produced (stdout, stderr, outputs) as it wrote them, for a caller that must give the user
+/// the command's result even when the store cannot (a full disk, a file name REAPI cannot
+/// represent, a blob another process evicted), without running the command again. The
+/// directory is removed when this is dropped.
+#[derive(Debug)]
+pub struct RanSandbox {
+    sandbox: Arc<Sandbox>,
+    working_directory: String,
+    /// The command's exit code (the negated signal number when a signal ended it).
+    pub exit_code: i32,
+    /// Whether the command was killed for running past its timeout.
+    pub timed_out: bool,
+    /// The captured outputs' lease (when capturing succeeded): they stay in the store as long
+    /// as the sandbox is kept.
+    _held: Option<store::Lease>,
+}
+
+impl RanSandbox {
+    /// The file holding the command's stdout.
+    pub fn stdout(&self) -> PathBuf {
+        self.sandbox.path().join("stdout")
+    }
+
+    /// The file holding the command's stderr.
+    pub fn stderr(&self) -> PathBuf {
+        self.sandbox.path().join("stderr")
+    }
+
+    /// Where the command wrote the output at `path` (relative to its working directory).
+    pub fn output(&self, path: &str) -> PathBuf {
+        self.sandbox
+            .path()
+            .join("root")
+            .join(&self.working_directory)
+            .join(path)
+    }
+}
+
+/// Where a [`LocalRunner`] leaves the sandbox of its latest finished run (see [`RanSandbox`]).
+/// Set one in [`LocalRunnerOptions::handoff`] and keep a clone: each run that finishes its
+/// command puts its sandbox there (before its outputs are captured, so it is there also when
+/// capturing fails), replacing the one before.
+///
+/// ```
+/// let handoff = process_execution::SandboxHandoff::default();
+/// let options = process_execution::LocalRunnerOptions {
+///     handoff: Some(handoff.clone()),
+///     ..process_execution::LocalRunnerOptions::new("/tmp/sandboxes")
+/// };
+/// # let _ = options;
+/// // ... after a run: handoff.take() gives its stdout, stderr and outputs as files.
+/// assert!(handoff.take().is_none());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SandboxHandoff(Arc<std::sync::Mutex<Option<RanSandbox>>>);
+
+impl SandboxHandoff {
+    /// The latest finished run's sandbox, if any (then the handoff is empty).
+    pub fn take(&self) -> Option<RanSandbox> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn put(&self, ran: RanSandbox) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(ran);
     }
 }
 
@@ -82,6 +154,7 @@ impl LocalRunner {
             sandbox_root,
             parallelism,
             keep_sandboxes,
+            handoff,
         } = options;
         clear_stale_sandboxes(&sandbox_root);
         // Asked only when needed: reading the CPU count (cgroup files) costs a short-lived
@@ -97,6 +170,7 @@ impl LocalRunner {
                 sandbox_root,
                 parallelism: parallelism.max(1),
                 keep_sandboxes,
+                handoff,
             },
         }
     }
@@ -107,6 +181,10 @@ impl LocalRunner {
     }
 }
 
+/// Captures of a run's outputs before giving up on a store that keeps losing them (another
+/// process's GC evicting each as it is stored).
+const CAPTURE_ATTEMPTS: usize = 3;
+
 /// Prefix of sandbox directories under the sandbox root.
 const SANDBOX_PREFIX: &str = "recache-sandbox-";
 /// File in a sandbox, flock'd by the run using it.
@@ -116,6 +194,7 @@ const SANDBOX_KEPT: &str = "KEPT";
 
 /// A sandbox directory and the lock that says it is in use. Shared (`Arc`) by the run and the
 /// blocking tasks working in it; the directory goes when the last of them drops it.
+#[derive(Debug)]
 struct Sandbox {
     dir: tempfile::TempDir,
     _lock: std::fs::File,
@@ -356,19 +435,50 @@ impl CommandRunner for LocalRunner {
         group.kill();
         let status = status.map_err(|e| unclassified(format!("waiting for the process: {e}")))?;
         let exit_code = crate::exit_code_of(&status);
+        // Handed over before capturing: the caller gets the command's result also when
+        // capturing fails.
+        let hand_over = |held: Option<store::Lease>| {
+            if let Some(handoff) = &self.options.handoff {
+                handoff.put(RanSandbox {
+                    sandbox: sandbox.clone(),
+                    working_directory: process.working_directory.clone(),
+                    exit_code,
+                    timed_out,
+                    _held: held,
+                });
+            }
+        };
+        hand_over(None);
 
-        // Capture stdout, stderr and outputs (blocking file work).
+        // Capture stdout, stderr and outputs (blocking file work), and lease them: another
+        // process's GC may evict a blob between its capture and the lease, so what is missing
+        // then is captured again (the sandbox still has it).
         let local = self.store.local().clone();
         let p = process.clone();
         let in_use = sandbox.clone();
-        let (stdout, stderr, output_root) = blocking(move || {
+        let (stdout, stderr, output_root, held) = blocking(move || {
             let _in_use = in_use;
-            let stdout = local.store_file(&stdout_path, true)?;
-            let stderr = local.store_file(&stderr_path, true)?;
-            let output_root = capture_outputs(&local, &root, &p)?;
-            Ok((stdout, stderr, output_root))
+            for _ in 0..CAPTURE_ATTEMPTS {
+                let stdout = local.store_file(&stdout_path, true)?;
+                let stderr = local.store_file(&stderr_path, true)?;
+                let output_root = match capture_outputs(&local, &root, &p) {
+                    Ok(root) => root,
+                    // A blob evicted while the outputs were checked: capture again.
+                    Err(ProcessError::MissingDigest { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                if let Some(held) = local.lease_tree(&[output_root], &[stdout, stderr])? {
+                    return Ok((stdout, stderr, output_root, held));
+                }
+            }
+            Err(storage(format!(
+                "another process's GC evicted the command's outputs from the local store as they \
+                 were stored ({CAPTURE_ATTEMPTS} tries), so this run is not cached"
+            )))
         })
         .await?;
+        // With a handoff, the outputs stay leased for as long as the caller keeps the sandbox.
+        hand_over(Some(held));
 
         let keep = match self.options.keep_sandboxes {
             KeepSandboxes::Always => true,
@@ -466,7 +576,15 @@ fn capture_outputs(
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&p)
                 .map_err(|e| unclassified(format!("reading symlink {}: {e}", p.display())))?;
-            let target = target.to_string_lossy().into_owned();
+            let target = target.into_os_string().into_string().map_err(|t| {
+                ProcessError::from(store::StoreError::new(
+                    store::ErrorKind::Unrepresentable,
+                    format!(
+                        "output {f}: the symlink points to {t:?}, which is not UTF-8 (REAPI \
+                         cannot represent it), so it cannot be cached"
+                    ),
+                ))
+            })?;
             builder.add_symlink(f, &target)?;
             continue;
         }
@@ -501,16 +619,23 @@ fn capture_outputs(
                 "declared output directory {d:?} is not a directory"
             )));
         }
-        let digest = store.capture_directory(&real)?;
+        let digest = store
+            .capture_directory(&real)
+            .map_err(|e| e.context(format!("output directory {d}/")))?;
         builder.add_directory(d, digest)?;
     }
     let output_root = builder.build()?;
     // One rule for every symlink (store::directory::symlink_resolves_inside): it must resolve
     // inside the output root, following the links in it.
-    store.check_symlinks(output_root).map_err(|e| {
-        unclassified(format!(
-            "an output escapes the sandbox through a symlink; refusing to capture it: {e}"
-        ))
-    })?;
+    // A blob that vanished meanwhile (another process's GC) is the store's problem, not an
+    // escape.
+    store
+        .check_symlinks(output_root)
+        .map_err(|e| match e.kind() {
+            store::ErrorKind::MissingDigest(_) => ProcessError::from(e).context("checking outputs"),
+            _ => unclassified(format!(
+                "an output escapes the sandbox through a symlink; refusing to capture it: {e}"
+            )),
+        })?;
     Ok(output_root)
 }

@@ -210,7 +210,10 @@ impl From<StoreError> for ProcessError {
                 digest: *d,
                 context: e.to_string(),
             },
-            ErrorKind::Io | ErrorKind::StorageFull => ProcessError::Storage(e.to_string()),
+            // A file the cache cannot represent (not UTF-8) is as uncacheable as a full disk.
+            ErrorKind::Io | ErrorKind::StorageFull | ErrorKind::Unrepresentable => {
+                ProcessError::Storage(e.to_string())
+            }
             _ => ProcessError::Unclassified(e.to_string()),
         }
     }

@@ -321,8 +321,11 @@ impl LocalStore {
         // 1. Walk, collecting the shape and the list of files.
         let mut files: Vec<PathBuf> = Vec::new();
         let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
-        let root = walk(path, Path::new(""), &exclude, &mut files)
-            .map_err(|e| e.context(format!("capturing {}", path.display())))?;
+        // A name REAPI cannot represent is reported relative to `path` (the caller names it).
+        let root = walk(path, Path::new(""), &exclude, &mut files).map_err(|e| match e.kind() {
+            crate::ErrorKind::Unrepresentable => e,
+            _ => e.context(format!("capturing {}", path.display())),
+        })?;
         // 2. Store every file, in parallel when there are enough to pay for the thread pool.
         let store_one = |rel: &PathBuf| {
             self.store_file(&path.join(rel), false)
@@ -606,10 +609,14 @@ fn walk(
     for entry in fs::read_dir(&dir).map_err(|e| io_err("listing", &dir, e))? {
         let entry = entry.map_err(|e| io_err("listing", &dir, e))?;
         let name = entry.file_name().into_string().map_err(|n| {
-            StoreError::invalid(format!(
-                "file name {n:?} in {} is not UTF-8, which REAPI cannot represent",
-                dir.display()
-            ))
+            StoreError::new(
+                crate::ErrorKind::Unrepresentable,
+                format!(
+                    "the file name {:?} is not UTF-8, which REAPI cannot represent, so it \
+                     cannot be cached",
+                    rel.join(n)
+                ),
+            )
         })?;
         entries.push((name, entry));
     }
@@ -626,10 +633,13 @@ fn walk(
         if ft.is_symlink() {
             let target = fs::read_link(&path).map_err(|e| io_err("reading symlink", &path, e))?;
             let target = target.into_os_string().into_string().map_err(|t| {
-                StoreError::invalid(format!(
-                    "symlink target {t:?} of {} is not UTF-8",
-                    path.display()
-                ))
+                StoreError::new(
+                    crate::ErrorKind::Unrepresentable,
+                    format!(
+                        "the symlink {child_rel:?} points to {t:?}, which is not UTF-8 (REAPI \
+                         cannot represent it), so it cannot be cached"
+                    ),
+                )
             })?;
             out.symlinks.push((name, target));
         } else if ft.is_dir() {

@@ -19,6 +19,10 @@ pub enum ErrorKind {
     /// over-quota filesystem: the cache cannot take more, and callers degrade (run without
     /// caching) rather than fail.
     StorageFull,
+    /// A file the cache cannot represent: a name or a symlink target that is not UTF-8 (REAPI
+    /// paths are UTF-8). Not the user's mistake, not the store's failure: what it names cannot
+    /// be cached, and callers run or keep it without the cache.
+    Unrepresentable,
     /// A transient failure a retry may cure, with the gRPC code that said so.
     Retryable(tonic::Code),
     /// Anything else.
@@ -34,6 +38,7 @@ impl ErrorKind {
             ErrorKind::InvalidData => "invalid-data".into(),
             ErrorKind::Io => "io".into(),
             ErrorKind::StorageFull => "storage-full".into(),
+            ErrorKind::Unrepresentable => "unrepresentable".into(),
             ErrorKind::Retryable(code) => format!("retryable-{code:?}"),
             ErrorKind::Other => "other".into(),
         }

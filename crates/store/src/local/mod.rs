@@ -9,12 +9,15 @@
 //!                          name records the layout, see `pool::Stored`)
 //! large/.tmp-<pid>-<uuid>  writes in progress, each locked (`flock`) by its writer; removed
 //!                          at open once no one holds the lock
+//! leases/                 what each process using the store has leased (see `leases`): GC,
+//!                          in any process, never deletes a blob a live process has leased
 //! ```
 //!
 //! Opening costs the same whatever the store holds: the usage counters live in the database
 //! (updated in the transactions that change them), and only the pool's top level is listed
 //! (where temp files live), never the shards.
 
+mod leases;
 pub(crate) mod pool;
 mod small;
 pub(crate) mod zstd_blob;
@@ -49,6 +52,10 @@ const ACCESS_FLUSH_ENTRIES: usize = 8192;
 /// When a write takes the store above its `max_size`, GC evicts down to this fraction of it, so
 /// a store at its bound collects once per tenth of growth, not on every write.
 const GC_LOW_WATER_PERCENT: u64 = 90;
+
+/// Blobs GC deletes per hold of the exclusive lease lock: bounds how long a process recording
+/// a lease can wait for a GC in another process (a few milliseconds of unlinks).
+const GC_BATCH: usize = 256;
 
 /// Options for [`LocalStore::open`].
 #[derive(Debug, Clone)]
@@ -212,8 +219,8 @@ struct Inner {
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
     /// The same for named records (`get_ref`), by record key.
     recent_ref_access: Mutex<HashMap<[u8; 40], u64>>,
-    /// Leased digests and how many leases hold each.
-    leases: Mutex<HashMap<Digest, usize>>,
+    /// Leased digests, shared with every process that has the store open.
+    leases: leases::Leases,
     /// Bytes streamed into destinations so far (for progress reporting).
     received: AtomicU64,
     /// Room promised to writes in progress ([`LocalStore::try_reserve`]). Every transaction
@@ -447,7 +454,7 @@ impl LocalStore {
                 generation: AtomicU64::new(0),
                 recent_access: Mutex::new(HashMap::new()),
                 recent_ref_access: Mutex::new(HashMap::new()),
-                leases: Mutex::new(HashMap::new()),
+                leases: leases::Leases::new(&root),
                 received: AtomicU64::new(0),
                 accounting: Mutex::new(Accounting::default()),
                 root,
@@ -1154,17 +1161,55 @@ impl LocalStore {
         }
     }
 
-    /// Protects `digests` from GC until the returned lease is dropped.
+    /// Protects `digests` from GC until the returned lease is dropped: this process's GC and
+    /// every other process's that has this store open (the lease is recorded under the store's
+    /// `leases/` directory before this returns). A blob evicted before the lease was taken is
+    /// not brought back: lease first, then check that what you need is there (or use
+    /// [`lease_tree`](LocalStore::lease_tree), which does both).
     pub fn lease(&self, digests: impl IntoIterator<Item = Digest>) -> Lease {
         let digests: Vec<Digest> = digests.into_iter().collect();
-        let mut leases = self.inner.leases.lock().unwrap_or_else(|p| p.into_inner());
-        for d in &digests {
-            *leases.entry(*d).or_default() += 1;
-        }
+        self.inner.leases.add(&digests);
         Lease {
             store: self.clone(),
             digests,
         }
+    }
+
+    /// Leases every blob of the trees under `roots` (their Directory messages and files) and
+    /// `blobs`, then checks that all of them are stored. `Some(lease)` when they are: from then
+    /// on no GC, in this process or another, removes any of them. `None` when something is
+    /// missing (never stored, or evicted before the lease): fetch or re-store it and ask again.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
+    /// let out = store.store_bytes(b"stdout").unwrap();
+    /// let held = store.lease_tree(&[], &[out]).unwrap().expect("stored");
+    /// assert_eq!(store.gc(0).unwrap().leased_skipped, 1);
+    /// assert!(store.contains(out));
+    /// drop(held);
+    /// ```
+    pub fn lease_tree(
+        &self,
+        roots: &[Digest],
+        blobs: &[Digest],
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut lease = self.lease(roots.iter().chain(blobs).copied());
+        let mut files = Vec::new();
+        for root in roots {
+            match self.tree_digests(*root)? {
+                Some(digests) => files.extend(digests),
+                None => return Ok(None),
+            }
+        }
+        let mut more = self.lease(files);
+        // Checked after the lease: anything still here now stays.
+        let all = more.digests.iter().chain(blobs);
+        if !self.missing(all.copied()).is_empty() {
+            return Ok(None);
+        }
+        lease.digests.append(&mut more.digests);
+        Ok(Some(lease))
     }
 
     /// Writes the access times gathered since the last flush in one transaction, and syncs the
@@ -1235,49 +1280,55 @@ impl LocalStore {
         entries.sort_by_key(|(t, d, _)| (*t, *d));
         let listed = entries.clone();
         let mut total: u64 = entries.iter().map(|(_, d, _)| d.size_bytes).sum();
-        let mut leases = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         // A blob with a journal row (e.g. not yet uploaded to a slow tier) is kept like a leased
         // one.
-        for (d, _) in self.journal_rows()? {
-            leases.entry(d).or_insert(1);
-        }
+        let journal: std::collections::HashSet<Digest> =
+            self.journal_rows()?.into_iter().map(|(d, _)| d).collect();
         let mut report = GcReport::default();
         let mut small_victims = Vec::new();
-        let mut large_victims = Vec::new();
+        let mut removed_large = Vec::new();
         // The newest access time among the victims: records older than it go too.
         let mut cutoff: Option<u64> = None;
-        for (atime, d, is_small) in entries {
-            if total <= target_bytes {
-                break;
+        let mut candidates = entries.into_iter().peekable();
+        // In batches, each decided and deleted under the exclusive lease lock against the
+        // leases recorded by then (this process's and every live holder's): a process that
+        // leases a blob waits for the batch, and then finds it gone or kept, never half-way.
+        while total > target_bytes && candidates.peek().is_some() {
+            let gate = self.inner.leases.exclusive()?;
+            let leased = gate.leased();
+            let mut small = Vec::new();
+            let mut large = Vec::new();
+            while total > target_bytes && small.len() + large.len() < GC_BATCH {
+                let Some((atime, d, is_small)) = candidates.next() else {
+                    break;
+                };
+                if leased.contains(&d) || journal.contains(&d) {
+                    report.leased_skipped += 1;
+                    continue;
+                }
+                if is_small {
+                    small.push(d);
+                } else {
+                    large.push(d);
+                }
+                total -= d.size_bytes;
+                cutoff = Some(cutoff.map_or(atime, |c| c.max(atime)));
             }
-            if leases.contains_key(&d) {
-                report.leased_skipped += 1;
-                continue;
+            // Pool files first (each unlink is atomic), then one transaction for the records.
+            let mut large_gone = Vec::new();
+            for d in &large {
+                if self.inner.pool.remove(d)? {
+                    large_gone.push(*d);
+                }
             }
-            if is_small {
-                small_victims.push(d);
-            } else {
-                large_victims.push(d);
-            }
-            total -= d.size_bytes;
-            cutoff = Some(cutoff.map_or(atime, |c| c.max(atime)));
+            let small_hashes: Vec<Fingerprint> = small.iter().map(|d| d.hash).collect();
+            let atime_only: Vec<Fingerprint> = large_gone.iter().map(|d| d.hash).collect();
+            self.inner.db.remove(&small_hashes, &atime_only)?;
+            drop(gate);
+            small_victims.extend(small);
+            removed_large.extend(large_gone);
         }
-        // Pool files first (each unlink is atomic), then one transaction for all records.
-        let mut removed_large = Vec::new();
-        for d in &large_victims {
-            if self.inner.pool.remove(d)? {
-                removed_large.push(*d);
-            }
-        }
-        let small_hashes: Vec<Fingerprint> = small_victims.iter().map(|d| d.hash).collect();
-        let mut atime_only: Vec<Fingerprint> = removed_large.iter().map(|d| d.hash).collect();
-        atime_only.extend(stale);
-        self.inner.db.remove(&small_hashes, &atime_only)?;
+        self.inner.db.remove(&[], &stale)?;
         if let Some(cutoff) = cutoff {
             report.removed_refs = self.inner.db.evict_refs(cutoff)?;
         }
@@ -1382,20 +1433,7 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut leases = self
-            .store
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for d in &self.digests {
-            if let Some(n) = leases.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    leases.remove(d);
-                }
-            }
-        }
+        self.store.inner.leases.release(&self.digests);
     }
 }
 

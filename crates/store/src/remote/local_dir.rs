@@ -3,7 +3,9 @@
 //! ```text
 //! <root>/cas/ab/<hash>-<size>       blob content
 //! <root>/ac/ab/<hash>-<size>        encoded ActionResult for that action digest
-//! <root>/tmp/<uuid>                 writes in progress
+//! <root>/tmp/<pid>-<uuid>           writes in progress, each locked (`flock`) by its writer;
+//!                                   removed at open and by GC once no one holds the lock (a
+//!                                   killed writer's)
 //! <root>/usage                      bytes held (approximate; re-derived by GC), 8 bytes LE
 //! ```
 //!
@@ -31,6 +33,9 @@ use super::{ActionCacheProvider, ByteStoreProvider};
 use crate::destination::LoadDestination;
 use crate::error::StoreError;
 
+/// A temp file must be at least this old, as well as unlocked, to be removed as stale.
+const TEMP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Blobs up to this size are read in one go by `load_batch`.
 const BATCH_BLOB_MAX: u64 = 1024 * 1024;
 
@@ -50,10 +55,40 @@ impl LocalDirProvider {
                 StoreError::io(format!("creating cache directory {}", p.display()), e)
             })?;
         }
-        Ok(LocalDirProvider {
+        let provider = LocalDirProvider {
             root: root.to_path_buf(),
             max_size: None,
-        })
+        };
+        provider.remove_stale_temps();
+        Ok(provider)
+    }
+
+    /// Removes the temp files of writes that no process is doing any more (their writer was
+    /// killed or crashed: the lock went with it). Returns the bytes removed. Best effort.
+    pub fn remove_stale_temps(&self) -> u64 {
+        let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let Ok(f) = std::fs::File::open(e.path()) else {
+                continue;
+            };
+            // A writer holds its temp file's lock from creation to rename; a file younger than
+            // TEMP_GRACE may be one whose writer has created it and not locked it yet.
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= TEMP_GRACE));
+            if old && f.try_lock().is_ok() {
+                let len = f.metadata().map_or(0, |m| m.len());
+                if std::fs::remove_file(e.path()).is_ok() {
+                    removed += len;
+                    tracing::info!(file = %e.path().display(), bytes = len, "removed a temp file an interrupted write left");
+                }
+            }
+        }
+        removed
     }
 
     /// Bounds the directory to `max_bytes` of entries (LRU eviction on write).
@@ -117,6 +152,7 @@ impl LocalDirProvider {
     /// Evicts least-recently-used entries (oldest modification time first) until at most
     /// `target_bytes` remain. Returns the bytes removed.
     pub fn gc(&self, target_bytes: u64) -> Result<u64, StoreError> {
+        self.remove_stale_temps();
         let mut entries: Vec<(std::time::SystemTime, PathBuf, u64)> = Vec::new();
         for kind in ["cas", "ac"] {
             let dir = self.root.join(kind);
@@ -185,12 +221,15 @@ impl LocalDirProvider {
         dest: &Path,
         write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let tmp = self.root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
         let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::File::create_new(&tmp)?;
+            // Held until the file is renamed and closed: a cleaner never takes a live write.
+            f.lock()?;
             write(&mut f)?;
             f.flush()?;
             f.sync_all()?;
