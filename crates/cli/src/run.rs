@@ -386,12 +386,16 @@ async fn hold_hit(
     result: &ProcessResult,
 ) -> Result<store::Lease, store::StoreError> {
     let local = store.local();
-    let _roots = local.lease([result.output_root, result.stdout, result.stderr]);
+    let roots = [result.output_root];
+    let blobs = [result.stdout, result.stderr];
+    // A fetch hit has everything local already: leased and checked, done.
+    if let Some(lease) = local.lease_tree(&roots, &blobs)? {
+        return Ok(lease);
+    }
+    let _roots = local.lease(roots.iter().chain(&blobs).copied());
     for _ in 0..2 {
         make_local(store, result).await?;
-        if let Some(lease) =
-            local.lease_tree(&[result.output_root], &[result.stdout, result.stderr])?
-        {
+        if let Some(lease) = local.lease_tree(&roots, &blobs)? {
             return Ok(lease);
         }
     }
@@ -604,17 +608,18 @@ async fn capture_inputs(
             }
         }
         for _ in 0..ATTEMPTS {
-            let root = if inputs.is_empty() {
+            let held = if inputs.is_empty() {
                 local
-                    .capture_directory_excluding(&cwd, &exclude)
+                    .capture_directory_leased(&cwd, &exclude)
                     .map_err(|e| store_err("capturing the current directory as input".into(), e))?
             } else {
-                capture_listed(&local, &cwd, &inputs, &store_err)?
+                let root = capture_listed(&local, &cwd, &inputs, &store_err)?;
+                local
+                    .lease_tree(&[root], &[])
+                    .map_err(|e| store_err("checking the input root".into(), e))?
+                    .map(|lease| (root, lease))
             };
-            let Some(lease) = local
-                .lease_tree(&[root], &[])
-                .map_err(|e| store_err("checking the input root".into(), e))?
-            else {
+            let Some((root, lease)) = held else {
                 tracing::info!("input blobs were evicted as they were captured; capturing again");
                 continue;
             };

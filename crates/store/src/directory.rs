@@ -318,6 +318,36 @@ impl LocalStore {
         path: &Path,
         exclude: &[PathBuf],
     ) -> Result<Digest, StoreError> {
+        self.capture_walk(path, exclude, &mut Vec::new())
+    }
+
+    /// [`capture_directory_excluding`](Self::capture_directory_excluding), then leases every
+    /// blob of the tree (across processes, see [`LocalStore::lease`]) and checks that all are
+    /// still stored. `None` when another process's GC took one between its capture and the
+    /// lease: capture again. Cheaper than capturing and then
+    /// [`lease_tree`](LocalStore::lease_tree): the digests are known, no message is read back.
+    pub fn capture_directory_leased(
+        &self,
+        path: &Path,
+        exclude: &[PathBuf],
+    ) -> Result<Option<(Digest, crate::Lease)>, StoreError> {
+        let mut digests = Vec::new();
+        let root = self.capture_walk(path, exclude, &mut digests)?;
+        let lease = self.lease(digests.iter().copied());
+        if self.missing(digests).is_empty() {
+            Ok(Some((root, lease)))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Captures `path` (minus `exclude`), adding every digest of the tree to `digests`.
+    fn capture_walk(
+        &self,
+        path: &Path,
+        exclude: &[PathBuf],
+        digests: &mut Vec<Digest>,
+    ) -> Result<Digest, StoreError> {
         // 1. Walk, collecting the shape and the list of files.
         let mut files: Vec<PathBuf> = Vec::new();
         let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
@@ -331,23 +361,26 @@ impl LocalStore {
             self.store_file(&path.join(rel), false)
                 .map_err(|e| e.context(format!("storing {}", path.join(rel).display())))
         };
-        let digests: Vec<Result<Digest, StoreError>> = if files.len() < PARALLEL_MIN_FILES {
+        let stored: Vec<Result<Digest, StoreError>> = if files.len() < PARALLEL_MIN_FILES {
             files.iter().map(store_one).collect()
         } else {
             files.par_iter().map(store_one).collect()
         };
         let mut by_path: HashMap<&Path, Digest> = HashMap::with_capacity(files.len());
-        for (rel, d) in files.iter().zip(digests) {
-            by_path.insert(rel.as_path(), d?);
+        for (rel, d) in files.iter().zip(stored) {
+            let d = d?;
+            digests.push(d);
+            by_path.insert(rel.as_path(), d);
         }
         // 3. Build Directory messages bottom-up.
-        self.store_walked(&root, &by_path)
+        self.store_walked(&root, &by_path, digests)
     }
 
     fn store_walked(
         &self,
         dir: &Walked,
         files: &HashMap<&Path, Digest>,
+        digests: &mut Vec<Digest>,
     ) -> Result<Digest, StoreError> {
         let mut msg = remexec::Directory::default();
         for (name, rel, exec) in &dir.files {
@@ -362,7 +395,7 @@ impl LocalStore {
             });
         }
         for (name, sub) in &dir.dirs {
-            let digest = self.store_walked(sub, files)?;
+            let digest = self.store_walked(sub, files, digests)?;
             msg.directories.push(remexec::DirectoryNode {
                 name: name.clone(),
                 digest: Some(digest.into()),
@@ -375,7 +408,9 @@ impl LocalStore {
                 node_properties: None,
             });
         }
-        self.store_directory(&msg)
+        let digest = self.store_directory(&msg)?;
+        digests.push(digest);
+        Ok(digest)
     }
 
     /// Writes the directory `digest` to `dest` (created if missing; must be empty or absent).

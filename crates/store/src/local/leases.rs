@@ -46,6 +46,8 @@ const TEMP_PREFIX: &str = ".tmp-";
 #[derive(Debug)]
 pub(crate) struct Leases {
     dir: PathBuf,
+    /// `dir` is known to exist (saves a mkdir per lease).
+    dir_made: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -89,6 +91,7 @@ impl Leases {
     pub(crate) fn new(root: &Path) -> Leases {
         Leases {
             dir: root.join("leases"),
+            dir_made: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }
     }
@@ -99,13 +102,21 @@ impl Leases {
 
     /// The lock GC takes exclusively, opened anew (each opening is its own flock).
     fn gate(&self) -> std::io::Result<fs::File> {
-        fs::create_dir_all(&self.dir)?;
-        fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join("lock"))
+        use std::sync::atomic::Ordering;
+        if !self.dir_made.load(Ordering::Relaxed) {
+            fs::create_dir_all(&self.dir)?;
+            self.dir_made.store(true, Ordering::Relaxed);
+        }
+        // flock needs no write access: another user's store can be locked read-only.
+        let path = self.dir.join("lock");
+        match fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path),
+            opened => opened,
+        }
     }
 
     /// Records leases on `digests` (one more per digest) where every GC will see them.
