@@ -151,6 +151,13 @@ pub struct ServeArgs {
     )]
     pub listen: String,
 
+    /// Also serve the HTTP/1.1 cache protocol (bazel-remote's REST API: `/cas/<sha256>`,
+    /// `/ac/<sha256>`, `/opaque/ac/<key>`) on this address, over the same store: Bazel with
+    /// `--remote_cache=http://HOST:PORT`, ccache with
+    /// `remote_storage=http://HOST:PORT/opaque|layout=bazel`, curl. Off unless given.
+    #[arg(long, env = "RECACHE_SERVE_HTTP_LISTEN", value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
+
     /// Where the server keeps blobs and action results: a directory, or an S3-compatible
     /// bucket `s3://BUCKET/PREFIX` (then the folder `server` in the cache directory is the
     /// fast tier in front of it, bounded by --max-size; see the --s3-* flags). Default: the

@@ -131,9 +131,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             instance_names.join(", ")
         }
     );
+    let http = match &args.http_listen {
+        Some(address) => {
+            let l = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| CliError::new(format!("--http-listen {address}: {e}")))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| CliError::new(format!("--http-listen {address}: {e}")))?;
+            println!("recache serve: HTTP on http://{addr}");
+            Some(l)
+        }
+        None => None,
+    };
     let _ = std::io::stdout().flush();
     server
-        .serve(listener, server::termination_signal())
+        .serve_with_http(listener, http, server::termination_signal())
         .await
         .map_err(|e| CliError::new(e.to_string()))?;
     println!("recache serve: stopped");

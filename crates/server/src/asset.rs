@@ -243,7 +243,7 @@ pub(crate) struct AssetSvc(pub Arc<Inner>);
 
 impl AssetSvc {
     fn check_instance(&self, name: &str) -> Result<(), Status> {
-        self.0.check_instance(name)
+        Ok(self.0.check_instance(name)?)
     }
 
     /// A usable record for any of `uris`: of `kind`, not expired, not older than `oldest`, and

@@ -22,8 +22,10 @@
 //! ```
 
 mod asset;
+mod core;
+mod grpc;
+pub mod http;
 pub mod s3;
-mod services;
 pub mod tier;
 mod uploads;
 
@@ -168,12 +170,12 @@ const RESERVE_TRIES: usize = 3;
 
 impl Inner {
     /// Refuses instance names outside the `--instance-name` allow-list (empty: any).
-    pub fn check_instance(&self, name: &str) -> Result<(), tonic::Status> {
+    pub fn check_instance(&self, name: &str) -> Result<(), core::Refusal> {
         let allowed = &self.options.instance_names;
         if allowed.is_empty() || allowed.iter().any(|a| a == name) {
             Ok(())
         } else {
-            Err(tonic::Status::invalid_argument(format!(
+            Err(core::Refusal::invalid(format!(
                 "instance_name {name:?} is not served here (served: {allowed:?})"
             )))
         }
@@ -187,7 +189,7 @@ impl Inner {
     /// from reserved to stored in the same step that stores it, so an upload that finishes
     /// during this decision is never counted twice. What still cannot fit once eviction has
     /// done what it can is refused with RESOURCE_EXHAUSTED rather than filling the disk.
-    pub fn reserve(self: &Arc<Self>, d: hashing::Digest) -> Result<Reservation, tonic::Status> {
+    pub fn reserve(self: &Arc<Self>, d: hashing::Digest) -> Result<Reservation, core::Refusal> {
         let max = self.options.max_size;
         let bytes = d.size_bytes;
         // One decision (and its eviction) at a time: two uploads must not both evict for room
@@ -220,11 +222,14 @@ impl Inner {
                 Err(r) => room = r,
             }
         }
-        Err(tonic::Status::resource_exhausted(format!(
-            "the cache is full: {bytes} more bytes would exceed --max-size {max} ({} bytes \
-             stored that cannot be evicted now, {} bytes of uploads in progress); retry later",
-            room.stored, room.reserved
-        )))
+        Err(core::Refusal::new(
+            core::Why::Full,
+            format!(
+                "the cache is full: {bytes} more bytes would exceed --max-size {max} ({} bytes \
+                 stored that cannot be evicted now, {} bytes of uploads in progress); retry later",
+                room.stored, room.reserved
+            ),
+        ))
     }
 }
 
@@ -287,7 +292,28 @@ impl CacheServer {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let router = services::router(self.inner.clone())?;
+        self.serve_with_http(listener, None, shutdown).await
+    }
+
+    /// [`serve`](Self::serve) gRPC on `grpc` and, when given, the HTTP/1.1 REST API
+    /// ([`http`]: Bazel's HTTP cache, ccache, curl) on `http`, both over the same store and
+    /// rules, until `shutdown` completes.
+    pub async fn serve_with_http(
+        self,
+        listener: tokio::net::TcpListener,
+        http: Option<tokio::net::TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        use futures::FutureExt as _;
+        let shutdown = shutdown.boxed().shared();
+        let http_task = http.map(|l| {
+            tokio::spawn(http::serve(
+                core::Core(self.inner.clone()),
+                l,
+                shutdown.clone(),
+            ))
+        });
+        let router = grpc::router(self.inner.clone())?;
         let tier_tasks = match &self.inner.tier {
             Some(t) => {
                 // An unreachable bucket does not stop the server: it serves from the fast tier,
@@ -308,6 +334,9 @@ impl CacheServer {
         let result = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
+        if let Some(t) = http_task {
+            let _ = t.await;
+        }
         if let Some(t) = &self.inner.tier {
             // Give queued uploads a moment to land; the rest stay journaled for next start.
             let deadline = std::time::Instant::now() + SHUTDOWN_UPLOAD_GRACE;

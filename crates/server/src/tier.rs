@@ -1415,7 +1415,7 @@ impl Tier {
                 lock(&me.fetches).remove(&d);
                 let _ = tx.send(result);
             };
-        let room = match inner.reserve(d) {
+        let room = match inner.reserve(d).map_err(Status::from) {
             Ok(r) => r,
             Err(e) if e.code() == tonic::Code::ResourceExhausted => {
                 // Waiting readers retry on their own; this one streams without keeping it.

@@ -46,7 +46,7 @@ pub(crate) const MAX_PAUSED: usize = 64;
 #[derive(Debug)]
 pub(crate) enum Piece {
     /// The next bytes of the stream.
-    Bytes(Vec<u8>),
+    Bytes(bytes::Bytes),
     /// The client finished the write (`finish_write`): the input ends here. A channel that
     /// closes without this was abandoned.
     End,

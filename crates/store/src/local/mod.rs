@@ -696,6 +696,27 @@ impl LocalStore {
     /// the pool threshold is read into memory (a small blob), anything longer streams into the
     /// pool, hashed on the way.
     pub fn store_stream(&self, src: &mut dyn Read, limit: u64) -> Result<Digest, StoreError> {
+        self.store_stream_checked(src, limit, None)
+    }
+
+    /// [`store_stream`](Self::store_stream) for a blob named by its hash alone (its size is
+    /// not known in advance): nothing is stored unless the content hashes to `hash`
+    /// (`InvalidData` otherwise).
+    pub fn store_stream_hashed(
+        &self,
+        src: &mut dyn Read,
+        limit: u64,
+        hash: Fingerprint,
+    ) -> Result<Digest, StoreError> {
+        self.store_stream_checked(src, limit, Some(hash))
+    }
+
+    fn store_stream_checked(
+        &self,
+        src: &mut dyn Read,
+        limit: u64,
+        hash: Option<Fingerprint>,
+    ) -> Result<Digest, StoreError> {
         let exceeded = std::cell::Cell::new(false);
         let mut capped = Capped {
             inner: src,
@@ -716,14 +737,24 @@ impl LocalStore {
             .read_to_end(&mut head)
             .map_err(|e| too_long(StoreError::io("reading a stream to store", e)))?;
         if (head.len() as u64) < self.inner.threshold {
+            if let Some(hash) = hash {
+                let digest = Digest::of_bytes(&head);
+                if digest.hash != hash {
+                    return Err(StoreError::invalid(format!(
+                        "content hashes to {}, not {}",
+                        digest.hash.to_hex(),
+                        hash.to_hex()
+                    )));
+                }
+            }
             return self.store_bytes(&head);
         }
         let mut whole = (&head[..]).chain(capped);
-        let (digest, new) = self
-            .inner
-            .pool
-            .write_from(&mut whole, None)
-            .map_err(too_long)?;
+        let written = match hash {
+            Some(hash) => self.inner.pool.write_from_hash(&mut whole, hash),
+            None => self.inner.pool.write_from(&mut whole, None),
+        };
+        let (digest, new) = written.map_err(too_long)?;
         self.note_pool_added(digest, new)?;
         Ok(digest)
     }

@@ -229,6 +229,35 @@ impl Pool {
         result
     }
 
+    /// Streams `src` into the pool like [`write_from`](Self::write_from) without an expected
+    /// size: the content is committed only if it hashes to `hash` (a client that names a blob
+    /// by hash alone). Returns the digest and whether the blob is new.
+    pub(crate) fn write_from_hash(
+        &self,
+        src: &mut dyn Read,
+        hash: hashing::Fingerprint,
+    ) -> Result<(Digest, bool), StoreError> {
+        let (temp, file) = self.create_temp()?;
+        let result = self
+            .write_temp(&temp, &file, src, None)
+            .and_then(|(digest, stored)| {
+                if digest.hash != hash {
+                    return Err(StoreError::invalid(format!(
+                        "content hashes to {}, not {}",
+                        digest.hash.to_hex(),
+                        hash.to_hex()
+                    )));
+                }
+                let new = self.commit_temp(&temp, &digest, stored)?;
+                Ok((digest, new))
+            });
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        drop(file);
+        result
+    }
+
     /// Copies `src` into `temp` hashing on the way (verifying against `expected` when given),
     /// and fsyncs it. One pass over the data; a compressed pool hashes the logical bytes, then
     /// compresses them. Returns the digest and how the file holds it.

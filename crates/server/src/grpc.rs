@@ -1,5 +1,8 @@
-//! The four REAPI services. Each handler validates what it is given before touching the store:
-//! instance name, digests, resource names, sizes.
+//! The gRPC front end: the REAPI services (Capabilities, CAS, ByteStream, ActionCache; Remote
+//! Asset lives in [`crate::asset`]). Each handler translates a request into calls on the
+//! [`Core`], which holds every rule, and the answer (or [`Refusal`]) into gRPC terms. What is
+//! gRPC's own stays here: resource-name parsing, ByteStream's resumable writes, GetTree's
+//! pages, batch framing.
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
@@ -21,14 +24,13 @@ use bazel_remote_apis::google::bytestream::{
 };
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
 use futures::{Stream, StreamExt};
-use hashing::{Digest, EMPTY_DIGEST};
+use hashing::Digest;
 use prost::Message;
-use store::{ErrorKind, StoreError};
-use tokio::io::AsyncReadExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::core::{Core, Refusal, digest};
 use crate::uploads::Piece;
-use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, READ_CHUNK_BYTES, ServerError};
+use crate::{Inner, MAX_BATCH_TOTAL_BYTES, MAX_MESSAGE_BYTES, ServerError};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -65,13 +67,7 @@ impl TreeWalk {
             if !self.seen.insert(d) {
                 continue;
             }
-            self.svc.ensure_local(d).await?;
-            let dir = self
-                .svc
-                .store()
-                .load_directory(d)
-                .map_err(|e| store_status(&format!("directory {d}"), &e))?;
-            return Ok(Some(dir));
+            return Ok(Some(self.svc.directory(d).await?));
         }
         Ok(None)
     }
@@ -137,29 +133,29 @@ impl TreeWalk {
     }
 }
 
+/// The gRPC services: a translation of the core.
 #[derive(Debug, Clone)]
-struct Svc(Arc<Inner>);
+struct Svc(Core);
+
+impl std::ops::Deref for Svc {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
 
 /// Builds the router with every service (and the auth check when a token is set).
 pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Router, ServerError> {
-    let svc = Svc(inner.clone());
+    let svc = Svc(Core(inner.clone()));
     let token = inner.options.auth_token.clone();
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(token) = &token else {
-            return Ok(req);
-        };
-        let given = req
+        let presented = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated(
-                "this cache needs `authorization: Bearer <token>`",
-            )),
-        }
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes());
+        crate::core::check_token(token.as_deref(), presented)?;
+        Ok(req)
     };
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(6 * 1024 * 1024))
@@ -202,183 +198,12 @@ pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Rout
         )))
 }
 
-/// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A store failure as a gRPC status: the server's own trouble is INTERNAL (or
-/// RESOURCE_EXHAUSTED when the disk is full), never a panic.
-fn store_status(what: &str, e: &StoreError) -> Status {
-    match e.kind() {
-        ErrorKind::StorageFull => Status::resource_exhausted(format!("{what}: {e}")),
-        ErrorKind::InvalidData => Status::invalid_argument(format!("{what}: {e}")),
-        ErrorKind::MissingDigest(d) => Status::not_found(format!("{what}: blob {d} not found")),
-        _ => Status::internal(format!("{what}: {e}")),
-    }
-}
-
 fn rpc_status(code: Code, message: String) -> Option<RpcStatus> {
     Some(RpcStatus {
         code: code as i32,
         message,
         details: vec![],
     })
-}
-
-/// A read of `d` that failed. A stored blob that is not what its digest says (the wrong size,
-/// a seek table or frame that does not decode to it, bytes that do not hash to it) is DATA_LOSS,
-/// never OK, and is evicted on the spot so the next upload of it replaces it; any other failure
-/// as [`store_status`].
-fn read_failed(store: &store::LocalStore, d: Digest, e: &StoreError) -> Status {
-    if matches!(e.kind(), ErrorKind::InvalidData) {
-        tracing::error!(digest = %d, error = %e, "a stored blob is damaged; evicting it");
-        if let Err(e) = store.remove(&[d]) {
-            tracing::warn!(digest = %d, error = %e, "could not evict a damaged blob");
-        }
-        return Status::data_loss(format!(
-            "the stored copy of blob {d} is damaged and was evicted (upload it again): {e}"
-        ));
-    }
-    store_status("reading", e)
-}
-
-impl Svc {
-    fn store(&self) -> &store::LocalStore {
-        &self.0.store
-    }
-
-    /// With an S3 tier: makes sure the store holds `d`, fetching it from the bucket if need
-    /// be (a blob neither has stays missing; the caller's own lookup says so).
-    async fn ensure_local(&self, d: Digest) -> Result<(), Status> {
-        if let Some(t) = &self.0.tier {
-            t.fetch(&self.0, d).await?;
-        }
-        Ok(())
-    }
-
-    /// With an S3 tier: a place in the upload queue for `d`, taken before it is stored (none
-    /// for a blob the store already holds: it was queued when it arrived).
-    async fn admit(&self, d: Digest) -> Result<Option<crate::tier::Admission>, Status> {
-        match &self.0.tier {
-            Some(t) if d != EMPTY_DIGEST && !self.store().contains(d) => {
-                Ok(Some(t.admit(d).await?))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Which of `digests` this cache does not have (store, then the S3 tier).
-    async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
-        match &self.0.tier {
-            Some(t) => t.missing(digests).await,
-            None => self.store().missing(digests.iter().copied()),
-        }
-    }
-
-    /// Refuses instance names outside the allow-list.
-    fn check_instance(&self, name: &str) -> Result<(), Status> {
-        self.0.check_instance(name)
-    }
-
-    /// Only SHA-256 is spoken; unset (0) means the default, SHA-256.
-    fn check_digest_function(&self, f: i32) -> Result<(), Status> {
-        if f == 0 || f == digest_function::Value::Sha256 as i32 {
-            Ok(())
-        } else {
-            Err(Status::invalid_argument(format!(
-                "digest_function {f} is not supported: this cache speaks SHA-256 only"
-            )))
-        }
-    }
-
-    fn check_size(&self, d: Digest) -> Result<(), Status> {
-        let max = self.0.options.max_blob_size;
-        if d.size_bytes > max {
-            Err(Status::resource_exhausted(format!(
-                "blob {d} is larger than this cache accepts ({max} bytes)"
-            )))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Verifies `data` against `d` and stores it. A blob already stored is not reserved for
-    /// again (which could evict an unrelated blob to make room for nothing): re-sending it is a
-    /// use of it, as a `Write` of it is.
-    fn store_verified(&self, d: Digest, data: &[u8]) -> Result<(), Status> {
-        self.check_size(d)?;
-        if data.len() as u64 != d.size_bytes || Digest::of_bytes(data) != d {
-            return Err(Status::invalid_argument(format!(
-                "content does not match digest {d}"
-            )));
-        }
-        if self.store().contains(d) {
-            self.store().touch_all([d]);
-            return Ok(());
-        }
-        let _room = self.0.reserve(d)?;
-        self.store()
-            .store_verified(d, &mut &data[..])
-            .map_err(|e| store_status("storing", &e))
-    }
-}
-
-impl Svc {
-    /// Reserves room for `d` and starts its writer on a blocking thread: it hashes, compresses
-    /// or keeps plain, fsyncs, and commits only when the digest verifies, while the `Write`
-    /// task keeps receiving (the two overlap instead of taking turns). The 2-message channel is
-    /// the back-pressure; a channel closed early leaves nothing visible.
-    fn start_upload(&self, d: Digest, compressed: bool) -> Result<crate::uploads::Upload, Status> {
-        let room = self.0.reserve(d)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<crate::uploads::Piece>(2);
-        let refused = Arc::new(std::sync::Mutex::new(None::<String>));
-        let store = self.store().clone();
-        let why = refused.clone();
-        // With an S3 tier, a large blob's parts start up to the bucket as they arrive.
-        let tee = self.0.tier.as_ref().and_then(|t| t.tee(d));
-        let writer = tokio::task::spawn_blocking(move || {
-            let input = ChannelReader {
-                rx,
-                current: Vec::new(),
-                pos: 0,
-                ended: false,
-            };
-            let store_from = |mut blob: Box<dyn std::io::Read>| match tee {
-                Some(tee) => {
-                    let mut reader = crate::tier::TeeReader { inner: blob, tee };
-                    let stored = store.store_verified(d, &mut reader);
-                    // The parts copied out on the way may complete an object only if this
-                    // attempt's blob verified.
-                    reader.tee.settle(stored.is_ok());
-                    stored
-                }
-                None => store.store_verified(d, &mut blob),
-            };
-            if compressed {
-                store_from(Box::new(RefusingReader {
-                    inner: zstd::stream::read::Decoder::new(input)
-                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
-                    refused: why,
-                }))
-            } else {
-                store_from(Box::new(input))
-            }
-        });
-        Ok(crate::uploads::Upload {
-            digest: d,
-            received: 0,
-            tx,
-            writer,
-            refused,
-            _room: room,
-            admission: None,
-        })
-    }
-}
-
-fn digest(field: &str, d: Option<&remexec::Digest>) -> Result<Digest, Status> {
-    hashing::reapi::require_digest(field, d).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// A parsed ByteStream resource name.
@@ -488,15 +313,7 @@ impl ContentAddressableStorage for Svc {
         for (i, d) in req.blob_digests.iter().enumerate() {
             digests.push(digest(&format!("blob_digests[{i}]"), Some(d))?);
         }
-        let missing = self.missing(&digests).await;
-        // A blob reported present is one the client counts on (it will reference it instead of
-        // uploading it): that is a use, for LRU (and for the bucket's retention).
-        let gone: HashSet<Digest> = missing.iter().copied().collect();
-        let present: Vec<Digest> = digests.into_iter().filter(|d| !gone.contains(d)).collect();
-        if let Some(t) = &self.0.tier {
-            t.used(crate::tier::Kind::Blob, present.iter().copied());
-        }
-        self.store().touch_all(present);
+        let missing = self.find_missing(digests).await;
         Ok(Response::new(remexec::FindMissingBlobsResponse {
             missing_blob_digests: missing.into_iter().map(Into::into).collect(),
         }))
@@ -514,29 +331,27 @@ impl ContentAddressableStorage for Svc {
             let d = digest(&format!("requests[{i}].digest"), r.digest.as_ref())?;
             let result = async {
                 self.check_size(d)?;
-                let _admission = self.admit(d).await?;
                 let data = match r.compressor {
                     c if c == compressor::Value::Identity as i32 => r.data,
                     c if c == compressor::Value::Zstd as i32 => {
                         let cap = usize::try_from(d.size_bytes).unwrap_or(usize::MAX);
-                        zstd::bulk::decompress(&r.data, cap).map_err(|e| {
-                            Status::invalid_argument(format!("undecodable zstd data: {e}"))
-                        })?
+                        zstd::bulk::decompress(&r.data, cap)
+                            .map_err(|e| Refusal::invalid(format!("undecodable zstd data: {e}")))?
                     }
                     other => {
-                        return Err(Status::invalid_argument(format!(
+                        return Err(Refusal::invalid(format!(
                             "compressor {other} is not supported"
                         )));
                     }
                 };
-                self.store_verified(d, &data)
+                self.put_blob(d, &data).await
             }
             .await;
             responses.push(remexec::batch_update_blobs_response::Response {
                 digest: Some(d.into()),
                 status: match result {
                     Ok(()) => rpc_status(Code::Ok, String::new()),
-                    Err(s) => rpc_status(s.code(), s.message().to_owned()),
+                    Err(r) => rpc_status(r.grpc_code(), r.message),
                 },
             });
         }
@@ -567,29 +382,10 @@ impl ContentAddressableStorage for Svc {
                 "the batch asks for {total} bytes; the limit is {MAX_BATCH_TOTAL_BYTES} (use ByteStream)"
             )));
         }
-        if self.0.tier.is_some() {
-            let absent = self.store().missing(digests.iter().copied());
-            let fetched: Vec<Result<(), Status>> = futures::stream::iter(absent)
-                .map(|d| self.ensure_local(d))
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            if let Some(Err(e)) = fetched.into_iter().find(Result::is_err) {
-                return Err(e);
-            }
-        }
+        self.ensure_all_local(&digests).await?;
         let mut responses = Vec::with_capacity(digests.len());
         for d in digests {
-            // The size is checked on the way out; the bytes are not hashed again (SHA-256 of a
-            // full 4 MiB batch is ≈ 3 ms here, as much as the rest of the call).
-            let loaded = self.store().load_bytes(d).and_then(|b| match b {
-                Some(b) if b.len() as u64 != d.size_bytes => Err(StoreError::invalid(format!(
-                    "{} bytes are stored for it",
-                    b.len()
-                ))),
-                other => Ok(other),
-            });
-            let (data, status, comp) = match loaded {
+            let (data, status, comp) = match self.read_small(d) {
                 Ok(Some(b)) => {
                     // Compress only what shrinks enough to pay for it.
                     let compressed = if zstd_ok && b.len() >= 4096 {
@@ -617,14 +413,11 @@ impl ContentAddressableStorage for Svc {
                     rpc_status(Code::NotFound, format!("blob {d} not found")),
                     compressor::Value::Identity,
                 ),
-                Err(e) => {
-                    let s = read_failed(self.store(), d, &e);
-                    (
-                        vec![],
-                        rpc_status(s.code(), s.message().to_owned()),
-                        compressor::Value::Identity,
-                    )
-                }
+                Err(r) => (
+                    vec![],
+                    rpc_status(r.grpc_code(), r.message),
+                    compressor::Value::Identity,
+                ),
             };
             responses.push(remexec::batch_read_blobs_response::Response {
                 digest: Some(d.into()),
@@ -712,145 +505,6 @@ impl ContentAddressableStorage for Svc {
     }
 }
 
-/// The digests an ActionResult names, by what they are.
-#[derive(Debug, Default)]
-struct Referenced {
-    /// Plain blobs: stdout, stderr, output files.
-    blobs: Vec<Digest>,
-    /// `OutputDirectory.tree_digest`: encoded Tree messages (their files are blobs too).
-    trees: Vec<Digest>,
-    /// `OutputDirectory.root_directory_digest` (REAPI 2.3's DIRECTORY_ONLY form, or beside a
-    /// Tree): Directory messages, each naming its files and subdirectories by digest.
-    roots: Vec<Digest>,
-}
-
-/// Every digest an ActionResult names, under either output directory form; each must parse,
-/// and an output directory must name its contents one way or the other.
-#[allow(deprecated)] // output_file_symlinks etc. carry no digests; listed for completeness
-fn referenced_blobs(ar: &remexec::ActionResult) -> Result<Referenced, Status> {
-    let mut r = Referenced::default();
-    for (field, d) in [
-        ("stdout_digest", ar.stdout_digest.as_ref()),
-        ("stderr_digest", ar.stderr_digest.as_ref()),
-    ] {
-        if let Some(d) = d {
-            r.blobs.push(digest(field, Some(d))?);
-        }
-    }
-    for (i, f) in ar.output_files.iter().enumerate() {
-        r.blobs.push(digest(
-            &format!("output_files[{i}].digest"),
-            f.digest.as_ref(),
-        )?);
-    }
-    for (i, d) in ar.output_directories.iter().enumerate() {
-        if d.tree_digest.is_none() && d.root_directory_digest.is_none() {
-            return Err(Status::invalid_argument(format!(
-                "output_directories[{i}] ({:?}) has neither tree_digest nor \
-                 root_directory_digest",
-                d.path
-            )));
-        }
-        if let Some(t) = &d.tree_digest {
-            r.trees.push(digest(
-                &format!("output_directories[{i}].tree_digest"),
-                Some(t),
-            )?);
-        }
-        if let Some(root) = &d.root_directory_digest {
-            r.roots.push(digest(
-                &format!("output_directories[{i}].root_directory_digest"),
-                Some(root),
-            )?);
-        }
-    }
-    Ok(r)
-}
-
-impl Svc {
-    /// Loads a Tree or Directory message a result names; `None` when it is gone or is not
-    /// one (then the result cannot be used: a miss, not an error).
-    async fn load_message<M: Message + Default>(&self, d: Digest) -> Result<Option<M>, Status> {
-        self.ensure_local(d).await?;
-        let Some(bytes) = self
-            .store()
-            .load_bytes(d)
-            .map_err(|e| store_status("reading an output directory", &e))?
-        else {
-            return Ok(None);
-        };
-        match M::decode(&bytes[..]) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) => {
-                tracing::warn!(digest = %d, error = %e, "an action result names an undecodable directory");
-                Ok(None)
-            }
-        }
-    }
-
-    /// Whether every blob `ar` names is here: its files, its Trees and their files, and under
-    /// a `root_directory_digest` every Directory message and file: a hit must never send a
-    /// client after a blob this cache lost. A hit counts as a use of all of them.
-    async fn outputs_present(&self, ar: &remexec::ActionResult) -> Result<bool, Status> {
-        let Referenced {
-            mut blobs,
-            trees,
-            roots,
-        } = referenced_blobs(ar)?;
-        let mut messages = Vec::with_capacity(trees.len() + roots.len());
-        for t in trees {
-            let Some(tree) = self.load_message::<remexec::Tree>(t).await? else {
-                return Ok(false);
-            };
-            for dir in tree.root.iter().chain(&tree.children) {
-                for f in &dir.files {
-                    blobs.push(digest("Tree file digest", f.digest.as_ref())?);
-                }
-            }
-            messages.push(t);
-        }
-        // A Directory graph is walked once per distinct Directory (shared subtrees are common).
-        let mut queue = VecDeque::from(roots);
-        let mut seen = HashSet::new();
-        while let Some(d) = queue.pop_front() {
-            if !seen.insert(d) {
-                continue;
-            }
-            let Some(dir) = self.load_message::<remexec::Directory>(d).await? else {
-                return Ok(false);
-            };
-            for f in &dir.files {
-                blobs.push(digest("Directory file digest", f.digest.as_ref())?);
-            }
-            for sub in &dir.directories {
-                queue.push_back(digest(
-                    "Directory subdirectory digest",
-                    sub.digest.as_ref(),
-                )?);
-            }
-            messages.push(d);
-        }
-        blobs.retain(|d| *d != EMPTY_DIGEST);
-        let missing = match &self.0.tier {
-            Some(t) => t.missing_for_hit(&blobs).await,
-            None => self.store().missing(blobs.iter().copied()),
-        };
-        if !missing.is_empty() {
-            return Ok(false);
-        }
-        // A hit is a use of its outputs even when the client never downloads them (Bazel's
-        // --remote_download_minimal): keep them as fresh as the entry.
-        if let Some(t) = &self.0.tier {
-            t.used(
-                crate::tier::Kind::Blob,
-                blobs.iter().chain(&messages).copied(),
-            );
-        }
-        self.store().touch_all(blobs.into_iter().chain(messages));
-        Ok(true)
-    }
-}
-
 #[tonic::async_trait]
 impl ActionCache for Svc {
     async fn get_action_result(
@@ -861,40 +515,7 @@ impl ActionCache for Svc {
         self.check_instance(&req.instance_name)?;
         self.check_digest_function(req.digest_function)?;
         let action = digest("action_digest", req.action_digest.as_ref())?;
-        let mut bytes = self
-            .store()
-            .get_ref(action)
-            .map_err(|e| store_status("reading the action cache", &e))?;
-        if bytes.is_none()
-            && let Some(t) = &self.0.tier
-            && let Some(shared) = t.get_ac(action).await?
-        {
-            // Recorded through another server sharing the bucket: keep a local copy.
-            remexec::ActionResult::decode(&shared[..]).map_err(|e| {
-                Status::unavailable(format!(
-                    "the bucket's result for {action} is undecodable: {e}"
-                ))
-            })?;
-            let _ = self.store().put_ref(action, &shared);
-            bytes = Some(shared.into());
-        }
-        let Some(bytes) = bytes else {
-            return Err(Status::not_found(format!("no result for action {action}")));
-        };
-        let ar = remexec::ActionResult::decode(&bytes[..]).map_err(|e| {
-            Status::internal(format!("stored result for {action} is undecodable: {e}"))
-        })?;
-        if !self.outputs_present(&ar).await? {
-            // A dangling entry: drop it, and answer as if it never existed.
-            let _ = self.store().remove_ref(action);
-            return Err(Status::not_found(format!(
-                "the result for action {action} names outputs this cache no longer has"
-            )));
-        }
-        if let Some(t) = &self.0.tier {
-            t.used(crate::tier::Kind::Action, [action]);
-        }
-        Ok(Response::new(ar))
+        Ok(Response::new(self.0.get_action_result(action.hash).await?))
     }
 
     async fn update_action_result(
@@ -908,16 +529,7 @@ impl ActionCache for Svc {
         let ar = req
             .action_result
             .ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
-        // Every digest in it must parse; outputs may arrive later (clients upload first, but
-        // the spec does not require it), so presence is checked when the entry is read.
-        referenced_blobs(&ar)?;
-        let encoded = ar.encode_to_vec();
-        self.store()
-            .put_ref(action, &encoded)
-            .map_err(|e| store_status("writing the action cache", &e))?;
-        if let Some(t) = &self.0.tier {
-            t.put_ac(action, encoded).await?;
-        }
+        self.0.update_action_result(action.hash, &ar).await?;
         Ok(Response::new(ar))
     }
 }
@@ -954,48 +566,18 @@ impl ByteStream for Svc {
             0 => d.size_bytes,
             n => (offset + n as u64).min(d.size_bytes),
         };
-        if let Some(t) = &self.0.tier
-            && !self.store().contains(d)
-        {
-            // A whole large blob only the bucket has: stream it to the client while it fills
-            // the fast tier, instead of fetching it all before the first byte goes out.
-            let whole = offset == 0 && end == d.size_bytes && !r.compressed;
-            let to_client = |rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, Status>>| {
-                t.used(crate::tier::Kind::Blob, [d]);
-                let stream = futures::stream::poll_fn({
-                    let mut rx = rx;
-                    move |cx| rx.poll_recv(cx)
-                })
-                .map(|item| item.map(|data| ReadResponse { data }));
-                Ok(Response::new(Box::pin(stream) as Self::ReadStream))
-            };
-            if whole
-                && !self.store().is_small(d.size_bytes)
-                && let Some(rx) = t.stream_through(&self.0, d).await?
-            {
-                return to_client(rx);
-            }
-            match t.fetch(&self.0, d).await {
-                Ok(_) => {}
-                // The fast tier cannot make room for it: straight from the bucket, not kept.
-                Err(e) if e.code() == Code::ResourceExhausted && !r.compressed => {
-                    return to_client(t.pass_through(d, offset, end).await?);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let source = self.open(d, r.compressed).await?;
-        if let Some(t) = &self.0.tier {
-            t.used(crate::tier::Kind::Blob, [d]);
-        }
-        // Background S3 uploads give way while this streams.
-        let reading = self.0.tier.as_ref().map(|t| t.reading());
-        let stream = read_stream(source, offset, end, r.compressed, self.store().clone(), d).map(
-            move |chunk| {
-                let _ = &reading;
+        let stream = self
+            .0
+            .read(d, offset, end, r.compressed)
+            .await?
+            .map(|chunk| {
                 chunk
-            },
-        );
+                    // No copy when the chunk owns its buffer (a pool file's range).
+                    .map(|data| ReadResponse {
+                        data: Vec::from(data),
+                    })
+                    .map_err(Status::from)
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -1018,26 +600,21 @@ impl ByteStream for Svc {
         let done = || WriteResponse {
             committed_size: if r.compressed { -1 } else { size },
         };
-        if self.store().contains(d) {
-            self.0.paused.abandon_digest(d);
-            self.store().touch_all([d]);
+        if self.already_stored(d) {
             return Ok(Response::new(done()));
         }
         let name = first.resource_name.clone();
         let (upload, active) = if first.write_offset == 0 {
             // A fresh start (also of a name that was paused: the client chose to start over).
             // Paused uploads of this blob are abandoned: their writers hold its write lock.
-            let active = self.0.paused.begin(d);
-            let admission = self.admit(d).await?;
-            let mut upload = self.start_upload(d, r.compressed)?;
-            upload.admission = admission;
-            (upload, active)
+            let active = self.0.0.paused.begin(d);
+            (self.start_upload(d, r.compressed).await?, active)
         } else {
-            match self.0.paused.resume(&name) {
+            match self.0.0.paused.resume(&name) {
                 Some((u, active)) if u.received == first.write_offset => (u, active),
                 Some((u, _)) => {
                     let received = u.received;
-                    self.0.paused.pause(name, u);
+                    self.0.0.paused.pause(name, u);
                     return Err(Status::invalid_argument(format!(
                         "write_offset {} but {received} bytes of this upload were received: \
                          resume at {received} (QueryWriteStatus says so) or start over at 0",
@@ -1059,7 +636,7 @@ impl ByteStream for Svc {
         let mut guard = ActiveUpload {
             upload: Some(upload),
             name,
-            paused: self.0.paused.clone(),
+            paused: self.0.0.paused.clone(),
             active,
         };
         let Some(upload) = guard.upload.as_mut() else {
@@ -1086,7 +663,7 @@ impl ByteStream for Svc {
             // ahead of the writer).
             let len = msg.data.len() as i64;
             let finish = msg.finish_write;
-            if upload.tx.send(Piece::Bytes(msg.data)).await.is_err() {
+            if upload.tx.send(Piece::Bytes(msg.data.into())).await.is_err() {
                 break Ok(()); // the writer stopped early (refused): its result says why
             }
             upload.received += len;
@@ -1116,32 +693,8 @@ impl ByteStream for Svc {
             return Err(Status::internal("upload state lost"));
         };
         streamed?;
-        // Closing the channel ends the writer's input.
-        let crate::uploads::Upload {
-            tx,
-            writer,
-            refused,
-            _room,
-            admission: _admission,
-            ..
-        } = upload;
-        drop(tx);
-        let stored = writer
-            .await
-            .map_err(|e| Status::internal(format!("upload task: {e}")))?;
-        if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(Status::invalid_argument(format!(
-                "upload of {d} refused, nothing stored: {why}"
-            )));
-        }
-        // Wrong content (a digest mismatch, too short, too long) is the client's; anything
-        // else (a full disk, an I/O error) the server's.
-        stored.map_err(|e| match e.kind() {
-            ErrorKind::InvalidData => {
-                Status::invalid_argument(format!("upload refused, nothing stored: {e}"))
-            }
-            _ => store_status("storing the upload", &e),
-        })?;
+        // Closing the channel ends the writer's input; the core says whether it was stored.
+        self.finish_upload(upload).await?;
         Ok(Response::new(done()))
     }
 
@@ -1160,7 +713,7 @@ impl ByteStream for Svc {
             }));
         }
         Ok(Response::new(QueryWriteStatusResponse {
-            committed_size: self.0.paused.received(name).unwrap_or(0),
+            committed_size: self.0.0.paused.received(name).unwrap_or(0),
             complete: false,
         }))
     }
@@ -1195,190 +748,6 @@ impl Resource {
             _ => String::from("\u{0}different"),
         }
     }
-}
-
-/// A blocking `Read` over the chunks an upload's async task sends. It ends at
-/// [`Piece::End`]; a channel closed before that (an abandoned upload) is an error, so the
-/// writer commits nothing.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Piece>,
-    current: Vec<u8>,
-    pos: usize,
-    ended: bool,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.current.len() {
-            if self.ended {
-                return Ok(0);
-            }
-            match self.rx.blocking_recv() {
-                Some(Piece::Bytes(next)) => {
-                    self.current = next;
-                    self.pos = 0;
-                }
-                Some(Piece::End) => self.ended = true,
-                None => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the upload was abandoned before finish_write",
-                    ));
-                }
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-/// Remembers why a compressed upload could not be decoded, so the client hears
-/// INVALID_ARGUMENT (its data is wrong), not INTERNAL.
-struct RefusingReader<R> {
-    inner: R,
-    refused: Arc<std::sync::Mutex<Option<String>>>,
-}
-
-impl<R: std::io::Read> std::io::Read for RefusingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(buf).inspect_err(|e| {
-            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(format!("undecodable zstd stream: {e}"));
-        })
-    }
-}
-
-/// The reader of a [`Source::Blob`]: idle, or on a blocking thread reading the chunk that
-/// goes out next (read while the previous one is being sent, so disk and network overlap; one
-/// chunk ahead at most).
-enum BlobSlot {
-    Idle(store::BlobReader),
-    Reading(ChunkRead),
-    /// Only while a read's result is being taken, or after its task died.
-    Gone,
-}
-
-type ChunkRead =
-    tokio::task::JoinHandle<(store::BlobReader, Result<bytes::Bytes, store::StoreError>)>;
-
-/// Reads `len` bytes at `pos` on a blocking thread; the reader comes back with them.
-fn read_chunk(mut reader: store::BlobReader, pos: u64, len: u64) -> ChunkRead {
-    tokio::task::spawn_blocking(move || {
-        let got = reader.read_range(pos, len);
-        (reader, got)
-    })
-}
-
-/// Where a read's bytes come from.
-enum Source {
-    /// Logical bytes, read a range at a time from one open reader (a compressed pool file is
-    /// opened and its seek table read once; each range decodes only the frames it touches).
-    Blob(BlobSlot),
-    /// Stored zstd frames, sent as they are to a client that asked for compressed bytes.
-    Frames(tokio::fs::File),
-}
-
-impl Svc {
-    async fn open(&self, d: Digest, compressed: bool) -> Result<Source, Status> {
-        if compressed && let Some(path) = self.store().compressed_file(d) {
-            match tokio::fs::File::open(&path).await {
-                Ok(f) => return Ok(Source::Frames(f)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Status::not_found(format!("blob {d} not found")));
-                }
-                Err(e) => return Err(Status::internal(format!("opening blob {d}: {e}"))),
-            }
-        }
-        match self
-            .store()
-            .open_blob(d)
-            .map_err(|e| read_failed(self.store(), d, &e))?
-        {
-            Some(reader) => Ok(Source::Blob(BlobSlot::Idle(reader))),
-            None => Err(Status::not_found(format!("blob {d} not found"))),
-        }
-    }
-}
-
-/// The bytes `offset..end` of `source` in chunks. Compressed from a plain source: each chunk
-/// its own zstd frame (concatenated frames are one valid zstd stream); from stored frames: the
-/// file as it is. A chunk the store cannot read ends the stream ([`read_failed`]: a damaged
-/// blob is evicted).
-fn read_stream(
-    source: Source,
-    offset: u64,
-    end: u64,
-    compressed: bool,
-    store: store::LocalStore,
-    digest: Digest,
-) -> impl Stream<Item = Result<ReadResponse, Status>> + Send {
-    let state = (source, offset, false, store);
-    futures::stream::unfold(state, move |(mut source, pos, done, store)| async move {
-        if done {
-            return None;
-        }
-        let (item, next, finished) = match &mut source {
-            Source::Frames(f) => {
-                let mut buf = vec![0u8; READ_CHUNK_BYTES];
-                match f.read(&mut buf).await {
-                    Ok(0) if pos > 0 => return None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        (Ok(ReadResponse { data: buf }), pos + n as u64, n == 0)
-                    }
-                    Err(e) => (
-                        Err(Status::internal(format!("reading a stored blob: {e}"))),
-                        pos,
-                        true,
-                    ),
-                }
-            }
-            Source::Blob(slot) => {
-                let want = (end - pos.min(end)).min(READ_CHUNK_BYTES as u64);
-                let task = match std::mem::replace(slot, BlobSlot::Gone) {
-                    BlobSlot::Idle(reader) => read_chunk(reader, pos, want),
-                    BlobSlot::Reading(task) => task,
-                    BlobSlot::Gone => return None,
-                };
-                let chunk = match task.await {
-                    Ok((reader, got)) => {
-                        let next = pos + want;
-                        *slot = if got.is_ok() && next < end {
-                            // The next chunk is read while this one is sent.
-                            BlobSlot::Reading(read_chunk(
-                                reader,
-                                next,
-                                (end - next).min(READ_CHUNK_BYTES as u64),
-                            ))
-                        } else {
-                            BlobSlot::Idle(reader)
-                        };
-                        got.map_err(|e| read_failed(&store, digest, &e))
-                    }
-                    Err(e) => Err(Status::internal(format!(
-                        "reading a stored blob: its read task failed: {e}"
-                    ))),
-                };
-                let item = chunk.and_then(|data| {
-                    let data = if compressed {
-                        zstd::bulk::compress(&data, 1)
-                            .map_err(|e| Status::internal(format!("zstd: {e}")))?
-                    } else {
-                        // No copy when the chunk owns its buffer (a pool file's range).
-                        Vec::from(data)
-                    };
-                    Ok(ReadResponse { data })
-                });
-                let next = pos + want;
-                // An empty blob (or a read at its end) is one empty message; errors end it.
-                let finished = item.is_err() || next >= end;
-                (item, next, finished)
-            }
-        };
-        Some((item, (source, next, finished, store)))
-    })
 }
 
 #[cfg(test)]

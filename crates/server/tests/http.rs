@@ -1,0 +1,604 @@
+//! `recache serve --http-listen`: the HTTP/1.1 cache protocol, driven by curl (a real client)
+//! for the edge cases, and checked against the gRPC face of the same server (one store, one
+//! key space, one set of rules).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::Path;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use hashing::Digest;
+use prost::Message;
+use server::{CacheServer, ServerOptions};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    http: String,
+    channel: Channel,
+    server: CacheServer,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+async fn start(tweak: impl FnOnce(&mut ServerOptions)) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(dir.path());
+    tweak(&mut options);
+    let server = CacheServer::open(options).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = server.clone();
+    let handle = tokio::spawn(async move {
+        serving
+            .serve_with_http(grpc, Some(http), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Running {
+        http: format!("http://{http_addr}"),
+        channel,
+        server,
+        _dir: dir,
+        stop: Some(tx),
+        handle,
+    }
+}
+
+/// What curl got: the status of the last response, its headers (lower-cased names), its body.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Runs curl with `args` (the URL among them); `--max-time 10` unless the args set one.
+async fn curl(args: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let (head, body) = (dir.path().join("head"), dir.path().join("body"));
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-s", "-D"])
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"]);
+    if !args.contains(&"--max-time") {
+        cmd.args(["--max-time", "10"]);
+    }
+    let out = cmd.args(args).output().await.expect("curl is installed");
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let head = std::fs::read_to_string(&head).unwrap_or_default();
+    // The last response's headers (a 100 Continue may come first).
+    let last = head.trim_end().rsplit("\r\n\r\n").next().unwrap_or("");
+    let headers = last
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Got {
+        status,
+        headers,
+        body: std::fs::read(&body).unwrap_or_default(),
+    }
+}
+
+fn file_with(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    format!("@{}", p.display())
+}
+
+fn cas(r: &Running) -> ContentAddressableStorageClient<Channel> {
+    ContentAddressableStorageClient::new(r.channel.clone())
+}
+
+async fn grpc_missing(r: &Running, d: Digest) -> bool {
+    !cas(r)
+        .find_missing_blobs(remexec::FindMissingBlobsRequest {
+            blob_digests: vec![d.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .is_empty()
+}
+
+async fn grpc_put(r: &Running, data: &[u8]) -> Digest {
+    let d = Digest::of_bytes(data);
+    let resp = cas(r)
+        .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+            requests: vec![remexec::batch_update_blobs_request::Request {
+                digest: Some(d.into()),
+                data: data.to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, 0);
+    d
+}
+
+/// Blobs go in and out over HTTP, whatever their size and coding, and over gRPC alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn blobs_cross_between_http_and_grpc() {
+    let r = start(|_| {}).await;
+    let tmp = tempfile::tempdir().unwrap();
+    for (len, seed) in [(0usize, 0u64), (11, 1), (100_000, 2), (3 << 20, 3)] {
+        let data = testutil::data::pseudo_random(len, seed);
+        let d = Digest::of_bytes(&data);
+        let url = format!("{}/cas/{}", r.http, d.hash.to_hex());
+        let put = curl(&[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &file_with(tmp.path(), "b", &data),
+            &url,
+        ])
+        .await;
+        assert_eq!(put.status, 200, "PUT {len}: {}", put.text());
+        let got = curl(&[&url]).await;
+        assert_eq!(got.status, 200, "{len}");
+        assert_eq!(got.body, data, "{len}: the bytes come back");
+        assert_eq!(
+            got.header("etag"),
+            Some(format!("\"{}\"", d.hash.to_hex()).as_str())
+        );
+        let head = curl(&["-I", &url]).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            head.header("content-length"),
+            Some(len.to_string().as_str())
+        );
+        assert!(
+            !grpc_missing(&r, d).await,
+            "{len}: gRPC sees what HTTP stored"
+        );
+    }
+    // The other way: stored over gRPC, read over HTTP.
+    let data = b"written over grpc".to_vec();
+    let d = grpc_put(&r, &data).await;
+    let got = curl(&[&format!("{}/cas/{}", r.http, d.hash.to_hex())]).await;
+    assert_eq!((got.status, got.body), (200, data));
+    // Chunked transfer encoding: no length up front, still verified.
+    let data = testutil::data::pseudo_random(700_000, 9);
+    let d = Digest::of_bytes(&data);
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &file_with(tmp.path(), "c", &data),
+        &format!("{}/cas/{}", r.http, d.hash.to_hex()),
+    ])
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert!(!grpc_missing(&r, d).await);
+    r.stop().await;
+}
+
+/// What curl can throw at it: each answered with the status that fits, and nothing partial or
+/// wrong ever becomes visible.
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_edge_cases() {
+    let r = start(|o| {
+        o.max_blob_size = 1 << 20;
+        o.instance_names = vec![String::new(), "main".into()];
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = testutil::data::pseudo_random(200_000, 4);
+    let d = Digest::of_bytes(&data);
+    let url = format!("{}/cas/{}", r.http, d.hash.to_hex());
+
+    // Content that does not hash to its key: refused, nothing stored.
+    let mut wrong = data.clone();
+    wrong[7] ^= 1;
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "w", &wrong),
+        &url,
+    ])
+    .await;
+    assert_eq!(put.status, 400, "{}", put.text());
+    assert!(
+        put.text().contains("does not match") || put.text().contains("hashes to"),
+        "{}",
+        put.text()
+    );
+    assert_eq!(curl(&[&url]).await.status, 404);
+    assert!(grpc_missing(&r, d).await);
+
+    // A body shorter than its Content-Length (the client gives up): nothing stored.
+    let short = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        &format!("Content-Length: {}", data.len()),
+        "--data-binary",
+        &file_with(tmp.path(), "s", &data[..1000]),
+        "--max-time",
+        "2",
+        &url,
+    ])
+    .await;
+    assert_ne!(short.status, 200);
+    assert_eq!(
+        curl(&[&url]).await.status,
+        404,
+        "a short body leaves nothing"
+    );
+
+    // Larger than --max-blob-size: 413 from the Content-Length, before the body is read.
+    let big = testutil::data::pseudo_random((1 << 20) + 1, 5);
+    let big_d = Digest::of_bytes(&big);
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "big", &big),
+        &format!("{}/cas/{}", r.http, big_d.hash.to_hex()),
+    ])
+    .await;
+    assert_eq!(put.status, 413, "{}", put.text());
+
+    // Stored properly, then read back in parts.
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "d", &data),
+        &url,
+    ])
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let part = curl(&["-r", "1000-1999", &url]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, &data[1000..2000]);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 1000-1999/{}", data.len()).as_str())
+    );
+    let past = curl(&["-r", "300000-", &url]).await;
+    assert_eq!(past.status, 416);
+
+    // 304 for the ETag the client has.
+    let etag = format!("\"{}\"", d.hash.to_hex());
+    let again = curl(&["-H", &format!("If-None-Match: {etag}"), &url]).await;
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+
+    // zstd both ways: a compressible blob comes back as the stored frames, and a zstd PUT is
+    // decoded (its size limit applies to the decoded bytes).
+    let text = "recache over http ".repeat(50_000).into_bytes();
+    let t = Digest::of_bytes(&text);
+    let turl = format!("{}/cas/{}", r.http, t.hash.to_hex());
+    let packed = zstd::bulk::compress(&text, 3).unwrap();
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Encoding: zstd",
+        "--data-binary",
+        &file_with(tmp.path(), "z", &packed),
+        &turl,
+    ])
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let z = curl(&["-H", "Accept-Encoding: zstd", &turl]).await;
+    assert_eq!(z.status, 200);
+    assert_eq!(z.header("content-encoding"), Some("zstd"));
+    assert!(
+        z.body.len() < text.len() / 10,
+        "{} bytes on the wire",
+        z.body.len()
+    );
+    assert_eq!(zstd::stream::decode_all(&z.body[..]).unwrap(), text);
+    let bomb = zstd::bulk::compress(&vec![0u8; (1 << 20) + 10], 3).unwrap();
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Encoding: zstd",
+        "--data-binary",
+        &file_with(tmp.path(), "bomb", &bomb),
+        &format!(
+            "{}/cas/{}",
+            r.http,
+            Digest::of_bytes(&vec![0u8; (1 << 20) + 10]).hash.to_hex()
+        ),
+    ])
+    .await;
+    assert_eq!(
+        put.status,
+        400,
+        "decoded past --max-blob-size: {}",
+        put.text()
+    );
+
+    // Instances: an allowed one works, an unknown one is refused naming it.
+    let inst = curl(&[&format!("{}/main/cas/{}", r.http, d.hash.to_hex())]).await;
+    assert_eq!((inst.status, inst.body.len()), (200, data.len()));
+    let other = curl(&[&format!("{}/other/cas/{}", r.http, d.hash.to_hex())]).await;
+    assert_eq!(other.status, 400);
+    assert!(other.text().contains("\"other\""), "{}", other.text());
+
+    // Not a key at all.
+    assert_eq!(curl(&[&format!("{}/cas/xyz", r.http)]).await.status, 400);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_as_bearer_or_basic() {
+    let r = start(|o| o.auth_token = Some("s3cret".into())).await;
+    let data = b"guarded".to_vec();
+    let d = Digest::of_bytes(&data);
+    let url = format!("{}/cas/{}", r.http, d.hash.to_hex());
+    let tmp = tempfile::tempdir().unwrap();
+    let body = file_with(tmp.path(), "b", &data);
+    let none = curl(&["-X", "PUT", "--data-binary", &body, &url]).await;
+    assert_eq!(none.status, 401);
+    assert!(none.header("www-authenticate").is_some());
+    let wrong = curl(&[
+        "-H",
+        "Authorization: Bearer nope",
+        "-X",
+        "PUT",
+        "--data-binary",
+        &body,
+        &url,
+    ])
+    .await;
+    assert_eq!(wrong.status, 401);
+    let basic_wrong = curl(&["-u", "ci:nope", &url]).await;
+    assert_eq!(basic_wrong.status, 401);
+    // The token as the password of the URL, as Bazel and ccache send it.
+    let authed = format!(
+        "http://ci:s3cret@{}/cas/{}",
+        r.http.trim_start_matches("http://"),
+        d.hash.to_hex()
+    );
+    assert_eq!(
+        curl(&["-X", "PUT", "--data-binary", &body, &authed])
+            .await
+            .status,
+        200
+    );
+    let bearer = curl(&["-H", "Authorization: Bearer s3cret", &url]).await;
+    assert_eq!((bearer.status, bearer.body), (200, data));
+    r.stop().await;
+}
+
+fn result_with(path: &str, d: Digest) -> remexec::ActionResult {
+    remexec::ActionResult {
+        output_files: vec![remexec::OutputFile {
+            path: path.into(),
+            digest: Some(d.into()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The ActionCache over both protocols: one rule set (paths the spec allows, every blob
+/// present), one key space (an entry written over one is read over the other), and opaque
+/// values kept apart from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn action_results_are_validated_and_shared() {
+    let r = start(|_| {}).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ac = ActionCacheClient::new(r.channel.clone());
+    let out = grpc_put(&r, b"the output").await;
+    let absent = Digest::of_bytes(b"never uploaded");
+    let action = Digest::of_bytes(b"an action");
+    let ac_url = format!("{}/ac/{}", r.http, action.hash.to_hex());
+
+    // Paths the REAPI spec forbids, planted over either protocol: refused, naming the path.
+    for bad in [
+        "../escape.txt",
+        "/etc/cron.d/x",
+        "ok/../../e",
+        "a//b",
+        "dir/",
+        "./x",
+    ] {
+        let ar = result_with(bad, out);
+        let e = ac
+            .update_action_result(remexec::UpdateActionResultRequest {
+                action_digest: Some(action.into()),
+                action_result: Some(ar.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            e.message().contains(&format!("{bad:?}")),
+            "{bad}: {}",
+            e.message()
+        );
+        let put = curl(&[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &file_with(tmp.path(), "ar", &ar.encode_to_vec()),
+            &ac_url,
+        ])
+        .await;
+        assert_eq!(put.status, 400, "{bad}");
+        assert!(
+            put.text().contains(&format!("{bad:?}")),
+            "{bad}: {}",
+            put.text()
+        );
+    }
+    let mut twice = result_with("same", out);
+    twice.output_files.push(twice.output_files[0].clone());
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "ar", &twice.encode_to_vec()),
+        &ac_url,
+    ])
+    .await;
+    assert_eq!(put.status, 400);
+    assert!(put.text().contains("twice"), "{}", put.text());
+    let mut link = remexec::ActionResult::default();
+    link.output_symlinks.push(remexec::OutputSymlink {
+        path: "l".into(),
+        target: "/etc/passwd".into(),
+        ..Default::default()
+    });
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "ar", &link.encode_to_vec()),
+        &ac_url,
+    ])
+    .await;
+    assert_eq!(put.status, 400);
+    assert!(put.text().contains("/etc/passwd"), "{}", put.text());
+
+    // A result naming a blob the cache does not have: 400 naming it.
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(
+            tmp.path(),
+            "ar",
+            &result_with("out.txt", absent).encode_to_vec(),
+        ),
+        &ac_url,
+    ])
+    .await;
+    assert_eq!(put.status, 400);
+    assert!(put.text().contains(&absent.to_string()), "{}", put.text());
+    // Not an ActionResult at all: 400, pointing at the opaque namespace.
+    let put = curl(&["-X", "PUT", "--data-binary", "\u{1}\u{2}garbage", &ac_url]).await;
+    assert_eq!(put.status, 400);
+    assert!(put.text().contains("/opaque/ac/"), "{}", put.text());
+
+    // Written over HTTP, read over gRPC.
+    let good = result_with("out.txt", out);
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "ar", &good.encode_to_vec()),
+        &ac_url,
+    ])
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let read = ac
+        .get_action_result(remexec::GetActionResultRequest {
+            action_digest: Some(action.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read, good);
+    // Written over gRPC, read over HTTP.
+    let other = Digest::of_bytes(b"another action");
+    let mut second = result_with("second.txt", out);
+    second.exit_code = 3;
+    ac.update_action_result(remexec::UpdateActionResultRequest {
+        action_digest: Some(other.into()),
+        action_result: Some(second.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let got = curl(&[&format!("{}/ac/{}", r.http, other.hash.to_hex())]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        remexec::ActionResult::decode(&got.body[..]).unwrap(),
+        second
+    );
+
+    // An entry whose output is gone: 404 over HTTP too (and dropped).
+    r.server.store().remove(&[out]).unwrap();
+    assert_eq!(curl(&[&ac_url]).await.status, 404);
+
+    // Opaque values (ccache's layout=bazel): kept and returned as they are, never seen as
+    // ActionResults.
+    let key = Digest::of_bytes(b"ccache key");
+    let opaque = format!("{}/opaque/ac/{}", r.http, key.hash.to_hex());
+    let value = testutil::data::pseudo_random(600_000, 8);
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "o", &value),
+        &opaque,
+    ])
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let got = curl(&[&opaque]).await;
+    assert_eq!((got.status, got.body.len()), (200, value.len()));
+    assert_eq!(got.body, value);
+    assert_eq!(
+        curl(&[&format!("{}/ac/{}", r.http, key.hash.to_hex())])
+            .await
+            .status,
+        404
+    );
+    let e = ac
+        .get_action_result(remexec::GetActionResultRequest {
+            action_digest: Some(key.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    r.stop().await;
+}
