@@ -219,6 +219,38 @@ pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, Stri
     (child, addr)
 }
 
+/// Like [`spawn_serve`] for a `recache serve … --http-listen HOST:PORT` command: returns the
+/// child, its grpc address and its HTTP base URL (`http://HOST:PORT`), read from the lines it
+/// prints at start.
+pub fn spawn_serve_with_http(
+    mut cmd: std::process::Command,
+) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting recache serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut grpc, mut http) = (None, None);
+    while grpc.is_none() || http.is_none() {
+        let line = lines
+            .next()
+            .expect("recache serve printed its addresses")
+            .expect("reading recache serve's output");
+        for w in line.split_whitespace() {
+            if w.starts_with("grpc://") || w.starts_with("grpcs://") {
+                grpc = Some(w.to_owned());
+            } else if w.starts_with("http://") {
+                http = Some(w.to_owned());
+            }
+        }
+    }
+    // The rest of its output goes nowhere, without blocking it.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, grpc.unwrap_or_default(), http.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

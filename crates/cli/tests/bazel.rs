@@ -375,3 +375,70 @@ fn remote_hits(out: &str) -> usize {
     let digits = before.len() - before.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     before[before.len() - digits..].parse().unwrap_or(0)
 }
+
+/// `recache serve` with both faces, in a fresh cache directory: its child, grpc address and
+/// HTTP base URL.
+fn serve_with_http(cache_dir: &Path) -> (std::process::Child, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+    ])
+    .arg(cache_dir);
+    testutil::real_servers::spawn_serve_with_http(cmd)
+}
+
+/// Issue 24: Bazel's HTTP cache (`--remote_cache=http://…`) against `recache serve
+/// --http-listen`: built, `bazel clean`, built again: every genrule a remote cache hit with
+/// identical outputs. Then the two protocols share entries: what a gRPC build wrote, an HTTP
+/// build hits, and the other way round.
+#[test]
+fn bazel_http_cache_hits_and_shares_entries_with_grpc() {
+    let Some(bin) = bazel_binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (child, grpc, http) = serve_with_http(&dir.path().join("cache"));
+    let root = dir.path().join("bazel-root");
+    let http_remote = format!("--remote_cache={http}");
+    let grpc_remote = format!("--remote_cache={grpc}");
+
+    let ws = dir.path().join("ws-http");
+    genrule_workspace(&ws);
+    bazel(&bin, &root, &ws, &["build", "//:all", &http_remote]);
+    let expected = outputs(&ws);
+    bazel(&bin, &root, &ws, &["clean"]);
+    let again = bazel(&bin, &root, &ws, &["build", "//:all", &http_remote]);
+    assert_eq!(
+        remote_hits(&again),
+        GENRULES,
+        "every genrule hits over HTTP:\n{again}"
+    );
+    assert_eq!(outputs(&ws), expected, "identical outputs from the cache");
+    bazel(&bin, &root, &ws, &["shutdown"]);
+
+    for (name, write, read) in [
+        ("grpc-then-http", &grpc_remote, &http_remote),
+        ("http-then-grpc", &http_remote, &grpc_remote),
+    ] {
+        let ws = dir.path().join(name);
+        genrule_workspace(&ws);
+        let first = bazel(&bin, &root, &ws, &["build", "//:all", write]);
+        assert_eq!(remote_hits(&first), 0, "{name}: a fresh workspace misses");
+        let expected = outputs(&ws);
+        bazel(&bin, &root, &ws, &["clean"]);
+        let again = bazel(&bin, &root, &ws, &["build", "//:all", read]);
+        assert_eq!(
+            remote_hits(&again),
+            GENRULES,
+            "{name}: what one protocol wrote, the other hits:\n{again}"
+        );
+        assert_eq!(outputs(&ws), expected, "{name}: identical outputs");
+        bazel(&bin, &root, &ws, &["shutdown"]);
+    }
+    terminate(child);
+}
