@@ -6,6 +6,7 @@
 
 pub mod asset;
 pub mod hit;
+pub mod http;
 pub mod peers;
 pub mod s3;
 pub mod scale;

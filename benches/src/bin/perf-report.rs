@@ -30,6 +30,8 @@
 //!   loopback) = `asset_cold_over_plain` (goal ≥ 0.8); `asset_cold_fetch_peak_rss_growth_mib`
 //!   (goal ≤ 64); `asset_warm_fetch_us` (an indexed asset) over `asset_get_action_result_us` =
 //!   `asset_warm_over_get_action_result` (goal ≤ 1.5);
+//! - `http`: `recache serve --http-listen` beside nginx, and against our own gRPC path (see
+//!   `benches::http`), when `scripts/nginx.sh` runs it and `RECACHE_TEST_NGINX` is set;
 //! - `server`: `recache serve` beside buildbox-casd and BuildGrid, the same workloads against
 //!   each with ratios per row (see `benches::peers`), when `scripts/reapi-servers.sh` runs them
 //!   and its `RECACHE_TEST_*` variables are set; left out (with a line on stderr) otherwise.
@@ -258,6 +260,16 @@ fn main() {
         None => eprintln!(
             "perf-report: no `server` section: recache serve is not reachable (start \
              scripts/reapi-servers.sh and eval its env)"
+        ),
+    }
+    // The HTTP front end beside nginx, when scripts/nginx.sh runs.
+    match rt.block_on(benches::http::report(quick, &tmp)) {
+        Some(h) => {
+            report.insert("http".into(), h);
+        }
+        None => eprintln!(
+            "perf-report: no `http` section: nginx is not running (scripts/nginx.sh start, and \
+             eval \"$(scripts/nginx.sh env)\")"
         ),
     }
     // The S3 tier on SeaweedFS, when scripts/s3-servers.sh runs.

@@ -601,6 +601,25 @@ impl Core {
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.store().is_small(d.size_bytes) {
+            // A small blob lives in the database: read at once (microseconds), one chunk, no
+            // blocking task.
+            let bytes = self
+                .read_small(d)?
+                .ok_or_else(|| Refusal::not_found(format!("blob {d} not found")))?;
+            if let Some(t) = &self.0.tier {
+                t.used(crate::tier::Kind::Blob, [d]);
+            }
+            let part = bytes.slice(offset as usize..end as usize);
+            let chunk = if compressed {
+                zstd::bulk::compress(&part, 1)
+                    .map(Bytes::from)
+                    .map_err(|e| Refusal::internal(format!("zstd: {e}")))
+            } else {
+                Ok(part)
+            };
+            return Ok(Box::pin(futures::stream::once(async move { chunk })));
+        }
         let source = self.open(d, compressed).await?;
         if let Some(t) = &self.0.tier {
             t.used(crate::tier::Kind::Blob, [d]);
