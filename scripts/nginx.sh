@@ -89,9 +89,11 @@ sys.exit(1)" 2>/dev/null; then
 
 stop_quietly() {
   if [ -f "$RUN/nginx.pid" ]; then
-    kill "$(cat "$RUN/nginx.pid")" 2>/dev/null || true
+    local pid
+    pid="$(cat "$RUN/nginx.pid")"
+    kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do
-      [ -f "$RUN/nginx.pid" ] && kill -0 "$(cat "$RUN/nginx.pid")" 2>/dev/null || break
+      kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
   fi
