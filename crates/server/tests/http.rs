@@ -374,6 +374,33 @@ async fn curl_edge_cases() {
     r.stop().await;
 }
 
+/// A blob the cache cannot make room for (larger than --max-size, within --max-blob-size):
+/// 507, nothing stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_cache_answers_507() {
+    let r = start(|o| {
+        o.max_size = 100_000;
+        o.max_blob_size = 1 << 20;
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = testutil::data::pseudo_random(300_000, 6);
+    let d = Digest::of_bytes(&data);
+    let url = format!("{}/cas/{}", r.http, d.hash.to_hex());
+    let put = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        &file_with(tmp.path(), "b", &data),
+        &url,
+    ])
+    .await;
+    assert_eq!(put.status, 507, "{}", put.text());
+    assert!(put.text().contains("full"), "{}", put.text());
+    assert_eq!(curl(&[&url]).await.status, 404);
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_as_bearer_or_basic() {
     let r = start(|o| o.auth_token = Some("s3cret".into())).await;
