@@ -161,15 +161,20 @@ async fn small_gets(base: &str, keys: &Arc<Vec<String>>, time: Duration) -> f64 
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn grpc_read(grpc: &str, d: Digest) -> Duration {
-    let channel = tonic::transport::Endpoint::from_shared(grpc.to_owned())
+/// A gRPC channel to our server, with the windows `recache serve` itself sets.
+async fn channel(grpc: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(grpc.to_owned())
         .unwrap()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(6 << 20))
         .initial_connection_window_size(Some(12 << 20))
         .connect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn grpc_read(grpc: &str, d: Digest) -> Duration {
+    let channel = channel(grpc).await;
     let started = Instant::now();
     let mut stream = ByteStreamClient::new(channel)
         .read(ReadRequest {
@@ -189,14 +194,7 @@ async fn grpc_read(grpc: &str, d: Digest) -> Duration {
 
 async fn grpc_write(grpc: &str, data: Bytes) -> Duration {
     let d = Digest::of_bytes(&data);
-    let channel = tonic::transport::Endpoint::from_shared(grpc.to_owned())
-        .unwrap()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(6 << 20))
-        .initial_connection_window_size(Some(12 << 20))
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(grpc).await;
     let name = format!(
         "uploads/{}/blobs/{}/{}",
         uuid::Uuid::new_v4(),

@@ -219,13 +219,24 @@ pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, Stri
     (child, addr)
 }
 
-/// Like [`spawn_serve`] for a `recache serve … --http-listen HOST:PORT` command: returns the
-/// child, its grpc address and its HTTP base URL (`http://HOST:PORT`), read from the lines it
-/// prints at start.
+/// Starts `recache` (the binary at `bin`) as `serve` with both front ends on free 127.0.0.1
+/// ports and its cache directory at `cache_dir`: returns the child, its grpc address and its
+/// HTTP base URL (`http://HOST:PORT`), read from the lines it prints at start.
 pub fn spawn_serve_with_http(
-    mut cmd: std::process::Command,
+    bin: &std::path::Path,
+    cache_dir: &std::path::Path,
 ) -> (std::process::Child, String, String) {
     use std::io::BufRead;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+    ])
+    .arg(cache_dir);
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()

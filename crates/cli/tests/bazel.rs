@@ -376,22 +376,6 @@ fn remote_hits(out: &str) -> usize {
     before[before.len() - digits..].parse().unwrap_or(0)
 }
 
-/// `recache serve` with both faces, in a fresh cache directory: its child, grpc address and
-/// HTTP base URL.
-fn serve_with_http(cache_dir: &Path) -> (std::process::Child, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-    ])
-    .arg(cache_dir);
-    testutil::real_servers::spawn_serve_with_http(cmd)
-}
-
 /// Issue 24: Bazel's HTTP cache (`--remote_cache=http://…`) against `recache serve
 /// --http-listen`: built, `bazel clean`, built again: every genrule a remote cache hit with
 /// identical outputs. Then the two protocols share entries: what a gRPC build wrote, an HTTP
@@ -402,7 +386,10 @@ fn bazel_http_cache_hits_and_shares_entries_with_grpc() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (child, grpc, http) = serve_with_http(&dir.path().join("cache"));
+    let (child, grpc, http) = testutil::real_servers::spawn_serve_with_http(
+        Path::new(env!("CARGO_BIN_EXE_recache")),
+        &dir.path().join("cache"),
+    );
     let root = dir.path().join("bazel-root");
     let http_remote = format!("--remote_cache={http}");
     let grpc_remote = format!("--remote_cache={grpc}");

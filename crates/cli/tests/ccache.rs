@@ -102,17 +102,10 @@ fn ccache_hits_recache_serve_over_http_after_its_local_cache_is_wiped() {
         )
         .unwrap();
     }
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-    ])
-    .arg(dir.path().join("server"));
-    let (mut child, _grpc, http) = testutil::real_servers::spawn_serve_with_http(cmd);
+    let (mut child, _grpc, http) = testutil::real_servers::spawn_serve_with_http(
+        Path::new(env!("CARGO_BIN_EXE_recache")),
+        &dir.path().join("server"),
+    );
     let remote = format!("{http}/opaque|layout=bazel");
 
     compile_all(dir.path(), &remote);

@@ -433,15 +433,7 @@ impl Core {
                 }
                 None => store.store_verified(d, &mut blob),
             };
-            if compressed {
-                store_from(Box::new(RefusingReader {
-                    inner: zstd::stream::read::Decoder::new(input)
-                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
-                    refused: why,
-                }))
-            } else {
-                store_from(Box::new(input))
-            }
+            store_from(input.decoded(compressed, why)?)
         });
         Ok(crate::uploads::Upload {
             digest: d,
@@ -476,15 +468,7 @@ impl Core {
                 pos: 0,
                 ended: false,
             };
-            let mut blob: Box<dyn std::io::Read> = if compressed {
-                Box::new(RefusingReader {
-                    inner: zstd::stream::read::Decoder::new(input)
-                        .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
-                    refused: why,
-                })
-            } else {
-                Box::new(input)
-            };
+            let mut blob = input.decoded(compressed, why)?;
             match expect {
                 Some(hash) => store.store_stream_hashed(&mut blob, limit, hash),
                 None => store.store_stream(&mut blob, limit),
@@ -506,20 +490,7 @@ impl Core {
             refused,
         } = upload;
         drop(tx);
-        let stored = writer
-            .await
-            .map_err(|e| Refusal::internal(format!("upload task: {e}")))?;
-        if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(Refusal::invalid(format!(
-                "upload refused, nothing stored: {why}"
-            )));
-        }
-        let d = stored.map_err(|e| match e.kind() {
-            ErrorKind::InvalidData => {
-                Refusal::invalid(format!("upload refused, nothing stored: {e}"))
-            }
-            _ => store_refusal("storing the upload", &e),
-        })?;
+        let d = writer_outcome(writer, &refused).await?;
         if let Some(t) = &self.0.tier {
             t.adopt(d);
         }
@@ -531,7 +502,6 @@ impl Core {
     /// long, undecodable zstd) is the client's; anything else (a full disk, an I/O error) the
     /// server's.
     pub async fn finish_upload(&self, upload: crate::uploads::Upload) -> Result<(), Refusal> {
-        let d = upload.digest;
         let crate::uploads::Upload {
             tx,
             writer,
@@ -541,21 +511,29 @@ impl Core {
             ..
         } = upload;
         drop(tx);
-        let stored = writer
-            .await
-            .map_err(|e| Refusal::internal(format!("upload task: {e}")))?;
-        if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(Refusal::invalid(format!(
-                "upload of {d} refused, nothing stored: {why}"
-            )));
-        }
-        stored.map_err(|e| match e.kind() {
-            ErrorKind::InvalidData => {
-                Refusal::invalid(format!("upload refused, nothing stored: {e}"))
-            }
-            _ => store_refusal("storing the upload", &e),
-        })
+        writer_outcome(writer, &refused).await
     }
+}
+
+/// What an upload's writer thread came to. Wrong content (a digest mismatch, too short, too
+/// long, undecodable zstd) is the client's; anything else (a full disk, an I/O error) the
+/// server's.
+async fn writer_outcome<T>(
+    writer: tokio::task::JoinHandle<Result<T, StoreError>>,
+    refused: &std::sync::Mutex<Option<String>>,
+) -> Result<T, Refusal> {
+    let stored = writer
+        .await
+        .map_err(|e| Refusal::internal(format!("upload task: {e}")))?;
+    if let Some(why) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(Refusal::invalid(format!(
+            "upload refused, nothing stored: {why}"
+        )));
+    }
+    stored.map_err(|e| match e.kind() {
+        ErrorKind::InvalidData => Refusal::invalid(format!("upload refused, nothing stored: {e}")),
+        _ => store_refusal("storing the upload", &e),
+    })
 }
 
 /// Reads.
@@ -923,7 +901,14 @@ impl Core {
 #[allow(deprecated)] // output_file_symlinks / output_directory_symlinks: still sent by clients
 pub(crate) fn validate_action_result(ar: &remexec::ActionResult) -> Result<(), Refusal> {
     referenced_blobs(ar)?;
-    let mut seen = HashSet::new();
+    let symlinks: Vec<(&str, &remexec::OutputSymlink)> = [
+        ("output_symlinks", &ar.output_symlinks),
+        ("output_file_symlinks", &ar.output_file_symlinks),
+        ("output_directory_symlinks", &ar.output_directory_symlinks),
+    ]
+    .into_iter()
+    .flat_map(|(field, links)| links.iter().map(move |l| (field, l)))
+    .collect();
     let paths = ar
         .output_files
         .iter()
@@ -933,21 +918,8 @@ pub(crate) fn validate_action_result(ar: &remexec::ActionResult) -> Result<(), R
                 .iter()
                 .map(|d| ("output_directories", d.path.as_str())),
         )
-        .chain(
-            ar.output_symlinks
-                .iter()
-                .map(|s| ("output_symlinks", s.path.as_str())),
-        )
-        .chain(
-            ar.output_file_symlinks
-                .iter()
-                .map(|s| ("output_file_symlinks", s.path.as_str())),
-        )
-        .chain(
-            ar.output_directory_symlinks
-                .iter()
-                .map(|s| ("output_directory_symlinks", s.path.as_str())),
-        );
+        .chain(symlinks.iter().map(|(field, l)| (*field, l.path.as_str())));
+    let mut seen = HashSet::new();
     for (field, path) in paths {
         check_output_path(field, path)?;
         if !seen.insert(path) {
@@ -956,21 +928,7 @@ pub(crate) fn validate_action_result(ar: &remexec::ActionResult) -> Result<(), R
             )));
         }
     }
-    for (field, link) in ar
-        .output_symlinks
-        .iter()
-        .map(|s| ("output_symlinks", s))
-        .chain(
-            ar.output_file_symlinks
-                .iter()
-                .map(|s| ("output_file_symlinks", s)),
-        )
-        .chain(
-            ar.output_directory_symlinks
-                .iter()
-                .map(|s| ("output_directory_symlinks", s)),
-        )
-    {
+    for (field, link) in symlinks {
         if link.target.is_empty() || link.target.starts_with('/') {
             return Err(Refusal::invalid(format!(
                 "{field}: the symlink {:?} points to {:?}: targets must be relative paths \
@@ -1068,6 +1026,25 @@ struct ChannelReader {
     current: Bytes,
     pos: usize,
     ended: bool,
+}
+
+impl ChannelReader {
+    /// The upload's logical bytes: this input as it is, or decoded from zstd (an undecodable
+    /// stream is remembered in `refused`, so the client hears that its data is wrong).
+    fn decoded(
+        self,
+        compressed: bool,
+        refused: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> Result<Box<dyn std::io::Read>, StoreError> {
+        if !compressed {
+            return Ok(Box::new(self));
+        }
+        Ok(Box::new(RefusingReader {
+            inner: zstd::stream::read::Decoder::new(self)
+                .map_err(|e| StoreError::invalid(format!("zstd: {e}")))?,
+            refused,
+        }))
+    }
 }
 
 impl std::io::Read for ChannelReader {

@@ -62,6 +62,17 @@ pub(crate) struct Pool {
     compressed: bool,
 }
 
+/// What a write into the pool must match before it is committed.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// Anything: the content names itself.
+    Nothing,
+    /// This digest (hash and size).
+    Digest(Digest),
+    /// This hash, whatever the size.
+    Hash(hashing::Fingerprint),
+}
+
 impl Pool {
     /// Opens (creating if needed) the pool under `dir`, removing temp files whose writer is gone
     /// (a crash). Lists the top level only: the cost does not grow with the blobs held.
@@ -208,6 +219,29 @@ impl Pool {
         src: &mut dyn Read,
         expected: Option<Digest>,
     ) -> Result<(Digest, bool), StoreError> {
+        self.write_checked(src, expected.map_or(Expect::Nothing, Expect::Digest))
+    }
+
+    /// Streams `src` into the pool like [`write_from`](Self::write_from) without an expected
+    /// size: the content is committed only if it hashes to `hash` (a client that names a blob
+    /// by hash alone). Returns the digest and whether the blob is new.
+    pub(crate) fn write_from_hash(
+        &self,
+        src: &mut dyn Read,
+        hash: hashing::Fingerprint,
+    ) -> Result<(Digest, bool), StoreError> {
+        self.write_checked(src, Expect::Hash(hash))
+    }
+
+    fn write_checked(
+        &self,
+        src: &mut dyn Read,
+        expect: Expect,
+    ) -> Result<(Digest, bool), StoreError> {
+        let expected = match expect {
+            Expect::Digest(d) => Some(d),
+            Expect::Hash(_) | Expect::Nothing => None,
+        };
         let _guard = expected.map(|d| self.lock_blocking(d));
         if let Some(d) = expected
             && self.contains(&d)
@@ -219,29 +253,9 @@ impl Pool {
         let result = self
             .write_temp(&temp, &file, src, expected)
             .and_then(|(digest, stored)| {
-                let new = self.commit_temp(&temp, &digest, stored)?;
-                Ok((digest, new))
-            });
-        if result.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        drop(file);
-        result
-    }
-
-    /// Streams `src` into the pool like [`write_from`](Self::write_from) without an expected
-    /// size: the content is committed only if it hashes to `hash` (a client that names a blob
-    /// by hash alone). Returns the digest and whether the blob is new.
-    pub(crate) fn write_from_hash(
-        &self,
-        src: &mut dyn Read,
-        hash: hashing::Fingerprint,
-    ) -> Result<(Digest, bool), StoreError> {
-        let (temp, file) = self.create_temp()?;
-        let result = self
-            .write_temp(&temp, &file, src, None)
-            .and_then(|(digest, stored)| {
-                if digest.hash != hash {
+                if let Expect::Hash(hash) = expect
+                    && digest.hash != hash
+                {
                     return Err(StoreError::invalid(format!(
                         "content hashes to {}, not {}",
                         digest.hash.to_hex(),
