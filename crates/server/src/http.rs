@@ -1,6 +1,6 @@
 //! The HTTP/1.1 front end (`--http-listen`): bazel-remote's REST API, as Bazel's HTTP cache
 //! (`--remote_cache=http://…`), ccache (`remote_storage = http://…|layout=bazel`) and curl speak
-//! it. Like [`crate::grpc`], it only translates: every rule is the [`Core`]'s, so an entry
+//! it. Like the gRPC front end, it only translates: every rule is the core's, so an entry
 //! written through one protocol is read through the other (same store, same key space).
 //!
 //! ```text
