@@ -9,3 +9,4 @@ pub mod origin;
 pub mod real_servers;
 pub mod s3_proxy;
 pub mod server;
+pub mod tmpfs;

@@ -254,6 +254,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_SERVE_MAX_BLOB_SIZE", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]
     pub max_blob_size: u64,
 
+    /// Free space kept on the filesystem holding the storage: an upload that would leave less
+    /// evicts least-recently-used blobs first, and gets RESOURCE_EXHAUSTED if that cannot make
+    /// room (so a disk that fills before --max-size never fails a write midway). Default: 1 %
+    /// of the filesystem, at least 256 MiB, at most 5 %.
+    #[arg(long, env = "RECACHE_SERVE_DISK_RESERVE", value_name = "SIZE", value_parser = parse_size)]
+    pub disk_reserve: Option<u64>,
+
     /// Remote Asset FetchDirectory: the most bytes one archive may unpack to (checked while it
     /// unpacks; an archive past it is refused with ABORTED and nothing recorded).
     #[arg(long, env = "RECACHE_SERVE_ASSET_MAX_UNPACKED", default_value = "4G", value_name = "SIZE", value_parser = parse_size)]

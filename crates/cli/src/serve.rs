@@ -96,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         storage: storage.clone(),
         max_size: args.max_size,
         max_blob_size: args.max_blob_size,
+        disk_reserve: args.disk_reserve,
         instance_names: instance_names.clone(),
         auth_token,
         tls,

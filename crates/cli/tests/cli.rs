@@ -521,33 +521,9 @@ fn stats_read_running_totals() {
     );
 }
 
-/// Runs `f` with an 8 MiB tmpfs mounted at a fresh directory (needs root; under `CI=true` a
-/// machine without it fails the test rather than skipping it).
+/// Runs `f` with an 8 MiB tmpfs mounted at a fresh directory (needs root).
 fn with_small_tmpfs(f: impl FnOnce(&Path)) {
-    let root_user = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-    if !root_user {
-        assert!(
-            std::env::var("CI").is_err(),
-            "the full-disk test needs root (to mount a tmpfs) and CI=true is set"
-        );
-        eprintln!("SKIPPED: the full-disk test needs root to mount a tmpfs");
-        return;
-    }
-    let mnt = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(mnt.path())
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.path());
-    f(mnt.path());
+    testutil::tmpfs::with_small_tmpfs(8, f);
 }
 
 #[test]

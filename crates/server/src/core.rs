@@ -365,9 +365,14 @@ impl Core {
             return Ok(());
         }
         let _room = self.0.reserve(d)?;
-        self.store()
-            .store_verified(d, &mut &data[..])
-            .map_err(|e| store_refusal("storing", &e))
+        let mut stored = self.store().store_verified(d, &mut &data[..]);
+        if matches!(&stored, Err(e) if *e.kind() == ErrorKind::StorageFull) {
+            // The disk filled faster than the reserve foresaw (other files on it): evict once
+            // and try again.
+            self.0.evict_for_disk(d.size_bytes.saturating_mul(2));
+            stored = self.store().store_verified(d, &mut &data[..]);
+        }
+        stored.map_err(|e| store_refusal("storing", &e))
     }
 
     /// A small blob's bytes for a batch read (`None`: not here). The size is checked on the way
@@ -455,7 +460,9 @@ impl Core {
         &self,
         expect: Option<Fingerprint>,
         compressed: bool,
-    ) -> UnsizedUpload {
+    ) -> Result<UnsizedUpload, Refusal> {
+        // Its size is unknown: at least the disk's reserve must be free when it starts.
+        self.0.make_disk_room(0)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(2);
         let refused = Arc::new(std::sync::Mutex::new(None::<String>));
         let store = self.store().clone();
@@ -474,11 +481,11 @@ impl Core {
                 None => store.store_stream(&mut blob, limit),
             }
         });
-        UnsizedUpload {
+        Ok(UnsizedUpload {
             tx,
             writer,
             refused,
-        }
+        })
     }
 
     /// Waits for an unsized upload's writer (its input complete): the digest stored, or why

@@ -257,7 +257,7 @@ async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Re
         }
         (Method::PUT, Kind::Opaque) => {
             let compressed = content_encoding_zstd(req.headers())?;
-            let upload = core.start_unsized_upload(None, compressed);
+            let upload = core.start_unsized_upload(None, compressed)?;
             pump(req.into_body(), &upload.tx, core.0.options.max_blob_size).await?;
             let d = core.finish_unsized_upload(upload).await?;
             core.put_opaque(target.key, d)?;
@@ -379,7 +379,7 @@ async fn put_blob(
             core.finish_upload(upload).await?;
         }
         _ => {
-            let upload = core.start_unsized_upload(Some(hash), compressed);
+            let upload = core.start_unsized_upload(Some(hash), compressed)?;
             pump(req.into_body(), &upload.tx, core.0.options.max_blob_size).await?;
             core.finish_unsized_upload(upload).await?;
         }

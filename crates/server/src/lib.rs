@@ -92,6 +92,12 @@ pub struct ServerOptions {
     /// What one archive may unpack to for Remote Asset `FetchDirectory`. Default
     /// [`fetcher::archive::Limits::default`] (4 GiB, 500 000 entries).
     pub archive_limits: fetcher::archive::Limits,
+    /// Free space kept on the storage's filesystem: an upload that would leave less first
+    /// evicts least-recently-used blobs, and is refused (RESOURCE_EXHAUSTED) if that cannot make
+    /// room, so a disk that fills before `max_size` never fails a write midway. Default `None`:
+    /// 1 % of the filesystem, at least 256 MiB, but never more than 5 % of it
+    /// ([`default_disk_reserve`]).
+    pub disk_reserve: Option<u64>,
     /// Which origins Remote Asset `Fetch` may download from. Default: any origin whose every
     /// address is global (no loopback, private or link-local one: see
     /// [`fetcher::download::OriginPolicy`]).
@@ -111,9 +117,26 @@ impl ServerOptions {
             compress_at_rest: true,
             s3: None,
             archive_limits: fetcher::archive::Limits::default(),
+            disk_reserve: None,
             asset_policy: fetcher::download::OriginPolicy::global_only(Vec::new()),
         }
     }
+}
+
+/// The free space [`ServerOptions::disk_reserve`] keeps by default on a filesystem of
+/// `total` bytes: 1 %, at least 256 MiB, at most 5 % (a small disk keeps a small reserve).
+pub fn default_disk_reserve(total: u64) -> u64 {
+    (total / 100).max(256 << 20).min(total / 20)
+}
+
+/// The filesystem holding `path`: (bytes free for an unprivileged writer, total bytes).
+pub(crate) fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    let unit = s.fragment_size().max(1);
+    Some((
+        (s.blocks_available() as u64).saturating_mul(unit),
+        (s.blocks() as u64).saturating_mul(unit),
+    ))
 }
 
 /// Why the server could not start or stopped.
@@ -169,6 +192,48 @@ pub(crate) type Reservation = store::Reservation;
 const RESERVE_TRIES: usize = 3;
 
 impl Inner {
+    /// The free space to keep on the storage's filesystem (of `total` bytes).
+    fn disk_reserve(&self, total: u64) -> u64 {
+        self.options
+            .disk_reserve
+            .unwrap_or_else(|| default_disk_reserve(total))
+    }
+
+    /// Makes sure `bytes` more fit on the storage's filesystem with the reserve left free:
+    /// evicts least-recently-used blobs once when they do not, and refuses (no room) what still
+    /// does not fit. A filesystem that cannot be asked is taken at its word (writes then fail
+    /// with no room, never as an internal error).
+    pub fn make_disk_room(&self, bytes: u64) -> Result<(), core::Refusal> {
+        let Some((free, total)) = disk_space(&self.options.storage) else {
+            return Ok(());
+        };
+        let reserve = self.disk_reserve(total);
+        let needed = bytes.saturating_add(reserve);
+        if free >= needed {
+            return Ok(());
+        }
+        self.evict_for_disk(needed - free);
+        match disk_space(&self.options.storage) {
+            Some((free, _)) if free < needed => Err(core::Refusal::new(
+                core::Why::Full,
+                format!(
+                    "the disk holding the cache is full: {bytes} more bytes would leave less than \
+                     the {reserve} bytes kept free ({free} free after evicting what could be); \
+                     retry later"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Evicts least-recently-used blobs worth `bytes` (to free disk space).
+    pub fn evict_for_disk(&self, bytes: u64) {
+        let stored = self.store.usage().total_bytes();
+        if let Err(e) = self.store.gc(stored.saturating_sub(bytes)) {
+            tracing::warn!(error = %e, "GC to free disk space failed");
+        }
+    }
+
     /// Refuses instance names outside the `--instance-name` allow-list (empty: any).
     pub fn check_instance(&self, name: &str) -> Result<(), core::Refusal> {
         let allowed = &self.options.instance_names;
@@ -195,6 +260,7 @@ impl Inner {
         // One decision (and its eviction) at a time: two uploads must not both evict for room
         // only one of them then gets.
         let _one = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
+        self.make_disk_room(bytes)?;
         let mut room = match self.store.try_reserve(d, max) {
             Ok(r) => return Ok(r),
             Err(room) => room,
@@ -248,6 +314,23 @@ impl CacheServer {
             store_options.pool_compression = store::PoolCompression::Zstd;
         }
         let store = LocalStore::open(store_options)?;
+        if let Some((free, total)) = disk_space(&options.storage) {
+            let reserve = options
+                .disk_reserve
+                .unwrap_or_else(|| default_disk_reserve(total));
+            let room = total.saturating_sub(reserve);
+            if options.max_size > room {
+                tracing::warn!(
+                    max_size = options.max_size,
+                    filesystem = total,
+                    free,
+                    reserve,
+                    "--max-size is more than the filesystem holding the storage can take: the \
+                     disk will fill first (uploads then evict, or are refused, to keep the \
+                     reserve free)"
+                );
+            }
+        }
         // Downloads cut off by a crash leave temp files behind: nothing else lives there.
         let _ = std::fs::remove_dir_all(options.storage.join("downloads"));
         let tier = match &options.s3 {

@@ -1463,3 +1463,57 @@ async fn get_tree_pages_large_trees_by_bytes_and_honours_page_size() {
     assert_eq!(rest[0].directories, small[1].directories);
     r.stop().await;
 }
+
+/// Issue 25 §5: a disk that fills before `--max-size`. On a 16 MiB tmpfs with `--max-size 1G`,
+/// uploads used to fail with "No space left on device" once the disk was full. The server
+/// keeps a reserve free on the filesystem: each upload evicts least-recently-used blobs when
+/// it would not fit, so later uploads succeed, and nothing is ever answered INTERNAL.
+#[test]
+fn a_disk_that_fills_before_max_size_evicts_instead_of_failing() {
+    testutil::tmpfs::with_small_tmpfs(16, |disk| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut options = ServerOptions::new(disk.join("server"));
+            options.max_size = 1 << 30;
+            let r = start_at(options, None).await;
+            let mut last = None;
+            for i in 0..24u64 {
+                let blob = data(2 << 20, 9000 + i);
+                let d = Digest::of_bytes(&blob);
+                let chunks: Vec<Vec<u8>> = blob.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+                let resource = format!("uploads/u{i}/blobs/{}/{}", d.hash, d.size_bytes);
+                match write(&r, &resource, chunks).await {
+                    Ok(size) => assert_eq!(size, d.size_bytes as i64),
+                    Err(e) => panic!("upload {i} of 2 MiB into a full 16 MiB disk: {e:?}"),
+                }
+                // Small blobs too (they go to the database).
+                let small = data(20_000, 9500 + i);
+                let sd = Digest::of_bytes(&small);
+                let resp = cas(&r)
+                    .batch_update_blobs(remexec::BatchUpdateBlobsRequest {
+                        requests: vec![remexec::batch_update_blobs_request::Request {
+                            digest: Some(sd.into()),
+                            data: small,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let status = resp.responses[0].status.clone().unwrap_or_default();
+                assert_eq!(status.code, 0, "batch upload {i}: {}", status.message);
+                last = Some((d, blob));
+            }
+            let (d, blob) = last.unwrap();
+            let back = read(&r, &format!("blobs/{}/{}", d.hash, d.size_bytes), 0, 0)
+                .await
+                .unwrap();
+            assert_eq!(back, blob, "the newest upload reads back");
+            r.stop().await;
+        });
+    });
+}

@@ -128,6 +128,16 @@ impl StoreError {
         )
     }
 
+    /// For a write: a server that answered RESOURCE_EXHAUSTED has no room for the blob (a full
+    /// disk, a full cache) and will not have it moments later, so the write is final, not
+    /// retried. (A read's RESOURCE_EXHAUSTED, a busy server, stays retryable.)
+    pub fn final_when_full(mut self) -> StoreError {
+        if self.kind == ErrorKind::Retryable(tonic::Code::ResourceExhausted) {
+            self.kind = ErrorKind::Other;
+        }
+        self
+    }
+
     /// The missing digest, if this is a missing-digest error.
     pub fn missing_digest(&self) -> Option<Digest> {
         match self.kind {

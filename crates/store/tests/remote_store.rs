@@ -729,3 +729,40 @@ async fn a_bounded_cache_directory_evicts_least_recently_used_entries() {
         "the least recently used went"
     );
 }
+
+/// Issue 25: a server with no room (RESOURCE_EXHAUSTED on a write: a full disk or cache) will
+/// not have it a moment later. Each write fails at once, final for that blob, instead of three
+/// attempts; a read's RESOURCE_EXHAUSTED (a busy server) is still retried (above).
+#[tokio::test]
+async fn a_write_the_server_has_no_room_for_is_not_retried() {
+    let server = TestServer::start().await;
+    let p = provider(&server, 5).await;
+    let small = noise(1000, 11);
+    let big = noise(3 * 1024 * 1024, 12);
+    let action = Digest::of_bytes(b"full server action");
+    for method in [
+        Method::BatchUpdateBlobs,
+        Method::Write,
+        Method::UpdateActionResult,
+    ] {
+        server.reset_calls();
+        server.knobs().error.insert(method, Code::ResourceExhausted);
+        let err = match method {
+            Method::BatchUpdateBlobs => p
+                .store_bytes(Digest::of_bytes(&small), small.clone().into())
+                .await
+                .unwrap_err(),
+            Method::Write => p
+                .store_bytes(Digest::of_bytes(&big), big.clone().into())
+                .await
+                .unwrap_err(),
+            _ => p
+                .update_action_result(action, Default::default())
+                .await
+                .unwrap_err(),
+        };
+        assert!(!err.is_retryable(), "{method:?}: {err}");
+        assert_eq!(server.calls(method), 1, "{method:?} is not retried: {err}");
+        server.knobs().error.clear();
+    }
+}

@@ -509,7 +509,8 @@ impl GrpcProvider {
         // Uploading the same content twice is harmless: treat as idempotent.
         let resp = self
             .call("BatchUpdateBlobs", true, client.batch_update_blobs(req))
-            .await?;
+            .await
+            .map_err(StoreError::final_when_full)?;
         for r in resp.responses {
             let code = r.status.as_ref().map_or(0, |s| s.code);
             if code != 0 {
@@ -525,7 +526,8 @@ impl GrpcProvider {
                     &format!("BatchUpdateBlobs of {d}"),
                     &status,
                     true,
-                ));
+                )
+                .final_when_full());
             }
         }
         Ok(())
@@ -675,7 +677,7 @@ impl GrpcProvider {
             .saturating_mul(chunks.min(1 << 16) as u32);
         let result = match tokio::time::timeout(timeout, client.write(req)).await {
             Err(_) => Err(timeout_error(&what, timeout, true)),
-            Ok(Err(s)) => Err(StoreError::from_status(&what, &s, true)),
+            Ok(Err(s)) => Err(StoreError::from_status(&what, &s, true).final_when_full()),
             Ok(Ok(r)) => Ok(r.into_inner()),
         };
         let produced = producer.await.map_err(|e| {
@@ -970,6 +972,7 @@ impl ActionCacheProvider for GrpcProvider {
             match self
                 .call("UpdateActionResult", true, client.update_action_result(req))
                 .await
+                .map_err(StoreError::final_when_full)
             {
                 Ok(_) => return Ok(()),
                 Err(e) => retry.backoff_or_fail(e).await?,
