@@ -1102,3 +1102,125 @@ fn a_killed_writes_temp_file_is_removed_by_the_next_run_or_gc() {
     assert_eq!(gc.status.code(), Some(0), "{}", stderr(&gc));
     assert!(live.exists(), "a live write's temp file stays");
 }
+
+/// The commands between `<!-- tls-recipe -->` and `<!-- /tls-recipe -->` in README.md.
+fn readme_tls_recipe() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme
+        .find("<!-- tls-recipe -->")
+        .expect("the README's TLS recipe");
+    let end = readme.find("<!-- /tls-recipe -->").unwrap();
+    let block = &readme[start..end];
+    let code = block.split("```sh").nth(1).unwrap();
+    code.split("```").next().unwrap().to_owned()
+}
+
+/// Starts `recache serve` with TLS on a free port; its child and grpcs address.
+fn serve_tls(dir: &Path, cert: &str, key: &str) -> (std::process::Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.join("server-cache"))
+        .arg("--tls-cert")
+        .arg(dir.join(cert))
+        .arg("--tls-key")
+        .arg(dir.join(key));
+    testutil::real_servers::spawn_serve(cmd)
+}
+
+/// Issue 25 §6: TLS a newcomer gets right. The README's recipe (a small CA signing the
+/// server's certificate), run as written, gives a server `recache run` hits through. The quick
+/// self-signed certificate instead is refused at once, with one warning that says what to do,
+/// not three retries per call.
+#[test]
+fn the_readme_tls_recipe_works_and_a_self_signed_ca_cert_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = Command::new("sh")
+        .args(["-ec", &readme_tls_recipe()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (mut server, address) = serve_tls(dir.path(), "server.pem", "server.key");
+    let ws = workspace();
+    let cache = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "run",
+            "--json",
+            "--remote",
+            &address,
+            "--tls-ca-cert",
+            ca.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        v.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    for expect in ["miss", "hit"] {
+        let a = args(&build_args(&[]));
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = recache(ws.path(), cache.path(), &refs);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(record(&o)["cache"], expect, "{}", stderr(&o));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // The quick way: a self-signed certificate, which is a CA certificate.
+    let quick = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            "quick.key",
+            "-out",
+            "quick.pem",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(quick.status.success());
+    let (mut server, address) = serve_tls(dir.path(), "quick.pem", "quick.key");
+    let o = recache(
+        ws.path(),
+        cache.path(),
+        &[
+            "run",
+            "--remote",
+            &address,
+            "--tls-ca-cert",
+            dir.path().join("quick.pem").to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo fine",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "fine\n");
+    let err = stderr(&o);
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recache: warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("CaUsedAsEndEntity"), "{err}");
+    assert!(warnings[0].contains("create a small CA"), "{err}");
+    assert!(!err.contains("gave up after"), "not retried: {err}");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -112,6 +112,16 @@ impl StoreError {
     /// everything else is `Other`.
     pub fn from_status(what: &str, status: &tonic::Status, idempotent: bool) -> StoreError {
         use tonic::Code;
+        // A certificate the client refuses will be refused again: final, and said plainly.
+        if let Some(advice) = tls_advice(status.message()) {
+            return StoreError::new(
+                ErrorKind::Other,
+                format!(
+                    "{what} failed: the server's TLS certificate was refused ({}): {advice}",
+                    status.message()
+                ),
+            );
+        }
         let kind = match status.code() {
             Code::Unavailable
             | Code::ResourceExhausted
@@ -176,6 +186,32 @@ impl<T> ResultExt<T> for Result<T, StoreError> {
     fn context_with(self, f: impl FnOnce() -> String) -> Result<T, StoreError> {
         self.map_err(|e| e.context(f()))
     }
+}
+
+/// What to do about a certificate rustls refused (the message of the transport error), or
+/// `None` when the message is not about a refused certificate.
+fn tls_advice(message: &str) -> Option<&'static str> {
+    if !message.contains("invalid peer certificate") {
+        return None;
+    }
+    const RECIPE: &str = "see the TLS section of the README for the openssl commands";
+    Some(if message.contains("CaUsedAsEndEntity") {
+        "the server presents a CA certificate (a self-signed one, as `openssl req -x509` makes) \
+         as its own, which is refused: create a small CA, sign a server certificate with it, \
+         give the server that certificate and key (--tls-cert/--tls-key) and clients the CA \
+         (--tls-ca-cert); see the TLS section of the README for the openssl commands"
+    } else if message.contains("UnknownIssuer") {
+        "it is not signed by a CA this client trusts: pass the CA that signed it with \
+         --tls-ca-cert; see the TLS section of the README for the openssl commands"
+    } else if message.contains("NotValidForName") {
+        "it does not name the host in --remote: put that name (or IP address) in the \
+         certificate's subjectAltName; see the TLS section of the README for the openssl commands"
+    } else if message.contains("Expired") || message.contains("NotValidYet") {
+        "it is outside its validity period (check the server's certificate dates and this \
+         machine's clock)"
+    } else {
+        RECIPE
+    })
 }
 
 /// `StorageFull` for the I/O errors that mean "no room to store" (ENOSPC, EDQUOT, EROFS),
