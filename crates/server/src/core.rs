@@ -398,6 +398,78 @@ impl Core {
     }
 }
 
+/// Health: whether this server can serve (see [`Readiness`]).
+impl Core {
+    /// Whether the server can serve now: the storage takes a write (a probe file written,
+    /// fsynced and removed; the answer is kept for [`READINESS_TTL`] so probes cannot turn
+    /// into an fsync storm). The S3 bucket's state is reported, not required: while the bucket
+    /// fails, the server serves from its fast tier and journals uploads for later.
+    pub fn readiness(&self) -> Readiness {
+        let mut cached = self.0.readiness.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, r)) = cached.as_ref()
+            && at.elapsed() < READINESS_TTL
+        {
+            return r.clone();
+        }
+        let storage = probe_write(&self.0.options.storage);
+        let disk_free = crate::disk_space(&self.0.options.storage).map(|(free, _)| free);
+        let s3 = self.0.tier.as_ref().map(|t| t.bucket_state());
+        let r = Readiness {
+            storage,
+            disk_free,
+            s3,
+        };
+        *cached = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+}
+
+/// How long a readiness answer is reused.
+pub(crate) const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What [`Core::readiness`] found.
+#[derive(Debug, Clone)]
+pub(crate) struct Readiness {
+    /// The storage took a write, or why not.
+    pub storage: Result<(), String>,
+    /// Bytes free on the storage's filesystem.
+    pub disk_free: Option<u64>,
+    /// The S3 bucket's state, with a tier.
+    pub s3: Option<String>,
+}
+
+impl Readiness {
+    /// Ready to serve: the storage takes writes.
+    pub fn ready(&self) -> bool {
+        self.storage.is_ok()
+    }
+
+    /// A few lines a person reads (the `/readyz` body).
+    pub fn describe(&self) -> String {
+        let mut out = match &self.storage {
+            Ok(()) => "storage: writable\n".to_owned(),
+            Err(e) => format!("storage: NOT writable: {e}\n"),
+        };
+        if let Some(free) = self.disk_free {
+            out += &format!("disk free: {free} bytes\n");
+        }
+        if let Some(s3) = &self.s3 {
+            out += &format!("s3: {s3}\n");
+        }
+        out
+    }
+}
+
+/// Writes, fsyncs and removes a probe file in `dir`.
+fn probe_write(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let path = dir.join(format!(".ready-probe-{}", std::process::id()));
+    let written = std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(b"ok").and_then(|()| f.sync_all()));
+    let _ = std::fs::remove_file(&path);
+    written.map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 /// Writes.
 impl Core {
     /// Admits `d`, reserves room for it and starts its writer on a blocking thread: it hashes,

@@ -145,7 +145,12 @@ impl std::ops::Deref for Svc {
 }
 
 /// Builds the router with every service (and the auth check when a token is set).
-pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Router, ServerError> {
+pub(crate) fn router(
+    inner: Arc<Inner>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router, ServerError> {
     let svc = Svc(Core(inner.clone()));
     let token = inner.options.auth_token.clone();
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -195,7 +200,55 @@ pub(crate) fn router(inner: Arc<Inner>) -> Result<tonic::transport::server::Rout
         .add_service(tonic::service::interceptor::InterceptedService::new(
             PushServer::new(crate::asset::AssetSvc(inner)),
             auth,
-        )))
+        ))
+        // Health answers without credentials, as load balancers and orchestrators ask.
+        .add_service(health))
+}
+
+/// The services `grpc.health.v1.Health` reports on (besides the server as a whole, "").
+const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    "build.bazel.remote.execution.v2.ContentAddressableStorage",
+    "build.bazel.remote.execution.v2.ActionCache",
+    "build.bazel.remote.execution.v2.Capabilities",
+    "google.bytestream.ByteStream",
+];
+
+/// How often the health status follows the core's readiness.
+const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `reporter`'s statuses at the core's readiness (SERVING or NOT_SERVING, every
+/// [`HEALTH_EVERY`]) until `stop` completes, then reports NOT_SERVING.
+pub(crate) async fn follow_readiness(
+    core: Core,
+    reporter: tonic_health::server::HealthReporter,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use tonic_health::ServingStatus;
+    tokio::pin!(stop);
+    loop {
+        let c = core.clone();
+        let ready = tokio::task::spawn_blocking(move || c.readiness().ready())
+            .await
+            .unwrap_or(false);
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in HEALTH_SERVICES {
+            reporter.set_service_status(name, status).await;
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+    }
+    for name in HEALTH_SERVICES {
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
 }
 
 fn rpc_status(code: Code, message: String) -> Option<RpcStatus> {

@@ -7,6 +7,8 @@
 //! GET|HEAD|PUT [/INSTANCE]/cas/<sha256>         a blob (PUT verified before it is visible)
 //! GET|HEAD|PUT [/INSTANCE]/ac/<sha256>          a serialized ActionResult (PUT validated)
 //! GET|HEAD|PUT [/INSTANCE]/opaque/ac/<key>      an opaque value (ccache), never an ActionResult
+//! GET /healthz                                  200 while the process runs
+//! GET /readyz                                   200 when the storage takes writes, else 503
 //! ```
 //!
 //! HTTP's own parts stay here: ETags (the digest) and `If-None-Match`, `Range` (206; a
@@ -117,6 +119,16 @@ fn response(status: StatusCode, body: Body) -> Response<Body> {
     r
 }
 
+/// A plain-text response.
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = response(status, full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
 /// A refusal as an HTTP response: its status, and its message (which names what is wrong).
 fn refused(r: Refusal, head: bool) -> Response<Body> {
     let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -214,6 +226,23 @@ async fn handle(core: &Core, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    // Health answers without credentials, as load balancers and orchestrators ask.
+    match req.uri().path() {
+        "/healthz" => return Ok(text(StatusCode::OK, "ok\n".into())),
+        "/readyz" => {
+            let c = core.clone();
+            let r = tokio::task::spawn_blocking(move || c.readiness())
+                .await
+                .map_err(|e| Refusal::internal(format!("readiness check: {e}")))?;
+            let status = if r.ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return Ok(text(status, r.describe()));
+        }
+        _ => {}
+    }
     let presented = presented_token(req.headers());
     crate::core::check_token(core.0.options.auth_token.as_deref(), presented.as_deref())?;
     let target = parse_path(req.uri().path())?;

@@ -167,6 +167,8 @@ pub(crate) struct Inner {
     pub downloads: std::sync::Mutex<std::collections::HashMap<hashing::Digest, SharedDownload>>,
     /// The S3 tier behind the store, when there is one.
     pub tier: Option<Arc<tier::Tier>>,
+    /// The last readiness answer and when it was found (see `Core::readiness`).
+    pub readiness: std::sync::Mutex<Option<(std::time::Instant, core::Readiness)>>,
     /// Archives being unpacked at once (each holds a blocking thread and the disk): at most
     /// [`MAX_CONCURRENT_UNPACKS`]; later ones wait their turn.
     pub unpacking: tokio::sync::Semaphore,
@@ -345,6 +347,7 @@ impl CacheServer {
                 paused: Default::default(),
                 downloads: Default::default(),
                 tier,
+                readiness: Default::default(),
                 unpacking: tokio::sync::Semaphore::new(MAX_CONCURRENT_UNPACKS),
             }),
         })
@@ -396,7 +399,13 @@ impl CacheServer {
                 shutdown.clone(),
             ))
         });
-        let router = grpc::router(self.inner.clone())?;
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let health_task = tokio::spawn(grpc::follow_readiness(
+            core::Core(self.inner.clone()),
+            reporter,
+            shutdown.clone(),
+        ));
+        let router = grpc::router(self.inner.clone(), health)?;
         let tier_tasks = match &self.inner.tier {
             Some(t) => {
                 // An unreachable bucket does not stop the server: it serves from the fast tier,
@@ -420,6 +429,7 @@ impl CacheServer {
         if let Some(t) = http_task {
             let _ = t.await;
         }
+        let _ = health_task.await;
         if let Some(t) = &self.inner.tier {
             // Give queued uploads a moment to land; the rest stay journaled for next start.
             let deadline = std::time::Instant::now() + SHUTDOWN_UPLOAD_GRACE;

@@ -649,6 +649,19 @@ impl Tier {
         result.map_err(|e| unavailable(&e))
     }
 
+    /// The bucket's state as clients' requests found it: answering, or cooling down after a
+    /// failure (and for how much longer).
+    pub fn bucket_state(&self) -> String {
+        match *lock(&self.cooling) {
+            Some(until) if until > Instant::now() => format!(
+                "failing: clients' requests leave it alone for {:.1} s more (the fast tier \
+                 serves; uploads stay journaled)",
+                (until - Instant::now()).as_secs_f64()
+            ),
+            _ => format!("answering ({} uploads pending)", self.pending()),
+        }
+    }
+
     /// The bucket.
     pub fn s3(&self) -> &S3Blobs {
         &self.s3

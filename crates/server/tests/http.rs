@@ -629,3 +629,107 @@ async fn action_results_are_validated_and_shared() {
     assert_eq!(e.code(), Code::NotFound);
     r.stop().await;
 }
+
+/// Issue 25 §2: health. `/healthz` answers while the process runs; `/readyz` and gRPC's
+/// `grpc.health.v1.Health` follow whether the storage takes writes: a storage filesystem another
+/// program filled makes the server not ready (503, NOT_SERVING) until it has room again.
+#[test]
+fn health_follows_whether_the_storage_takes_writes() {
+    testutil::tmpfs::with_small_tmpfs(32, |disk| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let storage = disk.join("server");
+            let r = start(|o| {
+                o.storage = storage.clone();
+                o.auth_token = Some("t0ken".into());
+            })
+            .await;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(r.channel.clone());
+            let check = |mut h: tonic_health::pb::health_client::HealthClient<Channel>,
+                         service: &'static str| async move {
+                h.check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+            };
+            let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            let not_serving =
+                tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+            // Without credentials: health is for load balancers.
+            assert_eq!(curl(&[&format!("{}/healthz", r.http)]).await.status, 200);
+            let ready = curl(&[&format!("{}/readyz", r.http)]).await;
+            assert_eq!(ready.status, 200, "{}", ready.text());
+            assert!(
+                ready.text().contains("storage: writable"),
+                "{}",
+                ready.text()
+            );
+            assert_eq!(check(health.clone(), "").await, serving);
+            assert_eq!(
+                check(
+                    health.clone(),
+                    "build.bazel.remote.execution.v2.ActionCache"
+                )
+                .await,
+                serving
+            );
+
+            // Another program fills the disk: not even a probe file fits.
+            let filler = disk.join("filler");
+            let fill = || {
+                let mut f = std::fs::File::create(&filler).unwrap();
+                let block = vec![0u8; 1 << 20];
+                while std::io::Write::write_all(&mut f, &block).is_ok() {}
+                let small = [0u8; 512];
+                while std::io::Write::write_all(&mut f, &small).is_ok() {}
+            };
+            fill();
+            let until = |want: u16| {
+                let url = format!("{}/readyz", r.http);
+                async move {
+                    let start = std::time::Instant::now();
+                    loop {
+                        let got = curl(&[&url]).await;
+                        if got.status == want {
+                            return got;
+                        }
+                        assert!(
+                            start.elapsed() < std::time::Duration::from_secs(15),
+                            "readyz stayed {} ({})",
+                            got.status,
+                            got.text()
+                        );
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            let not_ready = until(503).await;
+            assert!(
+                not_ready.text().contains("NOT writable"),
+                "{}",
+                not_ready.text()
+            );
+            assert_eq!(curl(&[&format!("{}/healthz", r.http)]).await.status, 200);
+            let start = std::time::Instant::now();
+            while check(health.clone(), "").await != not_serving {
+                assert!(start.elapsed() < std::time::Duration::from_secs(15));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            std::fs::remove_file(&filler).unwrap();
+            until(200).await;
+            let start = std::time::Instant::now();
+            while check(health.clone(), "").await != serving {
+                assert!(start.elapsed() < std::time::Duration::from_secs(15));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            let _ = &mut health;
+            r.stop().await;
+        });
+    });
+}
