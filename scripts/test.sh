@@ -50,6 +50,12 @@ if ! scripts/install-ccache.sh; then
   echo "test.sh: continuing without ccache; its test will be SKIPPED (not in CI)"
 fi
 
+step "Prometheus for the metrics scenario (installed once)"
+if ! scripts/install-prometheus.sh; then
+  [ "${CI:-}" != true ] || exit 1
+  echo "test.sh: continuing without Prometheus; its test will be SKIPPED (not in CI)"
+fi
+
 step "starting real REAPI servers and S3-compatible servers"
 trap 'scripts/reapi-servers.sh stop; scripts/s3-servers.sh stop' EXIT
 scripts/reapi-servers.sh start

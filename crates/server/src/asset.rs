@@ -387,6 +387,7 @@ impl Fetch for AssetSvc {
             Kind::Blob,
             oldest(req.oldest_content_accepted.as_ref()),
         ) {
+            self.0.metrics.asset_fetch("index", "OK");
             return Ok(Response::new(answer(uri, r.digest, r.expire_at)));
         }
         // 2. The CAS, when the checksum names a SHA-256 it holds.
@@ -394,6 +395,7 @@ impl Fetch for AssetSvc {
             if let Some(digest) = s.sha256().and_then(|h| self.0.store.find_by_hash(h)) {
                 let r = Record::new(Kind::Blob, digest, 0);
                 self.record(&req.uris[..1], &req.qualifiers, &r)?;
+                self.0.metrics.asset_fetch("cas", "OK");
                 return Ok(Response::new(answer(req.uris[0].clone(), digest, 0)));
             }
         }
@@ -435,16 +437,22 @@ impl Fetch for AssetSvc {
                 }
                 let r = Record::new(Kind::Blob, digest, 0);
                 self.record(std::slice::from_ref(&uri), &req.qualifiers, &r)?;
+                self.0.metrics.asset_fetch("origin", "OK");
                 Ok(Response::new(answer(uri, digest, 0)))
             }
-            Err(e) => Ok(Response::new(FetchBlobResponse {
-                status: status(e.code(), e.to_string()),
-                uri: String::new(),
-                qualifiers: req.qualifiers,
-                expires_at: None,
-                blob_digest: None,
-                digest_function: 0,
-            })),
+            Err(e) => {
+                self.0
+                    .metrics
+                    .asset_fetch("origin", crate::metrics::grpc_code_label(e.code() as i32));
+                Ok(Response::new(FetchBlobResponse {
+                    status: status(e.code(), e.to_string()),
+                    uri: String::new(),
+                    qualifiers: req.qualifiers,
+                    expires_at: None,
+                    blob_digest: None,
+                    digest_function: 0,
+                }))
+            }
         }
     }
 

@@ -18,6 +18,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{self as remexec, digest_function};
 use bytes::Bytes;
@@ -319,6 +320,11 @@ impl Core {
     /// uploading it), for LRU and for the bucket's retention.
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Vec<Digest> {
         let missing = self.missing(&digests).await;
+        let m = &self.0.metrics;
+        m.find_missing_asked
+            .fetch_add(digests.len() as u64, Ordering::Relaxed);
+        m.find_missing_missing
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
         let gone: HashSet<Digest> = missing.iter().copied().collect();
         let present: Vec<Digest> = digests.into_iter().filter(|d| !gone.contains(d)).collect();
         if let Some(t) = &self.0.tier {
@@ -470,6 +476,46 @@ fn probe_write(dir: &std::path::Path) -> Result<(), String> {
     written.map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Metrics.
+impl Core {
+    /// `GET /metrics`: every counter, and the gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let usage = self.store().usage();
+        let (evicted_blobs, evicted_bytes) = self.store().evictions();
+        let s3 = self.0.tier.as_ref().map(|t| crate::metrics::S3Gauges {
+            queue: t.pending() as u64,
+            journal_rows: self.store().journal_len().unwrap_or(0),
+            upload_failures: t.upload_failures(),
+            cooldowns: t.cooldowns(),
+        });
+        self.0.metrics.render(&crate::metrics::Gauges {
+            stored_bytes: usage.total_bytes(),
+            stored_blobs: usage.total_blobs(),
+            max_bytes: self.0.options.max_size,
+            evicted_blobs,
+            evicted_bytes,
+            paused_uploads: self.0.paused.len(),
+            s3,
+        })
+    }
+
+    /// Counts `n` blob bytes on the wire.
+    pub fn count_bytes(&self, protocol: &'static str, direction: &'static str, zstd: bool, n: u64) {
+        self.0.metrics.bytes(protocol, direction, zstd, n);
+    }
+
+    /// Counts one request of a front end.
+    pub fn count_request(
+        &self,
+        protocol: &'static str,
+        method: &'static str,
+        code: &str,
+        took: std::time::Duration,
+    ) {
+        self.0.metrics.request(protocol, method, code, took);
+    }
+}
+
 /// Writes.
 impl Core {
     /// Admits `d`, reserves room for it and starts its writer on a blocking thread: it hashes,
@@ -520,6 +566,7 @@ impl Core {
             refused,
             _room: room,
             admission,
+            _in_flight: self.0.metrics.upload(),
         })
     }
 
@@ -752,6 +799,7 @@ impl Core {
             bytes = Some(shared.into());
         }
         let Some(bytes) = bytes else {
+            self.0.metrics.ac_misses.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::not_found(format!(
                 "no result for action {}",
                 action.to_hex()
@@ -766,6 +814,10 @@ impl Core {
         if !self.outputs_present(&ar).await? {
             // A dangling entry: drop it, and answer as if it never existed.
             let _ = self.store().remove_ref(key);
+            self.0
+                .metrics
+                .ac_misses_outputs_gone
+                .fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::not_found(format!(
                 "the result for action {} names outputs this cache no longer has",
                 action.to_hex()
@@ -774,6 +826,7 @@ impl Core {
         if let Some(t) = &self.0.tier {
             t.used(crate::tier::Kind::Action, [key]);
         }
+        self.0.metrics.ac_hits.fetch_add(1, Ordering::Relaxed);
         Ok(ar)
     }
 

@@ -150,7 +150,10 @@ pub(crate) fn router(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<tonic::transport::server::Router, ServerError> {
+) -> Result<
+    tonic::transport::server::Router<tower_layer::Stack<ObserveLayer, tower_layer::Identity>>,
+    ServerError,
+> {
     let svc = Svc(Core(inner.clone()));
     let token = inner.options.auth_token.clone();
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -171,6 +174,7 @@ pub(crate) fn router(
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
     Ok(builder
+        .layer(ObserveLayer(inner.metrics.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             CapabilitiesServer::new(svc.clone()),
             auth.clone(),
@@ -203,6 +207,100 @@ pub(crate) fn router(
         ))
         // Health answers without credentials, as load balancers and orchestrators ask.
         .add_service(health))
+}
+
+/// The gRPC methods this server answers, by name: the only values of the `method` label (any
+/// other path counts as `other`, so a client cannot grow the label set).
+const METHODS: [&str; 19] = [
+    "GetCapabilities",
+    "FindMissingBlobs",
+    "BatchUpdateBlobs",
+    "BatchReadBlobs",
+    "GetTree",
+    "SplitBlob",
+    "SpliceBlob",
+    "GetActionResult",
+    "UpdateActionResult",
+    "Read",
+    "Write",
+    "QueryWriteStatus",
+    "FetchBlob",
+    "FetchDirectory",
+    "PushBlob",
+    "PushDirectory",
+    "Check",
+    "Watch",
+    "GetChunkMapping",
+];
+
+/// The `code` label of a `grpc-status` header value.
+fn code_name(code: &str) -> &'static str {
+    crate::metrics::grpc_code_label(code.trim().parse().unwrap_or(2))
+}
+
+/// Counts every gRPC call by method and status code, with its latency (to the response's
+/// headers: a streamed answer's first byte). An error answered before any message carries its
+/// status in the headers; a call whose headers carry none started well, and counts as OK.
+#[derive(Debug, Clone)]
+pub(crate) struct ObserveLayer(pub Arc<crate::metrics::Metrics>);
+
+impl<S> tower_layer::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Observe<S> {
+    inner: S,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for Observe<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let name = req.uri().path().rsplit('/').next().unwrap_or("");
+        let method = METHODS
+            .iter()
+            .find(|m| **m == name)
+            .copied()
+            .unwrap_or("other");
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let resp = call.await;
+            let code = match &resp {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .map_or("OK", code_name),
+                Err(_) => "UNAVAILABLE",
+            };
+            metrics.request("grpc", method, code, started.elapsed());
+            resp
+        })
+    }
 }
 
 /// The services `grpc.health.v1.Health` reports on (besides the server as a whole, "").
@@ -384,6 +482,12 @@ impl ContentAddressableStorage for Svc {
             let d = digest(&format!("requests[{i}].digest"), r.digest.as_ref())?;
             let result = async {
                 self.check_size(d)?;
+                self.count_bytes(
+                    "grpc",
+                    "in",
+                    r.compressor == compressor::Value::Zstd as i32,
+                    r.data.len() as u64,
+                );
                 let data = match r.compressor {
                     c if c == compressor::Value::Identity as i32 => r.data,
                     c if c == compressor::Value::Zstd as i32 => {
@@ -472,6 +576,12 @@ impl ContentAddressableStorage for Svc {
                     compressor::Value::Identity,
                 ),
             };
+            self.count_bytes(
+                "grpc",
+                "out",
+                comp == compressor::Value::Zstd,
+                data.len() as u64,
+            );
             responses.push(remexec::batch_read_blobs_response::Response {
                 digest: Some(d.into()),
                 data,
@@ -619,15 +729,20 @@ impl ByteStream for Svc {
             0 => d.size_bytes,
             n => (offset + n as u64).min(d.size_bytes),
         };
+        let core = self.0.clone();
+        let compressed = r.compressed;
         let stream = self
             .0
             .read(d, offset, end, r.compressed)
             .await?
-            .map(|chunk| {
+            .map(move |chunk| {
                 chunk
                     // No copy when the chunk owns its buffer (a pool file's range).
-                    .map(|data| ReadResponse {
-                        data: Vec::from(data),
+                    .map(|data| {
+                        core.count_bytes("grpc", "out", compressed, data.len() as u64);
+                        ReadResponse {
+                            data: Vec::from(data),
+                        }
                     })
                     .map_err(Status::from)
             });
@@ -715,6 +830,7 @@ impl ByteStream for Svc {
             // drops the message, and a resume must send it again (committed_size never runs
             // ahead of the writer).
             let len = msg.data.len() as i64;
+            self.count_bytes("grpc", "in", r.compressed, len as u64);
             let finish = msg.finish_write;
             if upload.tx.send(Piece::Bytes(msg.data.into())).await.is_err() {
                 break Ok(()); // the writer stopped early (refused): its result says why

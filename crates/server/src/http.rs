@@ -219,9 +219,32 @@ fn presented_token(headers: &HeaderMap) -> Option<Vec<u8>> {
 
 async fn handle(core: &Core, req: Request<Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
-    match route(core, req).await {
+    let name = route_name(req.method(), req.uri().path());
+    let started = std::time::Instant::now();
+    let resp = match route(core, req).await {
         Ok(r) => r,
         Err(r) => refused(r, head),
+    };
+    core.count_request("http", name, resp.status().as_str(), started.elapsed());
+    resp
+}
+
+/// The route a request is for: the `method` label of its metrics (a fixed set of names).
+fn route_name(method: &Method, path: &str) -> &'static str {
+    let kind = match path {
+        "/healthz" => return "healthz",
+        "/readyz" => return "readyz",
+        "/metrics" => return "metrics",
+        _ => parse_path(path).map(|t| t.kind),
+    };
+    match (kind, method) {
+        (Ok(Kind::Cas), &Method::PUT) => "cas_put",
+        (Ok(Kind::Cas), _) => "cas_get",
+        (Ok(Kind::ActionResult), &Method::PUT) => "ac_put",
+        (Ok(Kind::ActionResult), _) => "ac_get",
+        (Ok(Kind::Opaque), &Method::PUT) => "opaque_put",
+        (Ok(Kind::Opaque), _) => "opaque_get",
+        (Err(_), _) => "other",
     }
 }
 
@@ -229,6 +252,14 @@ async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Re
     // Health answers without credentials, as load balancers and orchestrators ask.
     match req.uri().path() {
         "/healthz" => return Ok(text(StatusCode::OK, "ok\n".into())),
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, core.metrics_text());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return Ok(r);
+        }
         "/readyz" => {
             let c = core.clone();
             let r = tokio::task::spawn_blocking(move || c.readiness())
@@ -287,7 +318,14 @@ async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Re
         (Method::PUT, Kind::Opaque) => {
             let compressed = content_encoding_zstd(req.headers())?;
             let upload = core.start_unsized_upload(None, compressed)?;
-            pump(req.into_body(), &upload.tx, core.0.options.max_blob_size).await?;
+            pump(
+                core,
+                req.into_body(),
+                &upload.tx,
+                core.0.options.max_blob_size,
+                compressed,
+            )
+            .await?;
             let d = core.finish_unsized_upload(upload).await?;
             core.put_opaque(target.key, d)?;
             Ok(response(StatusCode::OK, empty()))
@@ -354,11 +392,18 @@ async fn read_small_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, 
 /// Sends the request body to an upload's writer, then the end of input. More than `limit`
 /// bytes on the wire is refused (the writer gets no end, so it stores nothing).
 async fn pump(
+    core: &Core,
     mut body: Incoming,
     tx: &tokio::sync::mpsc::Sender<Piece>,
     limit: u64,
+    zstd: bool,
 ) -> Result<(), Refusal> {
     let mut received = 0u64;
+    let counted = CountOnDrop {
+        core,
+        zstd,
+        n: std::cell::Cell::new(0),
+    };
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| Refusal::invalid(format!("reading the request body: {e}")))?;
@@ -366,6 +411,7 @@ async fn pump(
             continue; // trailers
         };
         received += data.len() as u64;
+        counted.n.set(received);
         if received > limit {
             return Err(Refusal::new(
                 Why::TooLarge,
@@ -379,6 +425,19 @@ async fn pump(
     }
     let _ = tx.send(Piece::End).await;
     Ok(())
+}
+
+/// Counts the bytes a PUT received, whatever ends it.
+struct CountOnDrop<'a> {
+    core: &'a Core,
+    zstd: bool,
+    n: std::cell::Cell<u64>,
+}
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.core.count_bytes("http", "in", self.zstd, self.n.get());
+    }
 }
 
 /// PUT /cas/<sha256>: with a Content-Length (and no content coding), the size is known before
@@ -404,12 +463,19 @@ async fn put_blob(
                 return Ok(response(StatusCode::OK, empty()));
             }
             let upload = core.start_upload(d, false).await?;
-            pump(req.into_body(), &upload.tx, len).await?;
+            pump(core, req.into_body(), &upload.tx, len, false).await?;
             core.finish_upload(upload).await?;
         }
         _ => {
             let upload = core.start_unsized_upload(Some(hash), compressed)?;
-            pump(req.into_body(), &upload.tx, core.0.options.max_blob_size).await?;
+            pump(
+                core,
+                req.into_body(),
+                &upload.tx,
+                core.0.options.max_blob_size,
+                compressed,
+            )
+            .await?;
             core.finish_unsized_upload(upload).await?;
         }
     }
@@ -482,6 +548,7 @@ async fn send_blob(
     let body = if head {
         empty()
     } else {
+        core.count_bytes("http", "out", frames.is_some(), length);
         let stream = core.read(d, offset, end, frames.is_some()).await?;
         StreamBody::new(stream.map(|chunk| {
             chunk

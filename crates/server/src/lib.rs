@@ -25,6 +25,7 @@ mod asset;
 mod core;
 mod grpc;
 pub mod http;
+mod metrics;
 pub mod s3;
 pub mod tier;
 mod uploads;
@@ -167,6 +168,8 @@ pub(crate) struct Inner {
     pub downloads: std::sync::Mutex<std::collections::HashMap<hashing::Digest, SharedDownload>>,
     /// The S3 tier behind the store, when there is one.
     pub tier: Option<Arc<tier::Tier>>,
+    /// What the server counts (`GET /metrics`).
+    pub metrics: Arc<metrics::Metrics>,
     /// The last readiness answer and when it was found (see `Core::readiness`).
     pub readiness: std::sync::Mutex<Option<(std::time::Instant, core::Readiness)>>,
     /// Archives being unpacked at once (each holds a blocking thread and the disk): at most
@@ -262,7 +265,11 @@ impl Inner {
         // One decision (and its eviction) at a time: two uploads must not both evict for room
         // only one of them then gets.
         let _one = self.reserving.lock().unwrap_or_else(|p| p.into_inner());
-        self.make_disk_room(bytes)?;
+        self.make_disk_room(bytes).inspect_err(|_| {
+            self.metrics
+                .reservations_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
         let mut room = match self.store.try_reserve(d, max) {
             Ok(r) => return Ok(r),
             Err(room) => room,
@@ -290,6 +297,9 @@ impl Inner {
                 Err(r) => room = r,
             }
         }
+        self.metrics
+            .reservations_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(core::Refusal::new(
             core::Why::Full,
             format!(
@@ -348,6 +358,7 @@ impl CacheServer {
                 downloads: Default::default(),
                 tier,
                 readiness: Default::default(),
+                metrics: Default::default(),
                 unpacking: tokio::sync::Semaphore::new(MAX_CONCURRENT_UNPACKS),
             }),
         })

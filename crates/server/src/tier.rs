@@ -448,6 +448,9 @@ pub(crate) struct Tier {
     expired: std::sync::atomic::AtomicU64,
     bad_deleted: std::sync::atomic::AtomicU64,
     sweeps: std::sync::atomic::AtomicU64,
+    /// Uploads to the bucket that failed, and cooldowns started (for metrics).
+    upload_failures: std::sync::atomic::AtomicU64,
+    cooldowns: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Tier {
@@ -611,6 +614,8 @@ impl Tier {
             expired: Default::default(),
             bad_deleted: Default::default(),
             sweeps: Default::default(),
+            upload_failures: Default::default(),
+            cooldowns: Default::default(),
         }))
     }
 
@@ -638,6 +643,8 @@ impl Tier {
             Err(e) => {
                 let now = Instant::now();
                 if cooling.is_none_or(|until| until <= now) {
+                    self.cooldowns
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = %e, cooldown_s = self.options.cooldown.as_secs_f64(),
                         "the S3 bucket failed; clients' requests leave it alone for the cooldown");
                 }
@@ -647,6 +654,17 @@ impl Tier {
             }
         }
         result.map_err(|e| unavailable(&e))
+    }
+
+    /// Uploads to the bucket that failed so far (each is retried).
+    pub fn upload_failures(&self) -> u64 {
+        self.upload_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cooldowns started so far (the bucket failed a client's request).
+    pub fn cooldowns(&self) -> u64 {
+        self.cooldowns.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The bucket's state as clients' requests found it: answering, or cooling down after a
@@ -951,6 +969,8 @@ impl Tier {
             match result {
                 Ok(()) => {}
                 Err(e) => {
+                    self.upload_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     job.attempt += 1;
                     let wait = Duration::from_secs(1u64 << job.attempt.min(6)).min(RETRY_MAX);
                     tracing::warn!(digest = %job.digest, attempt = job.attempt, ?wait, error = %e,

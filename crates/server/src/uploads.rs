@@ -66,6 +66,8 @@ pub(crate) struct Upload {
     pub _room: Reservation,
     /// Its place in the S3 upload queue, when there is an S3 tier (held while paused too).
     pub admission: Option<crate::tier::Admission>,
+    /// Counted as an upload in flight while it lives.
+    pub _in_flight: crate::metrics::InFlight,
 }
 
 #[derive(Debug)]
@@ -219,6 +221,11 @@ impl PausedUploads {
                 }
             });
         }
+    }
+
+    /// Paused uploads held now.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
     }
 
     /// Bytes received by the paused upload of `name`, if there is one.

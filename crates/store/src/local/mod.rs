@@ -223,6 +223,9 @@ struct Inner {
     leases: leases::Leases,
     /// Bytes streamed into destinations so far (for progress reporting).
     received: AtomicU64,
+    /// Blobs and bytes GC removed since the store was opened (by this process).
+    evicted_blobs: AtomicU64,
+    evicted_bytes: AtomicU64,
     /// Room promised to writes in progress ([`LocalStore::try_reserve`]). Every transaction
     /// that raises the usage counters runs under this lock and turns the reservation of the
     /// blob it stores into stored bytes at the same moment, so `stored + reserved` read under
@@ -456,6 +459,8 @@ impl LocalStore {
                 recent_ref_access: Mutex::new(HashMap::new()),
                 leases: leases::Leases::new(&root),
                 received: AtomicU64::new(0),
+                evicted_blobs: AtomicU64::new(0),
+                evicted_bytes: AtomicU64::new(0),
                 accounting: Mutex::new(Accounting::default()),
                 root,
             }),
@@ -1180,6 +1185,14 @@ impl LocalStore {
         }
     }
 
+    /// Blobs and bytes GC has evicted since this process opened the store.
+    pub fn evictions(&self) -> (u64, u64) {
+        (
+            self.inner.evicted_blobs.load(Ordering::Relaxed),
+            self.inner.evicted_bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// How much the store holds (the persistent counters: one read transaction, shared by every
     /// process using the store).
     pub fn usage(&self) -> StoreUsage {
@@ -1356,6 +1369,12 @@ impl LocalStore {
             let atime_only: Vec<Fingerprint> = large_gone.iter().map(|d| d.hash).collect();
             self.inner.db.remove(&small_hashes, &atime_only)?;
             drop(gate);
+            let gone = small.len() + large_gone.len();
+            let bytes: u64 = small.iter().chain(&large_gone).map(|d| d.size_bytes).sum();
+            self.inner
+                .evicted_blobs
+                .fetch_add(gone as u64, Ordering::Relaxed);
+            self.inner.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
             small_victims.extend(small);
             removed_large.extend(large_gone);
         }
