@@ -311,9 +311,23 @@ pub struct ServeArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// File holding a bearer token every client must send (`authorization: Bearer …`).
+    /// File holding a bearer token every client must send (`authorization: Bearer …`): one
+    /// token with the write role (see --auth-tokens for several, with roles).
     #[arg(long, env = "RECACHE_SERVE_AUTH_TOKEN_FILE", value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
+
+    /// Tokens and what each may do: one `TOKEN ROLE [NAME]` per line, roles `read` (CAS, AC and
+    /// ByteStream reads, FindMissing, GetTree, fetches of recorded assets), `write` (also
+    /// uploads, ActionCache updates, Remote Asset pushes and downloads) and `admin`; `#`
+    /// comments. The common setup: CI writes, developers read. A refused call gets
+    /// PERMISSION_DENIED (HTTP 403) naming the role it needs.
+    #[arg(long, env = "RECACHE_SERVE_AUTH_TOKENS", value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// With tokens configured, what a caller presenting none may do: `read`, or `none` (the
+    /// default: credentials required).
+    #[arg(long, env = "RECACHE_SERVE_ANONYMOUS", value_name = "ROLE", value_parser = ["read", "none"])]
+    pub anonymous: Option<String>,
 }
 
 #[derive(Debug, Args)]

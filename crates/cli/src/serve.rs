@@ -59,21 +59,44 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         (Some(c), Some(k)) => Some((read("--tls-cert", c)?, read("--tls-key", k)?)),
         _ => None,
     };
-    let auth_token = match &args.auth_token_file {
-        Some(p) => {
-            let t = String::from_utf8(read("--auth-token-file", p)?).map_err(|_| {
-                CliError::new(format!("--auth-token-file {}: not UTF-8", p.display()))
-            })?;
-            let t = t.trim().to_owned();
-            if t.is_empty() {
-                return Err(CliError::new(format!(
-                    "--auth-token-file {}: the file is empty",
-                    p.display()
-                )));
-            }
-            Some(t)
+    let mut tokens = Vec::new();
+    if let Some(p) = &args.auth_token_file {
+        let t = String::from_utf8(read("--auth-token-file", p)?)
+            .map_err(|_| CliError::new(format!("--auth-token-file {}: not UTF-8", p.display())))?;
+        let t = t.trim().to_owned();
+        if t.is_empty() {
+            return Err(CliError::new(format!(
+                "--auth-token-file {}: the file is empty",
+                p.display()
+            )));
         }
-        None => None,
+        tokens.push(server::Token {
+            token: t,
+            role: server::Role::Write,
+            name: "token".into(),
+        });
+    }
+    if let Some(p) = &args.auth_tokens {
+        let text = String::from_utf8(read("--auth-tokens", p)?)
+            .map_err(|_| CliError::new(format!("--auth-tokens {}: not UTF-8", p.display())))?;
+        let more = server::Token::parse_file(&text)
+            .map_err(|e| CliError::new(format!("--auth-tokens {}: {e}", p.display())))?;
+        if more.is_empty() {
+            return Err(CliError::new(format!(
+                "--auth-tokens {}: no tokens in the file",
+                p.display()
+            )));
+        }
+        tokens.extend(more);
+    }
+    let anonymous = match args.anonymous.as_deref() {
+        Some("read") if tokens.is_empty() => {
+            return Err(CliError::new(
+                "--anonymous read: without tokens (--auth-tokens) every caller may already do everything",
+            ));
+        }
+        Some("read") => Some(server::Role::Read),
+        _ => None,
     };
     let tls_on = tls.is_some();
     let mut allow = args.asset_allow_origins.clone();
@@ -98,7 +121,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         max_blob_size: args.max_blob_size,
         disk_reserve: args.disk_reserve,
         instance_names: instance_names.clone(),
-        auth_token,
+        tokens,
+        anonymous,
         tls,
         compress_at_rest: args.storage_compression == "zstd",
         s3,

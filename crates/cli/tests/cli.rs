@@ -1224,3 +1224,65 @@ fn the_readme_tls_recipe_works_and_a_self_signed_ca_cert_is_explained() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Issue 25 §4, the common setup: CI writes with a write token, a developer's laptop reads with
+/// a read token. The laptop hits what CI wrote; its own misses run locally and are not written:
+/// the cache's PERMISSION_DENIED is one warning ("read-only"), not a failure or a retry.
+#[test]
+fn a_read_token_hits_what_ci_wrote_and_never_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tokens"),
+        "ci-secret write ci\ndev-secret read laptop\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.path().join("server"))
+        .arg("--auth-tokens")
+        .arg(dir.path().join("tokens"));
+    let (mut server, address) = testutil::real_servers::spawn_serve(cmd);
+    let as_who = |token: &str, extra: &[&str], ws: &Path, cache: &Path| {
+        let header = format!("authorization=Bearer {token}");
+        let mut args = vec!["run", "--json", "--remote", &address, "--header", &header];
+        args.extend_from_slice(extra);
+        recache(ws, cache, &args)
+    };
+    let ws = workspace();
+    let ci = as_who(
+        "ci-secret",
+        &build_args(&[]),
+        ws.path(),
+        &dir.path().join("ci"),
+    );
+    assert_eq!(record(&ci)["cache"], "miss", "{}", stderr(&ci));
+    assert_eq!(record(&ci)["cache_written"], true, "{}", stderr(&ci));
+    let laptop = as_who(
+        "dev-secret",
+        &build_args(&[]),
+        ws.path(),
+        &dir.path().join("dev"),
+    );
+    assert_eq!(record(&laptop)["cache"], "hit", "{}", stderr(&laptop));
+    // A miss on the laptop: runs, is not written, one warning says why.
+    let other = as_who(
+        "dev-secret",
+        &["--", "sh", "-c", "echo laptop-only"],
+        ws.path(),
+        &dir.path().join("dev"),
+    );
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
+    assert_eq!(stdout(&other), "laptop-only\n");
+    assert_eq!(record(&other)["cache_written"], false);
+    let err = stderr(&other);
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recache: warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("read-only"), "{err}");
+    assert!(warnings[0].contains("needs the write role"), "{err}");
+    assert!(!err.contains("gave up after"), "not retried: {err}");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -88,6 +88,8 @@ struct Shared {
     producers: Mutex<ProducerMap>,
     /// Whether the ActionCache accepts writes: unknown until the first write asks.
     update_enabled: tokio::sync::OnceCell<bool>,
+    /// The cache refused a write with PERMISSION_DENIED (a read-only token): no more uploads.
+    writes_refused: std::sync::atomic::AtomicBool,
     /// Stops asking a cache that keeps failing.
     breaker: Breaker,
 }
@@ -326,6 +328,7 @@ impl RemoteCacheRunner {
             writes_done: Notify::new(),
             producers: Mutex::new(ProducerMap::default()),
             update_enabled: tokio::sync::OnceCell::new(),
+            writes_refused: Default::default(),
             breaker: Breaker::default(),
         });
         let writer_shared = shared.clone();
@@ -477,7 +480,10 @@ impl RemoteCacheRunner {
         if !self.shared.options.cache_write || !cacheable(&process, result) {
             return;
         }
-        if self.shared.update_enabled.get() == Some(&false) || self.shared.breaker.is_open() {
+        if self.shared.update_enabled.get() == Some(&false)
+            || self.shared.writes_refused.load(Ordering::Relaxed)
+            || self.shared.breaker.is_open()
+        {
             // A read-only cache (said once, when the first write found out), or one the breaker
             // stopped asking.
             Counters::add(&self.shared.counters.writes_skipped, 1);
@@ -646,7 +652,7 @@ impl Shared {
 
     async fn write_inner(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
-        if self.breaker.is_open() {
+        if self.breaker.is_open() || self.writes_refused.load(Ordering::Relaxed) {
             Counters::add(&self.counters.writes_skipped, 1);
             return;
         }
@@ -699,6 +705,19 @@ impl Shared {
         .await;
         match result {
             Ok(()) => Counters::add(&self.counters.writes, 1),
+            Err(e) if *e.kind() == ErrorKind::Forbidden => {
+                // The cache does not let this client write (a read-only token): one warning,
+                // and no further uploads in this run.
+                Counters::add(&self.counters.write_errors, 1);
+                self.writes_refused.store(true, Ordering::Relaxed);
+                self.warnings.warn(
+                    "write/read-only",
+                    &format!(
+                        "the cache refuses writes from this client ({e}); it is used read-only: \
+                         results of local runs will not be written"
+                    ),
+                );
+            }
             Err(e) => {
                 Counters::add(&self.counters.write_errors, 1);
                 if is_outage(&e) {

@@ -603,7 +603,7 @@ async fn write_errors_are_warnings_and_backoff_counts_them() {
     f.server
         .knobs()
         .error
-        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+        .insert(Method::UpdateActionResult, Code::FailedPrecondition);
     let counter = f.scratch().join("count");
     for i in 0..10 {
         let r = f.run(producer(&counter, &format!("e{i}"))).await;
@@ -625,7 +625,7 @@ async fn write_errors_are_warnings_and_backoff_counts_them() {
     g.server
         .knobs()
         .error
-        .insert(Method::GetActionResult, Code::PermissionDenied);
+        .insert(Method::GetActionResult, Code::FailedPrecondition);
     let counter = g.scratch().join("count");
     for _ in 0..10 {
         g.run(producer(&counter, "same")).await;
@@ -880,7 +880,7 @@ async fn the_flush_report_says_when_writes_failed() {
     f.server
         .knobs()
         .error
-        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+        .insert(Method::UpdateActionResult, Code::FailedPrecondition);
     let counter = f.scratch().join("count");
     for i in 0..3 {
         f.run(producer(&counter, &format!("f{i}"))).await;
@@ -894,7 +894,7 @@ async fn the_flush_report_says_when_writes_failed() {
     g.server
         .knobs()
         .error
-        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+        .insert(Method::UpdateActionResult, Code::FailedPrecondition);
     g.run(producer(&counter, "g")).await;
     let err = g.runner.shutdown().await.unwrap_err();
     assert!(err.contains("1 failed"), "{err}");
@@ -972,4 +972,25 @@ async fn every_call_names_the_build_and_the_action() {
         assert_eq!(md.target_id, "//pkg:gen");
         assert_eq!(md.tool_details.unwrap().tool_name, "recache");
     }
+}
+
+/// A cache that refuses this client's writes (PERMISSION_DENIED: a read-only token) is used
+/// read-only for the rest of the run: the first write fails, later ones are not attempted.
+#[tokio::test]
+async fn permission_denied_on_a_write_makes_the_cache_read_only() {
+    let f = Fixture::with(CacheContentBehavior::Fetch, |o| o.cache_read = false).await;
+    f.server
+        .knobs()
+        .error
+        .insert(Method::UpdateActionResult, Code::PermissionDenied);
+    let counter = f.scratch().join("count");
+    for i in 0..5 {
+        let r = f.run(producer(&counter, &format!("ro{i}"))).await;
+        assert_eq!(r.exit_code, 0);
+        f.runner.wait_for_writes().await;
+    }
+    let stats = f.runner.stats();
+    assert_eq!(stats.write_errors, 1, "{stats:?}");
+    assert_eq!(stats.writes_skipped, 4, "{stats:?}");
+    assert_eq!(f.server.calls(Method::UpdateActionResult), 1);
 }

@@ -242,6 +242,19 @@ fn timestamp(secs: i64) -> Option<Timestamp> {
 pub(crate) struct AssetSvc(pub Arc<Inner>);
 
 impl AssetSvc {
+    /// A download from an origin writes to the cache: only a caller with the write role may
+    /// cause one (a caller the auth layer did not see, in-process, may).
+    fn may_download(&self, who: Option<&crate::core::Identity>) -> Result<(), Status> {
+        match who {
+            Some(who) => Ok(crate::core::authorize(
+                who,
+                crate::core::Role::Write,
+                "downloading an asset from its origin",
+            )?),
+            None => Ok(()),
+        }
+    }
+
     fn check_instance(&self, name: &str) -> Result<(), Status> {
         Ok(self.0.check_instance(name)?)
     }
@@ -366,6 +379,7 @@ impl Fetch for AssetSvc {
         &self,
         req: Request<FetchBlobRequest>,
     ) -> Result<Response<FetchBlobResponse>, Status> {
+        let who = req.extensions().get::<crate::core::Identity>().cloned();
         let req = req.into_inner();
         self.check_instance(&req.instance_name)?;
         if req.uris.is_empty() {
@@ -399,7 +413,9 @@ impl Fetch for AssetSvc {
                 return Ok(Response::new(answer(req.uris[0].clone(), digest, 0)));
             }
         }
-        // 3. The origin, URI by URI; concurrent fetches of one asset share one download.
+        // 3. The origin, URI by URI; concurrent fetches of one asset share one download. A
+        //    download writes to the cache: it needs the write role.
+        self.may_download(who.as_ref())?;
         download::check_headers(&headers(&req.qualifiers)).map_err(Status::invalid_argument)?;
         let options = download::Options::for_request(
             req.timeout.as_ref(),
@@ -460,6 +476,7 @@ impl Fetch for AssetSvc {
         &self,
         req: Request<FetchDirectoryRequest>,
     ) -> Result<Response<FetchDirectoryResponse>, Status> {
+        let who = req.extensions().get::<crate::core::Identity>().cloned();
         let req = req.into_inner();
         self.check_instance(&req.instance_name)?;
         if req.uris.is_empty() {
@@ -512,6 +529,7 @@ impl Fetch for AssetSvc {
             )));
         }
         let sri = check_qualifiers(&req.qualifiers)?;
+        self.may_download(who.as_ref())?;
         download::check_headers(&headers(&req.qualifiers)).map_err(Status::invalid_argument)?;
         let options = download::Options::for_request(
             req.timeout.as_ref(),

@@ -190,20 +190,112 @@ pub(crate) fn read_failed(store: &store::LocalStore, d: Digest, e: &StoreError) 
     store_refusal("reading", e)
 }
 
-/// The auth rule: with a token set (`--auth-token`), a request must present it (how depends on
-/// the protocol: a bearer token, or the password of HTTP Basic credentials).
-pub(crate) fn check_token(expected: Option<&str>, presented: Option<&[u8]>) -> Result<(), Refusal> {
-    let Some(token) = expected else {
-        return Ok(());
-    };
+/// What a caller may do. Ordered: each role can do what the ones before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// CAS, ActionCache and ByteStream reads, FindMissingBlobs, GetTree, and Remote Asset
+    /// fetches of assets already recorded.
+    Read,
+    /// Read, plus CAS and ActionCache writes, Remote Asset pushes and origin downloads.
+    Write,
+    /// Write, plus deleting.
+    Admin,
+}
+
+impl Role {
+    /// The role's name, as a tokens file and messages spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "read" => Ok(Role::Read),
+            "write" => Ok(Role::Write),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?} (read, write or admin)")),
+        }
+    }
+}
+
+/// Who a request comes from, once authenticated: a name (the token's, or `anonymous`) and
+/// its role. Front ends put it in the request's extensions, for handlers that decide more
+/// (a Remote Asset fetch that must download needs `write`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The name the tokens file gives (or `anonymous`).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// The auth rule. Without any token configured, every caller may do everything (an open
+/// cache). With tokens, a caller presents one (how depends on the protocol: a bearer token, or
+/// the password of HTTP Basic credentials) and gets its role; a caller presenting none gets
+/// the anonymous role (`--anonymous`, none by default), a wrong one nothing.
+pub(crate) fn authenticate(
+    options: &crate::ServerOptions,
+    presented: Option<&[u8]>,
+) -> Result<Identity, Refusal> {
+    let tokens = &options.tokens;
+    if tokens.is_empty() {
+        return Ok(Identity {
+            name: "anonymous".into(),
+            role: Role::Admin,
+        });
+    }
     match presented {
-        None => Err(Refusal::new(
-            Why::Unauthenticated,
-            "this cache needs credentials: `authorization: Bearer <token>` (over HTTP also the \
-             token as the password: http://user:TOKEN@host/)",
-        )),
-        Some(p) if constant_time_eq(p, token.as_bytes()) => Ok(()),
-        Some(_) => Err(Refusal::new(Why::Unauthenticated, "wrong credentials")),
+        None => match options.anonymous {
+            Some(role) => Ok(Identity {
+                name: "anonymous".into(),
+                role,
+            }),
+            None => Err(Refusal::new(
+                Why::Unauthenticated,
+                "this cache needs credentials: `authorization: Bearer <token>` (over HTTP also \
+                 the token as the password: http://user:TOKEN@host/)",
+            )),
+        },
+        Some(p) => {
+            // Every token is compared (in constant time), so the answer's timing says nothing
+            // about which one came close.
+            let mut found = None;
+            for t in tokens {
+                if constant_time_eq(p, t.token.as_bytes()) {
+                    found = Some(t);
+                }
+            }
+            found
+                .map(|t| Identity {
+                    name: t.name.clone(),
+                    role: t.role,
+                })
+                .ok_or_else(|| Refusal::new(Why::Unauthenticated, "wrong credentials"))
+        }
+    }
+}
+
+/// Refuses `who` what needs `needed` (naming the role it needs).
+pub(crate) fn authorize(who: &Identity, needed: Role, what: &str) -> Result<(), Refusal> {
+    if who.role >= needed {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            Why::Forbidden,
+            format!(
+                "{what} needs the {} role; {} has {}",
+                needed.name(),
+                who.name,
+                who.role.name()
+            ),
+        ))
     }
 }
 

@@ -144,27 +144,19 @@ impl std::ops::Deref for Svc {
     }
 }
 
+/// The gRPC router: every service, behind the metrics and auth layers.
+pub(crate) type Router = tonic::transport::server::Router<
+    tower_layer::Stack<AuthLayer, tower_layer::Stack<ObserveLayer, tower_layer::Identity>>,
+>;
+
 /// Builds the router with every service (and the auth check when a token is set).
 pub(crate) fn router(
     inner: Arc<Inner>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<
-    tonic::transport::server::Router<tower_layer::Stack<ObserveLayer, tower_layer::Identity>>,
-    ServerError,
-> {
+) -> Result<Router, ServerError> {
     let svc = Svc(Core(inner.clone()));
-    let token = inner.options.auth_token.clone();
-    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes());
-        crate::core::check_token(token.as_deref(), presented)?;
-        Ok(req)
-    };
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(6 * 1024 * 1024))
         .initial_connection_window_size(Some(12 * 1024 * 1024));
@@ -175,38 +167,108 @@ pub(crate) fn router(
     }
     Ok(builder
         .layer(ObserveLayer(inner.metrics.clone()))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            CapabilitiesServer::new(svc.clone()),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        .layer(AuthLayer(inner.clone()))
+        .add_service(CapabilitiesServer::new(svc.clone()))
+        .add_service(
             ContentAddressableStorageServer::new(svc.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        )
+        .add_service(
             ActionCacheServer::new(svc.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(64 * 1024 * 1024),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        )
+        .add_service(
             ByteStreamServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            FetchServer::new(crate::asset::AssetSvc(inner.clone())),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            PushServer::new(crate::asset::AssetSvc(inner)),
-            auth,
-        ))
+        )
+        .add_service(FetchServer::new(crate::asset::AssetSvc(inner.clone())))
+        .add_service(PushServer::new(crate::asset::AssetSvc(inner)))
         // Health answers without credentials, as load balancers and orchestrators ask.
         .add_service(health))
+}
+
+/// The role each gRPC method needs (health needs none; anything else not listed: read).
+fn role_for(method: &str) -> crate::core::Role {
+    use crate::core::Role;
+    match method {
+        "BatchUpdateBlobs" | "UpdateActionResult" | "Write" | "QueryWriteStatus" | "PushBlob"
+        | "PushDirectory" => Role::Write,
+        _ => Role::Read,
+    }
+}
+
+/// Authenticates every gRPC call (a bearer token in `authorization`) and refuses what its
+/// role does not allow, by method, before the call reaches a service: UNAUTHENTICATED or
+/// PERMISSION_DENIED naming the role needed. The caller's [`crate::core::Identity`] goes into
+/// the request's extensions. Health checks pass unauthenticated.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthLayer(Arc<Inner>);
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            server: self.0.clone(),
+        }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Auth<S> {
+    inner: S,
+    server: Arc<Inner>,
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for Auth<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if path.starts_with("/grpc.health.v1.Health/") {
+            return Box::pin(self.inner.call(req));
+        }
+        let method = path.rsplit('/').next().unwrap_or("").to_owned();
+        let presented = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes().to_vec());
+        let allowed = crate::core::authenticate(&self.server.options, presented.as_deref())
+            .and_then(|who| {
+                crate::core::authorize(&who, role_for(&method), &method)?;
+                Ok(who)
+            });
+        match allowed {
+            Ok(who) => {
+                req.extensions_mut().insert(who);
+                Box::pin(self.inner.call(req))
+            }
+            Err(refusal) => {
+                let status = Status::from(refusal);
+                Box::pin(async move { Ok(status.into_http::<RB>()) })
+            }
+        }
+    }
 }
 
 /// The gRPC methods this server answers, by name: the only values of the `method` label (any

@@ -275,8 +275,18 @@ async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Re
         _ => {}
     }
     let presented = presented_token(req.headers());
-    crate::core::check_token(core.0.options.auth_token.as_deref(), presented.as_deref())?;
+    let who = crate::core::authenticate(&core.0.options, presented.as_deref())?;
     let target = parse_path(req.uri().path())?;
+    let needed = if req.method() == Method::PUT {
+        crate::core::Role::Write
+    } else {
+        crate::core::Role::Read
+    };
+    crate::core::authorize(
+        &who,
+        needed,
+        &format!("{} {}", req.method(), req.uri().path()),
+    )?;
     core.check_instance(&target.instance)?;
     let method = req.method().clone();
     match (method, target.kind) {

@@ -81,8 +81,11 @@ pub struct ServerOptions {
     pub max_blob_size: u64,
     /// Instance names served; empty: any.
     pub instance_names: Vec<String>,
-    /// When set, every call must carry `authorization: Bearer <token>`.
-    pub auth_token: Option<String>,
+    /// Callers' tokens and what each may do (see [`Role`]). Empty (the default): no
+    /// credentials asked, every caller may do everything.
+    pub tokens: Vec<Token>,
+    /// With tokens: what a caller presenting none may do (`None`, the default: nothing).
+    pub anonymous: Option<Role>,
     /// PEM certificate chain and key: serve TLS (`grpcs://`).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Keep large blobs zstd-compressed at rest (1 MiB frames with a seek table). Default true.
@@ -113,7 +116,8 @@ impl ServerOptions {
             max_size: 10 << 30,
             max_blob_size: 4 << 30,
             instance_names: Vec::new(),
-            auth_token: None,
+            tokens: Vec::new(),
+            anonymous: None,
             tls: None,
             compress_at_rest: true,
             s3: None,
@@ -138,6 +142,51 @@ pub(crate) fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
         (s.blocks_available() as u64).saturating_mul(unit),
         (s.blocks() as u64).saturating_mul(unit),
     ))
+}
+
+pub use core::{Identity, Role};
+
+/// One caller's credentials ([`ServerOptions::tokens`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The secret, as the caller presents it (a bearer token, or an HTTP Basic password).
+    pub token: String,
+    /// What it may do.
+    pub role: Role,
+    /// Who it is, for the access log and refusals.
+    pub name: String,
+}
+
+impl Token {
+    /// Reads a tokens file: one `TOKEN ROLE [NAME]` per line (roles `read`, `write`, `admin`;
+    /// the name defaults to `token-<line>`); blank lines and `#` comments are skipped. An error
+    /// names the line.
+    pub fn parse_file(text: &str) -> Result<Vec<Token>, String> {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(token), Some(role)) = (words.next(), words.next()) else {
+                return Err(format!("line {}: expected `TOKEN ROLE [NAME]`", i + 1));
+            };
+            let role = role.parse().map_err(|e| format!("line {}: {e}", i + 1))?;
+            let name = words
+                .next()
+                .map_or_else(|| format!("token-{}", i + 1), str::to_owned);
+            if words.next().is_some() {
+                return Err(format!("line {}: expected `TOKEN ROLE [NAME]`", i + 1));
+            }
+            out.push(Token {
+                token: token.to_owned(),
+                role,
+                name,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// Why the server could not start or stopped.

@@ -415,7 +415,14 @@ async fn pushed_assets_are_served_until_they_expire() {
 
 #[tokio::test]
 async fn pushes_need_the_token_when_one_is_set() {
-    let r = start(|o| o.auth_token = Some("s3cret".into())).await;
+    let r = start(|o| {
+        o.tokens = vec![server::Token {
+            token: "s3cret".into(),
+            role: server::Role::Write,
+            name: "ci".into(),
+        }]
+    })
+    .await;
     let e = PushClient::new(r.channel.clone())
         .push_blob(PushBlobRequest {
             uris: vec!["https://example.invalid/x".into()],

@@ -403,7 +403,14 @@ async fn a_full_cache_answers_507() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_as_bearer_or_basic() {
-    let r = start(|o| o.auth_token = Some("s3cret".into())).await;
+    let r = start(|o| {
+        o.tokens = vec![server::Token {
+            token: "s3cret".into(),
+            role: server::Role::Write,
+            name: "ci".into(),
+        }]
+    })
+    .await;
     let data = b"guarded".to_vec();
     let d = Digest::of_bytes(&data);
     let url = format!("{}/cas/{}", r.http, d.hash.to_hex());
@@ -644,7 +651,11 @@ fn health_follows_whether_the_storage_takes_writes() {
             let storage = disk.join("server");
             let r = start(|o| {
                 o.storage = storage.clone();
-                o.auth_token = Some("t0ken".into());
+                o.tokens = vec![server::Token {
+                    token: "t0ken".into(),
+                    role: server::Role::Write,
+                    name: "ci".into(),
+                }];
             })
             .await;
             let mut health = tonic_health::pb::health_client::HealthClient::new(r.channel.clone());
@@ -732,4 +743,428 @@ fn health_follows_whether_the_storage_takes_writes() {
             r.stop().await;
         });
     });
+}
+
+/// A request carrying `token` as a bearer token (none: no credentials).
+fn authed<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// What a gRPC call came to: `Ok(())`, or its code and message.
+type Outcome = Result<(), (Code, String)>;
+
+fn outcome<T>(r: Result<T, tonic::Status>) -> Outcome {
+    r.map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+/// Every gRPC method this server answers, called as `token`, each with a well-formed request.
+async fn every_method(
+    r: &Running,
+    token: Option<&str>,
+    blob: Digest,
+) -> Vec<(&'static str, bool, Outcome)> {
+    use bazel_remote_apis::build::bazel::remote::asset::v1::{
+        FetchBlobRequest, PushBlobRequest, fetch_client::FetchClient, push_client::PushClient,
+    };
+    use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_client::CapabilitiesClient;
+    use bazel_remote_apis::google::bytestream::{
+        QueryWriteStatusRequest, ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
+    };
+    let ch = r.channel.clone();
+    let d: remexec::Digest = blob.into();
+    let fresh = testutil::data::pseudo_random(100, rand_seed(token));
+    let fd = Digest::of_bytes(&fresh);
+    let mut out = Vec::new();
+    // (method, needs write, outcome)
+    out.push((
+        "GetCapabilities",
+        false,
+        outcome(
+            CapabilitiesClient::new(ch.clone())
+                .get_capabilities(authed(remexec::GetCapabilitiesRequest::default(), token))
+                .await,
+        ),
+    ));
+    out.push((
+        "FindMissingBlobs",
+        false,
+        outcome(
+            cas(r)
+                .find_missing_blobs(authed(
+                    remexec::FindMissingBlobsRequest {
+                        blob_digests: vec![d.clone()],
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "BatchReadBlobs",
+        false,
+        outcome(
+            cas(r)
+                .batch_read_blobs(authed(
+                    remexec::BatchReadBlobsRequest {
+                        digests: vec![d.clone()],
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "GetTree",
+        false,
+        outcome(
+            cas(r)
+                .get_tree(authed(
+                    remexec::GetTreeRequest {
+                        root_digest: Some(hashing::EMPTY_DIGEST.into()),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "GetActionResult",
+        false,
+        match ActionCacheClient::new(ch.clone())
+            .get_action_result(authed(
+                remexec::GetActionResultRequest {
+                    action_digest: Some(d.clone()),
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+        {
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            other => outcome(other),
+        },
+    ));
+    out.push((
+        "Read",
+        false,
+        outcome(
+            ByteStreamClient::new(ch.clone())
+                .read(authed(
+                    ReadRequest {
+                        resource_name: format!("blobs/{}/{}", blob.hash, blob.size_bytes),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "BatchUpdateBlobs",
+        true,
+        outcome(
+            cas(r)
+                .batch_update_blobs(authed(
+                    remexec::BatchUpdateBlobsRequest {
+                        requests: vec![remexec::batch_update_blobs_request::Request {
+                            digest: Some(fd.into()),
+                            data: fresh.clone(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "UpdateActionResult",
+        true,
+        outcome(
+            ActionCacheClient::new(ch.clone())
+                .update_action_result(authed(
+                    remexec::UpdateActionResultRequest {
+                        action_digest: Some(fd.into()),
+                        action_result: Some(result_with("out", blob)),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        fd.hash,
+        fd.size_bytes
+    );
+    out.push((
+        "Write",
+        true,
+        outcome(
+            ByteStreamClient::new(ch.clone())
+                .write(authed(
+                    futures::stream::iter(vec![WriteRequest {
+                        resource_name: resource.clone(),
+                        write_offset: 0,
+                        finish_write: true,
+                        data: fresh.clone(),
+                    }]),
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "QueryWriteStatus",
+        true,
+        outcome(
+            ByteStreamClient::new(ch.clone())
+                .query_write_status(authed(
+                    QueryWriteStatusRequest {
+                        resource_name: resource,
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    out.push((
+        "PushBlob",
+        true,
+        outcome(
+            PushClient::new(ch.clone())
+                .push_blob(authed(
+                    PushBlobRequest {
+                        uris: vec!["https://example.invalid/pushed".into()],
+                        blob_digest: Some(d.clone()),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+        ),
+    ));
+    // A recorded asset: a read. One that needs a download from its origin: a write (the
+    // answer carries its status inside the response).
+    let fetch = |uri: &'static str| {
+        let ch = ch.clone();
+        async move {
+            match FetchClient::new(ch)
+                .fetch_blob(authed(
+                    FetchBlobRequest {
+                        uris: vec![uri.into()],
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await
+            {
+                Ok(resp) => {
+                    let s = resp.into_inner().status.unwrap_or_default();
+                    if s.code == Code::PermissionDenied as i32
+                        || s.code == Code::Unauthenticated as i32
+                    {
+                        Err((Code::from(s.code), s.message))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(e) => Err((e.code(), e.message().to_owned())),
+            }
+        }
+    };
+    out.push((
+        "FetchBlob (recorded)",
+        false,
+        fetch("https://example.invalid/recorded").await,
+    ));
+    out.push((
+        "FetchBlob (from the origin)",
+        true,
+        fetch("https://example.invalid/never-recorded").await,
+    ));
+    out
+}
+
+fn rand_seed(token: Option<&str>) -> u64 {
+    token.map_or(1, |t| t.bytes().map(u64::from).sum())
+}
+
+/// Issue 25 §4: roles. Read tokens read, write tokens also write, a caller without a token gets
+/// the anonymous role; each refused call is PERMISSION_DENIED (403 over HTTP) naming the role
+/// it needs, checked against every gRPC method and every HTTP route.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_allow_each_method_what_it_needs() {
+    let r = start(|o| {
+        o.tokens = server::Token::parse_file(
+            "# who may do what\nr-tok read dev\nw-tok write ci\na-tok admin ops\n",
+        )
+        .unwrap();
+        o.anonymous = Some(server::Role::Read);
+    })
+    .await;
+    let blob = grpc_put_as(&r, b"readable", Some("w-tok")).await;
+    // A recorded asset, for the read role's fetch.
+    bazel_remote_apis::build::bazel::remote::asset::v1::push_client::PushClient::new(
+        r.channel.clone(),
+    )
+    .push_blob(authed(
+        bazel_remote_apis::build::bazel::remote::asset::v1::PushBlobRequest {
+            uris: vec!["https://example.invalid/recorded".into()],
+            blob_digest: Some(blob.into()),
+            ..Default::default()
+        },
+        Some("w-tok"),
+    ))
+    .await
+    .unwrap();
+    for (who, token, may_write) in [
+        ("anonymous", None, false),
+        ("dev (read)", Some("r-tok"), false),
+        ("ci (write)", Some("w-tok"), true),
+        ("ops (admin)", Some("a-tok"), true),
+    ] {
+        for (method, needs_write, got) in every_method(&r, token, blob).await {
+            let refused = matches!(&got, Err((Code::PermissionDenied, _)));
+            assert_eq!(
+                refused,
+                needs_write && !may_write,
+                "{who} calling {method}: {got:?}"
+            );
+            if refused {
+                let msg = &got.as_ref().unwrap_err().1;
+                assert!(
+                    msg.contains("needs the write role"),
+                    "{who} {method}: {msg}"
+                );
+            }
+            assert!(
+                !matches!(&got, Err((Code::Unauthenticated, _))),
+                "{who} {method}: {got:?}"
+            );
+        }
+    }
+    // A wrong token is not anonymous: UNAUTHENTICATED.
+    let e = cas(&r)
+        .find_missing_blobs(authed(
+            remexec::FindMissingBlobsRequest::default(),
+            Some("nope"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // HTTP: GET and HEAD read, PUT writes.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = b"over http".to_vec();
+    let d = Digest::of_bytes(&data);
+    let body = file_with(tmp.path(), "b", &data);
+    let key = d.hash.to_hex();
+    let ar = file_with(tmp.path(), "ar", &result_with("o", blob).encode_to_vec());
+    for (who, auth, may_write) in [
+        ("anonymous", vec![], false),
+        ("dev (read)", vec!["-u", "dev:r-tok"], false),
+        (
+            "ci (write)",
+            vec!["-H", "Authorization: Bearer w-tok"],
+            true,
+        ),
+    ] {
+        for (route, method, target, file) in [
+            (
+                "PUT /cas",
+                "PUT",
+                format!("{}/cas/{key}", r.http),
+                Some(&body),
+            ),
+            ("PUT /ac", "PUT", format!("{}/ac/{key}", r.http), Some(&ar)),
+            (
+                "PUT /opaque/ac",
+                "PUT",
+                format!("{}/opaque/ac/{key}", r.http),
+                Some(&body),
+            ),
+            (
+                "GET /cas",
+                "GET",
+                format!("{}/cas/{}", r.http, blob.hash.to_hex()),
+                None,
+            ),
+            (
+                "HEAD /cas",
+                "HEAD",
+                format!("{}/cas/{}", r.http, blob.hash.to_hex()),
+                None,
+            ),
+            ("GET /ac", "GET", format!("{}/ac/{key}", r.http), None),
+            (
+                "GET /opaque/ac",
+                "GET",
+                format!("{}/opaque/ac/{key}", r.http),
+                None,
+            ),
+        ] {
+            let mut args: Vec<&str> = auth.clone();
+            if method == "HEAD" {
+                args.push("-I");
+            } else {
+                args.extend(["-X", method]);
+            }
+            if let Some(f) = file {
+                args.extend(["--data-binary", f.as_str()]);
+            }
+            args.push(&target);
+            let got = curl(&args).await;
+            let writes = method == "PUT";
+            if writes && !may_write {
+                assert_eq!(got.status, 403, "{who} {route}: {}", got.text());
+                assert!(
+                    got.text().contains("needs the write role"),
+                    "{who} {route}: {}",
+                    got.text()
+                );
+            } else {
+                assert!(
+                    got.status != 403 && got.status != 401,
+                    "{who} {route}: {} {}",
+                    got.status,
+                    got.text()
+                );
+            }
+        }
+    }
+    r.stop().await;
+}
+
+async fn grpc_put_as(r: &Running, data: &[u8], token: Option<&str>) -> Digest {
+    let d = Digest::of_bytes(data);
+    let resp = cas(r)
+        .batch_update_blobs(authed(
+            remexec::BatchUpdateBlobsRequest {
+                requests: vec![remexec::batch_update_blobs_request::Request {
+                    digest: Some(d.into()),
+                    data: data.to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, 0);
+    d
 }

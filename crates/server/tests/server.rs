@@ -508,7 +508,14 @@ async fn an_action_result_whose_outputs_are_gone_is_not_found() {
 
 #[tokio::test]
 async fn a_bearer_token_is_required_when_set() {
-    let r = start_with(|o| o.auth_token = Some("s3cret".into())).await;
+    let r = start_with(|o| {
+        o.tokens = vec![server::Token {
+            token: "s3cret".into(),
+            role: server::Role::Write,
+            name: "ci".into(),
+        }]
+    })
+    .await;
     let err = cas(&r)
         .find_missing_blobs(remexec::FindMissingBlobsRequest::default())
         .await

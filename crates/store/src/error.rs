@@ -23,6 +23,9 @@ pub enum ErrorKind {
     /// paths are UTF-8). Not the user's mistake, not the store's failure: what it names cannot
     /// be cached, and callers run or keep it without the cache.
     Unrepresentable,
+    /// The server refused this client the operation (PERMISSION_DENIED: a read-only token,
+    /// say). Never retried.
+    Forbidden,
     /// A transient failure a retry may cure, with the gRPC code that said so.
     Retryable(tonic::Code),
     /// Anything else.
@@ -39,6 +42,7 @@ impl ErrorKind {
             ErrorKind::Io => "io".into(),
             ErrorKind::StorageFull => "storage-full".into(),
             ErrorKind::Unrepresentable => "unrepresentable".into(),
+            ErrorKind::Forbidden => "forbidden".into(),
             ErrorKind::Retryable(code) => format!("retryable-{code:?}"),
             ErrorKind::Other => "other".into(),
         }
@@ -108,8 +112,9 @@ impl StoreError {
     ///
     /// Retryable: UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, and
     /// DEADLINE_EXCEEDED when the call is `idempotent` (a read; a write that timed out may have
-    /// half-happened on the server, so it is not retried blindly). DATA_LOSS is invalid data;
-    /// everything else is `Other`.
+    /// half-happened on the server, so it is not retried blindly). DATA_LOSS is invalid data,
+    /// PERMISSION_DENIED forbidden; everything else is `Other`. A certificate the client
+    /// refused is final, with advice.
     pub fn from_status(what: &str, status: &tonic::Status, idempotent: bool) -> StoreError {
         use tonic::Code;
         // A certificate the client refuses will be refused again: final, and said plainly.
@@ -130,6 +135,7 @@ impl StoreError {
             | Code::Unknown => ErrorKind::Retryable(status.code()),
             Code::DeadlineExceeded if idempotent => ErrorKind::Retryable(status.code()),
             Code::DataLoss => ErrorKind::InvalidData,
+            Code::PermissionDenied => ErrorKind::Forbidden,
             _ => ErrorKind::Other,
         };
         StoreError::new(
