@@ -149,6 +149,11 @@ impl State {
             tokio::time::sleep(d).await;
         }
         match fail {
+            // A RESOURCE_EXHAUSTED fault says what a full server says (REAPI's wording).
+            Some(Code::ResourceExhausted) => Err(Status::new(
+                Code::ResourceExhausted,
+                format!("injected fault on {method:?}: insufficient disk quota"),
+            )),
             Some(code) => Err(Status::new(code, format!("injected fault on {method:?}"))),
             None => Ok(()),
         }

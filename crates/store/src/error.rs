@@ -144,12 +144,28 @@ impl StoreError {
         )
     }
 
-    /// For a write: a server that answered RESOURCE_EXHAUSTED has no room for the blob (a full
-    /// disk, a full cache) and will not have it moments later, so the write is final, not
-    /// retried. (A read's RESOURCE_EXHAUSTED, a busy server, stays retryable.)
+    /// For a write: RESOURCE_EXHAUSTED means one of two things. A server with no room for the
+    /// blob (REAPI's "insufficient disk quota"; recache serve's "the cache is full") will not
+    /// have it moments later: the write is final, not retried. A busy server (a rate limit;
+    /// BuildGrid's "Concurrent RPC limit exceeded!") will: that stays retryable. Told apart by
+    /// what the message speaks of (full, quota, space, disk).
+    ///
+    /// ```
+    /// let full = tonic::Status::resource_exhausted("the cache is full: retry later");
+    /// let busy = tonic::Status::resource_exhausted("Concurrent RPC limit exceeded!");
+    /// let e = |s| store::StoreError::from_status("ByteStream.Write", &s, true).final_when_full();
+    /// assert!(!e(full).is_retryable());
+    /// assert!(e(busy).is_retryable());
+    /// ```
     pub fn final_when_full(mut self) -> StoreError {
         if self.kind == ErrorKind::Retryable(tonic::Code::ResourceExhausted) {
-            self.kind = ErrorKind::Other;
+            let message = self.to_string().to_ascii_lowercase();
+            if ["full", "quota", "space", "disk"]
+                .iter()
+                .any(|w| message.contains(w))
+            {
+                self.kind = ErrorKind::Other;
+            }
         }
         self
     }
