@@ -144,10 +144,9 @@ impl std::ops::Deref for Svc {
     }
 }
 
-/// The gRPC router: every service, behind the metrics and auth layers.
-pub(crate) type Router = tonic::transport::server::Router<
-    tower_layer::Stack<AuthLayer, tower_layer::Stack<ObserveLayer, tower_layer::Identity>>,
->;
+/// The gRPC router: every service, behind [`CallLayer`].
+pub(crate) type Router =
+    tonic::transport::server::Router<tower_layer::Stack<CallLayer, tower_layer::Identity>>;
 
 /// Builds the router with every service (and the auth check when a token is set).
 pub(crate) fn router(
@@ -166,8 +165,7 @@ pub(crate) fn router(
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
     Ok(builder
-        .layer(ObserveLayer(inner.metrics.clone()))
-        .layer(AuthLayer(inner.clone()))
+        .layer(CallLayer(inner.clone()))
         .add_service(CapabilitiesServer::new(svc.clone()))
         .add_service(
             ContentAddressableStorageServer::new(svc.clone())
@@ -200,77 +198,6 @@ fn role_for(method: &str) -> crate::core::Role {
     }
 }
 
-/// Authenticates every gRPC call (a bearer token in `authorization`) and refuses what its
-/// role does not allow, by method, before the call reaches a service: UNAUTHENTICATED or
-/// PERMISSION_DENIED naming the role needed. The caller's [`crate::core::Identity`] goes into
-/// the request's extensions. Health checks pass unauthenticated.
-#[derive(Debug, Clone)]
-pub(crate) struct AuthLayer(Arc<Inner>);
-
-impl<S> tower_layer::Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-    fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            server: self.0.clone(),
-        }
-    }
-}
-
-/// See [`AuthLayer`].
-#[derive(Debug, Clone)]
-pub(crate) struct Auth<S> {
-    inner: S,
-    server: Arc<Inner>,
-}
-
-impl<S, B, RB> tower_service::Service<http::Request<B>> for Auth<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    RB: Default + Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let path = req.uri().path();
-        if path.starts_with("/grpc.health.v1.Health/") {
-            return Box::pin(self.inner.call(req));
-        }
-        let method = path.rsplit('/').next().unwrap_or("").to_owned();
-        let presented = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes().to_vec());
-        let allowed = crate::core::authenticate(&self.server.options, presented.as_deref())
-            .and_then(|who| {
-                crate::core::authorize(&who, role_for(&method), &method)?;
-                Ok(who)
-            });
-        match allowed {
-            Ok(who) => {
-                req.extensions_mut().insert(who);
-                Box::pin(self.inner.call(req))
-            }
-            Err(refusal) => {
-                let status = Status::from(refusal);
-                Box::pin(async move { Ok(status.into_http::<RB>()) })
-            }
-        }
-    }
-}
-
 /// The gRPC methods this server answers, by name: the only values of the `method` label (any
 /// other path counts as `other`, so a client cannot grow the label set).
 const METHODS: [&str; 19] = [
@@ -300,33 +227,39 @@ fn code_name(code: &str) -> &'static str {
     crate::metrics::grpc_code_label(code.trim().parse().unwrap_or(2))
 }
 
-/// Counts every gRPC call by method and status code, with its latency (to the response's
-/// headers: a streamed answer's first byte). An error answered before any message carries its
-/// status in the headers; a call whose headers carry none started well, and counts as OK.
+/// What every gRPC call meets before a service (one tower layer around the router):
+/// authentication and the role its method needs (`role_for`; a refusal is UNAUTHENTICATED or
+/// PERMISSION_DENIED naming the role, answered here; health checks pass without credentials),
+/// the caller's [`crate::core::Identity`] put in the request's extensions, and the call counted
+/// by method and status code with its latency (to the response's headers: a streamed answer's
+/// first byte; an error answered before any message carries its status there, a call whose
+/// headers carry none started well and counts as OK).
 #[derive(Debug, Clone)]
-pub(crate) struct ObserveLayer(pub Arc<crate::metrics::Metrics>);
+pub(crate) struct CallLayer(pub Arc<Inner>);
 
-impl<S> tower_layer::Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
+impl<S> tower_layer::Layer<S> for CallLayer {
+    type Service = Call<S>;
+    fn layer(&self, inner: S) -> Call<S> {
+        Call {
             inner,
-            metrics: self.0.clone(),
+            server: self.0.clone(),
         }
     }
 }
 
-/// See [`ObserveLayer`].
+/// See [`CallLayer`].
 #[derive(Debug, Clone)]
-pub(crate) struct Observe<S> {
+pub(crate) struct Call<S> {
     inner: S,
-    metrics: Arc<crate::metrics::Metrics>,
+    server: Arc<Inner>,
 }
 
-impl<S, B, RB> tower_service::Service<http::Request<B>> for Observe<S>
+impl<S, B, RB> tower_service::Service<http::Request<B>> for Call<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
+    RB: Default + Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -339,16 +272,44 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let name = req.uri().path().rsplit('/').next().unwrap_or("");
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let name = path.rsplit('/').next().unwrap_or("");
         let method = METHODS
             .iter()
             .find(|m| **m == name)
             .copied()
             .unwrap_or("other");
+        let health = path.starts_with("/grpc.health.v1.Health/");
         let started = std::time::Instant::now();
-        let metrics = self.metrics.clone();
-        let call = self.inner.call(req);
+        let metrics = self.server.metrics.clone();
+        let allowed = if health {
+            Ok(None)
+        } else {
+            let presented = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes().to_vec());
+            crate::core::authenticate(&self.server.options, presented.as_deref()).and_then(|who| {
+                crate::core::authorize(&who, role_for(name), name)?;
+                Ok(Some(who))
+            })
+        };
+        let call = match allowed {
+            Ok(who) => {
+                if let Some(who) = who {
+                    req.extensions_mut().insert(who);
+                }
+                self.inner.call(req)
+            }
+            Err(refusal) => {
+                let code = crate::metrics::grpc_code_label(refusal.grpc_code() as i32);
+                metrics.request("grpc", method, code, started.elapsed());
+                let status = Status::from(refusal);
+                return Box::pin(async move { Ok(status.into_http::<RB>()) });
+            }
+        };
         Box::pin(async move {
             let resp = call.await;
             let code = match &resp {
