@@ -324,6 +324,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RECACHE_SERVE_AUTH_TOKENS", value_name = "FILE")]
     pub auth_tokens: Option<PathBuf>,
 
+    /// Write an access log: one JSON line per request (time, peer, identity, protocol, method,
+    /// resource, status, bytes, duration, invocation id) to FILE (appended), or `-` for
+    /// standard output.
+    #[arg(long, env = "RECACHE_SERVE_ACCESS_LOG", value_name = "FILE|-")]
+    pub access_log: Option<PathBuf>,
+
     /// With tokens configured, what a caller presenting none may do: `read`, or `none` (the
     /// default: credentials required).
     #[arg(long, env = "RECACHE_SERVE_ANONYMOUS", value_name = "ROLE", value_parser = ["read", "none"])]

@@ -120,6 +120,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         max_size: args.max_size,
         max_blob_size: args.max_blob_size,
         disk_reserve: args.disk_reserve,
+        access_log: args.access_log.clone(),
         instance_names: instance_names.clone(),
         tokens,
         anonymous,

@@ -283,6 +283,34 @@ where
         let health = path.starts_with("/grpc.health.v1.Health/");
         let started = std::time::Instant::now();
         let metrics = self.server.metrics.clone();
+        let server = self.server.clone();
+        // What the access log says of the call, when there is one.
+        let mut entry = server.access.as_ref().map(|_| crate::access::Entry {
+            peer: req
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .or_else(|| {
+                    req.extensions()
+                        .get::<tonic::transport::server::TlsConnectInfo<
+                            tonic::transport::server::TcpConnectInfo,
+                        >>()
+                        .map(|t| t.get_ref())
+                })
+                .and_then(|i| i.remote_addr())
+                .map(|a| a.to_string()),
+            protocol: "grpc",
+            method,
+            resource: path.to_owned(),
+            invocation_id: crate::access::invocation_id(req.headers()),
+            ..Default::default()
+        });
+        let log = move |entry: Option<crate::access::Entry>, code: &str| {
+            if let (Some(log), Some(mut e)) = (server.access.as_ref(), entry) {
+                e.status = code.to_owned();
+                e.duration = started.elapsed();
+                log.record(&e);
+            }
+        };
         let allowed = if health {
             Ok(None)
         } else {
@@ -299,6 +327,9 @@ where
         let call = match allowed {
             Ok(who) => {
                 if let Some(who) = who {
+                    if let Some(e) = entry.as_mut() {
+                        e.identity = Some(who.name.clone());
+                    }
                     req.extensions_mut().insert(who);
                 }
                 self.inner.call(req)
@@ -306,6 +337,7 @@ where
             Err(refusal) => {
                 let code = crate::metrics::grpc_code_label(refusal.grpc_code() as i32);
                 metrics.request("grpc", method, code, started.elapsed());
+                log(entry, code);
                 let status = Status::from(refusal);
                 return Box::pin(async move { Ok(status.into_http::<RB>()) });
             }
@@ -321,6 +353,7 @@ where
                 Err(_) => "UNAVAILABLE",
             };
             metrics.request("grpc", method, code, started.elapsed());
+            log(entry, code);
             resp
         })
     }

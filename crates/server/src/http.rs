@@ -67,10 +67,10 @@ pub(crate) async fn serve(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
                     tracing::warn!(error = %e, "HTTP accept failed");
@@ -86,7 +86,7 @@ pub(crate) async fn serve(
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let core = core.clone();
-                async move { Ok::<_, Infallible>(handle(&core, req).await) }
+                async move { Ok::<_, Infallible>(handle(&core, peer, req).await) }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.keep_alive(true)
@@ -217,16 +217,46 @@ fn presented_token(headers: &HeaderMap) -> Option<Vec<u8>> {
     Some(pair[colon + 1..].to_vec())
 }
 
-async fn handle(core: &Core, req: Request<Incoming>) -> Response<Body> {
+async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
+    let put = req.method() == Method::PUT;
     let name = route_name(req.method(), req.uri().path());
     let started = std::time::Instant::now();
-    let resp = match route(core, req).await {
+    let mut entry = core.0.access.as_ref().map(|_| crate::access::Entry {
+        peer: Some(peer.to_string()),
+        protocol: "http",
+        method: name,
+        resource: req.uri().path().to_owned(),
+        invocation_id: crate::access::invocation_id(req.headers()),
+        bytes: put.then(|| content_length(req.headers())).flatten(),
+        ..Default::default()
+    });
+    let mut who = None;
+    let resp = match route(core, req, &mut who).await {
         Ok(r) => r,
         Err(r) => refused(r, head),
     };
     core.count_request("http", name, resp.status().as_str(), started.elapsed());
+    if let (Some(log), Some(e)) = (core.0.access.as_ref(), entry.as_mut()) {
+        e.identity = who;
+        e.status = resp.status().as_str().to_owned();
+        e.duration = started.elapsed();
+        if !put {
+            e.bytes = content_length(resp.headers());
+        }
+        log.record(e);
+    }
     resp
+}
+
+/// A message's Content-Length, if it says one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The route a request is for: the `method` label of its metrics (a fixed set of names).
@@ -248,7 +278,11 @@ fn route_name(method: &Method, path: &str) -> &'static str {
     }
 }
 
-async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+async fn route(
+    core: &Core,
+    req: Request<Incoming>,
+    who_out: &mut Option<String>,
+) -> Result<Response<Body>, Refusal> {
     // Health answers without credentials, as load balancers and orchestrators ask.
     match req.uri().path() {
         "/healthz" => return Ok(text(StatusCode::OK, "ok\n".into())),
@@ -276,6 +310,7 @@ async fn route(core: &Core, req: Request<Incoming>) -> Result<Response<Body>, Re
     }
     let presented = presented_token(req.headers());
     let who = crate::core::authenticate(&core.0.options, presented.as_deref())?;
+    *who_out = Some(who.name.clone());
     let target = parse_path(req.uri().path())?;
     let needed = if req.method() == Method::PUT {
         crate::core::Role::Write

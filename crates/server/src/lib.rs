@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod asset;
 mod core;
 mod grpc;
@@ -106,6 +107,10 @@ pub struct ServerOptions {
     /// address is global (no loopback, private or link-local one: see
     /// [`fetcher::download::OriginPolicy`]).
     pub asset_policy: fetcher::download::OriginPolicy,
+    /// Where to write the access log (one JSON line per request: time, peer, identity,
+    /// protocol, method, resource, status, bytes, duration, invocation id): a file,
+    /// appended to, or `-` for standard output. Default none.
+    pub access_log: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -123,6 +128,7 @@ impl ServerOptions {
             s3: None,
             archive_limits: fetcher::archive::Limits::default(),
             disk_reserve: None,
+            access_log: None,
             asset_policy: fetcher::download::OriginPolicy::global_only(Vec::new()),
         }
     }
@@ -201,6 +207,9 @@ pub enum ServerError {
     /// The transport (listening, TLS) failed.
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The access log could not be opened.
+    #[error("opening the access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// The state every service shares.
@@ -219,6 +228,8 @@ pub(crate) struct Inner {
     pub tier: Option<Arc<tier::Tier>>,
     /// What the server counts (`GET /metrics`).
     pub metrics: Arc<metrics::Metrics>,
+    /// The access log, when `--access-log` is set.
+    pub access: Option<access::AccessLog>,
     /// The last readiness answer and when it was found (see `Core::readiness`).
     pub readiness: std::sync::Mutex<Option<(std::time::Instant, core::Readiness)>>,
     /// Archives being unpacked at once (each holds a blocking thread and the disk): at most
@@ -394,6 +405,10 @@ impl CacheServer {
         }
         // Downloads cut off by a crash leave temp files behind: nothing else lives there.
         let _ = std::fs::remove_dir_all(options.storage.join("downloads"));
+        let access = match &options.access_log {
+            Some(target) => Some(access::AccessLog::open(target).map_err(ServerError::AccessLog)?),
+            None => None,
+        };
         let tier = match &options.s3 {
             Some(t) => Some(tier::Tier::new(store.clone(), t.clone())?),
             None => None,
@@ -408,6 +423,7 @@ impl CacheServer {
                 tier,
                 readiness: Default::default(),
                 metrics: Default::default(),
+                access,
                 unpacking: tokio::sync::Semaphore::new(MAX_CONCURRENT_UNPACKS),
             }),
         })

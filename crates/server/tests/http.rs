@@ -1168,3 +1168,79 @@ async fn grpc_put_as(r: &Running, data: &[u8], token: Option<&str>) -> Digest {
     assert_eq!(resp.responses[0].status.as_ref().unwrap().code, 0);
     d
 }
+
+/// Issue 25 §3 (the access log): one JSON line per request, over either protocol, naming the
+/// peer, the caller, the method, the status and the build's invocation id.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_has_a_line_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.jsonl");
+    let r = start(|o| {
+        o.access_log = Some(log.clone());
+        o.tokens = server::Token::parse_file("w-tok write ci\n").unwrap();
+    })
+    .await;
+    let action = Digest::of_bytes(b"logged action");
+    let mut req = authed(
+        remexec::GetActionResultRequest {
+            action_digest: Some(action.into()),
+            ..Default::default()
+        },
+        Some("w-tok"),
+    );
+    let md = remexec::RequestMetadata {
+        tool_invocation_id: "inv-42".into(),
+        ..Default::default()
+    };
+    req.metadata_mut().insert_bin(
+        "build.bazel.remote.execution.v2.requestmetadata-bin",
+        tonic::metadata::MetadataValue::from_bytes(&md.encode_to_vec()),
+    );
+    let e = ActionCacheClient::new(r.channel.clone())
+        .get_action_result(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let got = curl(&[
+        "-H",
+        "Authorization: Bearer w-tok",
+        &format!("{}/cas/{}", r.http, action.hash.to_hex()),
+    ])
+    .await;
+    assert_eq!(got.status, 404);
+    let start_wait = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 || start_wait.elapsed() > std::time::Duration::from_secs(10) {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let grpc = lines
+        .iter()
+        .find(|l| l.contains("\"protocol\":\"grpc\""))
+        .unwrap();
+    for part in [
+        "\"method\":\"GetActionResult\"",
+        "\"status\":\"NOT_FOUND\"",
+        "\"identity\":\"ci\"",
+        "\"invocation_id\":\"inv-42\"",
+        "\"peer\":\"127.0.0.1:",
+    ] {
+        assert!(grpc.contains(part), "{part} in {grpc}");
+    }
+    let http = lines
+        .iter()
+        .find(|l| l.contains("\"protocol\":\"http\""))
+        .unwrap();
+    for part in [
+        "\"method\":\"cas_get\"",
+        "\"status\":\"404\"",
+        "\"identity\":\"ci\"",
+    ] {
+        assert!(http.contains(part), "{part} in {http}");
+    }
+    r.stop().await;
+}
