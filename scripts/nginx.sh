@@ -19,13 +19,7 @@ say() { echo "nginx: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 install() {
-  command -v nginx >/dev/null 2>&1 && return 0
-  [ "$(id -u)" = 0 ] || die "nginx is not installed and installing it needs root (apt-get install nginx)"
-  say "installing Debian's nginx"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 ||
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
-  command -v nginx >/dev/null 2>&1 || die "nginx did not install"
+  "$ROOT/scripts/install-apt.sh" nginx || die "nginx is not installed"
 }
 
 free_port() {

@@ -44,16 +44,10 @@ if ! scripts/install-pants.sh; then
   echo "test.sh: continuing without Pants; its test will be SKIPPED (not in CI)"
 fi
 
-step "ccache for the HTTP cache scenario (installed once)"
-if ! scripts/install-ccache.sh; then
+step "ccache and Prometheus for the HTTP cache and metrics scenarios (installed once)"
+if ! scripts/install-apt.sh ccache prometheus; then
   [ "${CI:-}" != true ] || exit 1
-  echo "test.sh: continuing without ccache; its test will be SKIPPED (not in CI)"
-fi
-
-step "Prometheus for the metrics scenario (installed once)"
-if ! scripts/install-prometheus.sh; then
-  [ "${CI:-}" != true ] || exit 1
-  echo "test.sh: continuing without Prometheus; its test will be SKIPPED (not in CI)"
+  echo "test.sh: continuing without them; their tests will be SKIPPED (not in CI)"
 fi
 
 step "starting real REAPI servers and S3-compatible servers"

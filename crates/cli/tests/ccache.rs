@@ -1,4 +1,4 @@
-//! ccache (Debian's 4.7.x, installed by `scripts/install-ccache.sh`) against `recache serve
+//! ccache (Debian's 4.7.x, installed by `scripts/install-apt.sh ccache`) against `recache serve
 //! --http-listen`, as ccache's own documentation sets it up with bazel-remote:
 //! `remote_storage = http://HOST:PORT/opaque|layout=bazel`. ccache stores its own result
 //! format under `/ac/<key>`, which is not an ActionResult: recache keeps such values in the
@@ -20,7 +20,7 @@ fn have_ccache() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        let msg = "no ccache on PATH: run scripts/install-ccache.sh";
+        let msg = "no ccache on PATH: run scripts/install-apt.sh ccache";
         assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
         eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
     }

@@ -1,5 +1,5 @@
 //! Issue 25 §1: `recache serve`'s Prometheus metrics, scraped by a real Prometheus (Debian's,
-//! installed by `scripts/install-prometheus.sh`, run by this test on 127.0.0.1 with a scrape
+//! installed by `scripts/install-apt.sh prometheus`, run by this test on 127.0.0.1 with a scrape
 //! config for the server), queried through Prometheus's HTTP API after real traffic: `recache
 //! run` misses and hits over gRPC, and curl over HTTP. Under `CI=true` a missing Prometheus
 //! fails the test.
@@ -77,7 +77,7 @@ fn prometheus_scrapes_what_the_server_counts() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        let msg = "no prometheus on PATH: run scripts/install-prometheus.sh";
+        let msg = "no prometheus on PATH: run scripts/install-apt.sh prometheus";
         assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
         eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
         return;
