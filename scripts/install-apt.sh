@@ -5,6 +5,7 @@
 # policy-rc.d); tests run their own instances on 127.0.0.1. Needs root to install (CI is).
 #   ccache      ccache-against-`recache serve --http-listen` (crates/cli/tests/ccache.rs)
 #   prometheus  scrapes `recache serve`'s /metrics (crates/cli/tests/metrics.rs)
+#   chromium    loads the status page headless (crates/cli/tests/status_page.rs)
 #   nginx       the HTTP benchmark's peer (scripts/nginx.sh; not a test)
 set -euo pipefail
 missing=()

@@ -44,8 +44,8 @@ if ! scripts/install-pants.sh; then
   echo "test.sh: continuing without Pants; its test will be SKIPPED (not in CI)"
 fi
 
-step "ccache and Prometheus for the HTTP cache and metrics scenarios (installed once)"
-if ! scripts/install-apt.sh ccache prometheus; then
+step "ccache, Prometheus and Chromium for the HTTP cache, metrics and status page scenarios (installed once)"
+if ! scripts/install-apt.sh ccache prometheus chromium; then
   [ "${CI:-}" != true ] || exit 1
   echo "test.sh: continuing without them; their tests will be SKIPPED (not in CI)"
 fi

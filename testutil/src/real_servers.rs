@@ -226,6 +226,15 @@ pub fn spawn_serve_with_http(
     bin: &std::path::Path,
     cache_dir: &std::path::Path,
 ) -> (std::process::Child, String, String) {
+    spawn_serve_with_http_args(bin, cache_dir, &[])
+}
+
+/// [`spawn_serve_with_http`] with more arguments for `serve` (e.g. `--auth-tokens FILE`).
+pub fn spawn_serve_with_http_args(
+    bin: &std::path::Path,
+    cache_dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, String, String) {
     use std::io::BufRead;
     let mut cmd = std::process::Command::new(bin);
     cmd.args([
@@ -236,7 +245,8 @@ pub fn spawn_serve_with_http(
         "127.0.0.1:0",
         "--cache-dir",
     ])
-    .arg(cache_dir);
+    .arg(cache_dir)
+    .args(extra);
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -311,6 +311,19 @@ pub struct ServeArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Mutual TLS (with --tls-cert): PEM certificate(s) of the CA that signs client
+    /// certificates. Every gRPC client must present one it signed (`recache run
+    /// --tls-client-cert/--tls-client-key`, Bazel's `--tls_client_certificate/--tls_client_key`);
+    /// a `cert:NAME ROLE` line in --auth-tokens gives the certificates whose common name (or a
+    /// subjectAltName DNS name or e-mail address) is NAME a role. The HTTP listener has no TLS.
+    #[arg(
+        long,
+        env = "RECACHE_SERVE_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// File holding a bearer token every client must send (`authorization: Bearer …`): one
     /// token with the write role (see --auth-tokens for several, with roles).
     #[arg(long, env = "RECACHE_SERVE_AUTH_TOKEN_FILE", value_name = "FILE")]
@@ -319,7 +332,8 @@ pub struct ServeArgs {
     /// Tokens and what each may do: one `TOKEN ROLE [NAME]` per line, roles `read` (CAS, AC and
     /// ByteStream reads, FindMissing, GetTree, fetches of recorded assets), `write` (also
     /// uploads, ActionCache updates, Remote Asset pushes and downloads) and `admin`; `#`
-    /// comments. The common setup: CI writes, developers read. A refused call gets
+    /// comments. `cert:SUBJECT ROLE [NAME]` gives client certificates a role (see
+    /// --tls-client-ca). The common setup: CI writes, developers read. A refused call gets
     /// PERMISSION_DENIED (HTTP 403) naming the role it needs.
     #[arg(long, env = "RECACHE_SERVE_AUTH_TOKENS", value_name = "FILE")]
     pub auth_tokens: Option<PathBuf>,
@@ -439,6 +453,22 @@ pub struct RunArgs {
     /// Print a JSON record (including the action digest) on stderr instead of the summary line.
     #[arg(long, env = "RECACHE_JSON")]
     pub json: bool,
+
+    /// Groups this run with others under one invocation on `recache serve`'s status page (sent
+    /// as REAPI `tool_invocation_id`): e.g. your CI job's id, so the page shows what the job's
+    /// runs hit and missed together. Default: a fresh id per run.
+    #[arg(long, env = "RECACHE_INVOCATION_ID", value_name = "ID")]
+    pub invocation_id: Option<String>,
+
+    /// What this run builds, as the status page lists its misses (sent as `target_id`).
+    /// Default: the command line.
+    #[arg(long, env = "RECACHE_TARGET", value_name = "NAME")]
+    pub target: Option<String>,
+
+    /// What kind of step this is (sent as `action_mnemonic`), e.g. Compile. Default: the
+    /// program's file name.
+    #[arg(long, env = "RECACHE_MNEMONIC", value_name = "NAME")]
+    pub mnemonic: Option<String>,
 
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "COMMAND")]

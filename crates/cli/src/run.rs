@@ -190,7 +190,19 @@ async fn cached_run(
     );
 
     let progress = crate::progress::Progress::start(local.clone());
-    let ctx = Context::default();
+    let ctx = Context {
+        build_id: args.invocation_id.clone().unwrap_or_default(),
+        mnemonic: args.mnemonic.clone().unwrap_or_else(|| {
+            Path::new(&args.command[0]).file_name().map_or_else(
+                || args.command[0].clone(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        }),
+        target: args
+            .target
+            .clone()
+            .unwrap_or_else(|| args.command.join(" ")),
+    };
     let first = run_with_recovery(&runner, ctx.clone(), process.clone()).await;
     let mut source = match first {
         // A hit: what it names must be local (deferred and validated hits fetch here) and

@@ -60,6 +60,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         _ => None,
     };
     let mut tokens = Vec::new();
+    let mut certificate_roles = Vec::new();
     if let Some(p) = &args.auth_token_file {
         let t = String::from_utf8(read("--auth-token-file", p)?)
             .map_err(|_| CliError::new(format!("--auth-token-file {}: not UTF-8", p.display())))?;
@@ -79,18 +80,30 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(p) = &args.auth_tokens {
         let text = String::from_utf8(read("--auth-tokens", p)?)
             .map_err(|_| CliError::new(format!("--auth-tokens {}: not UTF-8", p.display())))?;
-        let more = server::Token::parse_file(&text)
+        let more = server::Credentials::parse(&text)
             .map_err(|e| CliError::new(format!("--auth-tokens {}: {e}", p.display())))?;
-        if more.is_empty() {
+        if more.tokens.is_empty() && more.certificates.is_empty() {
             return Err(CliError::new(format!(
                 "--auth-tokens {}: no tokens in the file",
                 p.display()
             )));
         }
-        tokens.extend(more);
+        if !more.certificates.is_empty() && args.tls_client_ca.is_none() {
+            return Err(CliError::new(format!(
+                "--auth-tokens {}: `cert:` lines give roles to client certificates, which only \
+                 --tls-client-ca asks for",
+                p.display()
+            )));
+        }
+        tokens.extend(more.tokens);
+        certificate_roles = more.certificates;
     }
+    let tls_client_ca = match &args.tls_client_ca {
+        Some(p) => Some(read("--tls-client-ca", p)?),
+        None => None,
+    };
     let anonymous = match args.anonymous.as_deref() {
-        Some("read") if tokens.is_empty() => {
+        Some("read") if tokens.is_empty() && certificate_roles.is_empty() => {
             return Err(CliError::new(
                 "--anonymous read: without tokens (--auth-tokens) every caller may already do everything",
             ));
@@ -123,8 +136,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         access_log: args.access_log.clone(),
         instance_names: instance_names.clone(),
         tokens,
+        certificate_roles,
         anonymous,
         tls,
+        tls_client_ca,
         compress_at_rest: args.storage_compression == "zstd",
         s3,
         archive_limits: fetcher::archive::Limits {

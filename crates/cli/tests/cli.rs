@@ -1105,12 +1105,17 @@ fn a_killed_writes_temp_file_is_removed_by_the_next_run_or_gc() {
 
 /// The commands between `<!-- tls-recipe -->` and `<!-- /tls-recipe -->` in README.md.
 fn readme_tls_recipe() -> String {
+    readme_block("tls-recipe")
+}
+
+/// The shell block between `<!-- NAME -->` and `<!-- /NAME -->` in README.md.
+fn readme_block(name: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let start = readme
-        .find("<!-- tls-recipe -->")
-        .expect("the README's TLS recipe");
-    let end = readme.find("<!-- /tls-recipe -->").unwrap();
+        .find(&format!("<!-- {name} -->"))
+        .unwrap_or_else(|| panic!("the README's {name} block"));
+    let end = readme.find(&format!("<!-- /{name} -->")).unwrap();
     let block = &readme[start..end];
     let code = block.split("```sh").nth(1).unwrap();
     code.split("```").next().unwrap().to_owned()
@@ -1223,6 +1228,103 @@ fn the_readme_tls_recipe_works_and_a_self_signed_ca_cert_is_explained() {
     assert!(!err.contains("gave up after"), "not retried: {err}");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// Issue 25 §4, mutual TLS: the README's recipes make a CA, a server certificate and a CI
+/// client certificate (and the same for a laptop); `cert:` lines give them roles. The CI
+/// certificate writes, the laptop's reads what CI wrote and is refused writes (one warning),
+/// the access log names each, and a client with no certificate is refused in the handshake:
+/// its run still succeeds, uncached.
+#[test]
+fn client_certificates_get_the_roles_their_names_are_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let laptop = readme_block("mtls-recipe")
+        .replace("ci-runner", "laptop-7")
+        .replace("ci.", "laptop.");
+    let script = format!(
+        "{}\n{}\n{laptop}",
+        readme_tls_recipe(),
+        readme_block("mtls-recipe")
+    );
+    let made = Command::new("sh")
+        .args(["-ec", &script])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    std::fs::write(
+        dir.path().join("roles"),
+        "cert:ci-runner write ci\ncert:laptop-7 read laptop\n",
+    )
+    .unwrap();
+    let log = dir.path().join("access.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.path().join("server-cache"))
+        .arg("--tls-cert")
+        .arg(dir.path().join("server.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("server.key"))
+        .arg("--tls-client-ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--auth-tokens")
+        .arg(dir.path().join("roles"))
+        .arg("--access-log")
+        .arg(&log);
+    let (mut server, address) = testutil::real_servers::spawn_serve(cmd);
+    let p = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
+    let as_who = |cert: Option<&str>, extra: &[&str], cache: &str| {
+        let mut args: Vec<String> = ["run", "--json", "--remote", &address, "--tls-ca-cert"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(p("ca.pem"));
+        if let Some(c) = cert {
+            args.extend([
+                "--tls-client-cert".to_owned(),
+                p(&format!("{c}.pem")),
+                "--tls-client-key".to_owned(),
+                p(&format!("{c}.key")),
+            ]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        recache(&ws, &dir.path().join(cache), &refs)
+    };
+    let build = ["--", "sh", "-c", "echo built-by-ci"];
+    let ci = as_who(Some("ci"), &build, "c-ci");
+    assert_eq!(record(&ci)["cache"], "miss", "{}", stderr(&ci));
+    assert_eq!(record(&ci)["cache_written"], true, "{}", stderr(&ci));
+    let hit = as_who(Some("laptop"), &build, "c-laptop");
+    assert_eq!(record(&hit)["cache"], "hit", "{}", stderr(&hit));
+    let own = as_who(
+        Some("laptop"),
+        &["--", "sh", "-c", "echo laptop-only"],
+        "c-laptop",
+    );
+    assert_eq!(own.status.code(), Some(0), "{}", stderr(&own));
+    assert_eq!(record(&own)["cache_written"], false, "{}", stderr(&own));
+    assert!(
+        stderr(&own).contains("needs the write role"),
+        "{}",
+        stderr(&own)
+    );
+    let nobody = as_who(None, &["--", "sh", "-c", "echo no-certificate"], "c-none");
+    assert_eq!(nobody.status.code(), Some(0), "{}", stderr(&nobody));
+    assert_eq!(stdout(&nobody), "no-certificate\n");
+    assert_ne!(record(&nobody)["cache"], "hit", "{}", stderr(&nobody));
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for who in ["\"identity\":\"ci\"", "\"identity\":\"laptop\""] {
+        assert!(text.contains(who), "{who} in the access log:\n{text}");
+    }
 }
 
 /// Issue 25 §4, the common setup: CI writes with a write token, a developer's laptop reads with

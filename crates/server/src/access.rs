@@ -17,8 +17,6 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
-use prost::Message;
-
 /// Lines waiting for the writer thread, at most.
 pub const QUEUE: usize = 10_000;
 
@@ -91,7 +89,7 @@ fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
 }
 
 /// `s` as a JSON string.
-fn json(s: &str) -> String {
+pub(crate) fn json(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -133,9 +131,12 @@ fn line(e: &Entry, dropped: u64) -> String {
 
 /// The time now as RFC 3339 UTC with milliseconds.
 fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// `t` as RFC 3339 UTC with milliseconds.
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    let now = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -155,20 +156,6 @@ fn now_rfc3339() -> String {
         rem % 60,
         now.subsec_millis()
     )
-}
-
-/// The `tool_invocation_id` of a request's REAPI `requestmetadata-bin` header, if any.
-pub(crate) fn invocation_id(headers: &http::HeaderMap) -> Option<String> {
-    use base64::Engine as _;
-    let raw = headers.get("build.bazel.remote.execution.v2.requestmetadata-bin")?;
-    let text = raw.to_str().ok()?.trim_end_matches('=');
-    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(text)
-        .ok()?;
-    let md =
-        bazel_remote_apis::build::bazel::remote::execution::v2::RequestMetadata::decode(&bytes[..])
-            .ok()?;
-    Some(md.tool_invocation_id).filter(|id| !id.is_empty())
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ use tokio::io::AsyncReadExt;
 use crate::uploads::Piece;
 use crate::{Inner, READ_CHUNK_BYTES};
 
+/// How a lookup's NOT_FOUND says an entry was dropped because an output it names was evicted
+/// (the status page tells this miss apart from an action never recorded).
+pub(crate) const OUTPUTS_GONE: &str = "names outputs this cache no longer has";
+
 /// Why the core refused or failed a request, in the server's own terms. Each front end maps
 /// the kind to its protocol's code ([`Refusal::grpc_code`], [`Refusal::http_status`]) and
 /// passes the message on: it names what is wrong.
@@ -236,49 +240,67 @@ pub struct Identity {
     pub role: Role,
 }
 
-/// The auth rule. Without any token configured, every caller may do everything (an open
-/// cache). With tokens, a caller presents one (how depends on the protocol: a bearer token, or
-/// the password of HTTP Basic credentials) and gets its role; a caller presenting none gets
-/// the anonymous role (`--anonymous`, none by default), a wrong one nothing.
+/// The auth rule. Without any token or certificate role configured, every caller may do
+/// everything (an open cache; with `--tls-client-ca`, every caller the CA admits). Otherwise a
+/// caller presents a token (how depends on the protocol: a bearer token, or the password of
+/// HTTP Basic credentials) and gets its role; a caller presenting none gets the role of its
+/// client certificate's first name a [`crate::CertificateRole`] lists (`certificate_names`:
+/// the leaf's common names and subjectAltNames, see `mtls`), else the anonymous role
+/// (`--anonymous`, none by default); a wrong token gets nothing.
 pub(crate) fn authenticate(
     options: &crate::ServerOptions,
     presented: Option<&[u8]>,
+    certificate_names: &[String],
 ) -> Result<Identity, Refusal> {
     let tokens = &options.tokens;
-    if tokens.is_empty() {
+    if tokens.is_empty() && options.certificate_roles.is_empty() {
         return Ok(Identity {
             name: "anonymous".into(),
             role: Role::Admin,
         });
     }
-    match presented {
-        None => match options.anonymous {
-            Some(role) => Ok(Identity {
-                name: "anonymous".into(),
-                role,
-            }),
-            None => Err(Refusal::new(
-                Why::Unauthenticated,
-                "this cache needs credentials: `authorization: Bearer <token>` (over HTTP also \
-                 the token as the password: http://user:TOKEN@host/)",
-            )),
-        },
-        Some(p) => {
-            // Every token is compared (in constant time), so the answer's timing says nothing
-            // about which one came close.
-            let mut found = None;
-            for t in tokens {
-                if constant_time_eq(p, t.token.as_bytes()) {
-                    found = Some(t);
-                }
+    if let Some(p) = presented {
+        // Every token is compared (in constant time), so the answer's timing says nothing
+        // about which one came close.
+        let mut found = None;
+        for t in tokens {
+            if constant_time_eq(p, t.token.as_bytes()) {
+                found = Some(t);
             }
-            found
-                .map(|t| Identity {
-                    name: t.name.clone(),
-                    role: t.role,
-                })
-                .ok_or_else(|| Refusal::new(Why::Unauthenticated, "wrong credentials"))
         }
+        return found
+            .map(|t| Identity {
+                name: t.name.clone(),
+                role: t.role,
+            })
+            .ok_or_else(|| Refusal::new(Why::Unauthenticated, "wrong credentials"));
+    }
+    let by_certificate = certificate_names
+        .iter()
+        .find_map(|n| options.certificate_roles.iter().find(|c| c.subject == *n));
+    if let Some(c) = by_certificate {
+        return Ok(Identity {
+            name: c.name.clone(),
+            role: c.role,
+        });
+    }
+    match options.anonymous {
+        Some(role) => Ok(Identity {
+            name: "anonymous".into(),
+            role,
+        }),
+        None if !certificate_names.is_empty() => Err(Refusal::new(
+            Why::Unauthenticated,
+            format!(
+                "no role for this client certificate (names {certificate_names:?}): give one a \
+                 `cert:NAME ROLE` line in the tokens file"
+            ),
+        )),
+        None => Err(Refusal::new(
+            Why::Unauthenticated,
+            "this cache needs credentials: `authorization: Bearer <token>` (over HTTP also \
+             the token as the password: http://user:TOKEN@host/)",
+        )),
     }
 }
 
@@ -911,7 +933,7 @@ impl Core {
                 .ac_misses_outputs_gone
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::not_found(format!(
-                "the result for action {} names outputs this cache no longer has",
+                "the result for action {} {OUTPUTS_GONE}",
                 action.to_hex()
             )));
         }

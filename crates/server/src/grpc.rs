@@ -161,8 +161,13 @@ pub(crate) fn router(
         .initial_connection_window_size(Some(12 * 1024 * 1024));
     if let Some((cert, key)) = &inner.options.tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &inner.options.tls_client_ca {
+            // Mutual TLS: a client without a certificate this CA signed is refused in the
+            // handshake.
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls)?;
     }
     Ok(builder
         .layer(CallLayer(inner.clone()))
@@ -222,18 +227,15 @@ const METHODS: [&str; 19] = [
     "GetChunkMapping",
 ];
 
-/// The `code` label of a `grpc-status` header value.
-fn code_name(code: &str) -> &'static str {
-    crate::metrics::grpc_code_label(code.trim().parse().unwrap_or(2))
-}
-
 /// What every gRPC call meets before a service (one tower layer around the router):
 /// authentication and the role its method needs (`role_for`; a refusal is UNAUTHENTICATED or
 /// PERMISSION_DENIED naming the role, answered here; health checks pass without credentials),
 /// the caller's [`crate::core::Identity`] put in the request's extensions, and the call counted
 /// by method and status code with its latency (to the response's headers: a streamed answer's
 /// first byte; an error answered before any message carries its status there, a call whose
-/// headers carry none started well and counts as OK).
+/// headers carry none started well and counts as OK), and, once the response is sent, its
+/// access-log line and its invocation's counts for the status page (request and response
+/// bodies counted as they pass; a GetActionResult's status is its hit or miss).
 #[derive(Debug, Clone)]
 pub(crate) struct CallLayer(pub Arc<Inner>);
 
@@ -254,16 +256,18 @@ pub(crate) struct Call<S> {
     server: Arc<Inner>,
 }
 
-impl<S, B, RB> tower_service::Service<http::Request<B>> for Call<S>
+impl<S, RB> tower_service::Service<http::Request<tonic::body::Body>> for Call<S>
 where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
-    RB: Default + Send + 'static,
+    RB: hyper::body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(
         &mut self,
@@ -272,7 +276,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let path = req.uri().path();
         let name = path.rsplit('/').next().unwrap_or("");
         let method = METHODS
@@ -282,34 +286,30 @@ where
             .unwrap_or("other");
         let health = path.starts_with("/grpc.health.v1.Health/");
         let started = std::time::Instant::now();
-        let metrics = self.server.metrics.clone();
         let server = self.server.clone();
+        let caller = crate::status::caller(req.headers());
         // What the access log says of the call, when there is one.
-        let mut entry = server.access.as_ref().map(|_| crate::access::Entry {
-            peer: req
-                .extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
-                .or_else(|| {
-                    req.extensions()
-                        .get::<tonic::transport::server::TlsConnectInfo<
-                            tonic::transport::server::TcpConnectInfo,
-                        >>()
-                        .map(|t| t.get_ref())
-                })
+        let entry = server.access.as_ref().map(|_| crate::access::Entry {
+            peer: connect_info(&req)
                 .and_then(|i| i.remote_addr())
                 .map(|a| a.to_string()),
             protocol: "grpc",
             method,
             resource: path.to_owned(),
-            invocation_id: crate::access::invocation_id(req.headers()),
+            invocation_id: caller
+                .as_ref()
+                .map(|c| c.invocation_id.clone())
+                .filter(|id| !id.is_empty()),
             ..Default::default()
         });
-        let log = move |entry: Option<crate::access::Entry>, code: &str| {
-            if let (Some(log), Some(mut e)) = (server.access.as_ref(), entry) {
-                e.status = code.to_owned();
-                e.duration = started.elapsed();
-                log.record(&e);
-            }
+        let mut done = Done {
+            server: server.clone(),
+            started,
+            entry,
+            call: crate::status::Call {
+                caller,
+                ..Default::default()
+            },
         };
         let allowed = if health {
             Ok(None)
@@ -319,43 +319,142 @@ where
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.strip_prefix("Bearer ").unwrap_or("").as_bytes().to_vec());
-            crate::core::authenticate(&self.server.options, presented.as_deref()).and_then(|who| {
-                crate::core::authorize(&who, role_for(name), name)?;
-                Ok(Some(who))
-            })
+            let names = client_certificate_names(&req);
+            crate::core::authenticate(&server.options, presented.as_deref(), &names).and_then(
+                |who| {
+                    crate::core::authorize(&who, role_for(name), name)?;
+                    Ok(Some(who))
+                },
+            )
         };
+        let up = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let call = match allowed {
             Ok(who) => {
+                let mut req = req.map(|body| {
+                    tonic::body::Body::new(crate::status::Counted {
+                        inner: body,
+                        tally: up.clone(),
+                        on_drop: None,
+                    })
+                });
                 if let Some(who) = who {
-                    if let Some(e) = entry.as_mut() {
-                        e.identity = Some(who.name.clone());
-                    }
+                    done.call.identity = Some(who.name.clone());
                     req.extensions_mut().insert(who);
                 }
                 self.inner.call(req)
             }
             Err(refusal) => {
                 let code = crate::metrics::grpc_code_label(refusal.grpc_code() as i32);
-                metrics.request("grpc", method, code, started.elapsed());
-                log(entry, code);
+                server
+                    .metrics
+                    .request("grpc", method, code, started.elapsed());
+                done.finish(code);
                 let status = Status::from(refusal);
-                return Box::pin(async move { Ok(status.into_http::<RB>()) });
+                return Box::pin(async move { Ok(status.into_http::<tonic::body::Body>()) });
             }
         };
         Box::pin(async move {
-            let resp = call.await;
-            let code = match &resp {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .map_or("OK", code_name),
-                Err(_) => "UNAVAILABLE",
+            let resp = match call.await {
+                Ok(r) => r,
+                Err(e) => {
+                    server
+                        .metrics
+                        .request("grpc", method, "UNAVAILABLE", started.elapsed());
+                    done.finish("UNAVAILABLE");
+                    return Err(e);
+                }
             };
-            metrics.request("grpc", method, code, started.elapsed());
-            log(entry, code);
-            resp
+            // An error answered before any message carries its status in the headers; a call
+            // whose headers carry none started well and counts as OK.
+            let status = Status::from_header_map(resp.headers());
+            let code = status
+                .as_ref()
+                .map_or("OK", |s| crate::metrics::grpc_code_label(s.code() as i32));
+            server
+                .metrics
+                .request("grpc", method, code, started.elapsed());
+            if method == "GetActionResult" {
+                done.call.lookup = match code {
+                    "OK" => Some(crate::status::Lookup::Hit),
+                    "NOT_FOUND"
+                        if status
+                            .as_ref()
+                            .is_some_and(|s| s.message().contains(crate::core::OUTPUTS_GONE)) =>
+                    {
+                        Some(crate::status::Lookup::OutputsGone)
+                    }
+                    "NOT_FOUND" => Some(crate::status::Lookup::Miss),
+                    _ => None,
+                };
+            }
+            let down = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let tally = down.clone();
+            // Counted when the response body is done with (sent, or the call abandoned).
+            let on_drop = Box::new(move || {
+                done.call.bytes_up = up.load(std::sync::atomic::Ordering::Relaxed);
+                done.call.bytes_down = down.load(std::sync::atomic::Ordering::Relaxed);
+                done.finish(code);
+            });
+            Ok(resp.map(|body| {
+                tonic::body::Body::new(crate::status::Counted {
+                    inner: body,
+                    tally,
+                    on_drop: Some(on_drop),
+                })
+            }))
         })
+    }
+}
+
+/// The names of the client certificate a request's TLS connection presented (see
+/// [`crate::mtls`]); empty without one.
+fn client_certificate_names<B>(req: &http::Request<B>) -> Vec<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|t| t.peer_certs())
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|leaf| crate::mtls::certificate_names(leaf))
+        })
+        .unwrap_or_default()
+}
+
+/// The TCP connection a request came on (through TLS or not).
+fn connect_info<B>(req: &http::Request<B>) -> Option<&tonic::transport::server::TcpConnectInfo> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions().get::<TcpConnectInfo>().or_else(|| {
+        req.extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .map(|t| t.get_ref())
+    })
+}
+
+/// A call's bookkeeping once its response is sent (or the call abandoned): the access log's
+/// line (its duration to the end of the response) and its invocation's counts.
+struct Done {
+    server: Arc<Inner>,
+    started: std::time::Instant,
+    entry: Option<crate::access::Entry>,
+    call: crate::status::Call,
+}
+
+impl Done {
+    fn finish(self, code: &str) {
+        let Done {
+            server,
+            started,
+            entry,
+            call,
+        } = self;
+        if let (Some(log), Some(mut e)) = (server.access.as_ref(), entry) {
+            e.identity = call.identity.clone();
+            e.status = code.to_owned();
+            e.duration = started.elapsed();
+            log.record(&e);
+        }
+        server.invocations.record(call);
     }
 }
 

@@ -9,6 +9,9 @@
 //! GET|HEAD|PUT [/INSTANCE]/opaque/ac/<key>      an opaque value (ccache), never an ActionResult
 //! GET /healthz                                  200 while the process runs
 //! GET /readyz                                   200 when the storage takes writes, else 503
+//! GET /metrics                                  Prometheus metrics
+//! GET / , /invocations/<id>                     the status page (HTML; the read role)
+//! GET /status , /status/invocations/<id>        the same as JSON
 //! ```
 //!
 //! HTTP's own parts stay here: ETags (the digest) and `If-None-Match`, `Range` (206; a
@@ -222,23 +225,38 @@ async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>)
     let put = req.method() == Method::PUT;
     let name = route_name(req.method(), req.uri().path());
     let started = std::time::Instant::now();
+    let caller = crate::status::caller(req.headers());
     let mut entry = core.0.access.as_ref().map(|_| crate::access::Entry {
         peer: Some(peer.to_string()),
         protocol: "http",
         method: name,
         resource: req.uri().path().to_owned(),
-        invocation_id: crate::access::invocation_id(req.headers()),
+        invocation_id: caller
+            .as_ref()
+            .map(|c| c.invocation_id.clone())
+            .filter(|id| !id.is_empty()),
         bytes: put.then(|| content_length(req.headers())).flatten(),
         ..Default::default()
     });
+    let bytes_up = content_length(req.headers()).unwrap_or(0);
     let mut who = None;
-    let resp = match route(core, req, &mut who).await {
-        Ok(r) => r,
-        Err(r) => refused(r, head),
+    let routed = route(core, req, &mut who).await;
+    let lookup = match (&routed, name) {
+        (Ok(_), "ac_get") => Some(crate::status::Lookup::Hit),
+        (Err(r), "ac_get") if r.why == Why::NotFound => {
+            Some(if r.message.contains(crate::core::OUTPUTS_GONE) {
+                crate::status::Lookup::OutputsGone
+            } else {
+                crate::status::Lookup::Miss
+            })
+        }
+        _ => None,
     };
+    let resp = routed.unwrap_or_else(|r| refused(r, head));
     core.count_request("http", name, resp.status().as_str(), started.elapsed());
+    let bytes_down = content_length(resp.headers()).unwrap_or(0);
     if let (Some(log), Some(e)) = (core.0.access.as_ref(), entry.as_mut()) {
-        e.identity = who;
+        e.identity = who.clone();
         e.status = resp.status().as_str().to_owned();
         e.duration = started.elapsed();
         if !put {
@@ -246,7 +264,58 @@ async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>)
         }
         log.record(e);
     }
+    if !matches!(name, "healthz" | "readyz" | "metrics" | "status") {
+        core.0.invocations.record(crate::status::Call {
+            caller,
+            identity: who,
+            lookup,
+            bytes_up,
+            bytes_down,
+        });
+    }
     resp
+}
+
+/// The status page's routes (`/`, `/invocations/<id>`, `/status`, `/status/invocations/<id>`;
+/// see [`crate::status_page`]), for callers with the read role; `None` for any other path.
+fn status_page(
+    core: &Core,
+    who: &crate::core::Identity,
+    path: &str,
+) -> Result<Option<Response<Body>>, Refusal> {
+    use crate::status_page as page;
+    let (html, found) = if path == "/" {
+        (true, Some(page::overview(core)))
+    } else if path == "/status" {
+        (false, Some(page::status_json(core)))
+    } else if let Some(id) = path.strip_prefix("/invocations/") {
+        let id = page::decode_segment(id).unwrap_or_default();
+        (true, page::invocation_page(core, &id))
+    } else if let Some(id) = path.strip_prefix("/status/invocations/") {
+        let id = page::decode_segment(id).unwrap_or_default();
+        (false, page::invocation_status_json(core, &id))
+    } else {
+        return Ok(None);
+    };
+    crate::core::authorize(who, crate::core::Role::Read, &format!("GET {path}"))?;
+    let Some(body) = found else {
+        return Err(Refusal::not_found(format!(
+            "{path}: no such invocation is kept here (the last {} seen are)",
+            crate::status::INVOCATIONS
+        )));
+    };
+    let mut r = response(StatusCode::OK, full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if html {
+            "text/html; charset=utf-8"
+        } else {
+            "application/json"
+        }),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(Some(r))
 }
 
 /// A message's Content-Length, if it says one.
@@ -265,6 +334,10 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         "/healthz" => return "healthz",
         "/readyz" => return "readyz",
         "/metrics" => return "metrics",
+        "/" | "/status" => return "status",
+        p if p.starts_with("/invocations/") || p.starts_with("/status/invocations/") => {
+            return "status";
+        }
         _ => parse_path(path).map(|t| t.kind),
     };
     match (kind, method) {
@@ -309,8 +382,13 @@ async fn route(
         _ => {}
     }
     let presented = presented_token(req.headers());
-    let who = crate::core::authenticate(&core.0.options, presented.as_deref())?;
+    let who = crate::core::authenticate(&core.0.options, presented.as_deref(), &[])?;
     *who_out = Some(who.name.clone());
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && let Some(page) = status_page(core, &who, req.uri().path())?
+    {
+        return Ok(page);
+    }
     let target = parse_path(req.uri().path())?;
     let needed = if req.method() == Method::PUT {
         crate::core::Role::Write

@@ -27,7 +27,10 @@ mod core;
 mod grpc;
 pub mod http;
 mod metrics;
+mod mtls;
 pub mod s3;
+mod status;
+mod status_page;
 pub mod tier;
 mod uploads;
 
@@ -89,6 +92,15 @@ pub struct ServerOptions {
     pub anonymous: Option<Role>,
     /// PEM certificate chain and key: serve TLS (`grpcs://`).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// With `tls`: PEM certificates of the CA that signs client certificates. Every gRPC
+    /// client must then present one it signed (mutual TLS); `certificate_roles` gives them
+    /// roles by name. Default none.
+    pub tls_client_ca: Option<Vec<u8>>,
+    /// Roles of client certificates, by the names they carry (with `tokens`, the same rule:
+    /// a caller matching neither gets the `anonymous` role). A certificate the CA signed but
+    /// no entry names is anonymous; with neither tokens nor certificate roles configured every
+    /// caller the CA admits may do everything.
+    pub certificate_roles: Vec<CertificateRole>,
     /// Keep large blobs zstd-compressed at rest (1 MiB frames with a seek table). Default true.
     pub compress_at_rest: bool,
     /// An S3-compatible bucket behind the store, which then becomes the fast tier (see
@@ -124,6 +136,8 @@ impl ServerOptions {
             tokens: Vec::new(),
             anonymous: None,
             tls: None,
+            tls_client_ca: None,
+            certificate_roles: Vec::new(),
             compress_at_rest: true,
             s3: None,
             archive_limits: fetcher::archive::Limits::default(),
@@ -163,33 +177,75 @@ pub struct Token {
     pub name: String,
 }
 
-impl Token {
-    /// Reads a tokens file: one `TOKEN ROLE [NAME]` per line (roles `read`, `write`, `admin`;
-    /// the name defaults to `token-<line>`); blank lines and `#` comments are skipped. An error
-    /// names the line.
-    pub fn parse_file(text: &str) -> Result<Vec<Token>, String> {
-        let mut out = Vec::new();
+/// A role given to client certificates by name ([`ServerOptions::certificate_roles`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRole {
+    /// A subject common name, or a subjectAltName DNS name or e-mail address, of a client
+    /// certificate the CA (`tls_client_ca`) signed.
+    pub subject: String,
+    /// What it may do.
+    pub role: Role,
+    /// Who it is, for the access log, the status page and refusals.
+    pub name: String,
+}
+
+/// What a tokens file (`--auth-tokens`) gives roles to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// Secret tokens.
+    pub tokens: Vec<Token>,
+    /// Client certificates, by name.
+    pub certificates: Vec<CertificateRole>,
+}
+
+impl Credentials {
+    /// Reads a tokens file: one `TOKEN ROLE [NAME]` per line, or `cert:SUBJECT ROLE [NAME]`
+    /// for client certificates whose common name (or a subjectAltName DNS name or e-mail
+    /// address) is SUBJECT. Roles `read`, `write`, `admin`; the name defaults to
+    /// `token-<line>` or the subject; blank lines and `#` comments are skipped. An error names
+    /// the line.
+    ///
+    /// ```
+    /// let c = server::Credentials::parse("s3cret write ci\ncert:laptop-7 read\n").unwrap();
+    /// assert_eq!(c.tokens[0].name, "ci");
+    /// assert_eq!(c.certificates[0].name, "laptop-7");
+    /// ```
+    pub fn parse(text: &str) -> Result<Credentials, String> {
+        let mut out = Credentials::default();
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
-            let mut words = line.split_whitespace();
-            let (Some(token), Some(role)) = (words.next(), words.next()) else {
-                return Err(format!("line {}: expected `TOKEN ROLE [NAME]`", i + 1));
+            let usage = || {
+                format!(
+                    "line {}: expected `TOKEN ROLE [NAME]` or `cert:SUBJECT ROLE [NAME]`",
+                    i + 1
+                )
+            };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (credential, role, name) = match words.as_slice() {
+                [c, r] => (*c, *r, None),
+                [c, r, n] => (*c, *r, Some(*n)),
+                _ => return Err(usage()),
             };
             let role = role.parse().map_err(|e| format!("line {}: {e}", i + 1))?;
-            let name = words
-                .next()
-                .map_or_else(|| format!("token-{}", i + 1), str::to_owned);
-            if words.next().is_some() {
-                return Err(format!("line {}: expected `TOKEN ROLE [NAME]`", i + 1));
+            if let Some(subject) = credential.strip_prefix("cert:") {
+                if subject.is_empty() {
+                    return Err(usage());
+                }
+                out.certificates.push(CertificateRole {
+                    subject: subject.to_owned(),
+                    role,
+                    name: name.unwrap_or(subject).to_owned(),
+                });
+            } else {
+                out.tokens.push(Token {
+                    token: credential.to_owned(),
+                    role,
+                    name: name.map_or_else(|| format!("token-{}", i + 1), str::to_owned),
+                });
             }
-            out.push(Token {
-                token: token.to_owned(),
-                role,
-                name,
-            });
         }
         Ok(out)
     }
@@ -230,6 +286,8 @@ pub(crate) struct Inner {
     pub metrics: Arc<metrics::Metrics>,
     /// The access log, when `--access-log` is set.
     pub access: Option<access::AccessLog>,
+    /// What each build got (the status page).
+    pub invocations: status::Invocations,
     /// The last readiness answer and when it was found (see `Core::readiness`).
     pub readiness: std::sync::Mutex<Option<(std::time::Instant, core::Readiness)>>,
     /// Archives being unpacked at once (each holds a blocking thread and the disk): at most
@@ -423,6 +481,7 @@ impl CacheServer {
                 tier,
                 readiness: Default::default(),
                 metrics: Default::default(),
+                invocations: Default::default(),
                 access,
                 unpacking: tokio::sync::Semaphore::new(MAX_CONCURRENT_UNPACKS),
             }),

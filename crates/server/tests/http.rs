@@ -1008,10 +1008,11 @@ fn rand_seed(token: Option<&str>) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn roles_allow_each_method_what_it_needs() {
     let r = start(|o| {
-        o.tokens = server::Token::parse_file(
+        o.tokens = server::Credentials::parse(
             "# who may do what\nr-tok read dev\nw-tok write ci\na-tok admin ops\n",
         )
-        .unwrap();
+        .unwrap()
+        .tokens;
         o.anonymous = Some(server::Role::Read);
     })
     .await;
@@ -1109,6 +1110,14 @@ async fn roles_allow_each_method_what_it_needs() {
                 None,
             ),
             ("GET /ac", "GET", format!("{}/ac/{key}", r.http), None),
+            ("GET / (status page)", "GET", format!("{}/", r.http), None),
+            ("GET /status", "GET", format!("{}/status", r.http), None),
+            (
+                "GET /status/invocations/x",
+                "GET",
+                format!("{}/status/invocations/x", r.http),
+                None,
+            ),
             (
                 "GET /opaque/ac",
                 "GET",
@@ -1177,7 +1186,9 @@ async fn the_access_log_has_a_line_per_request() {
     let log = dir.path().join("access.jsonl");
     let r = start(|o| {
         o.access_log = Some(log.clone());
-        o.tokens = server::Token::parse_file("w-tok write ci\n").unwrap();
+        o.tokens = server::Credentials::parse("w-tok write ci\n")
+            .unwrap()
+            .tokens;
     })
     .await;
     let action = Digest::of_bytes(b"logged action");
@@ -1242,5 +1253,18 @@ async fn the_access_log_has_a_line_per_request() {
     ] {
         assert!(http.contains(part), "{part} in {http}");
     }
+    // Without anonymous reads, the status page asks a browser for the token (as a password).
+    let page = curl(&[&format!("{}/", r.http)]).await;
+    assert_eq!(page.status, 401);
+    assert!(
+        page.headers
+            .iter()
+            .any(|(n, v)| n == "www-authenticate" && v.contains("Basic realm")),
+        "{:?}",
+        page.headers
+    );
+    let page = curl(&["-u", "me:w-tok", &format!("{}/", r.http)]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("inv-42"), "{}", page.text());
     r.stop().await;
 }
