@@ -105,7 +105,7 @@ fn seconds(d: std::time::Duration) -> String {
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}\
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}\
-table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
+table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;white-space:nowrap}\
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 code{font-size:.9em}.muted{color:#777}meter{width:20em}";
 
