@@ -150,7 +150,15 @@ fn write_output(
         .unwrap_or(Path::new("."));
     let temp = dir.join(format!(".recache-fetch-{}", uuid::Uuid::new_v4()));
     let result = local
-        .materialize_file(digest, &temp, false, MaterializeOptions { mutable: true })
+        .materialize_file(
+            digest,
+            &temp,
+            false,
+            MaterializeOptions {
+                mutable: true,
+                ..Default::default()
+            },
+        )
         .map_err(|e| e.to_string())
         .and_then(|()| std::fs::rename(&temp, output).map_err(|e| e.to_string()));
     if let Err(e) = result {

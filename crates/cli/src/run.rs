@@ -881,7 +881,14 @@ fn restore_outputs(
         Source::Store { result, .. } => {
             let mutable = nix::unistd::geteuid().is_root();
             local
-                .materialize_directory(result.output_root, &root, MaterializeOptions { mutable })
+                .materialize_directory(
+                    result.output_root,
+                    &root,
+                    MaterializeOptions {
+                        mutable,
+                        ..Default::default()
+                    },
+                )
                 .map_err(|e| match e.kind() {
                     ErrorKind::MissingDigest(_)
                     | ErrorKind::InvalidData

@@ -217,6 +217,8 @@ struct TreeIndex {
     files: Vec<(PathBuf, Digest, bool)>,
     links: Vec<(PathBuf, String)>,
     entries: HashMap<PathBuf, TreeEntry>,
+    /// Recorded modification times of files and directories.
+    mtimes: Vec<(PathBuf, std::time::SystemTime)>,
 }
 
 impl TreeIndex {
@@ -318,7 +320,22 @@ impl LocalStore {
         path: &Path,
         exclude: &[PathBuf],
     ) -> Result<Digest, StoreError> {
-        self.capture_walk(path, exclude, &mut Vec::new())
+        self.capture_walk(path, exclude, false, &mut Vec::new())
+    }
+
+    /// [`capture_directory`](Self::capture_directory) as `options` say (exclusions, recorded
+    /// modification times); returns the root's digest and every digest of the tree (files and
+    /// Directory messages, a blob as often as it occurs).
+    ///
+    /// Blocking: call it from `spawn_blocking` in async code.
+    pub fn capture_directory_with(
+        &self,
+        path: &Path,
+        options: &CaptureOptions,
+    ) -> Result<(Digest, Vec<Digest>), StoreError> {
+        let mut digests = Vec::new();
+        let root = self.capture_walk(path, &options.exclude, options.mtimes, &mut digests)?;
+        Ok((root, digests))
     }
 
     /// [`capture_directory_excluding`](Self::capture_directory_excluding), then leases every
@@ -332,7 +349,7 @@ impl LocalStore {
         exclude: &[PathBuf],
     ) -> Result<Option<(Digest, crate::Lease)>, StoreError> {
         let mut digests = Vec::new();
-        let root = self.capture_walk(path, exclude, &mut digests)?;
+        let root = self.capture_walk(path, exclude, false, &mut digests)?;
         let lease = self.lease(digests.iter().copied());
         if self.missing(digests).is_empty() {
             Ok(Some((root, lease)))
@@ -346,13 +363,16 @@ impl LocalStore {
         &self,
         path: &Path,
         exclude: &[PathBuf],
+        mtimes: bool,
         digests: &mut Vec<Digest>,
     ) -> Result<Digest, StoreError> {
         // 1. Walk, collecting the shape and the list of files.
         let mut files: Vec<PathBuf> = Vec::new();
         let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
         // A name REAPI cannot represent is reported relative to `path` (the caller names it).
-        let root = walk(path, Path::new(""), &exclude, &mut files).map_err(|e| match e.kind() {
+        let root = walk(path, Path::new(""), &exclude, mtimes, &mut files).map_err(|e| match e
+            .kind()
+        {
             crate::ErrorKind::Unrepresentable => e,
             _ => e.context(format!("capturing {}", path.display())),
         })?;
@@ -382,8 +402,11 @@ impl LocalStore {
         files: &HashMap<&Path, Digest>,
         digests: &mut Vec<Digest>,
     ) -> Result<Digest, StoreError> {
-        let mut msg = remexec::Directory::default();
-        for (name, rel, exec) in &dir.files {
+        let mut msg = remexec::Directory {
+            node_properties: mtime_properties(dir.mtime),
+            ..Default::default()
+        };
+        for (name, rel, exec, mtime) in &dir.files {
             let digest = files
                 .get(rel.as_path())
                 .ok_or_else(|| StoreError::new(ErrorKind::Other, "captured file lost"))?;
@@ -391,7 +414,7 @@ impl LocalStore {
                 name: name.clone(),
                 digest: Some((*digest).into()),
                 is_executable: *exec,
-                node_properties: None,
+                node_properties: mtime_properties(*mtime),
             });
         }
         for (name, sub) in &dir.dirs {
@@ -435,7 +458,11 @@ impl LocalStore {
             .map_err(|e| e.context(format!("materializing {}", dest.display())))?;
         index.check_links(&|| dest.display().to_string())?;
         let TreeIndex {
-            dirs, files, links, ..
+            dirs,
+            files,
+            links,
+            mtimes,
+            ..
         } = index;
         for (_, d, _) in &files {
             if !self.contains(*d) {
@@ -463,6 +490,20 @@ impl LocalStore {
             std::os::unix::fs::symlink(target, &p)
                 .map_err(|e| StoreError::io(format!("creating symlink {}", p.display()), e))?;
         }
+        if options.mtimes {
+            // Files before their directories, deeper directories before their parents: setting
+            // a time never disturbs one already set.
+            let mut mtimes = mtimes;
+            mtimes.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+            for (rel, t) in mtimes {
+                let p = dest.join(&rel);
+                fs::File::open(&p)
+                    .and_then(|f| f.set_modified(t))
+                    .map_err(|e| {
+                        StoreError::io(format!("setting the time of {}", p.display()), e)
+                    })?;
+            }
+        }
         Ok(())
     }
 
@@ -482,7 +523,8 @@ impl LocalStore {
         };
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", path.display()), e);
         if let Some(pool_path) = self.load_file(digest)? {
-            if !options.mutable && !executable && fs::hard_link(&pool_path, path).is_ok() {
+            let link = !options.mutable && !options.mtimes && !executable;
+            if link && fs::hard_link(&pool_path, path).is_ok() {
                 return Ok(());
             }
             fs::copy(&pool_path, path).map_err(|e| io_err("copying to", e))?;
@@ -506,10 +548,16 @@ impl LocalStore {
         let mut queue = VecDeque::from([(PathBuf::new(), digest)]);
         while let Some((rel, d)) = queue.pop_front() {
             let dir = self.load_directory(d)?;
+            if let Some(t) = recorded_mtime(dir.node_properties.as_ref()) {
+                index.mtimes.push((rel.clone(), t));
+            }
             for f in dir.files {
                 let fd = require_digest("files[].digest", f.digest.as_ref())
                     .map_err(|e| StoreError::invalid(e.to_string()))?;
                 let p = rel.join(&f.name);
+                if let Some(t) = recorded_mtime(f.node_properties.as_ref()) {
+                    index.mtimes.push((p.clone(), t));
+                }
                 index.entries.insert(p.clone(), TreeEntry::File);
                 index.files.push((p, fd, f.is_executable));
             }
@@ -621,20 +669,69 @@ impl LocalStore {
 pub struct MaterializeOptions {
     /// Give the caller writable copies instead of read-only hardlinks into the pool.
     pub mutable: bool,
+    /// Set the modification times the tree records (`NodeProperties.mtime` of files and
+    /// Directory messages; entries without one keep the time of writing). Files are then
+    /// copies, never hardlinks (a hardlink shares one inode's time between paths).
+    pub mtimes: bool,
 }
 
-/// A walked directory: (name, relative path, executable) files, subdirs, symlinks; sorted.
+/// A walked directory: (name, relative path, executable, modification time if asked) files,
+/// subdirs, symlinks; sorted; its own modification time if asked.
 #[derive(Debug, Default)]
 struct Walked {
-    files: Vec<(String, PathBuf, bool)>,
+    files: Vec<(String, PathBuf, bool, Option<Mtime>)>,
     dirs: Vec<(String, Walked)>,
     symlinks: Vec<(String, String)>,
+    mtime: Option<Mtime>,
+}
+
+/// A modification time as REAPI records it (`NodeProperties.mtime`).
+type Mtime = bazel_remote_apis::google::protobuf::Timestamp;
+
+/// `meta`'s modification time as a [`Mtime`].
+fn mtime_of(meta: &fs::Metadata) -> Option<Mtime> {
+    use std::os::unix::fs::MetadataExt;
+    Some(Mtime {
+        seconds: meta.mtime(),
+        nanos: i32::try_from(meta.mtime_nsec()).ok()?,
+    })
+}
+
+/// Node properties carrying only `mtime`.
+fn mtime_properties(mtime: Option<Mtime>) -> Option<remexec::NodeProperties> {
+    mtime.map(|m| remexec::NodeProperties {
+        mtime: Some(m),
+        ..Default::default()
+    })
+}
+
+/// The modification time a node's properties record, if a valid one.
+fn recorded_mtime(props: Option<&remexec::NodeProperties>) -> Option<std::time::SystemTime> {
+    let m = props?.mtime.as_ref()?;
+    let nanos = u32::try_from(m.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    let since = std::time::Duration::new(m.seconds.unsigned_abs(), nanos);
+    if m.seconds >= 0 {
+        std::time::UNIX_EPOCH.checked_add(since)
+    } else {
+        std::time::UNIX_EPOCH.checked_sub(since)
+    }
+}
+
+/// How to capture a directory ([`LocalStore::capture_directory_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureOptions {
+    /// Relative paths left out without being read (files or whole directories).
+    pub exclude: Vec<PathBuf>,
+    /// Record every file's and directory's modification time (`NodeProperties.mtime`), as
+    /// tools that compare them need (cargo's freshness check). Changes the tree's digests.
+    pub mtimes: bool,
 }
 
 fn walk(
     root: &Path,
     rel: &Path,
     exclude: &HashSet<&Path>,
+    mtimes: bool,
     files: &mut Vec<PathBuf>,
 ) -> Result<Walked, StoreError> {
     let dir = root.join(rel);
@@ -657,6 +754,10 @@ fn walk(
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Walked::default();
+    if mtimes {
+        let meta = fs::metadata(&dir).map_err(|e| io_err("inspecting", &dir, e))?;
+        out.mtime = mtime_of(&meta);
+    }
     for (name, entry) in entries {
         let path = entry.path();
         let child_rel = rel.join(&name);
@@ -679,11 +780,12 @@ fn walk(
             out.symlinks.push((name, target));
         } else if ft.is_dir() {
             out.dirs
-                .push((name, walk(root, &child_rel, exclude, files)?));
+                .push((name, walk(root, &child_rel, exclude, mtimes, files)?));
         } else if ft.is_file() {
             let exec = meta.permissions().mode() & 0o111 != 0;
             files.push(child_rel.clone());
-            out.files.push((name, child_rel, exec));
+            let mtime = if mtimes { mtime_of(&meta) } else { None };
+            out.files.push((name, child_rel, exec, mtime));
         } else {
             return Err(StoreError::invalid(format!(
                 "{} is neither a file, a directory nor a symlink (sockets, FIFOs and devices cannot be captured)",

@@ -20,7 +20,7 @@ pub mod remote;
 pub(crate) mod zstd_stream;
 
 pub use destination::{LoadDestination, LocalDestination};
-pub use directory::MaterializeOptions;
+pub use directory::{CaptureOptions, MaterializeOptions};
 pub use error::{ErrorKind, ResultExt, StoreError};
 pub use facade::{Store, TransferSummary};
 pub use local::{

@@ -115,7 +115,14 @@ fn mutable_materialization_copies_and_is_writable() {
     let digest = store.capture_directory(&src).unwrap();
     let out = work.path().join("out");
     store
-        .materialize_directory(digest, &out, MaterializeOptions { mutable: true })
+        .materialize_directory(
+            digest,
+            &out,
+            MaterializeOptions {
+                mutable: true,
+                ..Default::default()
+            },
+        )
         .unwrap();
     let big = out.join("data/big.bin");
     let pool = store
@@ -421,4 +428,67 @@ fn symlink_resolution_follows_links_in_the_tree() {
     assert!(check("d", "deep/../../..").is_err());
     assert!(check("", "d/up").is_err()); // d/up climbs above the root
     assert!(check("d", "e/f/../../../..").is_ok()); // walks through a file: ENOTDIR, no escape
+}
+
+/// Issue 23: a tree captured with its modification times (as cargo's freshness check needs
+/// them) comes back with the same times on every file and directory, as writable copies (a
+/// hardlink into the pool would share one inode's time between paths).
+#[test]
+fn modification_times_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(&tmp.path().join("store"));
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let mut times = Vec::new();
+    for (i, rel) in [
+        "README",
+        "bin/tool",
+        "data/big.bin",
+        "data/nested/deep/leaf.txt",
+        "data/nested/empty",
+        "data/nested/deep",
+        "data/nested",
+        "data",
+        "bin",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(1_600_000_000 + i as u64 * 1000, 123_456_789);
+        std::fs::File::open(src.join(rel))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        times.push((*rel, t));
+    }
+    let options = store::CaptureOptions {
+        mtimes: true,
+        ..Default::default()
+    };
+    let (root, digests) = store.capture_directory_with(&src, &options).unwrap();
+    assert!(digests.contains(&root));
+    let plain = store.capture_directory(&src).unwrap();
+    assert_ne!(root, plain, "the times are part of the tree");
+    let out = tmp.path().join("out");
+    store
+        .materialize_directory(
+            root,
+            &out,
+            MaterializeOptions {
+                mtimes: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for (rel, t) in times {
+        let got = std::fs::metadata(out.join(rel)).unwrap().modified().unwrap();
+        assert_eq!(got, t, "{rel}");
+    }
+    let big = std::fs::metadata(out.join("data/big.bin")).unwrap();
+    assert_eq!(big.nlink(), 1, "a copy, not a hardlink into the pool");
+    assert_eq!(
+        std::fs::read(out.join("data/big.bin")).unwrap(),
+        std::fs::read(src.join("data/big.bin")).unwrap()
+    );
 }
