@@ -40,6 +40,131 @@ pub enum Command {
     /// cache's Remote Asset service (with --remote), else the URL itself, whose download is
     /// verified and pushed to the cache. `recache fetch URL… --sri sha256-… -o FILE`.
     Fetch(Box<FetchArgs>),
+    /// Cache a CI job's directories by key (cargo's target/ and registry, node_modules, a
+    /// ccache directory), incrementally by content, on any cache recache speaks:
+    /// `recache cache save KEY PATH…`, `recache cache restore KEY --restore-key PREFIX`.
+    /// A cache problem never fails the job: it is a warning and exit 0 (`--strict`: exit 1).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// `recache cache …`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Save PATH… (relative to --root; `~/…` under the home directory) under KEY: files,
+    /// directories, symlinks, executable bits, empty directories and modification times.
+    /// Uploads only the blobs the cache lacks. Also records KEY as the newest entry of each of
+    /// its prefixes that ends at a separator (`-`, `_`, `.`, `+`), for `restore --restore-key`.
+    Save(Box<CacheSaveArgs>),
+    /// Restore the entry saved under KEY, else the newest entry of the first --restore-key
+    /// prefix that has one, to the places it was saved from (only those paths are replaced;
+    /// PATH… restores only those). Downloads only what the local store lacks.
+    Restore(Box<CacheRestoreArgs>),
+    /// List the entries (newest first), optionally only keys starting with PREFIX. Only the
+    /// embedded default cache and file:// caches can list; REAPI servers have no listing.
+    List(CacheListArgs),
+    /// Delete the entry KEY: it no longer restores, by key or by prefix. Works on every cache
+    /// the client may write to (the entry is overwritten with a tombstone); its blobs go by
+    /// the cache's own eviction.
+    Delete(CacheDeleteArgs),
+}
+
+/// Flags every `recache cache` command takes.
+#[derive(Debug, Args)]
+pub struct CacheCommon {
+    #[command(flatten)]
+    pub cache_dir: CacheDirArg,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// Print a JSON record on stdout instead of the summary line.
+    #[arg(long, env = "RECACHE_JSON")]
+    pub json: bool,
+
+    /// Exit 1 on a cache problem (server down, entry corrupt, disk full…) instead of warning
+    /// and exiting 0.
+    #[arg(long, env = "RECACHE_CACHE_STRICT")]
+    pub strict: bool,
+
+    /// Overall deadline in seconds for talking to the cache (`inf`: none); past it, a warning
+    /// and exit 0. Writing a restored entry to disk, once started, finishes.
+    #[arg(long, env = "RECACHE_CACHE_TIMEOUT", default_value = "inf", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Duration,
+
+    /// Bound on the local cache directory's size (LRU eviction as it fills).
+    #[arg(long, env = "RECACHE_MAX_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheSaveArgs {
+    #[command(flatten)]
+    pub common: CacheCommon,
+
+    /// Paths are relative to this directory. Default: the current directory.
+    #[arg(long, env = "RECACHE_CACHE_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// Read more paths from FILE (`-`: standard input), one per line.
+    #[arg(long, value_name = "FILE|-")]
+    pub files_from: Option<PathBuf>,
+
+    /// Largest entry saved (the files' total size), checked before anything is uploaded.
+    #[arg(long, env = "RECACHE_CACHE_MAX_ENTRY_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_entry_size: u64,
+
+    /// The key: letters, digits and `._+-`, at most 512 bytes.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+
+    /// What to save.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheRestoreArgs {
+    #[command(flatten)]
+    pub common: CacheCommon,
+
+    /// Paths are relative to this directory. Default: the current directory.
+    #[arg(long, env = "RECACHE_CACHE_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// A key prefix to fall back on when KEY has no entry (repeatable, tried in order): the
+    /// newest entry saved under a key starting with it. It matches at a separator (`-`, `_`,
+    /// `.`, `+`) or a whole key, e.g. `linux-cargo-`.
+    #[arg(long = "restore-key", value_name = "PREFIX")]
+    pub restore_keys: Vec<String>,
+
+    /// The key.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+
+    /// Restore only these of the saved paths. Default: all.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheListArgs {
+    #[command(flatten)]
+    pub common: CacheCommon,
+
+    /// Only keys starting with this.
+    #[arg(value_name = "PREFIX")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheDeleteArgs {
+    #[command(flatten)]
+    pub common: CacheCommon,
+
+    /// The key.
+    #[arg(value_name = "KEY")]
+    pub key: String,
 }
 
 #[derive(Debug, Args)]
@@ -505,7 +630,7 @@ impl RunArgs {
 }
 
 /// Which cache to use and how to reach it (shared by `run` and `bench`).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
     /// Remote cache: grpc://host:port, grpcs://host:port, or file:///path (a shared directory).
     /// Default: the local cache directory.

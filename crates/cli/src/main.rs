@@ -5,6 +5,7 @@ mod bench;
 mod bench_report;
 mod cache_dir;
 mod fetch;
+mod job_cache;
 mod progress;
 mod run;
 mod serve;
@@ -86,6 +87,7 @@ fn main() {
             Command::Serve(a) => serve::serve(*a).await.map(|()| 0),
             Command::Bench(a) => bench::bench(*a).await,
             Command::Fetch(a) => fetch::fetch(*a).await,
+            Command::Cache(c) => job_cache::command(c).await,
         }
     });
     // `std::process::exit` runs no destructors: whatever still holds the store (a write-behind

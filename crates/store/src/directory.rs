@@ -821,7 +821,11 @@ pub struct DirectoryBuilder<'a> {
 
 #[derive(Debug, Clone)]
 enum Node {
-    File { digest: Digest, executable: bool },
+    File {
+        digest: Digest,
+        executable: bool,
+        mtime: Option<Mtime>,
+    },
     Symlink(String),
     Stored(Digest),
     Dir(std::collections::BTreeMap<String, Node>),
@@ -859,6 +863,7 @@ impl<'a> DirectoryBuilder<'a> {
                 Node::File {
                     digest: d,
                     executable: f.is_executable,
+                    mtime: f.node_properties.and_then(|p| p.mtime),
                 },
             );
         }
@@ -974,10 +979,36 @@ impl<'a> DirectoryBuilder<'a> {
         digest: Digest,
         executable: bool,
     ) -> Result<(), StoreError> {
+        self.add_file_at(path, digest, executable, None)
+    }
+
+    /// Adds a file with a recorded modification time (`NodeProperties.mtime`, set back by
+    /// [`MaterializeOptions::mtimes`]).
+    pub fn add_file_at(
+        &mut self,
+        path: &str,
+        digest: Digest,
+        executable: bool,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<(), StoreError> {
         if path.is_empty() {
             return Err(StoreError::invalid("an output file needs a non-empty path"));
         }
-        self.insert(path, Node::File { digest, executable })
+        let mtime = mtime.and_then(|t| {
+            let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+            Some(Mtime {
+                seconds: i64::try_from(since.as_secs()).ok()?,
+                nanos: i32::try_from(since.subsec_nanos()).ok()?,
+            })
+        });
+        self.insert(
+            path,
+            Node::File {
+                digest,
+                executable,
+                mtime,
+            },
+        )
     }
 
     /// Adds a stored directory (its Directory message must be in the store).
@@ -1019,11 +1050,15 @@ fn encode_node(node: &Node, out: &mut Vec<(Digest, Vec<u8>)>) -> Result<Digest, 
             let mut msg = remexec::Directory::default();
             for (name, child) in map {
                 match child {
-                    Node::File { digest, executable } => msg.files.push(remexec::FileNode {
+                    Node::File {
+                        digest,
+                        executable,
+                        mtime,
+                    } => msg.files.push(remexec::FileNode {
                         name: name.clone(),
                         digest: Some((*digest).into()),
                         is_executable: *executable,
-                        node_properties: None,
+                        node_properties: mtime_properties(*mtime),
                     }),
                     Node::Symlink(target) => msg.symlinks.push(remexec::SymlinkNode {
                         name: name.clone(),

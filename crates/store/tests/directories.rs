@@ -482,7 +482,10 @@ fn modification_times_round_trip() {
         )
         .unwrap();
     for (rel, t) in times {
-        let got = std::fs::metadata(out.join(rel)).unwrap().modified().unwrap();
+        let got = std::fs::metadata(out.join(rel))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(got, t, "{rel}");
     }
     let big = std::fs::metadata(out.join("data/big.bin")).unwrap();
