@@ -67,6 +67,50 @@ pub enum CacheCommand {
     /// the client may write to (the entry is overwritten with a tombstone); its blobs go by
     /// the cache's own eviction.
     Delete(CacheDeleteArgs),
+    /// Cache a cargo workspace's third-party build: `recache cache rust save|restore`.
+    #[command(subcommand)]
+    Rust(RustCacheCommand),
+}
+
+/// `recache cache rust …`: the key is `rust-[KEY-]` + rustc's release, host and commit + the
+/// profile + a hash of every Cargo.lock and Cargo.toml in the workspace; a restore falls back
+/// to the newest entry of the same toolchain and profile with any lockfile. Saved: the cargo
+/// home's `registry/index`, `registry/cache` and `git/db`, and `target/` without the
+/// workspace's own crates (their `deps/`, `.fingerprint/` and `build/` entries, found with
+/// `cargo metadata`) and without `incremental/`. Set CARGO_INCREMENTAL=0 in CI.
+#[derive(Debug, Subcommand)]
+pub enum RustCacheCommand {
+    /// Save the workspace's third-party build and downloads.
+    Save(Box<RustCacheArgs>),
+    /// Restore them (exact key, else the same toolchain with any lockfile).
+    Restore(Box<RustCacheArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct RustCacheArgs {
+    #[command(flatten)]
+    pub common: CacheCommon,
+
+    /// A key of your own to keep caches apart (e.g. the job's name).
+    #[arg(long, env = "RECACHE_RUST_KEY", value_name = "KEY")]
+    pub key: Option<String>,
+
+    /// The cargo profile the job builds (part of the key).
+    #[arg(
+        long,
+        env = "RECACHE_RUST_PROFILE",
+        default_value = "dev",
+        value_name = "PROFILE"
+    )]
+    pub profile: String,
+
+    /// The workspace's Cargo.toml. Default: cargo's own search from the current directory.
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+
+    /// Largest entry saved.
+    #[arg(long, env = "RECACHE_CACHE_MAX_ENTRY_SIZE", default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub max_entry_size: u64,
 }
 
 /// Flags every `recache cache` command takes.

@@ -80,6 +80,18 @@ pub async fn command(cmd: CacheCommand) -> Result<i32, CliError> {
         }
         CacheCommand::List(a) => finish(a.common.strict, "list", list(&a).await),
         CacheCommand::Delete(a) => finish(a.common.strict, "delete", delete(&a).await),
+        CacheCommand::Rust(cmd) => match cmd {
+            crate::args::RustCacheCommand::Save(a) => finish(
+                a.common.strict,
+                "rust save",
+                crate::job_cache_rust::save(&a).await,
+            ),
+            crate::args::RustCacheCommand::Restore(a) => finish(
+                a.common.strict,
+                "rust restore",
+                crate::job_cache_rust::restore(&a).await,
+            ),
+        },
     }
 }
 
@@ -95,11 +107,11 @@ fn finish(strict: bool, what: &str, outcome: Result<(), Failure>) -> Result<i32,
     }
 }
 
-fn usage(msg: impl Into<String>) -> Failure {
+pub(crate) fn usage(msg: impl Into<String>) -> Failure {
     Failure::Usage(CliError::new(msg))
 }
 
-fn cache_problem(msg: impl Into<String>) -> Failure {
+pub(crate) fn cache_problem(msg: impl Into<String>) -> Failure {
     Failure::Cache(msg.into())
 }
 
@@ -160,7 +172,7 @@ impl Base {
 
 /// A path to save or restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SavedPath {
+pub(crate) struct SavedPath {
     base: Base,
     /// Normalized, `/`-separated, never empty, no `.`/`..`.
     rel: String,
@@ -186,13 +198,13 @@ impl SavedPath {
 }
 
 /// The directories paths are relative to.
-struct Dirs {
+pub(crate) struct Dirs {
     root: PathBuf,
     home: Option<PathBuf>,
 }
 
 impl Dirs {
-    fn new(root: Option<&Path>) -> Result<Dirs, Failure> {
+    pub(crate) fn new(root: Option<&Path>) -> Result<Dirs, Failure> {
         let cwd = std::env::current_dir()
             .map_err(|e| usage(format!("cannot read the current directory: {e}")))?;
         let root = match root {
@@ -219,7 +231,7 @@ impl Dirs {
 
 /// `raw` as a [`SavedPath`]: `~/x` under the home directory, an absolute path under the root
 /// or the home directory, anything else relative to the root; no `..`, not the base itself.
-fn parse_path(raw: &str, dirs: &Dirs) -> Result<SavedPath, String> {
+pub(crate) fn parse_path(raw: &str, dirs: &Dirs) -> Result<SavedPath, String> {
     let (base, rest): (Base, PathBuf) = if raw == "~" {
         return Err(format!(
             "path {raw:?}: name something under the home directory"
@@ -492,7 +504,6 @@ fn read_paths_from(from: &Path) -> Result<Vec<String>, CliError> {
 }
 
 async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
-    let started = Instant::now();
     validate_key(&a.key, "key").map_err(Failure::Usage)?;
     let dirs = Dirs::new(a.root.as_deref())?;
     let mut raw = a.paths.clone();
@@ -504,19 +515,32 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
     }
     let mut paths = Vec::new();
     for r in &raw {
-        paths.push(parse_path(r, &dirs).map_err(usage)?);
+        paths.push((parse_path(r, &dirs).map_err(usage)?, Vec::new()));
     }
-    check_apart(&paths).map_err(usage)?;
+    save_paths(&a.common, &a.key, &dirs, paths, a.max_entry_size).await
+}
+
+/// Saves `paths` (each with the relative paths under it to leave out) under `key`.
+pub(crate) async fn save_paths(
+    common: &CacheCommon,
+    key: &str,
+    dirs: &Dirs,
+    paths: Vec<(SavedPath, Vec<PathBuf>)>,
+    max_entry_size: u64,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let just_paths: Vec<SavedPath> = paths.iter().map(|(p, _)| p.clone()).collect();
+    check_apart(&just_paths).map_err(usage)?;
     let mut report = Report {
         command: "save",
-        key: a.key.clone(),
+        key: key.to_owned(),
         ..Default::default()
     };
     // A path that is not there is skipped (a job that built nothing still saves the rest).
     let mut present = Vec::new();
-    for p in paths {
-        match std::fs::symlink_metadata(p.on_disk(&dirs)?) {
-            Ok(_) => present.push(p),
+    for (p, exclude) in paths {
+        match std::fs::symlink_metadata(p.on_disk(dirs)?) {
+            Ok(_) => present.push((p, exclude)),
             Err(_) => report.skipped.push(p.spelled()),
         }
     }
@@ -528,31 +552,30 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
     }
     if present.is_empty() {
         return Err(cache_problem(format!(
-            "none of the paths exist; nothing saved under {:?}",
-            a.key
+            "none of the paths exist; nothing saved under {key:?}"
         )));
     }
-    let opened = open(&a.common).await?;
+    let opened = open(common).await?;
     let local = opened.local.clone();
-    let bases: Vec<(SavedPath, PathBuf)> = present
+    let bases: Vec<(SavedPath, PathBuf, Vec<PathBuf>)> = present
         .iter()
-        .map(|p| Ok((p.clone(), p.on_disk(&dirs)?)))
+        .map(|(p, ex)| Ok((p.clone(), p.on_disk(dirs)?, ex.clone())))
         .collect::<Result<_, Failure>>()?;
     // Capture on a blocking thread: hashing and storing every file.
     let (root, tree, lease, files, bytes) =
         tokio::task::spawn_blocking(move || capture(&local, &bases))
             .await
             .map_err(|e| cache_problem(format!("capture task: {e}")))??;
-    if bytes > a.max_entry_size {
+    if bytes > max_entry_size {
         drop(lease);
         return Err(cache_problem(format!(
             "the entry would be {} ({files} files), over --max-entry-size {}; nothing saved",
             human_bytes(bytes),
-            human_bytes(a.max_entry_size)
+            human_bytes(max_entry_size)
         )));
     }
     let progress = crate::progress::Progress::start(opened.local.clone());
-    let uploaded = within(a.common.timeout, started, "uploading", async {
+    let uploaded = within(common.timeout, started, "uploading", async {
         opened
             .store
             .ensure_remote_has_recursive(HashSet::from([tree]), HashSet::from([root]))
@@ -564,17 +587,17 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
     let uploaded = uploaded?;
     let record = Record {
         format: 1,
-        key: a.key.clone(),
+        key: key.to_owned(),
         created: now(),
         size: bytes,
         files,
-        paths: present.iter().map(SavedPath::spelled).collect(),
+        paths: present.iter().map(|(p, _)| p.spelled()).collect(),
         deleted: false,
     };
     let ar = record.to_action_result(Some(tree));
     let ac = opened.providers.action_cache.clone();
-    within(a.common.timeout, started, "recording the entry", async {
-        ac.update_action_result(entry_action(&a.key), ar.clone())
+    within(common.timeout, started, "recording the entry", async {
+        ac.update_action_result(entry_action(key), ar.clone())
             .await
             .map_err(|e| cache_problem(format!("recording the entry: {e}")))
     })
@@ -583,9 +606,9 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
         write_listing(dir, &record);
     }
     // Prefix records: best effort, each on its own (a failure is a warning, the entry stands).
-    for prefix in boundaries(&a.key) {
+    for prefix in boundaries(key) {
         let done = within(
-            a.common.timeout,
+            common.timeout,
             started,
             "recording prefixes",
             record_prefix(&ac, prefix, &record, &ar),
@@ -603,12 +626,12 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
     report.seconds = started.elapsed().as_secs_f64();
     let line = format!(
         "saved {}: {files} files, {}, {} uploaded, in {:.1} s",
-        a.key,
+        key,
         human_bytes(bytes),
         human_bytes(uploaded.bytes),
         report.seconds
     );
-    print_report(&a.common, &report, line);
+    print_report(common, &report, line);
     Ok(())
 }
 
@@ -616,15 +639,18 @@ async fn save(a: CacheSaveArgs) -> Result<(), Failure> {
 type Captured = (Digest, Digest, store::Lease, u64, u64);
 
 /// Captures every path into one tree (blocking).
-fn capture(local: &LocalStore, paths: &[(SavedPath, PathBuf)]) -> Result<Captured, Failure> {
+fn capture(
+    local: &LocalStore,
+    paths: &[(SavedPath, PathBuf, Vec<PathBuf>)],
+) -> Result<Captured, Failure> {
     let problem = |e: store::StoreError| cache_problem(format!("capturing: {e}"));
     let mut digests = Vec::new();
     let mut builder = DirectoryBuilder::new(local);
-    let options = CaptureOptions {
-        mtimes: true,
-        ..Default::default()
-    };
-    for (p, disk) in paths {
+    for (p, disk, exclude) in paths {
+        let options = CaptureOptions {
+            mtimes: true,
+            exclude: exclude.clone(),
+        };
         let meta = std::fs::symlink_metadata(disk)
             .map_err(|e| cache_problem(format!("reading {}: {e}", disk.display())))?;
         let at = p.in_tree();
@@ -757,7 +783,6 @@ async fn choose(
 }
 
 async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
-    let started = Instant::now();
     validate_key(&a.key, "key").map_err(Failure::Usage)?;
     for p in &a.restore_keys {
         validate_key(p, "--restore-key").map_err(Failure::Usage)?;
@@ -769,18 +794,31 @@ async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
         .map(|r| parse_path(r, &dirs))
         .collect::<Result<_, _>>()
         .map_err(usage)?;
-    let opened = open(&a.common).await?;
+    restore_entry(&a.common, &a.key, &a.restore_keys, &dirs, only).await
+}
+
+/// Restores KEY (else the newest entry of the first prefix that has one); `only`: just those
+/// of its paths.
+pub(crate) async fn restore_entry(
+    common: &CacheCommon,
+    key: &str,
+    restore_keys: &[String],
+    dirs: &Dirs,
+    only: Vec<SavedPath>,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let opened = open(common).await?;
     let ac = opened.providers.action_cache.clone();
     let mut report = Report {
         command: "restore",
-        key: a.key.clone(),
+        key: key.to_owned(),
         ..Default::default()
     };
     let chosen = within(
-        a.common.timeout,
+        common.timeout,
         started,
         "looking up the entry",
-        choose(&ac, &a.key, &a.restore_keys),
+        choose(&ac, key, restore_keys),
     )
     .await?;
     let Some((matched, record, tree)) = chosen else {
@@ -788,20 +826,20 @@ async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
         report.seconds = started.elapsed().as_secs_f64();
         let line = format!(
             "nothing restored: no entry for {}{}",
-            a.key,
-            if a.restore_keys.is_empty() {
+            key,
+            if restore_keys.is_empty() {
                 String::new()
             } else {
-                format!(" or the prefixes {}", a.restore_keys.join(", "))
+                format!(" or the prefixes {}", restore_keys.join(", "))
             }
         );
-        print_report(&a.common, &report, line);
+        print_report(common, &report, line);
         return Ok(());
     };
     // The record's paths are untrusted: the same rules as a save's.
     let mut saved = Vec::new();
     for p in &record.paths {
-        let parsed = parse_path(p, &dirs).map_err(|why| {
+        let parsed = parse_path(p, dirs).map_err(|why| {
             cache_problem(format!("the entry {:?} is refused: {why}", record.key))
         })?;
         if p.starts_with('/') || parsed.spelled() != *p {
@@ -828,7 +866,7 @@ async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
         only
     };
     let progress = crate::progress::Progress::start(opened.local.clone());
-    let fetched = within(a.common.timeout, started, "downloading", async {
+    let fetched = within(common.timeout, started, "downloading", async {
         let root = opened
             .store
             .load_tree(tree)
@@ -886,7 +924,7 @@ async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
     let how = if matched == "exact" {
         format!("restored {}", record.key)
     } else {
-        format!("restored {} (prefix match for {})", record.key, a.key)
+        format!("restored {} (prefix match for {})", record.key, key)
     };
     let line = format!(
         "{how}: {} files, {}, {} downloaded, in {:.1} s",
@@ -895,7 +933,7 @@ async fn restore(a: CacheRestoreArgs) -> Result<(), Failure> {
         human_bytes(got.bytes),
         report.seconds
     );
-    print_report(&a.common, &report, line);
+    print_report(common, &report, line);
     if !report.skipped.is_empty() {
         return Err(cache_problem(format!(
             "{} of the entry's paths were not restored",

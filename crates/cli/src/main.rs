@@ -6,6 +6,7 @@ mod bench_report;
 mod cache_dir;
 mod fetch;
 mod job_cache;
+mod job_cache_rust;
 mod progress;
 mod run;
 mod serve;

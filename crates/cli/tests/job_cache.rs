@@ -580,3 +580,111 @@ fn hostile_entries_are_refused() {
         "nothing written through the symlink"
     );
 }
+
+/// `recache cache rust`: a workspace of two crates (a binary and a library of its own) with two
+/// crates.io dependencies, built; saved; then `cargo clean` and the registry removed, restored,
+/// and built again: cargo compiles only the workspace's crates (no "Compiling itoa" or
+/// "Compiling cfg-if"). A changed manifest then restores by the toolchain's prefix.
+#[test]
+fn cargo_rebuilds_only_the_workspace_after_a_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ws, home) = (dir.path().join("ws"), dir.path().join("home"));
+    std::fs::create_dir_all(ws.join("app/src")).unwrap();
+    std::fs::create_dir_all(ws.join("helper/src")).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        ws.join("Cargo.toml"),
+        "[workspace]\nmembers = [\"app\", \"helper\"]\nresolver = \"2\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("app/Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n\
+         helper = { path = \"../helper\" }\nitoa = \"1\"\ncfg-if = \"1\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("app/src/main.rs"),
+        "fn main() { cfg_if::cfg_if! { if #[cfg(unix)] { let mut b = itoa::Buffer::new(); \
+         println!(\"{}\", helper::twice(b.format(21).len())); } } }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("helper/Cargo.toml"),
+        "[package]\nname = \"helper\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("helper/src/lib.rs"),
+        "pub fn twice(x: usize) -> usize { x * 2 }\n",
+    )
+    .unwrap();
+    let rustup_home = std::env::var_os("RUSTUP_HOME").unwrap_or_else(|| {
+        Path::new(&std::env::var_os("HOME").unwrap())
+            .join(".rustup")
+            .into_os_string()
+    });
+    let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let env = |c: &mut Command| {
+        c.current_dir(&ws)
+            .env("HOME", &home)
+            .env("CARGO_HOME", home.join(".cargo"))
+            .env("RUSTUP_HOME", &rustup_home)
+            .env("CARGO_INCREMENTAL", "0")
+            .env("RECACHE_CACHE_DIR", dir.path().join("cache"))
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .env_remove("RECACHE_REMOTE");
+    };
+    let cargo = |args: &[&str]| {
+        let mut c = Command::new(&cargo_bin);
+        env(&mut c);
+        let o = c.args(args).output().unwrap();
+        assert!(o.status.success(), "cargo {args:?}: {}", stderr(&o));
+        stderr(&o)
+    };
+    let recache = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_recache"));
+        env(&mut c);
+        let o = c.args(["cache", "rust"]).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "recache cache rust {args:?}: {}",
+            stderr(&o)
+        );
+        o
+    };
+    let first = cargo(&["build"]);
+    assert!(first.contains("Compiling itoa"), "{first}");
+    let saved = recache(&["save", "--json"]);
+    let s = json(&saved);
+    assert!(s["key"].as_str().unwrap().starts_with("rust-"), "{s}");
+    assert!(!s["paths"].to_string().contains("incremental"), "{s}");
+
+    cargo(&["clean"]);
+    std::fs::remove_dir_all(home.join(".cargo/registry")).unwrap();
+    let restored = json(&recache(&["restore", "--json"]));
+    assert_eq!(restored["matched"], "exact", "{restored}");
+    let again = cargo(&["build"]);
+    let compiled: Vec<&str> = again
+        .lines()
+        .filter(|l| l.trim_start().starts_with("Compiling"))
+        .collect();
+    assert!(
+        compiled
+            .iter()
+            .all(|l| l.contains("app") || l.contains("helper")),
+        "only the workspace's crates are compiled after a restore:\n{again}"
+    );
+    assert!(compiled.iter().any(|l| l.contains("helper")), "{again}");
+
+    // A changed manifest: the same toolchain's newest entry restores, by prefix.
+    cargo(&["clean"]);
+    let mut manifest = std::fs::read_to_string(ws.join("app/Cargo.toml")).unwrap();
+    manifest.push_str("# changed\n");
+    std::fs::write(ws.join("app/Cargo.toml"), manifest).unwrap();
+    let fallback = json(&recache(&["restore", "--json"]));
+    assert_eq!(fallback["matched"], "prefix", "{fallback}");
+    let third = cargo(&["build"]);
+    assert!(!third.contains("Compiling itoa"), "{third}");
+}
