@@ -7,6 +7,7 @@
 pub mod asset;
 pub mod hit;
 pub mod http;
+pub mod job_cache;
 pub mod peers;
 pub mod s3;
 pub mod scale;

@@ -30,6 +30,8 @@
 //!   loopback) = `asset_cold_over_plain` (goal ≥ 0.8); `asset_cold_fetch_peak_rss_growth_mib`
 //!   (goal ≤ 64); `asset_warm_fetch_us` (an indexed asset) over `asset_get_action_result_us` =
 //!   `asset_warm_over_get_action_result` (goal ≤ 1.5);
+//! - `job_cache`: `recache cache save|restore` against tar + `zstd -T0` through the same
+//!   caches (see `benches::job_cache`), when the release `recache` binary is built;
 //! - `http`: `recache serve --http-listen` beside nginx, and against our own gRPC path (see
 //!   `benches::http`), when `scripts/nginx.sh` runs it and `RECACHE_TEST_NGINX` is set;
 //! - `server`: `recache serve` beside buildbox-casd and BuildGrid, the same workloads against
@@ -270,6 +272,16 @@ fn main() {
         None => eprintln!(
             "perf-report: no `http` section: nginx is not running (scripts/nginx.sh start, and \
              eval \"$(scripts/nginx.sh env)\")"
+        ),
+    }
+    // The CI job cache against tar + zstd, when the release recache binary is built.
+    match rt.block_on(benches::job_cache::report(quick, &tmp)) {
+        Some(j) => {
+            report.insert("job_cache".into(), j);
+        }
+        None => eprintln!(
+            "perf-report: no `job_cache` section: build the release recache binary first \
+             (cargo build --release -p recache)"
         ),
     }
     // The S3 tier on SeaweedFS, when scripts/s3-servers.sh runs.
