@@ -60,7 +60,9 @@ fn generate(root: &Path, shape: &Shape) -> Vec<PathBuf> {
         }
     }
     let small = shape.files * 9 / 10;
-    let small_bytes: u64 = (0..small).map(|i| 1024 + (i as u64 * 7919) % (15 * 1024)).sum();
+    let small_bytes: u64 = (0..small)
+        .map(|i| 1024 + (i as u64 * 7919) % (15 * 1024))
+        .sum();
     let large = shape.files - small;
     let large_each = (shape.bytes.saturating_sub(small_bytes) / large.max(1) as u64).max(1);
     let deps = root.join("target/debug/deps");
@@ -246,7 +248,14 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
     let serve_dir = base.join("server");
     let mut serve = Command::new(&bin);
     serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--max-size", "40G", "--storage"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-size",
+            "40G",
+            "--storage",
+        ])
         .arg(&serve_dir);
     let (mut server, grpc) = testutil::real_servers::spawn_serve(serve);
     let file_remote = format!("file://{}", base.join("shared").display());
@@ -270,8 +279,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         let restore_root = work.join("restored");
         std::fs::create_dir_all(&restore_root).ok()?;
         let restorer = work.join("restorer");
-        let (cold_s, rss, _) =
-            recache(&bin, &restore_root, &restorer, address, &["restore", &key]);
+        let (cold_s, rss, _) = recache(&bin, &restore_root, &restorer, address, &["restore", &key]);
         peak = peak.max(rss);
         let base_restore_s =
             baseline_restore(blob, &work, address, &work.join("baseline-restored")).await;
@@ -280,8 +288,7 @@ pub async fn report(quick: bool, dir: &Path) -> Option<serde_json::Value> {
         row("cold_over_baseline", cold_s / base_restore_s);
         // Warm restore: the local store holds every blob; the destination is empty again.
         std::fs::remove_dir_all(restore_root.join("target")).ok()?;
-        let (warm_s, rss, _) =
-            recache(&bin, &restore_root, &restorer, address, &["restore", &key]);
+        let (warm_s, rss, _) = recache(&bin, &restore_root, &restorer, address, &["restore", &key]);
         peak = peak.max(rss);
         row("warm_restore_s", warm_s);
         row("warm_over_baseline", warm_s / base_restore_s);

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod clients;
 pub mod data;
 pub mod origin;
 pub mod real_servers;

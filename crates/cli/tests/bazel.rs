@@ -31,22 +31,8 @@ fn bazel_binary() -> Option<String> {
     None
 }
 
-/// Runs bazel in `ws`; returns its combined output, failing the test if the command fails.
 fn bazel(bin: &str, root: &Path, ws: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .arg(format!("--output_user_root={}", root.display()))
-        .arg("--batch")
-        .args(args)
-        .current_dir(ws)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "bazel {args:?} failed:\n{text}");
-    text
+    testutil::clients::bazel(bin, root, ws, args)
 }
 
 /// Writes a workspace of [`GENRULES`] genrules with unique outputs (so a warm server cannot
@@ -115,29 +101,9 @@ fn bazel_builds_hit_recache_serve_after_a_clean() {
 }
 
 /// Starts `recache serve` with the S3 tier on SeaweedFS (bucket prefix `prefix`, fast tier in
-/// `cache_dir`); returns the child and its grpc address. `None` (a loud skip) outside CI when
-/// the S3 servers are not running.
+/// `cache_dir`); `None` (a loud skip) outside CI when the S3 servers are not running.
 fn serve_on_s3(cache_dir: &Path, prefix: &str) -> Option<(std::process::Child, String)> {
-    let Ok(endpoint) = std::env::var("RECACHE_TEST_S3_SEAWEED") else {
-        let msg = "RECACHE_TEST_S3_SEAWEED is not set: run scripts/s3-servers.sh start";
-        assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
-        eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
-        return None;
-    };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
-        .arg(cache_dir)
-        .args(["--storage", &format!("s3://recache-test/{prefix}")])
-        .args(["--s3-endpoint", &endpoint])
-        .env(
-            "AWS_ACCESS_KEY_ID",
-            std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
-        )
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
-        );
-    Some(testutil::real_servers::spawn_serve(cmd))
+    testutil::clients::serve_on_s3(Path::new(env!("CARGO_BIN_EXE_recache")), cache_dir, prefix)
 }
 
 /// Stops a server the way an operator does (SIGTERM) and checks it exits cleanly.

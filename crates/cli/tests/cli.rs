@@ -1140,15 +1140,11 @@ fn serve_tls(dir: &Path, cert: &str, key: &str) -> (std::process::Child, String)
 #[test]
 fn the_readme_tls_recipe_works_and_a_self_signed_ca_cert_is_explained() {
     let dir = tempfile::tempdir().unwrap();
-    let made = Command::new("sh")
-        .args(["-ec", &readme_tls_recipe()])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
+    testutil::clients::output_of(
+        Command::new("sh")
+            .args(["-ec", &readme_tls_recipe()])
+            .current_dir(dir.path()),
+        "the README's TLS recipe",
     );
     let (mut server, address) = serve_tls(dir.path(), "server.pem", "server.key");
     let ws = workspace();
@@ -1246,15 +1242,11 @@ fn client_certificates_get_the_roles_their_names_are_given() {
         readme_tls_recipe(),
         readme_block("mtls-recipe")
     );
-    let made = Command::new("sh")
-        .args(["-ec", &script])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
+    testutil::clients::output_of(
+        Command::new("sh")
+            .args(["-ec", &script])
+            .current_dir(dir.path()),
+        "the README's TLS and mTLS recipes",
     );
     std::fs::write(
         dir.path().join("roles"),

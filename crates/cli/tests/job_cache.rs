@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, UNIX_EPOCH};
 
-use testutil::real_servers::{RealServer, ServerKind, in_ci};
+use testutil::real_servers::{RealServer, ServerKind};
 
 /// Runs `recache cache ARGS` in `ws` with `home` as HOME and `cache` as the cache directory.
 fn cache_cmd(ws: &Path, home: &Path, cache: &Path, args: &[&str]) -> Output {
@@ -154,51 +154,20 @@ fn backends_ready() -> Vec<Backend> {
             _server: None,
         });
     }
-    if let Some((child, address, dir)) = serve_on_s3() {
+    let s3_dir = tempfile::tempdir().unwrap();
+    let prefix = format!("jobcache-{}", uuid::Uuid::new_v4().simple());
+    if let Some((child, address)) = testutil::clients::serve_on_s3(
+        Path::new(env!("CARGO_BIN_EXE_recache")),
+        s3_dir.path(),
+        &prefix,
+    ) {
         out.push(Backend {
             name: "recache serve on S3",
             flags: vec!["--remote".into(), address],
-            _server: Some(Box::new((Killed(child), dir))),
+            _server: Some(Box::new((testutil::clients::Killed(child), s3_dir))),
         });
     }
     out
-}
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `recache serve` with the S3 tier on SeaweedFS under a fresh prefix; `None` (a loud skip)
-/// outside CI when the S3 servers are not running.
-fn serve_on_s3() -> Option<(std::process::Child, String, tempfile::TempDir)> {
-    let Ok(endpoint) = std::env::var("RECACHE_TEST_S3_SEAWEED") else {
-        let msg = "RECACHE_TEST_S3_SEAWEED is not set: run scripts/s3-servers.sh start";
-        assert!(!in_ci(), "CI=true, so this is a failure, not a skip: {msg}");
-        eprintln!("\n*** SKIPPED (not in CI): {msg}\n");
-        return None;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("jobcache-{}", uuid::Uuid::new_v4().simple());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recache"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
-        .arg(dir.path())
-        .args(["--storage", &format!("s3://recache-test/{prefix}")])
-        .args(["--s3-endpoint", &endpoint])
-        .env(
-            "AWS_ACCESS_KEY_ID",
-            std::env::var("RECACHE_TEST_S3_ACCESS_KEY").unwrap(),
-        )
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            std::env::var("RECACHE_TEST_S3_SECRET_KEY").unwrap(),
-        );
-    let (child, address) = testutil::real_servers::spawn_serve(cmd);
-    Some((child, address, dir))
 }
 
 /// The round trip on every backend: byte-identical (modes, symlinks, empty directories,

@@ -9,18 +9,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
+
+use testutil::clients::{Killed, bazel};
 
 use testutil::real_servers::in_ci;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The first of `names` that runs `--version`, or a loud skip (a failure in CI).
 fn tool(names: &[&str], install: &str) -> Option<String> {
@@ -62,23 +55,6 @@ fn chromium(bin: &str, profile: &Path, extra: &[&str], url: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn bazel(bin: &str, root: &Path, ws: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .arg(format!("--output_user_root={}", root.display()))
-        .arg("--batch")
-        .args(args)
-        .current_dir(ws)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "bazel {args:?} failed:\n{text}");
-    text
 }
 
 fn genrules(ws: &Path, salt: &str, changed: Option<usize>) {
