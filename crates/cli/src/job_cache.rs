@@ -39,6 +39,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
 use serde::{Deserialize, Serialize};
 use store::directory::DirectoryBuilder;
+use store::directory::{FileStamp, KnownFiles};
 use store::remote::RemoteProviders;
 use store::{CaptureOptions, LocalStore, LocalStoreOptions, MaterializeOptions, Store};
 
@@ -377,6 +378,8 @@ struct Opened {
     providers: RemoteProviders,
     /// The directory of a file-backed cache (default or `file://`), which can list.
     listing: Option<PathBuf>,
+    /// Where saves remember the stamps and digests of the files they read.
+    stat_dir: PathBuf,
 }
 
 async fn open(common: &CacheCommon) -> Result<Opened, Failure> {
@@ -404,6 +407,7 @@ async fn open(common: &CacheCommon) -> Result<Opened, Failure> {
         store,
         providers,
         listing: listing.map(|d| d.join(KEYS_DIR)),
+        stat_dir: cache.root().join("job-cache-stat"),
     })
 }
 
@@ -557,13 +561,14 @@ pub(crate) async fn save_paths(
     }
     let opened = open(common).await?;
     let local = opened.local.clone();
+    let stat_dir = opened.stat_dir.clone();
     let bases: Vec<(SavedPath, PathBuf, Vec<PathBuf>)> = present
         .iter()
         .map(|(p, ex)| Ok((p.clone(), p.on_disk(dirs)?, ex.clone())))
         .collect::<Result<_, Failure>>()?;
     // Capture on a blocking thread: hashing and storing every file.
     let (root, tree, lease, files, bytes) =
-        tokio::task::spawn_blocking(move || capture(&local, &bases))
+        tokio::task::spawn_blocking(move || capture(&local, &bases, &stat_dir))
             .await
             .map_err(|e| cache_problem(format!("capture task: {e}")))??;
     if bytes > max_entry_size {
@@ -642,14 +647,17 @@ type Captured = (Digest, Digest, store::Lease, u64, u64);
 fn capture(
     local: &LocalStore,
     paths: &[(SavedPath, PathBuf, Vec<PathBuf>)],
+    stat_dir: &Path,
 ) -> Result<Captured, Failure> {
     let problem = |e: store::StoreError| cache_problem(format!("capturing: {e}"));
     let mut digests = Vec::new();
     let mut builder = DirectoryBuilder::new(local);
     for (p, disk, exclude) in paths {
+        let stats = Arc::new(StatCache::load(stat_dir, disk));
         let options = CaptureOptions {
             mtimes: true,
             exclude: exclude.clone(),
+            known: Some(stats.clone()),
         };
         let meta = std::fs::symlink_metadata(disk)
             .map_err(|e| cache_problem(format!("reading {}: {e}", disk.display())))?;
@@ -665,6 +673,7 @@ fn capture(
             let (d, all) = local
                 .capture_directory_with(disk, &options)
                 .map_err(problem)?;
+            stats.save();
             digests.extend(all);
             builder.add_directory(&at, d).map_err(problem)?;
         } else if meta.is_file() {
@@ -692,6 +701,111 @@ fn capture(
     let lease = local.lease(digests);
     let (files, bytes) = tree_totals(local, root).map_err(problem)?;
     Ok((root, tree_digest, lease, files, bytes))
+}
+
+/// What a save read last time under one saved directory: each file's [`FileStamp`] and
+/// digest, so the next save reads only files whose stamp changed (see
+/// [`CaptureOptions::known`]). One file per directory (by its absolute path) under the cache
+/// directory's `job-cache-stat/`, a line per file: `rel TAB size TAB mtime TAB ctime TAB inode
+/// TAB device TAB hash TAB digest-size`. Unreadable or stale lines only cost a read.
+struct StatCache {
+    file: PathBuf,
+    old: HashMap<PathBuf, (FileStamp, Digest)>,
+    seen: std::sync::Mutex<Vec<(PathBuf, FileStamp, Digest)>>,
+}
+
+impl StatCache {
+    fn load(dir: &Path, saved: &Path) -> StatCache {
+        let name = Digest::of_bytes(saved.as_os_str().as_encoded_bytes())
+            .hash
+            .to_hex();
+        let file = dir.join(&name[..32]);
+        let mut old = HashMap::new();
+        for line in std::fs::read_to_string(&file).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [rel, size, mtime, ctime, inode, device, hash, dsize] = f[..] else {
+                continue;
+            };
+            let parsed = (|| {
+                let stamp = FileStamp {
+                    size: size.parse().ok()?,
+                    mtime_ns: mtime.parse().ok()?,
+                    ctime_ns: ctime.parse().ok()?,
+                    inode: inode.parse().ok()?,
+                    device: device.parse().ok()?,
+                };
+                let d = Digest::new(
+                    hashing::Fingerprint::from_hex(hash).ok()?,
+                    dsize.parse().ok()?,
+                );
+                Some((stamp, d))
+            })();
+            if let Some(v) = parsed {
+                old.insert(PathBuf::from(rel), v);
+            }
+        }
+        StatCache {
+            file,
+            old,
+            seen: Default::default(),
+        }
+    }
+
+    /// Writes what this save saw (replacing the old file; a failure costs only reads).
+    fn save(&self) {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut text = String::new();
+        for (rel, st, d) in seen.iter() {
+            let Some(rel) = rel.to_str().filter(|r| !r.contains(['\t', '\n'])) else {
+                continue;
+            };
+            text.push_str(&format!(
+                "{rel}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                st.size,
+                st.mtime_ns,
+                st.ctime_ns,
+                st.inode,
+                st.device,
+                d.hash.to_hex(),
+                d.size_bytes
+            ));
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self
+                .file
+                .with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &self.file)
+        };
+        if let Err(e) = write() {
+            tracing::debug!(error = %e, "cannot remember the files a save read");
+        }
+    }
+}
+
+impl KnownFiles for StatCache {
+    fn lookup(&self, rel: &Path, stamp: &FileStamp) -> Option<Digest> {
+        let (st, d) = self.old.get(rel)?;
+        if st != stamp {
+            return None;
+        }
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((rel.to_path_buf(), *stamp, *d));
+        Some(*d)
+    }
+
+    fn record(&self, rel: &Path, stamp: FileStamp, digest: Digest) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).push((
+            rel.to_path_buf(),
+            stamp,
+            digest,
+        ));
+    }
 }
 
 /// Points PREFIX's record at this entry, unless it already names a newer one.

@@ -657,3 +657,33 @@ fn cargo_rebuilds_only_the_workspace_after_a_restore() {
     let third = cargo(&["build"]);
     assert!(!third.contains("Compiling itoa"), "{third}");
 }
+
+/// A save skips reading files whose size, times and inode it saw before; a file rewritten with
+/// the same size and its old modification time (as `touch -r` or a build tool might) still
+/// changes its status time, so the next save reads it and the restore has the new content.
+#[test]
+fn a_file_rewritten_with_the_same_size_and_time_is_saved_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ws, home) = (dir.path().join("ws"), dir.path().join("home"));
+    make_job(&ws, &home, "stamps");
+    let cache = dir.path().join("c");
+    let f = ws.join("target/debug/deps/libfoo.rlib");
+    let before = std::fs::metadata(&f).unwrap().modified().unwrap();
+    let o = cache_cmd(&ws, &home, &cache, &["save", "s1", "target"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let old = std::fs::read(&f).unwrap();
+    let mut new = old.clone();
+    new[0] ^= 0xff;
+    std::fs::write(&f, &new).unwrap();
+    std::fs::File::open(&f)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    let o = cache_cmd(&ws, &home, &cache, &["save", "s2", "target"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(ws.join("target")).unwrap();
+    let o = cache_cmd(&ws, &home, &cache, &["restore", "s2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&f).unwrap(), new);
+    assert_eq!(std::fs::metadata(&f).unwrap().modified().unwrap(), before);
+}

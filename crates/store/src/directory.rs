@@ -320,7 +320,7 @@ impl LocalStore {
         path: &Path,
         exclude: &[PathBuf],
     ) -> Result<Digest, StoreError> {
-        self.capture_walk(path, exclude, false, &mut Vec::new())
+        self.capture_walk(path, exclude, false, None, &mut Vec::new())
     }
 
     /// [`capture_directory`](Self::capture_directory) as `options` say (exclusions, recorded
@@ -334,7 +334,13 @@ impl LocalStore {
         options: &CaptureOptions,
     ) -> Result<(Digest, Vec<Digest>), StoreError> {
         let mut digests = Vec::new();
-        let root = self.capture_walk(path, &options.exclude, options.mtimes, &mut digests)?;
+        let root = self.capture_walk(
+            path,
+            &options.exclude,
+            options.mtimes,
+            options.known.as_deref(),
+            &mut digests,
+        )?;
         Ok((root, digests))
     }
 
@@ -349,7 +355,7 @@ impl LocalStore {
         exclude: &[PathBuf],
     ) -> Result<Option<(Digest, crate::Lease)>, StoreError> {
         let mut digests = Vec::new();
-        let root = self.capture_walk(path, exclude, false, &mut digests)?;
+        let root = self.capture_walk(path, exclude, false, None, &mut digests)?;
         let lease = self.lease(digests.iter().copied());
         if self.missing(digests).is_empty() {
             Ok(Some((root, lease)))
@@ -364,10 +370,11 @@ impl LocalStore {
         path: &Path,
         exclude: &[PathBuf],
         mtimes: bool,
+        known: Option<&dyn KnownFiles>,
         digests: &mut Vec<Digest>,
     ) -> Result<Digest, StoreError> {
         // 1. Walk, collecting the shape and the list of files.
-        let mut files: Vec<PathBuf> = Vec::new();
+        let mut files: Vec<(PathBuf, FileStamp)> = Vec::new();
         let exclude: HashSet<&Path> = exclude.iter().map(PathBuf::as_path).collect();
         // A name REAPI cannot represent is reported relative to `path` (the caller names it).
         let root = walk(path, Path::new(""), &exclude, mtimes, &mut files).map_err(|e| match e
@@ -377,9 +384,19 @@ impl LocalStore {
             _ => e.context(format!("capturing {}", path.display())),
         })?;
         // 2. Store every file, in parallel when there are enough to pay for the thread pool.
-        let store_one = |rel: &PathBuf| {
-            self.store_file(&path.join(rel), false)
-                .map_err(|e| e.context(format!("storing {}", path.join(rel).display())))
+        let store_one = |(rel, stamp): &(PathBuf, FileStamp)| {
+            if let Some(d) = known.and_then(|k| k.lookup(rel, stamp))
+                && self.contains(d)
+            {
+                return Ok(d);
+            }
+            let d = self
+                .store_file(&path.join(rel), false)
+                .map_err(|e| e.context(format!("storing {}", path.join(rel).display())))?;
+            if let Some(k) = known {
+                k.record(rel, *stamp, d);
+            }
+            Ok(d)
         };
         let stored: Vec<Result<Digest, StoreError>> = if files.len() < PARALLEL_MIN_FILES {
             files.iter().map(store_one).collect()
@@ -387,7 +404,7 @@ impl LocalStore {
             files.par_iter().map(store_one).collect()
         };
         let mut by_path: HashMap<&Path, Digest> = HashMap::with_capacity(files.len());
-        for (rel, d) in files.iter().zip(stored) {
+        for ((rel, _), d) in files.iter().zip(stored) {
             let d = d?;
             digests.push(d);
             by_path.insert(rel.as_path(), d);
@@ -718,13 +735,66 @@ fn recorded_mtime(props: Option<&remexec::NodeProperties>) -> Option<std::time::
 }
 
 /// How to capture a directory ([`LocalStore::capture_directory_with`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct CaptureOptions {
     /// Relative paths left out without being read (files or whole directories).
     pub exclude: Vec<PathBuf>,
     /// Record every file's and directory's modification time (`NodeProperties.mtime`), as
     /// tools that compare them need (cargo's freshness check). Changes the tree's digests.
     pub mtimes: bool,
+    /// Digests already known for files by their [`FileStamp`]: a file whose stamp is known and
+    /// whose blob the store holds is not read again (what makes re-capturing a large, mostly
+    /// unchanged tree cost a `stat` per file). Every file read is reported back to it.
+    pub known: Option<std::sync::Arc<dyn KnownFiles>>,
+}
+
+impl std::fmt::Debug for CaptureOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureOptions")
+            .field("exclude", &self.exclude)
+            .field("mtimes", &self.mtimes)
+            .field("known", &self.known.is_some())
+            .finish()
+    }
+}
+
+/// What identifies a file's content without reading it, as git's index does: any write
+/// changes its ctime (which a user cannot set), a replacement its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileStamp {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+    /// Inode number.
+    pub inode: u64,
+    /// Device number.
+    pub device: u64,
+}
+
+impl FileStamp {
+    /// The stamp of a file's metadata.
+    pub fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            inode: meta.ino(),
+            device: meta.dev(),
+        }
+    }
+}
+
+/// Digests of files seen before, by relative path and [`FileStamp`] (see
+/// [`CaptureOptions::known`]).
+pub trait KnownFiles: Send + Sync {
+    /// The digest the file at `rel` had when it had this stamp, if known.
+    fn lookup(&self, rel: &Path, stamp: &FileStamp) -> Option<Digest>;
+    /// The file at `rel`, with this stamp, was read and holds `digest`.
+    fn record(&self, rel: &Path, stamp: FileStamp, digest: Digest);
 }
 
 fn walk(
@@ -732,7 +802,7 @@ fn walk(
     rel: &Path,
     exclude: &HashSet<&Path>,
     mtimes: bool,
-    files: &mut Vec<PathBuf>,
+    files: &mut Vec<(PathBuf, FileStamp)>,
 ) -> Result<Walked, StoreError> {
     let dir = root.join(rel);
     let io_err =
@@ -783,7 +853,7 @@ fn walk(
                 .push((name, walk(root, &child_rel, exclude, mtimes, files)?));
         } else if ft.is_file() {
             let exec = meta.permissions().mode() & 0o111 != 0;
-            files.push(child_rel.clone());
+            files.push((child_rel.clone(), FileStamp::of(&meta)));
             let mtime = if mtimes { mtime_of(&meta) } else { None };
             out.files.push((name, child_rel, exec, mtime));
         } else {
