@@ -72,6 +72,19 @@ pub struct RemoteCacheRunner {
     writer: Mutex<Option<(mpsc::Sender<WriteJob>, tokio::task::JoinHandle<()>)>>,
 }
 
+/// Dropped without [`finish`](RemoteCacheRunner::finish): the writer stops at once (queued
+/// and running writes are abandoned, as `finish` abandons them at its deadline), so the store
+/// it holds is released and can be opened again.
+impl Drop for RemoteCacheRunner {
+    fn drop(&mut self) {
+        let taken = self.writer.get_mut().map(Option::take).unwrap_or(None);
+        if let Some((tx, handle)) = taken {
+            drop(tx);
+            handle.abort();
+        }
+    }
+}
+
 /// State shared by the runner and its background writer.
 #[derive(Debug)]
 struct Shared {
@@ -190,14 +203,19 @@ pub struct FlushReport {
     pub failed: u64,
     /// Writes still queued or running when the flush deadline passed.
     pub abandoned: u64,
-    /// Results not written: the cache is read-only, or the breaker was open.
+    /// Results not written: the breaker was open (the cache kept failing), or the result came
+    /// after [`RemoteCacheRunner::finish`].
     pub skipped: u64,
+    /// Results not written because the cache does not take this client's writes (a read-only
+    /// cache or token): by design, so they do not make the report incomplete.
+    pub read_only: u64,
 }
 
 impl FlushReport {
-    /// True when every result meant for the cache reached it.
+    /// True when every result meant for the cache reached it: none failed, was abandoned or
+    /// was skipped (a read-only cache's results were never meant for it).
     pub fn is_complete(&self) -> bool {
-        self.failed == 0 && self.abandoned == 0
+        self.failed == 0 && self.abandoned == 0 && self.skipped == 0
     }
 }
 
@@ -208,6 +226,9 @@ impl std::fmt::Display for FlushReport {
             "cache writes: {} written, {} failed, {} abandoned at the flush deadline, {} skipped",
             self.written, self.failed, self.abandoned, self.skipped
         )?;
+        if self.read_only > 0 {
+            write!(f, ", {} not written (read-only cache)", self.read_only)?;
+        }
         if !self.is_complete() {
             write!(
                 f,
@@ -378,6 +399,7 @@ impl RemoteCacheRunner {
             failed: s.write_errors,
             abandoned,
             skipped: s.writes_skipped,
+            read_only: s.writes_read_only,
         }
     }
 
@@ -482,10 +504,13 @@ impl RemoteCacheRunner {
         }
         if self.shared.update_enabled.get() == Some(&false)
             || self.shared.writes_refused.load(Ordering::Relaxed)
-            || self.shared.breaker.is_open()
         {
-            // A read-only cache (said once, when the first write found out), or one the breaker
-            // stopped asking.
+            // A read-only cache (said once, when the first write found out).
+            Counters::add(&self.shared.counters.writes_read_only, 1);
+            return;
+        }
+        if self.shared.breaker.is_open() {
+            // A cache the breaker stopped asking.
             Counters::add(&self.shared.counters.writes_skipped, 1);
             return;
         }
@@ -493,18 +518,25 @@ impl RemoteCacheRunner {
             let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             writer.as_ref().map(|(tx, _)| tx.clone())
         };
-        let Some(sender) = sender else {
+        // After `finish()` (or once the writer is gone) a result is not written: counted as
+        // skipped, with one warning.
+        let after_finish = || {
+            Counters::add(&self.shared.counters.writes_skipped, 1);
             self.shared.warnings.warn(
                 "write/shut-down",
-                "cache write skipped: the runner is shut down",
+                "cache write skipped: the result came after finish()",
             );
+        };
+        let Some(sender) = sender else {
+            after_finish();
             return;
         };
         // A full queue makes the caller wait: back-pressure, not unbounded hidden work. The
         // slot is reserved before anything is counted, so a caller cancelled while waiting
         // leaves nothing behind (`wait_for_writes` would otherwise wait forever).
         let Ok(permit) = sender.reserve().await else {
-            return; // the writer is gone (shut down)
+            after_finish();
+            return;
         };
         self.shared.pending_writes.fetch_add(1, Ordering::AcqRel);
         permit.send(WriteJob {
@@ -652,7 +684,11 @@ impl Shared {
 
     async fn write_inner(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
-        if self.breaker.is_open() || self.writes_refused.load(Ordering::Relaxed) {
+        if self.writes_refused.load(Ordering::Relaxed) {
+            Counters::add(&self.counters.writes_read_only, 1);
+            return;
+        }
+        if self.breaker.is_open() {
             Counters::add(&self.counters.writes_skipped, 1);
             return;
         }
@@ -677,7 +713,7 @@ impl Shared {
             })
             .await;
         if !*enabled {
-            Counters::add(&self.counters.writes_skipped, 1);
+            Counters::add(&self.counters.writes_read_only, 1);
             return;
         }
         let result = async {
@@ -748,6 +784,7 @@ impl RemoteCacheRunner {
             return Ok((self.inner.run(ctx, process).await?, CacheOutcome::Skipped));
         }
         if !self.shared.options.cache_read {
+            Counters::add(&self.shared.counters.uncacheable, 1);
             let r = self.run_locally_and_write(ctx, process, messages).await?;
             return Ok((r, CacheOutcome::Skipped));
         }

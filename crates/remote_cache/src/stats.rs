@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
     pub writes_skipped: AtomicU64,
+    pub writes_read_only: AtomicU64,
     pub recoveries: AtomicU64,
     pub time_saved_micros: AtomicU64,
 }
@@ -42,6 +43,7 @@ impl Counters {
             writes: get(&self.writes),
             write_errors: get(&self.write_errors),
             writes_skipped: get(&self.writes_skipped),
+            writes_read_only: get(&self.writes_read_only),
             breaker_trips: 0,
             recoveries: get(&self.recoveries),
             time_saved: Duration::from_micros(get(&self.time_saved_micros)),
@@ -76,9 +78,12 @@ pub struct CacheStats {
     pub writes: u64,
     /// Write-behind jobs that failed.
     pub write_errors: u64,
-    /// Results not written because the cache is read-only (`action_cache_update_enabled` off)
-    /// or the breaker was open.
+    /// Results not written because the breaker was open, or because they came after
+    /// `finish()`: lost to the cache.
     pub writes_skipped: u64,
+    /// Results not written because the cache does not take this client's writes
+    /// (`action_cache_update_enabled` off, or PERMISSION_DENIED on a write): by design.
+    pub writes_read_only: u64,
     /// Times the circuit breaker opened (the cache kept failing and was left alone a while).
     pub breaker_trips: u64,
     /// Processes re-run to recover a blob missing after a deferred hit.

@@ -669,7 +669,8 @@ async fn a_read_only_cache_gets_no_uploads_and_one_warning() {
     let stats = f.runner.stats();
     assert_eq!(stats.writes, 0);
     assert_eq!(stats.write_errors, 0, "not attempted, so not failed");
-    assert_eq!(stats.writes_skipped, 5);
+    assert_eq!(stats.writes_read_only, 5);
+    assert_eq!(stats.writes_skipped, 0);
     assert_eq!(stats.warnings_logged, 1);
     assert_eq!(f.server.calls(Method::UpdateActionResult), 0);
     assert_eq!(
@@ -991,6 +992,79 @@ async fn permission_denied_on_a_write_makes_the_cache_read_only() {
     }
     let stats = f.runner.stats();
     assert_eq!(stats.write_errors, 1, "{stats:?}");
-    assert_eq!(stats.writes_skipped, 4, "{stats:?}");
+    assert_eq!(stats.writes_read_only, 4, "{stats:?}");
     assert_eq!(f.server.calls(Method::UpdateActionResult), 1);
+}
+
+/// Issue 26 item 4: the counters say what happened. A cache down for the whole build leaves
+/// its results unwritten, and the flush report says it is not complete; a result that comes
+/// after `finish()` is counted as skipped; runs with reads off count as uncacheable.
+#[tokio::test]
+async fn counters_tell_the_truth_about_a_dead_cache_and_late_results() {
+    let f = Fixture::with(CacheContentBehavior::Fetch, |o| {
+        o.breaker_threshold = 1;
+        o.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await;
+    for m in [
+        Method::GetActionResult,
+        Method::UpdateActionResult,
+        Method::FindMissingBlobs,
+        Method::BatchUpdateBlobs,
+    ] {
+        f.server.knobs().error.insert(m, Code::Unavailable);
+    }
+    let counter = f.scratch().join("count");
+    for i in 0..6 {
+        let r = f.run(producer(&counter, &format!("down{i}"))).await;
+        assert_eq!(r.exit_code, 0);
+        f.runner.wait_for_writes().await;
+    }
+    let report = f.runner.finish().await;
+    // The first lookup's failure opened the breaker: no write was even tried.
+    assert_eq!(
+        (report.written, report.failed, report.skipped),
+        (0, 0, 6),
+        "{report}"
+    );
+    assert!(!report.is_complete(), "nothing reached the cache: {report}");
+
+    // After finish(): the result is fine, its write is counted as skipped.
+    let before = f.runner.stats().writes_skipped;
+    let late = f.run(producer(&counter, "late")).await;
+    assert_eq!(late.exit_code, 0);
+    assert_eq!(f.runner.stats().writes_skipped, before + 1);
+
+    // Reads off: every run counts as uncacheable.
+    let g = Fixture::with(CacheContentBehavior::Fetch, |o| o.cache_read = false).await;
+    let counter = g.scratch().join("count");
+    for i in 0..3 {
+        g.run(producer(&counter, &format!("nr{i}"))).await;
+    }
+    assert_eq!(g.runner.stats().uncacheable, 3);
+    let report = g.runner.finish().await;
+    assert!(report.is_complete(), "{report}");
+}
+
+/// Issue 26 item 4: a runner dropped without `finish()`, with a write still queued, does not
+/// keep its store from being opened again right away (it used to fail with "environment
+/// already open" while the writer task held the store).
+#[tokio::test]
+async fn a_runner_dropped_without_finish_lets_its_store_be_opened_again() {
+    let f = Fixture::new(CacheContentBehavior::Fetch).await;
+    let counter = f.scratch().join("count");
+    f.run(producer(&counter, "dropped")).await;
+    let Fixture {
+        dir, runner, store, ..
+    } = f;
+    drop(runner);
+    drop(store);
+    let again = LocalStore::open(LocalStoreOptions::new(dir.path().join("store")));
+    let again = again.expect("the store opens again right away");
+    assert!(again.usage().total_blobs() > 0);
+    // And once everything is let go, a fresh open (a new process's view) works as well.
+    drop(again);
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).unwrap();
 }

@@ -379,7 +379,27 @@ impl LocalStore {
     /// Opens (creating if needed) the store described by `options`. Removes temp files left by
     /// an interrupted write; reads no blob content, and costs the same however much the store
     /// holds (except once, for a store written before the usage counters were persisted).
+    ///
+    /// A store this process already has open (the same directory, still held by anything:
+    /// a runner being dropped, a background task finishing) is returned as it is, with the
+    /// options it was first opened with, instead of failing: the database can be open once
+    /// per process.
     pub fn open(options: LocalStoreOptions) -> Result<LocalStore, StoreError> {
+        static OPEN: Mutex<Option<HashMap<PathBuf, std::sync::Weak<Inner>>>> = Mutex::new(None);
+        let _ = fs::create_dir_all(&options.root);
+        let key = fs::canonicalize(&options.root).unwrap_or_else(|_| options.root.clone());
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        let open = open.get_or_insert_with(HashMap::new);
+        open.retain(|_, w| w.strong_count() > 0);
+        if let Some(inner) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(LocalStore { inner });
+        }
+        let store = Self::open_new(options)?;
+        open.insert(key, Arc::downgrade(&store.inner));
+        Ok(store)
+    }
+
+    fn open_new(options: LocalStoreOptions) -> Result<LocalStore, StoreError> {
         let LocalStoreOptions {
             root,
             large_threshold,
