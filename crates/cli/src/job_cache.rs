@@ -14,10 +14,11 @@
 //!   server that checks its entries' blobs (as `recache serve` does) then never answers an
 //!   entry whose files it lost.
 //! - **prefix records**: for fallback keys on servers that cannot list (BuildGrid,
-//!   buildbox-casd), a save also writes the same entry under
-//!   `sha256("recache job cache v1\0prefix\0" PREFIX)` for every proper prefix of KEY that ends
-//!   at a separator (`-`, `_`, `.`, `+`), unless that prefix already names a newer entry. So
-//!   `--restore-key linux-cargo-` restores the newest entry saved under `linux-cargo-…`.
+//!   buildbox-casd), a save also writes a record naming KEY (no outputs, so no server walks
+//!   the tree again for it) under `sha256("recache job cache v1\0prefix\0" PREFIX)` for every
+//!   proper prefix of KEY that ends at a separator (`-`, `_`, `.`, `+`), unless that prefix
+//!   already names a newer entry. So `--restore-key linux-cargo-` restores the newest entry
+//!   saved under `linux-cargo-…` (if that entry is still there and not deleted).
 //! - **deleting** overwrites the record with a tombstone (`"deleted": true`); a prefix record
 //!   naming a deleted key is skipped.
 //!
@@ -342,8 +343,9 @@ impl Record {
         }
         validate_key(&record.key, "the entry's key").map_err(|e| e.0)?;
         let tree = match ar.output_directories.as_slice() {
-            [] if record.deleted => None,
-            [dir] if dir.path == ENTRY_DIR && !record.deleted => Some(
+            // A tombstone, or a prefix record (which only names the key).
+            [] => None,
+            [dir] if dir.path == ENTRY_DIR => Some(
                 hashing::reapi::require_digest("tree_digest", dir.tree_digest.as_ref())
                     .map_err(|e| format!("the entry's tree: {e}"))?,
             ),
@@ -616,7 +618,7 @@ pub(crate) async fn save_paths(
             common.timeout,
             started,
             "recording prefixes",
-            record_prefix(&ac, prefix, &record, &ar),
+            record_prefix(&ac, prefix, &record),
         )
         .await;
         if let Err(Failure::Cache(why)) | Err(Failure::Usage(CliError(why))) = done {
@@ -808,13 +810,14 @@ impl KnownFiles for StatCache {
     }
 }
 
-/// Points PREFIX's record at this entry, unless it already names a newer one.
+/// Points PREFIX's record at this entry (a record without outputs: it names the key, so a
+/// server never walks the tree again for it), unless it already names a newer one.
 async fn record_prefix(
     ac: &Arc<dyn store::remote::ActionCacheProvider>,
     prefix: &str,
     record: &Record,
-    ar: &remexec::ActionResult,
 ) -> Result<(), Failure> {
+    let ar = record.to_action_result(None);
     let action = prefix_action(prefix);
     if let Ok(Some(existing)) = ac.get_action_result(action).await
         && let Ok((r, _)) = Record::from_action_result(&existing)
@@ -822,7 +825,7 @@ async fn record_prefix(
     {
         return Ok(());
     }
-    ac.update_action_result(action, ar.clone())
+    ac.update_action_result(action, ar)
         .await
         .map_err(|e| cache_problem(e.to_string()))
 }
@@ -871,26 +874,31 @@ async fn choose(
         return Ok(Some(("exact", r, t)));
     }
     for prefix in prefixes {
+        let mut candidates = Vec::new();
+        // The prefix record names the newest key saved under the prefix; its entry must still
+        // be there and live (it may have been deleted, or saved again, since).
+        if let Some((p, _)) =
+            lookup(ac, prefix_action(prefix), &format!("prefix {prefix:?}")).await?
+            && !p.deleted
+            && p.key.starts_with(prefix.as_str())
+            && let Some((e, Some(t))) =
+                lookup(ac, entry_action(&p.key), &format!("key {:?}", p.key)).await?
+            && !e.deleted
+        {
+            candidates.push((e, t));
+        }
         // A whole key equal to the prefix counts too.
-        let candidates = [
-            lookup(ac, prefix_action(prefix), &format!("prefix {prefix:?}")).await?,
-            lookup(ac, entry_action(prefix), &format!("key {prefix:?}")).await?,
-        ];
-        let newest = candidates
+        if let Some((e, Some(t))) =
+            lookup(ac, entry_action(prefix), &format!("key {prefix:?}")).await?
+            && !e.deleted
+        {
+            candidates.push((e, t));
+        }
+        if let Some((e, t)) = candidates
             .into_iter()
-            .flatten()
-            .filter(|(r, t)| !r.deleted && t.is_some() && r.key.starts_with(prefix.as_str()))
-            .max_by(|a, b| a.0.created.total_cmp(&b.0.created));
-        let Some((r, Some(t))) = newest else {
-            continue;
-        };
-        // The entry the prefix names may have been deleted (or saved again) since.
-        match lookup(ac, entry_action(&r.key), &format!("key {:?}", r.key)).await? {
-            Some((now, _)) if now.deleted => continue,
-            Some((now, Some(nt))) if now.created > r.created => {
-                return Ok(Some(("prefix", now, nt)));
-            }
-            _ => return Ok(Some(("prefix", r, t))),
+            .max_by(|a, b| a.0.created.total_cmp(&b.0.created))
+        {
+            return Ok(Some(("prefix", e, t)));
         }
     }
     Ok(None)

@@ -41,9 +41,11 @@ fn make_job(ws: &Path, home: &Path, salt: &str) {
     std::fs::create_dir_all(t.join("debug/deps")).unwrap();
     std::fs::create_dir_all(t.join("debug/incremental/empty")).unwrap();
     std::fs::write(t.join("debug/deps/libfoo.rlib"), format!("rlib {salt}")).unwrap();
-    let big: Vec<u8> = (0..3_000_000u32)
+    let mut big: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
+    // Unique per test run, so no server holds it from an earlier run.
+    big[..salt.len()].copy_from_slice(salt.as_bytes());
     std::fs::write(t.join("debug/deps/big.so"), big).unwrap();
     std::fs::write(t.join("debug/app"), b"#!/bin/sh\necho app\n").unwrap();
     std::fs::set_permissions(t.join("debug/app"), std::fs::Permissions::from_mode(0o755)).unwrap();
