@@ -176,3 +176,84 @@ pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples.get(samples.len() / 2).copied().unwrap_or_default()
 }
+
+/// Memory a long build's deferred hits hold (issue 26 item 2): RSS growth, in MiB per 10 000
+/// defer hits, of a runner serving `hits` distinct actions (each with the same 8 KiB
+/// environment, as an engine passes, and one output file of its own) from an in-process server, measured
+/// from after the first 500 hits (allocator and runtime warm) to the last.
+pub async fn defer_rss_mib_per_10k_hits(hits: usize) -> f64 {
+    let server = TestServer::start().await;
+    // The server shares this process: its log of every call's metadata would count too.
+    server.forget_request_metadata();
+    let env: std::collections::BTreeMap<String, String> = (0..100)
+        .map(|i| (format!("BUILD_VAR_{i:03}"), format!("{i:03}").repeat(26)))
+        .collect();
+    // Processes are made as they run (as an engine makes them): one made up front for every
+    // action would be freed as they run and hide what the runner keeps.
+    let make = |i: usize| {
+        let mut p = Process::new(["/bin/true".to_owned(), format!("action-{i}")]);
+        p.env = env.clone();
+        p.output_files = vec!["out".into()];
+        p
+    };
+    for i in 0..hits {
+        // Each action's own output, as real actions have.
+        let out = server.put_blob(format!("the output of action {i}").as_bytes());
+        let ar = remexec::ActionResult {
+            output_files: vec![remexec::OutputFile {
+                path: "out".into(),
+                digest: Some(out.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        server.put_action_result(
+            process_execution::action::make_action(&make(i)).action_digest,
+            ar,
+        );
+    }
+    let provider = Arc::new(
+        GrpcProvider::connect(&server.address(), GrpcOptions::default())
+            .await
+            .expect("connect"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).expect("store");
+    let store = Store::with_remote(local, provider.clone());
+    let inner = LocalRunner::new(
+        store.clone(),
+        LocalRunnerOptions::new(dir.path().join("sb")),
+    );
+    let runner = RemoteCacheRunner::new(
+        Arc::new(inner),
+        store,
+        provider,
+        RemoteCacheOptions {
+            cache_content_behavior: CacheContentBehavior::Defer,
+            cache_write: false,
+            ..Default::default()
+        },
+    );
+    let warm = 500.min(hits / 10);
+    let mut base = 0.0;
+    for i in 0..hits {
+        if i == warm {
+            base = rss_mib();
+        }
+        let r = runner.run(Context::default(), make(i)).await.expect("hit");
+        assert_eq!(r.metadata.source, ResultSource::RemoteCacheHit);
+    }
+    let grown = (rss_mib() - base).max(0.0);
+    drop(runner);
+    grown * 10_000.0 / (hits - warm) as f64
+}
+
+/// This process's resident set, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}

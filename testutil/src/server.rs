@@ -123,6 +123,8 @@ struct State {
     knobs: Mutex<Knobs>,
     /// The `RequestMetadata` of every ActionCache call, in order.
     request_metadata: Mutex<Vec<(Method, remexec::RequestMetadata)>>,
+    /// Whether `request_metadata` is kept (off for memory measurements: it grows per call).
+    forget_metadata: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,7 +171,11 @@ impl State {
             .get_bin("build.bazel.remote.execution.v2.requestmetadata-bin")
             .and_then(|v| v.to_bytes().ok())
             .and_then(|b| <remexec::RequestMetadata as prost::Message>::decode(&b[..]).ok());
-        if let Some(m) = decoded {
+        if let Some(m) = decoded
+            && !self
+                .forget_metadata
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             lock(&self.request_metadata).push((method, m));
         }
     }
@@ -362,6 +368,14 @@ impl TestServer {
     }
 
     /// Number of action results held.
+    /// Stops keeping each call's `RequestMetadata` (which grows the server's memory with every
+    /// call), for benchmarks that measure the client's memory in the same process.
+    pub fn forget_request_metadata(&self) {
+        self.state
+            .forget_metadata
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The `RequestMetadata` each ActionCache call carried, in order.
     pub fn request_metadata(&self) -> Vec<(Method, remexec::RequestMetadata)> {
         lock(&self.state.request_metadata).clone()

@@ -7,6 +7,9 @@
 //! - `floor_{fetch,validate,defer}_us`: the bare RPCs that hit must make (GetActionResult;
 //!   + FindMissingBlobs for validate; + BatchReadBlobs for fetch), plain tonic clients;
 //! - the same with `_ct` before `_us`: on a current-thread runtime, as the CLI runs;
+//! - `defer_rss_mib_per_10k_hits`: the RSS a runner's deferred hits hold for recovery, per
+//!   10 000 hits of distinct actions with one shared 8 KiB environment (see
+//!   `benches::hit::defer_rss_mib_per_10k_hits`; goal ≤ 10);
 //! - `spawn_true_us`: spawning and waiting for `/bin/true`;
 //! - `download_mib_s`, `upload_mib_s`, `hash_mib_s`: a `blob_mib` MiB blob through the server,
 //!   and hashing the same bytes in memory;
@@ -127,6 +130,12 @@ fn main() {
     for (key, value) in hits_and_floors(&ct, hit_reps, "_ct") {
         put(&key, value);
     }
+    // What deferred hits hold for recovery (goal ≤ 10 MiB per 10 000 with 8 KiB environments).
+    let defer_hits = if quick { 5_000 } else { 20_000 };
+    put(
+        "defer_rss_mib_per_10k_hits",
+        (rt.block_on(benches::hit::defer_rss_mib_per_10k_hits(defer_hits)) * 10.0).round() / 10.0,
+    );
 
     let mut spawns: Vec<Duration> = (0..spawn_reps)
         .map(|_| {

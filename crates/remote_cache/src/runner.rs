@@ -26,11 +26,6 @@ use crate::{CacheContentBehavior, RemoteCacheOptions};
 /// Write-behind jobs uploaded at once.
 const WRITE_CONCURRENCY: usize = 8;
 
-/// Output digests of deferred hits remembered for recovery (see [`ProducerMap`]). An engine that
-/// serves more keeps the most recent; a digest whose producer was forgotten just means that a
-/// missing blob is recovered by the consumer's own miss-and-rerun instead.
-const MAX_REMEMBERED_OUTPUTS: usize = 200_000;
-
 /// A finished local run whose result is to be written to the cache.
 #[derive(Debug)]
 struct WriteJob {
@@ -239,18 +234,37 @@ impl std::fmt::Display for FlushReport {
     }
 }
 
-/// Output digest → producing process, bounded: the oldest entries go first (FIFO by insertion).
+/// Output digest → producing process, bounded: past `capacity` entries the older half goes
+/// (by insertion; amortized O(1) per insertion, and no second structure to keep the order).
+///
+/// What it keeps per deferred hit is what recovery needs to re-run the process, compactly:
+/// the process without its environment, once (shared by all its outputs), and the environment
+/// interned (identical environments, as an engine usually passes, are kept once). Per
+/// remembered output digest one map entry (about 100 bytes).
 #[derive(Debug)]
 struct ProducerMap {
-    by_digest: HashMap<Digest, (u64, Arc<Process>)>,
-    order: std::collections::VecDeque<(Digest, u64)>,
+    by_digest: HashMap<Digest, (u64, Arc<Producer>)>,
     next: u64,
     capacity: usize,
+    /// Interned environments; pruned of unused ones as the set doubles.
+    envs: HashSet<Arc<std::collections::BTreeMap<String, String>>>,
+    envs_pruned_at: usize,
 }
 
-impl Default for ProducerMap {
-    fn default() -> Self {
-        ProducerMap::with_capacity(MAX_REMEMBERED_OUTPUTS)
+/// A deferred hit's process, its environment interned.
+#[derive(Debug, PartialEq, Eq)]
+struct Producer {
+    /// The process with an empty environment.
+    bare: Process,
+    env: Arc<std::collections::BTreeMap<String, String>>,
+}
+
+impl Producer {
+    fn process(&self) -> Process {
+        Process {
+            env: (*self.env).clone(),
+            ..self.bare.clone()
+        }
     }
 }
 
@@ -258,39 +272,52 @@ impl ProducerMap {
     fn with_capacity(capacity: usize) -> ProducerMap {
         ProducerMap {
             by_digest: HashMap::new(),
-            order: std::collections::VecDeque::new(),
             next: 0,
             capacity: capacity.max(1),
+            envs: HashSet::new(),
+            envs_pruned_at: 16,
         }
     }
 
-    fn insert(&mut self, digest: Digest, producer: Arc<Process>) {
+    /// The compact form of `process`, its environment interned.
+    fn producer(&mut self, process: &Process) -> Arc<Producer> {
+        let env = match self.envs.get(&process.env) {
+            Some(e) => e.clone(),
+            None => {
+                let e = Arc::new(process.env.clone());
+                self.envs.insert(e.clone());
+                e
+            }
+        };
+        if self.envs.len() > 2 * self.envs_pruned_at {
+            self.envs.retain(|e| Arc::strong_count(e) > 1);
+            self.envs_pruned_at = self.envs.len().max(16);
+        }
+        Arc::new(Producer {
+            bare: Process {
+                env: Default::default(),
+                ..process.clone()
+            },
+            env,
+        })
+    }
+
+    fn insert(&mut self, digest: Digest, producer: Arc<Producer>) {
         self.next += 1;
         self.by_digest.insert(digest, (self.next, producer));
-        self.order.push_back((digest, self.next));
-        while self.by_digest.len() > self.capacity {
-            let Some((d, seq)) = self.order.pop_front() else {
-                break;
-            };
-            // Only the entry's latest insertion removes it.
-            if self.by_digest.get(&d).is_some_and(|(s, _)| *s == seq) {
-                self.by_digest.remove(&d);
-            }
-        }
-        if self.order.len() > 2 * self.capacity {
-            // Re-inserted digests left stale positions behind: drop them (amortized O(1)).
-            let live = &self.by_digest;
-            self.order
-                .retain(|(d, seq)| live.get(d).is_some_and(|(s, _)| s == seq));
+        if self.by_digest.len() > self.capacity {
+            // Keep the newest half of the capacity's worth of insertions.
+            let keep_from = self.next.saturating_sub((self.capacity / 2).max(1) as u64);
+            self.by_digest.retain(|_, (seq, _)| *seq > keep_from);
         }
     }
 
-    fn get(&self, digest: &Digest) -> Option<Arc<Process>> {
-        self.by_digest.get(digest).map(|(_, p)| p.clone())
+    fn get(&self, digest: &Digest) -> Option<Process> {
+        self.by_digest.get(digest).map(|(_, p)| p.process())
     }
 
     fn forget(&mut self, process: &Process) {
-        self.by_digest.retain(|_, (_, p)| **p != *process);
+        self.by_digest.retain(|_, (_, p)| p.process() != *process);
     }
 }
 
@@ -339,6 +366,7 @@ impl RemoteCacheRunner {
     ) -> RemoteCacheRunner {
         let warnings = WarningsTracker::new(options.warnings_behavior);
         let (tx, rx) = mpsc::channel::<WriteJob>(options.write_queue_size.max(1));
+        let recovery_outputs = options.recovery_outputs;
         let shared = Arc::new(Shared {
             store,
             action_cache,
@@ -347,7 +375,7 @@ impl RemoteCacheRunner {
             warnings,
             pending_writes: AtomicU64::new(0),
             writes_done: Notify::new(),
-            producers: Mutex::new(ProducerMap::default()),
+            producers: Mutex::new(ProducerMap::with_capacity(recovery_outputs)),
             update_enabled: tokio::sync::OnceCell::new(),
             writes_refused: Default::default(),
             breaker: Breaker::default(),
@@ -426,7 +454,6 @@ impl RemoteCacheRunner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
-            .map(|p| Process::clone(&p))
     }
 
     /// For a hit whose outputs then could not be used (a blob gone, corrupt, the cache
@@ -646,9 +673,10 @@ impl Shared {
                 for d in &outputs.directories {
                     all.extend(self.store.local().file_digests(*d)?);
                 }
-                let producer = Arc::new(process.clone());
                 let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
-                for d in all {
+                let producer = producers.producer(process);
+                // An empty blob is never missing: nothing to remember for it.
+                for d in all.into_iter().filter(|d| d.size_bytes > 0) {
                     producers.insert(d, producer.clone());
                 }
             }
@@ -928,19 +956,41 @@ mod tests {
     #[test]
     fn the_producer_map_is_bounded_and_keeps_the_newest() {
         let mut m = ProducerMap::with_capacity(4);
-        let p = |i: u32| Arc::new(Process::new(["/bin/echo".to_owned(), i.to_string()]));
+        let p = |m: &mut ProducerMap, i: u32| {
+            m.producer(&Process::new(["/bin/echo".to_owned(), i.to_string()]))
+        };
         let d = |i: u32| Digest::of_bytes(&i.to_le_bytes());
         for i in 0..10 {
-            m.insert(d(i), p(i));
+            let q = p(&mut m, i);
+            m.insert(d(i), q);
         }
-        assert_eq!(m.by_digest.len(), 4);
+        assert!(m.by_digest.len() <= 4);
         assert!(m.get(&d(5)).is_none(), "the oldest went");
         assert_eq!(m.get(&d(9)).map(|q| q.argv[1].clone()), Some("9".into()));
-        // Re-inserting a digest many times does not grow the order queue without bound.
+        // Re-inserting a digest many times keeps one entry.
         for _ in 0..100 {
-            m.insert(d(9), p(9));
+            let q = p(&mut m, 9);
+            m.insert(d(9), q);
         }
-        assert!(m.order.len() <= 8);
-        assert_eq!(m.by_digest.len(), 4);
+        assert!(m.by_digest.len() <= 4);
+        assert!(m.get(&d(9)).is_some());
+    }
+
+    #[test]
+    fn identical_environments_are_kept_once_and_come_back_whole() {
+        let mut m = ProducerMap::with_capacity(1000);
+        let env: std::collections::BTreeMap<String, String> = (0..100)
+            .map(|i| (format!("VAR_{i}"), "x".repeat(80)))
+            .collect();
+        for i in 0..500u32 {
+            let mut process = Process::new(["/bin/echo".to_owned(), i.to_string()]);
+            process.env = env.clone();
+            let q = m.producer(&process);
+            m.insert(Digest::of_bytes(&i.to_le_bytes()), q);
+        }
+        assert_eq!(m.envs.len(), 1, "one environment kept for 500 processes");
+        let back = m.get(&Digest::of_bytes(&7u32.to_le_bytes())).unwrap();
+        assert_eq!(back.env, env);
+        assert_eq!(back.argv[1], "7");
     }
 }
