@@ -1,6 +1,8 @@
 //! What a dead or hung cache costs a build: 200 quick actions, 8 at a time, against a server
 //! that refuses connections and against one that never answers, with the circuit breaker off
-//! and on (its defaults). Prints the wall time of each build, flush included.
+//! and on (its defaults). Prints the wall time of each build, flush included. Then a cache that
+//! hangs mid-build (as a SIGSTOPped server) with default options: 50 actions, the server stops
+//! answering after 10 results, and the time `finish()` takes is printed apart.
 //!
 //! `cargo run --release -p remote_cache --example outage`
 
@@ -80,6 +82,65 @@ async fn build(address: &str, breaker: bool, read_timeout: Duration) -> (Duratio
     )
 }
 
+/// Default options throughout; the server answers nothing once 10 results were produced.
+async fn hangs_midway() -> (Duration, Duration, String) {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(
+        GrpcProvider::connect(&server.address(), GrpcOptions::default())
+            .await
+            .expect("address"),
+    );
+    let store = Store::with_remote(
+        LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).expect("store"),
+        provider.clone(),
+    );
+    let sandboxes = dir.path().join("sb");
+    let runner = Arc::new(RemoteCacheRunner::wrapping(
+        store,
+        provider,
+        RemoteCacheOptions::default(),
+        |s| {
+            let mut o = LocalRunnerOptions::new(sandboxes);
+            o.parallelism = PARALLELISM;
+            Arc::new(LocalRunner::new(s, o))
+        },
+    ));
+    let salt = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = Arc::new(server);
+    futures::stream::iter(0..50)
+        .map(|i| {
+            let (runner, done, server) = (runner.clone(), done.clone(), server.clone());
+            let p = Process::new(["/bin/sh", "-c", &format!("echo {salt} {i} > o")])
+                .env("PATH", "/usr/bin:/bin")
+                .output_files(["o"]);
+            async move {
+                let r = runner.run(Context::default(), p).await;
+                assert!(r.is_ok(), "no action may fail because of the cache");
+                if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 10 {
+                    for m in [
+                        Method::GetActionResult,
+                        Method::FindMissingBlobs,
+                        Method::BatchUpdateBlobs,
+                        Method::UpdateActionResult,
+                        Method::Write,
+                    ] {
+                        server.knobs().delay.insert(m, Duration::from_secs(3600));
+                    }
+                }
+            }
+        })
+        .buffer_unordered(PARALLELISM)
+        .collect::<Vec<()>>()
+        .await;
+    let build = started.elapsed();
+    let flush = Instant::now();
+    let report = runner.finish().await;
+    (build, flush.elapsed(), report.to_string())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // Dead: a port nothing listens on.
@@ -107,4 +168,8 @@ async fn main() {
             );
         }
     }
+    let (build, flush, what) = hangs_midway().await;
+    println!(
+        "cache hangs after 10 results, default options: build {build:.2?}, finish() {flush:.2?} ({what})"
+    );
 }

@@ -115,6 +115,8 @@ struct Breaker {
     probing: AtomicBool,
     /// Times the breaker opened.
     trips: AtomicU64,
+    /// Woken when the breaker opens: writes in flight give up at once (see `Shared::write`).
+    opened: Notify,
 }
 
 /// What the breaker says about one lookup.
@@ -171,7 +173,8 @@ impl Breaker {
         let mut open = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
         let probing = self.probing.swap(false, Ordering::AcqRel);
         if n >= threshold || probing {
-            if open.is_none() {
+            let opening = open.is_none();
+            if opening {
                 self.trips.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     failures = n,
@@ -179,6 +182,9 @@ impl Breaker {
                 );
             }
             *open = Some(Instant::now() + cooldown);
+            if opening {
+                self.opened.notify_waiters();
+            }
         }
     }
 }
@@ -196,7 +202,8 @@ pub struct FlushReport {
     pub written: u64,
     /// Writes that failed (each was warned about).
     pub failed: u64,
-    /// Writes still queued or running when the flush deadline passed.
+    /// Writes given up: still queued or running when the flush deadline passed, or when the
+    /// breaker opened (a dead or hung cache).
     pub abandoned: u64,
     /// Results not written: the breaker was open (the cache kept failing), or the result came
     /// after [`RemoteCacheRunner::finish`].
@@ -218,7 +225,7 @@ impl std::fmt::Display for FlushReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "cache writes: {} written, {} failed, {} abandoned at the flush deadline, {} skipped",
+            "cache writes: {} written, {} failed, {} abandoned, {} skipped",
             self.written, self.failed, self.abandoned, self.skipped
         )?;
         if self.read_only > 0 {
@@ -425,7 +432,7 @@ impl RemoteCacheRunner {
         FlushReport {
             written: s.writes,
             failed: s.write_errors,
-            abandoned,
+            abandoned: abandoned + s.writes_abandoned,
             skipped: s.writes_skipped,
             read_only: s.writes_read_only,
         }
@@ -703,11 +710,20 @@ impl Shared {
     }
 
     /// Uploads what the remote lacks, then records the ActionResult. Failures are warnings.
+    /// A write still going when the breaker opens (the cache is dead or hung) is abandoned at
+    /// once, and counted so: waiting out its deadlines and retries would only delay the build's
+    /// end.
     async fn write(&self, job: WriteJob) {
         let action_digest = job.messages.action_digest;
         let span = tracing::debug_span!("remote_cache.write", action = %action_digest);
         let request = job.request.clone();
-        with_request_context(request, self.write_inner(job).instrument(span)).await
+        let opened = self.breaker.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        tokio::select! {
+            () = with_request_context(request, self.write_inner(job).instrument(span)) => {}
+            () = opened => Counters::add(&self.counters.writes_abandoned, 1),
+        }
     }
 
     async fn write_inner(&self, job: WriteJob) {
@@ -717,7 +733,8 @@ impl Shared {
             return;
         }
         if self.breaker.is_open() {
-            Counters::add(&self.counters.writes_skipped, 1);
+            // Queued before the breaker opened: abandoned with the ones in flight.
+            Counters::add(&self.counters.writes_abandoned, 1);
             return;
         }
         // A cache that refuses ActionCache updates (REAPI's action_cache_update_enabled = false)

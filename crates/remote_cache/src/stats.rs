@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub write_errors: AtomicU64,
     pub writes_skipped: AtomicU64,
     pub writes_read_only: AtomicU64,
+    pub writes_abandoned: AtomicU64,
     pub recoveries: AtomicU64,
     pub time_saved_micros: AtomicU64,
 }
@@ -44,6 +45,7 @@ impl Counters {
             write_errors: get(&self.write_errors),
             writes_skipped: get(&self.writes_skipped),
             writes_read_only: get(&self.writes_read_only),
+            writes_abandoned: get(&self.writes_abandoned),
             breaker_trips: 0,
             recoveries: get(&self.recoveries),
             time_saved: Duration::from_micros(get(&self.time_saved_micros)),
@@ -84,6 +86,9 @@ pub struct CacheStats {
     /// Results not written because the cache does not take this client's writes
     /// (`action_cache_update_enabled` off, or PERMISSION_DENIED on a write): by design.
     pub writes_read_only: u64,
+    /// Writes queued or in flight when the breaker opened (a dead or hung cache), given up at
+    /// once.
+    pub writes_abandoned: u64,
     /// Times the circuit breaker opened (the cache kept failing and was left alone a while).
     pub breaker_trips: u64,
     /// Processes re-run to recover a blob missing after a deferred hit.

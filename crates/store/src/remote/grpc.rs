@@ -42,6 +42,14 @@ const BATCH_OVERHEAD_PER_BLOB: u64 = 256;
 const BATCH_OVERHEAD_FIXED: u64 = 16 * 1024;
 /// Digests per FindMissingBlobs request: ≈ 80 bytes each, so ≈ 800 KB, well under the cap.
 const FIND_MISSING_BATCH: usize = 10_000;
+/// A write attempt's fixed allowance (a round trip and the server's own work): with
+/// [`WRITE_RATE`] it sets each write's deadline, so a hung server costs a small write seconds
+/// instead of the whole request timeout per attempt (3 × 30 s before).
+const WRITE_BASE: Duration = Duration::from_secs(5);
+
+/// The slowest healthy upload rate a write's deadline allows for its bytes (10 MiB/s).
+const WRITE_RATE: u64 = 10 * 1024 * 1024;
+
 /// Header REAPI servers read the RequestMetadata from.
 const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 /// HTTP/2 receive windows. The default 64 KiB caps a loopback stream near 1.5 GB/s; a few MiB
@@ -317,20 +325,38 @@ impl GrpcProvider {
     where
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(what, idempotent, self.options.request_timeout, rpc)
+            .await
+    }
+
+    /// [`call`](Self::call) with its own deadline.
+    async fn call_within<T, F>(
+        &self,
+        what: &str,
+        idempotent: bool,
+        timeout: Duration,
+        rpc: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|_| StoreError::new(ErrorKind::Other, "provider is shut down"))?;
-        match tokio::time::timeout(self.options.request_timeout, rpc).await {
+        match tokio::time::timeout(timeout, rpc).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(StoreError::from_status(what, &status, idempotent)),
-            Err(_) => Err(timeout_error(
-                what,
-                self.options.request_timeout,
-                idempotent,
-            )),
+            Err(_) => Err(timeout_error(what, timeout, idempotent)),
         }
+    }
+
+    /// The deadline of one write attempt carrying `bytes`: [`WRITE_BASE`] (at most the
+    /// request timeout) plus the bytes at [`WRITE_RATE`].
+    fn write_timeout(&self, bytes: u64) -> Duration {
+        self.options.request_timeout.min(WRITE_BASE)
+            + Duration::from_secs_f64(bytes as f64 / WRITE_RATE as f64)
     }
 
     fn instance(&self) -> &str {
@@ -500,6 +526,7 @@ impl GrpcProvider {
                 compressor: comp,
             });
         }
+        let bytes: u64 = requests.iter().map(|r| r.data.len() as u64).sum();
         let mut client = ContentAddressableStorageClient::new(self.channel.clone());
         let req = self.request(remexec::BatchUpdateBlobsRequest {
             instance_name: self.instance().to_owned(),
@@ -508,7 +535,12 @@ impl GrpcProvider {
         });
         // Uploading the same content twice is harmless: treat as idempotent.
         let resp = self
-            .call("BatchUpdateBlobs", true, client.batch_update_blobs(req))
+            .call_within(
+                "BatchUpdateBlobs",
+                true,
+                self.write_timeout(bytes),
+                client.batch_update_blobs(req),
+            )
             .await
             .map_err(StoreError::final_when_full)?;
         for r in resp.responses {
@@ -970,7 +1002,12 @@ impl ActionCacheProvider for GrpcProvider {
             });
             // Writing the same result twice is harmless, so a timeout may be retried.
             match self
-                .call("UpdateActionResult", true, client.update_action_result(req))
+                .call_within(
+                    "UpdateActionResult",
+                    true,
+                    self.write_timeout(result.encoded_len() as u64),
+                    client.update_action_result(req),
+                )
                 .await
                 .map_err(StoreError::final_when_full)
             {
