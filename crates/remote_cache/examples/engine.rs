@@ -17,13 +17,12 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use process_execution::{
-    CacheOutcome, CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process,
+// One dependency: remote_cache re-exports what an engine needs.
+use remote_cache::{
+    CacheContentBehavior, CacheOutcome, CommandRunner as _, Context, GrpcOptions, LocalRunner,
+    LocalRunnerOptions, LocalStore, LocalStoreOptions, Process, ProcessResult, RemoteCacheOptions,
+    RemoteCacheRunner, Store, provider_from_address,
 };
-use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
-use store::remote::grpc::GrpcOptions;
-use store::remote::provider_from_address;
-use store::{LocalStore, LocalStoreOptions, Store};
 
 const PROCESSES: usize = 50;
 const PARALLELISM: usize = 8;
@@ -68,7 +67,7 @@ async fn build(
 ) -> Result<
     (
         usize,
-        Vec<(process_execution::ProcessResult, Vec<(String, Vec<u8>)>)>,
+        Vec<(ProcessResult, Vec<(String, Vec<u8>)>)>,
         Store,
     ),
     String,

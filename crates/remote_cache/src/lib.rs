@@ -15,20 +15,52 @@
 //!    miss plus a warning: the process runs locally and the build goes on.
 //! 5. After a local run whose result is cacheable, a write-behind job uploads what the remote
 //!    lacks and then calls `UpdateActionResult`, through a bounded queue (a full queue makes the
-//!    caller wait). [`shutdown`](process_execution::CommandRunner::shutdown) flushes it.
+//!    caller wait). [`RemoteCacheRunner::finish`] flushes it (within `flush_deadline`) and
+//!    reports what reached the cache; call it once, at the end of a build.
 //!
-//! ```no_run
-//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! One dependency is enough: this crate re-exports what an engine needs ([`Process`],
+//! [`Context`], [`LocalRunner`], [`Store`], [`LocalStore`], [`Digest`], the providers), and the
+//! crates themselves ([`store`], [`process_execution`], [`hashing`]).
+//!
+//! A whole engine, miss then hit, against a cache in a directory (`file://`; a REAPI server is
+//! `grpc://host:port`):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use process_execution::{LocalRunner, LocalRunnerOptions};
-//! use remote_cache::{RemoteCacheRunner, RemoteCacheOptions};
-//! use store::{LocalStore, LocalStoreOptions, Store};
+//! use remote_cache::{
+//!     CacheOutcome, CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, LocalStore,
+//!     LocalStoreOptions, Process, RemoteCacheOptions, RemoteCacheRunner, Store,
+//!     provider_from_address,
+//! };
 //!
-//! let remote = store::remote::provider_from_address("grpc://127.0.0.1:8980", Default::default()).await?;
-//! let store = Store::with_remote(LocalStore::open(LocalStoreOptions::new("/tmp/recache"))?, remote.bytes);
-//! // Fetch mode: the inner runner never sees the remote.
-//! let local = LocalRunner::new(store.into_local_only(), LocalRunnerOptions::new("/tmp/sandboxes"));
-//! let runner = RemoteCacheRunner::new(Arc::new(local), store, remote.action_cache, RemoteCacheOptions::default());
+//! let dir = tempfile::tempdir()?;
+//! let cache = format!("file://{}", dir.path().join("cache").display());
+//! let remote = provider_from_address(&cache, Default::default()).await?;
+//! for expected in [CacheOutcome::Miss, CacheOutcome::Hit] {
+//!     // A fresh machine each time: its own local store.
+//!     let machine = tempfile::tempdir()?;
+//!     let store = Store::with_remote(
+//!         LocalStore::open(LocalStoreOptions::new(machine.path().join("store")))?,
+//!         remote.bytes.clone(),
+//!     );
+//!     let sandboxes = machine.path().join("sandboxes");
+//!     let runner = RemoteCacheRunner::wrapping(
+//!         store.clone(),
+//!         remote.action_cache.clone(),
+//!         RemoteCacheOptions::default(),
+//!         // The inner runner gets the store its behavior needs (local-only for fetch).
+//!         |inner_store| Arc::new(LocalRunner::new(inner_store, LocalRunnerOptions::new(sandboxes))),
+//!     );
+//!     let process = Process::new(["/bin/sh", "-c", "echo hello > greeting.txt"])
+//!         .output_files(["greeting.txt"]);
+//!     let result = runner.run(Context::default(), process).await?;
+//!     assert_eq!(result.metadata.cache, expected);
+//!     assert_eq!(store.read_file(result.output_root, "greeting.txt").await?.as_ref(), b"hello\n");
+//!     let report = runner.finish().await; // the miss's result goes to the cache here
+//!     assert!(report.is_complete(), "{report}");
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -42,6 +74,18 @@ use std::time::Duration;
 pub use runner::{FlushReport, RemoteCacheRunner};
 pub use stats::CacheStats;
 pub use warnings::{WarningsBehavior, WarningsTracker};
+
+// What an engine needs, so that this crate is its one dependency.
+pub use hashing::{self, Digest};
+pub use process_execution::{
+    self, CacheOutcome, CacheScope, CommandRunner, Context, LocalRunner, LocalRunnerOptions,
+    Process, ProcessError, ProcessResult, ResultSource,
+};
+pub use store::remote::grpc::GrpcOptions;
+pub use store::remote::{
+    ActionCacheProvider, ByteStoreProvider, RemoteProviders, provider_from_address,
+};
+pub use store::{self, LocalStore, LocalStoreOptions, MaterializeOptions, Store, StoreError};
 
 /// What a cache hit does with the outputs it names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
