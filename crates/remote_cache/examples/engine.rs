@@ -64,14 +64,7 @@ async fn build(
     behavior: CacheContentBehavior,
     machine: &std::path::Path,
     salt: &str,
-) -> Result<
-    (
-        usize,
-        Vec<(ProcessResult, Vec<(String, Vec<u8>)>)>,
-        Store,
-    ),
-    String,
-> {
+) -> Result<(usize, Vec<(ProcessResult, Vec<(String, Vec<u8>)>)>, Store), String> {
     let options = GrpcOptions {
         instance_name: instance.to_owned(),
         ..Default::default()
