@@ -22,39 +22,42 @@ use testutil::server::{Method, TestServer};
 const ACTIONS: usize = 200;
 const PARALLELISM: usize = 8;
 
-async fn build(address: &str, breaker: bool, read_timeout: Duration) -> (Duration, String) {
+/// A machine: a runner over a fresh local store, against `address` with `grpc` options.
+async fn machine(
+    address: &str,
+    grpc: GrpcOptions,
+    options: RemoteCacheOptions,
+) -> (Arc<RemoteCacheRunner>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let provider = Arc::new(
-        GrpcProvider::connect(
-            address,
-            GrpcOptions {
-                request_timeout: read_timeout,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("address"),
-    );
+    let provider = Arc::new(GrpcProvider::connect(address, grpc).await.expect("address"));
     let store = Store::with_remote(
         LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).expect("store"),
         provider.clone(),
     );
     let sandboxes = dir.path().join("sb");
-    let runner = Arc::new(RemoteCacheRunner::wrapping(
-        store,
-        provider,
+    let runner = Arc::new(RemoteCacheRunner::wrapping(store, provider, options, |s| {
+        let mut o = LocalRunnerOptions::new(sandboxes);
+        o.parallelism = PARALLELISM;
+        Arc::new(LocalRunner::new(s, o))
+    }));
+    (runner, dir)
+}
+
+async fn build(address: &str, breaker: bool, read_timeout: Duration) -> (Duration, String) {
+    let (runner, _dir) = machine(
+        address,
+        GrpcOptions {
+            request_timeout: read_timeout,
+            ..Default::default()
+        },
         RemoteCacheOptions {
             read_timeout,
             flush_deadline: Duration::from_secs(60),
             breaker_threshold: if breaker { 5 } else { 0 },
             ..Default::default()
         },
-        |s| {
-            let mut o = LocalRunnerOptions::new(sandboxes);
-            o.parallelism = PARALLELISM;
-            Arc::new(LocalRunner::new(s, o))
-        },
-    ));
+    )
+    .await;
     let salt = uuid::Uuid::new_v4().simple().to_string();
     let started = Instant::now();
     let failed = futures::stream::iter(0..ACTIONS)
@@ -85,27 +88,12 @@ async fn build(address: &str, breaker: bool, read_timeout: Duration) -> (Duratio
 /// Default options throughout; the server answers nothing once 10 results were produced.
 async fn hangs_midway() -> (Duration, Duration, String) {
     let server = TestServer::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let provider = Arc::new(
-        GrpcProvider::connect(&server.address(), GrpcOptions::default())
-            .await
-            .expect("address"),
-    );
-    let store = Store::with_remote(
-        LocalStore::open(LocalStoreOptions::new(dir.path().join("store"))).expect("store"),
-        provider.clone(),
-    );
-    let sandboxes = dir.path().join("sb");
-    let runner = Arc::new(RemoteCacheRunner::wrapping(
-        store,
-        provider,
+    let (runner, _dir) = machine(
+        &server.address(),
+        GrpcOptions::default(),
         RemoteCacheOptions::default(),
-        |s| {
-            let mut o = LocalRunnerOptions::new(sandboxes);
-            o.parallelism = PARALLELISM;
-            Arc::new(LocalRunner::new(s, o))
-        },
-    ));
+    )
+    .await;
     let salt = uuid::Uuid::new_v4().simple().to_string();
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
