@@ -48,7 +48,7 @@ pub async fn fetch(mut args: FetchArgs) -> Result<i32, CliError> {
     let from_origin = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     req.progress = Some(from_origin.clone());
     let (store_base, watched) = (local.bytes_received(), local.clone());
-    let progress = crate::progress::Progress::watching(move || {
+    let progress = crate::progress::Progress::watching("downloading", move || {
         from_origin.load(std::sync::atomic::Ordering::Relaxed) + watched.bytes_received()
             - store_base
     });

@@ -581,7 +581,7 @@ pub(crate) async fn save_paths(
             human_bytes(max_entry_size)
         )));
     }
-    let progress = crate::progress::Progress::start(opened.local.clone());
+    let progress = crate::progress::Progress::uploads(opened.store.clone());
     let uploaded = within(common.timeout, started, "uploading", async {
         opened
             .store

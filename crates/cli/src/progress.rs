@@ -1,5 +1,5 @@
-//! A progress bar for large downloads, shown only when stderr is a terminal and more than a few
-//! MiB arrive.
+//! A progress bar for large transfers (downloads; `recache cache save`'s uploads), shown only
+//! when stderr is a terminal and more than a few MiB move.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -17,11 +17,17 @@ impl Progress {
     /// Starts watching `local`'s received-bytes counter.
     pub fn start(local: LocalStore) -> Progress {
         let base = local.bytes_received();
-        Self::watching(move || local.bytes_received() - base)
+        Self::watching("downloading", move || local.bytes_received() - base)
     }
 
-    /// Starts watching a counter of bytes received so far.
-    pub fn watching(received: impl Fn() -> u64 + Send + 'static) -> Progress {
+    /// Starts watching `store`'s sent-bytes counter.
+    pub fn uploads(store: store::Store) -> Progress {
+        let base = store.bytes_sent();
+        Self::watching("uploading", move || store.bytes_sent() - base)
+    }
+
+    /// Starts watching a counter of bytes moved so far (`verb`: what is moving them).
+    pub fn watching(verb: &'static str, received: impl Fn() -> u64 + Send + 'static) -> Progress {
         if !std::io::stderr().is_terminal() {
             return Progress { task: None };
         }
@@ -35,9 +41,9 @@ impl Progress {
                 }
                 let b = bar.get_or_insert_with(|| {
                     let b = indicatif::ProgressBar::new_spinner();
-                    if let Ok(style) = indicatif::ProgressStyle::with_template(
-                        "{spinner} recache: downloading {bytes} ({binary_bytes_per_sec})",
-                    ) {
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+                        "{{spinner}} recache: {verb} {{bytes}} ({{binary_bytes_per_sec}})"
+                    )) {
                         b.set_style(style);
                     }
                     b

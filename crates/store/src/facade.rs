@@ -49,6 +49,8 @@ struct Remote {
     /// download future is dropped at once, and with it the pool lock and the temp file of its
     /// destination; a later write of the same digest never waits on an orphan.
     inflight: Mutex<HashMap<Digest, WeakShared<DownloadFuture>>>,
+    /// Bytes uploaded so far (for progress).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// Forgets a download's map entry when its future is dropped unfinished (cancelled).
@@ -114,6 +116,7 @@ impl Store {
             remote: Some(Arc::new(Remote {
                 provider,
                 inflight: Mutex::new(HashMap::new()),
+                sent: Default::default(),
             })),
         }
     }
@@ -127,6 +130,13 @@ impl Store {
     /// The local half.
     pub fn local(&self) -> &LocalStore {
         &self.local
+    }
+
+    /// Blob bytes this store has uploaded to its remote so far (for progress reports).
+    pub fn bytes_sent(&self) -> u64 {
+        self.remote
+            .as_ref()
+            .map_or(0, |r| r.sent.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Whether a remote is attached.
@@ -502,6 +512,9 @@ impl Store {
             remote.provider.store_batch(blobs).await?;
             for d in moved {
                 summary.add(d);
+                remote
+                    .sent
+                    .fetch_add(d.size_bytes, std::sync::atomic::Ordering::Relaxed);
             }
         }
         let uploaded: Vec<Digest> = futures::stream::iter(large)
@@ -521,6 +534,9 @@ impl Store {
                         remote.provider.store_bytes(d, bytes).await?;
                     }
                 }
+                remote
+                    .sent
+                    .fetch_add(d.size_bytes, std::sync::atomic::Ordering::Relaxed);
                 Ok::<_, StoreError>(d)
             })
             .buffer_unordered(TRANSFER_CONCURRENCY)
