@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this):
-#   formatting, clippy, rustdoc (warnings are errors in all three, and in the test build), then
+#   formatting, clippy, rustdoc (warnings are errors in all three, and in the test build), the
+#   packaging of the library crates an engine depends on, then
 #   the real REAPI servers (BuildGrid, buildbox-casd, and our own `recache serve`, built first)
 #   and the S3-compatible servers (moto, SeaweedFS) on 127.0.0.1, then `cargo test --workspace`
 #   with the servers' addresses in the environment.
 # The servers are stopped on exit, also when a step fails.
-# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hashing`).
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p recache-hashing`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,6 +28,9 @@ cargo doc --no-deps --workspace --locked
 
 step "cargo build --workspace (recache serve is one of the servers the tests use)"
 cargo build --workspace --locked
+
+step "cargo package: the crates an engine depends on, each built from its packaged sources (nothing is uploaded)"
+cargo package --locked -p recache-hashing -p recache-store -p recache-process-execution -p recache-remote-cache
 
 step "Bazel 4.2.3 for the Bazel scenario (installed once)"
 if ! scripts/install-bazel.sh; then

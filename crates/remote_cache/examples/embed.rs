@@ -2,7 +2,7 @@
 //! directory (`file://`), exactly as `recache run` uses by default. Swap the address for
 //! `grpc://host:port` to use a REAPI server.
 //!
-//! `cargo run -p remote_cache --example embed`
+//! `cargo run -p recache-remote-cache --example embed`
 
 use std::sync::Arc;
 

@@ -6,8 +6,8 @@
 //! it reads every output back through the store API and checks the bytes.
 //!
 //! ```sh
-//! cargo run -p remote_cache --example engine                           # a file:// cache in a temp dir
-//! cargo run -p remote_cache --example engine -- grpc://127.0.0.1:8980 main   # a REAPI server, instance "main"
+//! cargo run -p recache-remote-cache --example engine                           # a file:// cache in a temp dir
+//! cargo run -p recache-remote-cache --example engine -- grpc://127.0.0.1:8980 main   # a REAPI server, instance "main"
 //! ```
 //!
 //! Exits non-zero (with the reason) if any second-build action was not a hit or any output

@@ -4,7 +4,7 @@
 //! hangs mid-build (as a SIGSTOPped server) with default options: 50 actions, the server stops
 //! answering after 10 results, and the time `finish()` takes is printed apart.
 //!
-//! `cargo run --release -p remote_cache --example outage`
+//! `cargo run --release -p recache-remote-cache --example outage`
 
 // A measurement harness: a setup failure must stop it loudly.
 #![allow(clippy::expect_used)]
