@@ -300,10 +300,33 @@ impl ProducerMap {
             self.envs.retain(|e| Arc::strong_count(e) > 1);
             self.envs_pruned_at = self.envs.len().max(16);
         }
+        // Field by field: cloning the whole process would copy the environment only to drop it.
+        let Process {
+            argv,
+            env: _,
+            working_directory,
+            input_root,
+            output_files,
+            output_directories,
+            timeout,
+            description,
+            platform_properties,
+            cache_scope,
+            cache_namespace,
+        } = process;
         Arc::new(Producer {
             bare: Process {
+                argv: argv.clone(),
                 env: Default::default(),
-                ..process.clone()
+                working_directory: working_directory.clone(),
+                input_root: *input_root,
+                output_files: output_files.clone(),
+                output_directories: output_directories.clone(),
+                timeout: *timeout,
+                description: description.clone(),
+                platform_properties: platform_properties.clone(),
+                cache_scope: *cache_scope,
+                cache_namespace: cache_namespace.clone(),
             },
             env,
         })
