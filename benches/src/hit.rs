@@ -238,22 +238,12 @@ pub async fn defer_rss_mib_per_10k_hits(hits: usize) -> f64 {
     let mut base = 0.0;
     for i in 0..hits {
         if i == warm {
-            base = rss_mib();
+            base = crate::rss_mib();
         }
         let r = runner.run(Context::default(), make(i)).await.expect("hit");
         assert_eq!(r.metadata.source, ResultSource::RemoteCacheHit);
     }
-    let grown = (rss_mib() - base).max(0.0);
+    let grown = (crate::rss_mib() - base).max(0.0);
     drop(runner);
     grown * 10_000.0 / (hits - warm) as f64
-}
-
-/// This process's resident set, in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -95,9 +95,10 @@ fn generate(root: &Path, shape: &Shape) -> Vec<PathBuf> {
     out
 }
 
-/// Runs a child to the end; its wall time, peak anonymous memory (MiB: `RssAnon` sampled
-/// every 10 ms; the kernel's peak RSS also counts the store's memory-mapped database pages,
-/// which are page cache, not memory the process holds) and stdout, failing loudly if it fails.
+/// Runs a child to the end; its wall time, peak anonymous memory (MiB, sampled by
+/// [`crate::AnonPeak`]: the kernel's peak RSS also counts the store's memory-mapped database
+/// pages, which are page cache, not memory the process holds) and stdout, failing loudly if it
+/// fails.
 fn timed(cmd: &mut Command) -> (f64, f64, Vec<u8>) {
     let started = Instant::now();
     let child = cmd
@@ -105,57 +106,16 @@ fn timed(cmd: &mut Command) -> (f64, f64, Vec<u8>) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starting a child");
-    let pid = child.id() as libc::pid_t;
-    // Read the pipes on threads so a full pipe cannot stall the child.
-    let mut child = child;
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out, &mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut err, &mut v);
-        v
-    });
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut peak_kib = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if let Some(kib) = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("RssAnon:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                {
-                    peak_kib = peak_kib.max(kib);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            peak_kib
-        })
-    };
-    let mut status = 0;
-    // SAFETY: waits for our own child (std never reaps it: `child` is not waited on) and
-    // fills `status`.
-    #[allow(unsafe_code)]
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    let anon = crate::AnonPeak::of_pid(child.id());
+    let out = child.wait_with_output().expect("waiting for a child");
     let secs = started.elapsed().as_secs_f64();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let anon_mib = sampler.join().unwrap_or(0) as f64 / 1024.0;
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
+    let anon_mib = anon.peak();
     assert!(
-        waited == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        out.status.success(),
         "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&stderr)
+        String::from_utf8_lossy(&out.stderr)
     );
-    (secs, anon_mib, stdout)
+    (secs, anon_mib, out.stdout)
 }
 
 /// Times a shell pipeline.

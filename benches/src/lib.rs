@@ -24,7 +24,12 @@ pub fn reset_peak_rss() -> std::io::Result<()> {
 }
 
 fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_kib_of("self", field)
+}
+
+/// A `/proc/<pid>/status` field in KiB (`pid` may be `self`).
+fn status_kib_of(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
@@ -83,17 +88,28 @@ pub struct AnonPeak {
 }
 
 impl AnonPeak {
-    /// Starts sampling.
+    /// Starts sampling this process.
     pub fn start() -> AnonPeak {
+        Self::of("self".to_owned())
+    }
+
+    /// Starts sampling process `pid` (a child whose memory is measured); a process gone reads
+    /// as nothing.
+    pub fn of_pid(pid: u32) -> AnonPeak {
+        Self::of(pid.to_string())
+    }
+
+    fn of(pid: String) -> AnonPeak {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut peak = rss_anon_mib();
+            let anon = || status_kib_of(&pid, "RssAnon:").unwrap_or(0) as f64 / 1024.0;
+            let mut peak = anon();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_anon_mib());
+                peak = peak.max(anon());
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            peak.max(rss_anon_mib())
+            peak.max(anon())
         });
         AnonPeak { stop, handle }
     }

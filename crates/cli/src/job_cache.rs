@@ -1173,7 +1173,7 @@ fn materialize_one(
         }
     }
     let parent = dest.parent().unwrap_or(base);
-    clean_stale_staging(parent);
+    crate::staging::remove_stale(parent, STAGING);
     let staging = parent.join(format!(
         "{STAGING}{}-{}",
         std::process::id(),
@@ -1232,60 +1232,8 @@ fn materialize_one(
         }
         std::fs::rename(&fresh, &dest).map_err(|e| format!("placing {}: {e}", dest.display()))
     })();
-    let _ = remove_tree(&staging);
+    let _ = crate::staging::remove_tree(&staging);
     result
-}
-
-/// Removes a directory tree, making read-only directories writable on the way.
-fn remove_tree(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(_) => {
-            use std::os::unix::fs::PermissionsExt as _;
-            for entry in walk_dirs(path) {
-                let _ = std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755));
-            }
-            std::fs::remove_dir_all(path)
-        }
-    }
-}
-
-/// Every directory under `root` (not following symlinks), `root` first.
-fn walk_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![root.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        if let Ok(rd) = std::fs::read_dir(&out[i]) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    out.push(e.path());
-                }
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Removes staging directories in `dir` left by restores whose process is gone.
-fn clean_stale_staging(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGING)) else {
-            continue;
-        };
-        let alive = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            let _ = remove_tree(&e.path());
-        }
-    }
 }
 
 async fn list(a: &CacheListArgs) -> Result<(), Failure> {

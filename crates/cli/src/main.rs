@@ -10,6 +10,7 @@ mod job_cache_rust;
 mod progress;
 mod run;
 mod serve;
+mod staging;
 mod warnings;
 
 use clap::Parser;

@@ -763,33 +763,7 @@ const RESTORE_PREFIX: &str = ".recache-restore-";
 /// The restore staging directories in `cwd` (relative names, to leave out of the inputs);
 /// those whose run is gone from this machine (the PID in the name) are removed on the way.
 fn restore_staging_dirs(cwd: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(cwd) else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(RESTORE_PREFIX)) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let gone = pid.is_none_or(|pid| {
-            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
-        });
-        if gone && Path::new("/proc/self").exists() {
-            match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => {
-                    tracing::info!(dir = %e.path().display(), "removed a staging directory an interrupted run left");
-                    continue;
-                }
-                Err(err) => {
-                    tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove a stale staging directory")
-                }
-            }
-        }
-        found.push(PathBuf::from(name));
-    }
-    found
+    crate::staging::remove_stale(cwd, RESTORE_PREFIX)
 }
 
 /// An `--output` path as the cache names it: relative, `/`-separated, no `.` or empty

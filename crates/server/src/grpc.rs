@@ -366,19 +366,22 @@ where
             };
             // An error answered before any message carries its status in the headers; a call
             // whose headers carry none started well and counts as OK.
-            let status = Status::from_header_map(resp.headers());
-            let code = status
-                .as_ref()
-                .map_or("OK", |s| crate::metrics::grpc_code_label(s.code() as i32));
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map_or("OK", |v| {
+                    crate::metrics::grpc_code_label(v.trim().parse().unwrap_or(2))
+                });
             server
                 .metrics
                 .request("grpc", method, code, started.elapsed());
             if method == "GetActionResult" {
                 done.call.lookup = match code {
                     "OK" => Some(crate::status::Lookup::Hit),
+                    // Only here is the message decoded: it tells the two misses apart.
                     "NOT_FOUND"
-                        if status
-                            .as_ref()
+                        if Status::from_header_map(resp.headers())
                             .is_some_and(|s| s.message().contains(crate::core::OUTPUTS_GONE)) =>
                     {
                         Some(crate::status::Lookup::OutputsGone)

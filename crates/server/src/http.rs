@@ -226,6 +226,7 @@ async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>)
     let name = route_name(req.method(), req.uri().path());
     let started = std::time::Instant::now();
     let caller = crate::status::caller(req.headers());
+    let body_length = content_length(req.headers());
     let mut entry = core.0.access.as_ref().map(|_| crate::access::Entry {
         peer: Some(peer.to_string()),
         protocol: "http",
@@ -235,10 +236,10 @@ async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>)
             .as_ref()
             .map(|c| c.invocation_id.clone())
             .filter(|id| !id.is_empty()),
-        bytes: put.then(|| content_length(req.headers())).flatten(),
+        bytes: put.then_some(body_length).flatten(),
         ..Default::default()
     });
-    let bytes_up = content_length(req.headers()).unwrap_or(0);
+    let bytes_up = body_length.unwrap_or(0);
     let mut who = None;
     let routed = route(core, req, &mut who).await;
     let lookup = match (&routed, name) {
@@ -254,13 +255,14 @@ async fn handle(core: &Core, peer: std::net::SocketAddr, req: Request<Incoming>)
     };
     let resp = routed.unwrap_or_else(|r| refused(r, head));
     core.count_request("http", name, resp.status().as_str(), started.elapsed());
-    let bytes_down = content_length(resp.headers()).unwrap_or(0);
+    let sent = content_length(resp.headers());
+    let bytes_down = sent.unwrap_or(0);
     if let (Some(log), Some(e)) = (core.0.access.as_ref(), entry.as_mut()) {
         e.identity = who.clone();
         e.status = resp.status().as_str().to_owned();
         e.duration = started.elapsed();
         if !put {
-            e.bytes = content_length(resp.headers());
+            e.bytes = sent;
         }
         log.record(e);
     }
@@ -440,16 +442,7 @@ async fn route(
         }
         (Method::PUT, Kind::Opaque) => {
             let compressed = content_encoding_zstd(req.headers())?;
-            let upload = core.start_unsized_upload(None, compressed)?;
-            pump(
-                core,
-                req.into_body(),
-                &upload.tx,
-                core.0.options.max_blob_size,
-                compressed,
-            )
-            .await?;
-            let d = core.finish_unsized_upload(upload).await?;
+            let d = put_unsized(core, req, None, compressed).await?;
             core.put_opaque(target.key, d)?;
             Ok(response(StatusCode::OK, empty()))
         }
@@ -563,6 +556,26 @@ impl Drop for CountOnDrop<'_> {
     }
 }
 
+/// Stores a body whose length is not known up front (chunked, or zstd-encoded), up to
+/// `--max-blob-size` decoded; with `hash`, it must hash to it. The digest stored.
+async fn put_unsized(
+    core: &Core,
+    req: Request<Incoming>,
+    hash: Option<Fingerprint>,
+    compressed: bool,
+) -> Result<Digest, Refusal> {
+    let upload = core.start_unsized_upload(hash, compressed)?;
+    pump(
+        core,
+        req.into_body(),
+        &upload.tx,
+        core.0.options.max_blob_size,
+        compressed,
+    )
+    .await?;
+    core.finish_unsized_upload(upload).await
+}
+
 /// PUT /cas/<sha256>: with a Content-Length (and no content coding), the size is known before
 /// a byte is read: checked against `--max-blob-size`, room reserved, the body streamed to the
 /// pool and committed only if it hashes to the key. Chunked or zstd bodies stream the same
@@ -573,12 +586,7 @@ async fn put_blob(
     hash: Fingerprint,
 ) -> Result<Response<Body>, Refusal> {
     let compressed = content_encoding_zstd(req.headers())?;
-    let length = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match length {
+    match content_length(req.headers()) {
         Some(len) if !compressed => {
             let d = Digest::new(hash, len);
             core.check_size(d)?;
@@ -590,16 +598,7 @@ async fn put_blob(
             core.finish_upload(upload).await?;
         }
         _ => {
-            let upload = core.start_unsized_upload(Some(hash), compressed)?;
-            pump(
-                core,
-                req.into_body(),
-                &upload.tx,
-                core.0.options.max_blob_size,
-                compressed,
-            )
-            .await?;
-            core.finish_unsized_upload(upload).await?;
+            put_unsized(core, req, Some(hash), compressed).await?;
         }
     }
     Ok(response(StatusCode::OK, empty()))

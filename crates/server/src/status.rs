@@ -194,6 +194,13 @@ impl Invocations {
     }
 
     fn record_at(&self, call: Call, now: SystemTime) {
+        let for_invocation = call
+            .caller
+            .as_ref()
+            .is_some_and(|c| !c.invocation_id.is_empty());
+        if call.lookup.is_none() && !for_invocation {
+            return; // nothing to count: no lock taken
+        }
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -231,26 +238,31 @@ impl Invocations {
                 state.invocations.remove(&id);
             }
         }
-        let inv = state
-            .invocations
-            .entry(caller.invocation_id.clone())
-            .or_insert_with(|| Invocation {
-                id: caller.invocation_id.clone(),
-                tool: caller.tool.clone(),
-                correlated_id: caller.correlated_id.clone(),
-                identity: None,
-                first_seen: now,
-                last_seen: now,
-                requests: 0,
-                hits: 0,
-                misses: 0,
-                misses_outputs_gone: 0,
-                bytes_down: 0,
-                bytes_up: 0,
-                mnemonics: HashMap::new(),
-                targets: HashMap::new(),
-                missed: Vec::new(),
-            });
+        if !state.invocations.contains_key(&caller.invocation_id) {
+            state.invocations.insert(
+                caller.invocation_id.clone(),
+                Invocation {
+                    id: caller.invocation_id.clone(),
+                    tool: caller.tool.clone(),
+                    correlated_id: caller.correlated_id.clone(),
+                    identity: None,
+                    first_seen: now,
+                    last_seen: now,
+                    requests: 0,
+                    hits: 0,
+                    misses: 0,
+                    misses_outputs_gone: 0,
+                    bytes_down: 0,
+                    bytes_up: 0,
+                    mnemonics: HashMap::new(),
+                    targets: HashMap::new(),
+                    missed: Vec::new(),
+                },
+            );
+        }
+        let Some(inv) = state.invocations.get_mut(&caller.invocation_id) else {
+            return;
+        };
         inv.last_seen = inv.last_seen.max(now);
         inv.requests += 1;
         inv.bytes_down += call.bytes_down;
