@@ -30,7 +30,7 @@ step "cargo build --workspace (recache serve is one of the servers the tests use
 cargo build --workspace --locked
 
 step "cargo package: the crates an engine depends on, each built from its packaged sources (nothing is uploaded)"
-cargo package --locked -p recache-hashing -p recache-store -p recache-process-execution -p recache-remote-cache
+cargo package --locked -p recache-reapi -p recache-hashing -p recache-store -p recache-process-execution -p recache-remote-cache
 
 step "Bazel 4.2.3 for the Bazel scenario (installed once)"
 if ! scripts/install-bazel.sh; then

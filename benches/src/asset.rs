@@ -4,13 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::asset::v1::{
-    FetchBlobRequest, fetch_client::FetchClient,
-};
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use http_body_util::BodyExt;
+use reapi::build::bazel::remote::asset::v1::{FetchBlobRequest, fetch_client::FetchClient};
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
 };
-use http_body_util::BodyExt;
 use testutil::origin::{Behavior, Origin};
 use tokio::io::AsyncWriteExt;
 

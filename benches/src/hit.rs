@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    self as remexec, action_cache_client::ActionCacheClient,
-    content_addressable_storage_client::ContentAddressableStorageClient,
-};
 use hashing::Digest;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
+};
+use reapi::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};

@@ -19,15 +19,13 @@
 use std::time::{Duration, Instant};
 
 use crate::hit::median;
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use futures::StreamExt;
+use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
-use futures::StreamExt;
-use hashing::Digest;
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use tonic::transport::Channel;
 
 struct Target {

@@ -17,14 +17,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
-};
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
 use futures::StreamExt;
 use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2::{
+    self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use server::s3::{S3Blobs, S3Options};
 use server::tier::TierOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,9 +217,7 @@ async fn read_to_file(channel: &Channel, instance: &str, d: Digest, path: &Path)
 }
 
 /// Every per-blob status of a batch answer is OK (absent counts as OK).
-fn all_ok<'a>(
-    statuses: impl IntoIterator<Item = Option<&'a bazel_remote_apis::google::rpc::Status>>,
-) -> bool {
+fn all_ok<'a>(statuses: impl IntoIterator<Item = Option<&'a reapi::google::rpc::Status>>) -> bool {
     statuses.into_iter().all(|s| s.is_none_or(|s| s.code == 0))
 }
 

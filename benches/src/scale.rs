@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use process_execution::action::make_action;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
+use reapi::build::bazel::remote::execution::v2 as remexec;
 use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::{LocalStore, LocalStoreOptions, Store};
@@ -170,7 +170,7 @@ pub fn cli_path_hit(
 /// `GetCapabilities` and a `FindMissingBlobs`. A persisted index (the store's counters), not a
 /// walk of the blobs, is what keeps this flat.
 pub async fn server_restart(storage: &std::path::Path) -> Duration {
-    use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    use reapi::build::bazel::remote::execution::v2::{
         capabilities_client::CapabilitiesClient,
         content_addressable_storage_client::ContentAddressableStorageClient,
     };

@@ -21,21 +21,21 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_server::ActionCache, action_cache_server::ActionCacheServer,
     capabilities_server::Capabilities, capabilities_server::CapabilitiesServer, compressor,
     content_addressable_storage_server::ContentAddressableStorage,
     content_addressable_storage_server::ContentAddressableStorageServer, digest_function,
 };
-use bazel_remote_apis::build::bazel::semver::SemVer;
-use bazel_remote_apis::google::bytestream::{
+use reapi::build::bazel::semver::SemVer;
+use reapi::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream, byte_stream_server::ByteStreamServer,
 };
-use bazel_remote_apis::google::rpc::Status as RpcStatus;
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use hashing::Digest;
+use reapi::google::rpc::Status as RpcStatus;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// The RPCs the server counts and can fault.
@@ -599,36 +599,6 @@ impl ContentAddressableStorage for Svc {
         _req: Request<remexec::GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         Err(Status::unimplemented("GetTree"))
-    }
-
-    async fn split_blob(
-        &self,
-        _req: Request<remexec::SplitBlobRequest>,
-    ) -> Result<Response<remexec::SplitBlobResponse>, Status> {
-        Err(Status::unimplemented("SplitBlob"))
-    }
-
-    type GetChunkMappingStream = BoxStream<remexec::GetChunkMappingResponse>;
-
-    async fn get_chunk_mapping(
-        &self,
-        _req: Request<remexec::GetChunkMappingRequest>,
-    ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
-        Err(Status::unimplemented("GetChunkMapping"))
-    }
-
-    async fn splice_blob(
-        &self,
-        _req: Request<remexec::SpliceBlobRequest>,
-    ) -> Result<Response<remexec::SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented("SpliceBlob"))
-    }
-
-    async fn register_chunk_mapping(
-        &self,
-        _req: Request<Streaming<remexec::RegisterChunkMappingRequest>>,
-    ) -> Result<Response<remexec::RegisterChunkMappingResponse>, Status> {
-        Err(Status::unimplemented("RegisterChunkMapping"))
     }
 }
 

@@ -1,22 +1,20 @@
 //! The same REAPI scenario against every real server `scripts/reapi-servers.sh` runs.
 //!
-//! These use the raw `bazel-remote-apis` stubs, so they prove that our bindings, digests and
-//! resource names interoperate with independent server implementations before any recache layer
-//! sits on top. Each scenario uses fresh random content, so reruns against a warm server still
+//! These use the raw `reapi` stubs (generated from our own .proto files), so they prove that our
+//! bindings' wire format, digests and resource names interoperate with independent server
+//! implementations before any recache layer sits on top. Each scenario uses fresh random content, so reruns against a warm server still
 //! exercise the "missing" paths.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use futures::StreamExt;
+use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient, digest_function,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
-use futures::StreamExt;
-use hashing::Digest;
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use testutil::real_servers::{RealServer, ServerKind};
 
 /// Fresh, incompressible content: every run's blobs are new to the server.

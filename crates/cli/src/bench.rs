@@ -21,11 +21,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    self as remexec, action_cache_client::ActionCacheClient,
-    content_addressable_storage_client::ContentAddressableStorageClient,
-};
-use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use bytes::Bytes;
 use futures::StreamExt;
 use hashing::Digest;
@@ -34,6 +29,11 @@ use process_execution::action::make_action;
 use process_execution::{
     CommandRunner as _, Context, LocalRunner, LocalRunnerOptions, Process, ResultSource,
 };
+use reapi::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use reapi::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner};
 use store::remote::RemoteProviders;
 use store::{LocalStore, LocalStoreOptions, Store};

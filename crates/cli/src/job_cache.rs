@@ -36,8 +36,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 use serde::{Deserialize, Serialize};
 use store::directory::DirectoryBuilder;
 use store::directory::{FileStamp, KnownFiles};

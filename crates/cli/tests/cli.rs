@@ -381,8 +381,8 @@ fn a_hit_whose_outputs_are_gone_or_corrupt_never_fails_the_run() {
 
 #[test]
 fn a_planted_symlink_chain_never_leaves_the_workspace() {
-    use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
     use prost::Message;
+    use reapi::build::bazel::remote::execution::v2 as remexec;
     let ws = workspace();
     let cache = tempfile::tempdir().unwrap();
     let args = build_args(&["run", "--json"]);

@@ -452,7 +452,7 @@ fn hostile_entries_are_refused() {
         rt.block_on(provider.store_bytes(d, bytes.into())).unwrap();
         d
     };
-    use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+    use reapi::build::bazel::remote::execution::v2 as remexec;
     let file = put(b"payload".to_vec());
     // A directory whose symlink leaves it.
     let evil_dir = remexec::Directory {

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{WriteRequest, byte_stream_client::ByteStreamClient};
+use reapi::google::bytestream::{WriteRequest, byte_stream_client::ByteStreamClient};
 
 /// Starts `recache serve` on a free port; returns the child and its grpc address.
 fn serve(storage: &Path) -> (Child, String) {

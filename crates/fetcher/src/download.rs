@@ -380,7 +380,7 @@ pub struct Options {
 impl Options {
     /// Options for a Remote Asset request (its `timeout`, else [`DEFAULT_TIMEOUT`]).
     pub fn for_request(
-        timeout: Option<&bazel_remote_apis::google::protobuf::Duration>,
+        timeout: Option<&reapi::google::protobuf::Duration>,
         max_bytes: u64,
         headers: Vec<(String, String)>,
         dir: PathBuf,

@@ -24,11 +24,11 @@ pub mod download;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::asset::v1::{
+use hashing::Digest;
+use reapi::build::bazel::remote::asset::v1::{
     FetchBlobRequest, PushBlobRequest, Qualifier, fetch_client::FetchClient,
     push_client::PushClient,
 };
-use hashing::Digest;
 use store::remote::ByteStoreProvider;
 use store::{LocalStore, Store};
 
@@ -262,7 +262,7 @@ impl Fetcher {
     ) -> Result<Option<(String, Digest)>, String> {
         let msg = FetchBlobRequest {
             instance_name: svc.instance.clone(),
-            timeout: Some(bazel_remote_apis::google::protobuf::Duration {
+            timeout: Some(reapi::google::protobuf::Duration {
                 seconds: req.timeout.as_secs() as i64,
                 nanos: 0,
             }),

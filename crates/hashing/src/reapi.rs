@@ -4,7 +4,7 @@
 //! 64 lowercase hex characters and that the size is not negative.
 //!
 //! ```
-//! use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+//! use reapi::build::bazel::remote::execution::v2 as remexec;
 //! use hashing::Digest;
 //!
 //! let d = Digest::of_bytes(b"abc");
@@ -15,7 +15,7 @@
 //! assert!(Digest::try_from(&bad).is_err());
 //! ```
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 use crate::{Digest, DigestError, Fingerprint};
 

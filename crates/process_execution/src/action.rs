@@ -6,9 +6,9 @@
 //! into `Action.salt`, the field REAPI provides for separating caches. The description and the
 //! cache scope are not part of the key.
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 use crate::process::Process;
 
@@ -96,12 +96,10 @@ pub fn make_action(process: &Process) -> ActionMessages {
     let action = remexec::Action {
         command_digest: Some(command_digest.into()),
         input_root_digest: Some(process.input_root.into()),
-        timeout: process
-            .timeout
-            .map(|t| bazel_remote_apis::google::protobuf::Duration {
-                seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                nanos: t.subsec_nanos() as i32,
-            }),
+        timeout: process.timeout.map(|t| reapi::google::protobuf::Duration {
+            seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            nanos: t.subsec_nanos() as i32,
+        }),
         do_not_cache: false,
         salt: process.cache_namespace.as_bytes().to_vec(),
         platform,

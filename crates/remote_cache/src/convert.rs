@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
-use bazel_remote_apis::google::protobuf::Timestamp;
 use hashing::Digest;
 use hashing::reapi::require_digest;
 use process_execution::{Process, ProcessResult};
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
+use reapi::google::protobuf::Timestamp;
 use store::directory::DirectoryBuilder;
 use store::{LocalStore, Store, StoreError};
 

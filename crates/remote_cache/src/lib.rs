@@ -81,6 +81,8 @@ pub use process_execution::{
     self, CacheOutcome, CacheScope, CommandRunner, Context, LocalRunner, LocalRunnerOptions,
     Process, ProcessError, ProcessResult, ResultSource,
 };
+/// The REAPI messages and client stubs (an `ActionResult` a provider returns, a `Digest` proto).
+pub use reapi;
 pub use store::remote::grpc::GrpcOptions;
 pub use store::remote::{
     ActionCacheProvider, ByteStoreProvider, RemoteProviders, provider_from_address,

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
 use process_execution::CacheOutcome;
 use process_execution::action::make_action;
@@ -15,6 +14,7 @@ use process_execution::{
     ProcessError, ResultSource,
 };
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 use remote_cache::{CacheContentBehavior, RemoteCacheOptions, RemoteCacheRunner, WarningsBehavior};
 use store::remote::grpc::{GrpcOptions, GrpcProvider};
 use store::remote::retry::RetryPolicy;

@@ -29,15 +29,15 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bazel_remote_apis::build::bazel::remote::asset::v1::{
+use futures::FutureExt;
+use hashing::Digest;
+use reapi::build::bazel::remote::asset::v1::{
     FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, FetchDirectoryResponse,
     PushBlobRequest, PushBlobResponse, PushDirectoryRequest, PushDirectoryResponse, Qualifier,
     fetch_server::Fetch, push_server::Push,
 };
-use bazel_remote_apis::google::protobuf::Timestamp;
-use bazel_remote_apis::google::rpc::Status as RpcStatus;
-use futures::FutureExt;
-use hashing::Digest;
+use reapi::google::protobuf::Timestamp;
+use reapi::google::rpc::Status as RpcStatus;
 use tonic::{Code, Request, Response, Status};
 
 use crate::Inner;
@@ -317,8 +317,8 @@ impl AssetSvc {
     /// Checks that the references of a push are in the CAS (whole trees for directories).
     fn check_references(
         &self,
-        blobs: &[bazel_remote_apis::build::bazel::remote::execution::v2::Digest],
-        dirs: &[bazel_remote_apis::build::bazel::remote::execution::v2::Digest],
+        blobs: &[reapi::build::bazel::remote::execution::v2::Digest],
+        dirs: &[reapi::build::bazel::remote::execution::v2::Digest],
     ) -> Result<(Vec<Digest>, Vec<Digest>), Status> {
         let mut refs_blobs = Vec::with_capacity(blobs.len());
         for (i, b) in blobs.iter().enumerate() {
@@ -610,7 +610,7 @@ async fn download_any(
 
 fn required(
     field: &str,
-    d: Option<&bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
+    d: Option<&reapi::build::bazel::remote::execution::v2::Digest>,
 ) -> Result<Digest, Status> {
     hashing::reapi::require_digest(field, d).map_err(|e| Status::invalid_argument(e.to_string()))
 }

@@ -20,11 +20,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{self as remexec, digest_function};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use hashing::{Digest, EMPTY_DIGEST, Fingerprint};
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2::{self as remexec, digest_function};
 use store::{ErrorKind, StoreError};
 use tokio::io::AsyncReadExt;
 

@@ -8,24 +8,22 @@ use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bazel_remote_apis::build::bazel::remote::asset::v1::{
-    fetch_server::FetchServer, push_server::PushServer,
-};
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use futures::{Stream, StreamExt};
+use hashing::Digest;
+use prost::Message;
+use reapi::build::bazel::remote::asset::v1::{fetch_server::FetchServer, push_server::PushServer};
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_server::ActionCache, action_cache_server::ActionCacheServer,
     capabilities_server::Capabilities, capabilities_server::CapabilitiesServer, compressor,
     content_addressable_storage_server::ContentAddressableStorage,
     content_addressable_storage_server::ContentAddressableStorageServer, digest_function,
 };
-use bazel_remote_apis::build::bazel::semver::SemVer;
-use bazel_remote_apis::google::bytestream::{
+use reapi::build::bazel::semver::SemVer;
+use reapi::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse, byte_stream_server::ByteStream, byte_stream_server::ByteStreamServer,
 };
-use bazel_remote_apis::google::rpc::Status as RpcStatus;
-use futures::{Stream, StreamExt};
-use hashing::Digest;
-use prost::Message;
+use reapi::google::rpc::Status as RpcStatus;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::core::{Core, Refusal, digest};
@@ -205,14 +203,12 @@ fn role_for(method: &str) -> crate::core::Role {
 
 /// The gRPC methods this server answers, by name: the only values of the `method` label (any
 /// other path counts as `other`, so a client cannot grow the label set).
-const METHODS: [&str; 19] = [
+const METHODS: [&str; 16] = [
     "GetCapabilities",
     "FindMissingBlobs",
     "BatchUpdateBlobs",
     "BatchReadBlobs",
     "GetTree",
-    "SplitBlob",
-    "SpliceBlob",
     "GetActionResult",
     "UpdateActionResult",
     "Read",
@@ -224,7 +220,6 @@ const METHODS: [&str; 19] = [
     "PushDirectory",
     "Check",
     "Watch",
-    "GetChunkMapping",
 ];
 
 /// What every gRPC call meets before a service (one tower layer around the router):
@@ -793,36 +788,6 @@ impl ContentAddressableStorage for Svc {
             Some((page, walk))
         });
         Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn split_blob(
-        &self,
-        _req: Request<remexec::SplitBlobRequest>,
-    ) -> Result<Response<remexec::SplitBlobResponse>, Status> {
-        Err(Status::unimplemented("SplitBlob is not offered"))
-    }
-
-    type GetChunkMappingStream = BoxStream<remexec::GetChunkMappingResponse>;
-
-    async fn get_chunk_mapping(
-        &self,
-        _req: Request<remexec::GetChunkMappingRequest>,
-    ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
-        Err(Status::unimplemented("GetChunkMapping is not offered"))
-    }
-
-    async fn splice_blob(
-        &self,
-        _req: Request<remexec::SpliceBlobRequest>,
-    ) -> Result<Response<remexec::SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented("SpliceBlob is not offered"))
-    }
-
-    async fn register_chunk_mapping(
-        &self,
-        _req: Request<Streaming<remexec::RegisterChunkMappingRequest>>,
-    ) -> Result<Response<remexec::RegisterChunkMappingResponse>, Status> {
-        Err(Status::unimplemented("RegisterChunkMapping is not offered"))
     }
 }
 

@@ -24,7 +24,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use bytes::Bytes;
 use futures::StreamExt;
 use hashing::{Digest, Fingerprint};
@@ -33,6 +32,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 use crate::MAX_MESSAGE_BYTES;
 use crate::core::{Core, Refusal, Why};

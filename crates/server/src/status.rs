@@ -50,8 +50,7 @@ pub(crate) fn caller(headers: &http::HeaderMap) -> Option<Caller> {
         .decode(text)
         .ok()?;
     let md =
-        bazel_remote_apis::build::bazel::remote::execution::v2::RequestMetadata::decode(&bytes[..])
-            .ok()?;
+        reapi::build::bazel::remote::execution::v2::RequestMetadata::decode(&bytes[..]).ok()?;
     let tool = md
         .tool_details
         .map(|t| format!("{} {}", t.tool_name, t.tool_version))

@@ -8,14 +8,14 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use base64::Engine as _;
-use bazel_remote_apis::build::bazel::remote::asset::v1::{
+use hashing::Digest;
+use reapi::build::bazel::remote::asset::v1::{
     FetchBlobRequest, FetchBlobResponse, FetchDirectoryRequest, PushBlobRequest,
     PushDirectoryRequest, Qualifier, fetch_client::FetchClient, push_client::PushClient,
 };
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use hashing::Digest;
 use server::{CacheServer, ServerOptions};
 use testutil::origin::{Behavior, Origin};
 use tonic::Code;
@@ -86,7 +86,7 @@ async fn fetch_with(
         .fetch_blob(FetchBlobRequest {
             uris: uris.to_vec(),
             qualifiers,
-            timeout: timeout_s.map(|s| bazel_remote_apis::google::protobuf::Duration {
+            timeout: timeout_s.map(|s| reapi::google::protobuf::Duration {
                 seconds: s,
                 nanos: 0,
             }),
@@ -333,7 +333,7 @@ async fn pushed_assets_are_served_until_they_expire() {
     let req = |expire: Option<i64>| PushBlobRequest {
         uris: vec!["https://example.invalid/pushed".into()],
         blob_digest: Some(d.into()),
-        expire_at: expire.map(|s| bazel_remote_apis::google::protobuf::Timestamp {
+        expire_at: expire.map(|s| reapi::google::protobuf::Timestamp {
             seconds: s,
             nanos: 0,
         }),

@@ -6,12 +6,12 @@
 
 use std::path::Path;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use hashing::Digest;
+use prost::Message;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use hashing::Digest;
-use prost::Message;
 use server::{CacheServer, ServerOptions};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -769,11 +769,11 @@ async fn every_method(
     token: Option<&str>,
     blob: Digest,
 ) -> Vec<(&'static str, bool, Outcome)> {
-    use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    use reapi::build::bazel::remote::asset::v1::{
         FetchBlobRequest, PushBlobRequest, fetch_client::FetchClient, push_client::PushClient,
     };
-    use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_client::CapabilitiesClient;
-    use bazel_remote_apis::google::bytestream::{
+    use reapi::build::bazel::remote::execution::v2::capabilities_client::CapabilitiesClient;
+    use reapi::google::bytestream::{
         QueryWriteStatusRequest, ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
     };
     let ch = r.channel.clone();
@@ -1018,19 +1018,17 @@ async fn roles_allow_each_method_what_it_needs() {
     .await;
     let blob = grpc_put_as(&r, b"readable", Some("w-tok")).await;
     // A recorded asset, for the read role's fetch.
-    bazel_remote_apis::build::bazel::remote::asset::v1::push_client::PushClient::new(
-        r.channel.clone(),
-    )
-    .push_blob(authed(
-        bazel_remote_apis::build::bazel::remote::asset::v1::PushBlobRequest {
-            uris: vec!["https://example.invalid/recorded".into()],
-            blob_digest: Some(blob.into()),
-            ..Default::default()
-        },
-        Some("w-tok"),
-    ))
-    .await
-    .unwrap();
+    reapi::build::bazel::remote::asset::v1::push_client::PushClient::new(r.channel.clone())
+        .push_blob(authed(
+            reapi::build::bazel::remote::asset::v1::PushBlobRequest {
+                uris: vec!["https://example.invalid/recorded".into()],
+                blob_digest: Some(blob.into()),
+                ..Default::default()
+            },
+            Some("w-tok"),
+        ))
+        .await
+        .unwrap();
     for (who, token, may_write) in [
         ("anonymous", None, false),
         ("dev (read)", Some("r-tok"), false),

@@ -93,14 +93,12 @@ async fn blobs_round_trip_through_seaweedfs() {
 
 use std::time::{Duration, Instant};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use futures::StreamExt;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
-use futures::StreamExt;
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use server::tier::TierOptions;
 use server::{CacheServer, ServerOptions};
 use tonic::transport::Channel;

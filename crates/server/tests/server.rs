@@ -7,15 +7,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
+use futures::StreamExt;
+use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2::{
     self as remexec, action_cache_client::ActionCacheClient, compressor,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
-use futures::StreamExt;
-use hashing::Digest;
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use server::{CacheServer, ServerOptions};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -641,11 +639,9 @@ async fn uploads_reserve_their_size_and_a_full_cache_says_so() {
 
 async fn write_status(r: &Running, resource: &str) -> (i64, bool) {
     let s = ByteStreamClient::new(r.channel.clone())
-        .query_write_status(
-            bazel_remote_apis::google::bytestream::QueryWriteStatusRequest {
-                resource_name: resource.to_owned(),
-            },
-        )
+        .query_write_status(reapi::google::bytestream::QueryWriteStatusRequest {
+            resource_name: resource.to_owned(),
+        })
         .await
         .unwrap()
         .into_inner();

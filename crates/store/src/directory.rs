@@ -12,11 +12,11 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
 use hashing::reapi::require_digest;
 use prost::Message;
 use rayon::prelude::*;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 /// Fewer files than this are captured or materialized on the calling thread: starting the
 /// thread pool (and asking the cgroup how many CPUs there are) costs more than a few small
@@ -703,7 +703,7 @@ struct Walked {
 }
 
 /// A modification time as REAPI records it (`NodeProperties.mtime`).
-type Mtime = bazel_remote_apis::google::protobuf::Timestamp;
+type Mtime = reapi::google::protobuf::Timestamp;
 
 /// `meta`'s modification time as a [`Mtime`].
 fn mtime_of(meta: &fs::Metadata) -> Option<Mtime> {

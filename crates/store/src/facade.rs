@@ -3,12 +3,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use futures::{StreamExt, TryStreamExt};
 use hashing::Digest;
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::local::LocalStore;

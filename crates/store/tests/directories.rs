@@ -6,8 +6,8 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 use store::directory::{TreeEntry, symlink_resolves_inside, validate_directory};
 use store::{ErrorKind, LocalStore, LocalStoreOptions, MaterializeOptions};
 

@@ -491,7 +491,7 @@ async fn action_cache_round_trip_and_miss() {
     let p = provider(&server, 3).await;
     let action = Digest::of_bytes(b"some action");
     assert!(p.get_action_result(action).await.unwrap().is_none());
-    let result = bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult {
+    let result = reapi::build::bazel::remote::execution::v2::ActionResult {
         exit_code: 3,
         ..Default::default()
     };
@@ -597,7 +597,7 @@ async fn local_directory_provider_round_trips_and_refuses_corruption() {
     // Action cache.
     let action = Digest::of_bytes(b"act");
     assert!(p.get_action_result(action).await.unwrap().is_none());
-    let r = bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult {
+    let r = reapi::build::bazel::remote::execution::v2::ActionResult {
         exit_code: 7,
         ..Default::default()
     };

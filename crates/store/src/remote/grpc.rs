@@ -13,18 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bazel_remote_apis::build::bazel::remote::execution::v2::{
-    self as remexec, action_cache_client::ActionCacheClient,
-    capabilities_client::CapabilitiesClient, compressor,
-    content_addressable_storage_client::ContentAddressableStorageClient, digest_function,
-};
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
 use bytes::Bytes;
 use futures::StreamExt;
 use hashing::Digest;
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2::{
+    self as remexec, action_cache_client::ActionCacheClient,
+    capabilities_client::CapabilitiesClient, compressor,
+    content_addressable_storage_client::ContentAddressableStorageClient, digest_function,
+};
+use reapi::google::bytestream::{ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OnceCell, Semaphore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, BinaryMetadataValue};

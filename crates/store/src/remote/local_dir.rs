@@ -23,10 +23,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use bytes::Bytes;
 use hashing::Digest;
 use prost::Message;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 use tokio::io::AsyncWriteExt;
 
 use super::{ActionCacheProvider, ByteStoreProvider};

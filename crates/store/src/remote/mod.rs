@@ -15,9 +15,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bazel_remote_apis::build::bazel::remote::execution::v2 as remexec;
 use bytes::Bytes;
 use hashing::Digest;
+use reapi::build::bazel::remote::execution::v2 as remexec;
 
 use crate::destination::LoadDestination;
 use crate::error::StoreError;
