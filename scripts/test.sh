@@ -30,6 +30,11 @@ step "cargo build --workspace (recache serve is one of the servers the tests use
 cargo build --workspace --locked
 
 step "cargo package: the crates an engine depends on, each built from its packaged sources (nothing is uploaded)"
+# cargo unpacks each packaged crate from its temporary registry into
+# $CARGO_HOME/registry/src/-<hash of that registry's path>/ and reuses an unpacking of the same
+# name and version left by an earlier run in the same folder: it would verify those older
+# sources instead of these. Only local registries' folders start with '-'.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/recache-*
 cargo package --locked -p recache-reapi -p recache-hashing -p recache-store -p recache-process-execution -p recache-remote-cache
 
 step "Bazel 4.2.3 for the Bazel scenario (installed once)"
