@@ -543,6 +543,53 @@ async fn unreachable_server_is_a_retryable_error_not_a_hang() {
     assert!(err.is_retryable(), "{err}");
 }
 
+/// `file://` batches (many small blobs, as a job cache saves them): every blob readable and
+/// verified afterwards, a torn entry already there rewritten, no temp file left behind, and more
+/// blobs than one flush takes.
+#[tokio::test]
+async fn local_directory_provider_stores_a_batch_whole() {
+    use store::remote::local_dir::LocalDirProvider;
+    let cache = tempfile::tempdir().unwrap();
+    let p = Arc::new(LocalDirProvider::open(cache.path()).unwrap());
+    let blobs: Vec<Vec<u8>> = (0..600).map(|i| noise(100 + i, i as u64)).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of_bytes(b)).collect();
+    // One entry is already there but torn (a crashed writer's): the batch must replace it.
+    let torn = digests[7];
+    let hex = torn.hash.to_hex();
+    let torn_path = cache
+        .path()
+        .join("cas")
+        .join(&hex[..2])
+        .join(format!("{hex}-{}", torn.size_bytes));
+    std::fs::create_dir_all(torn_path.parent().unwrap()).unwrap();
+    std::fs::write(&torn_path, &blobs[7][..10]).unwrap();
+
+    let batch = digests
+        .iter()
+        .zip(&blobs)
+        .map(|(d, b)| (*d, b.clone().into()))
+        .collect();
+    p.store_batch(batch).await.unwrap();
+
+    let missing = p
+        .list_missing_digests(&mut digests.iter().copied())
+        .await
+        .unwrap();
+    assert!(
+        missing.is_empty(),
+        "{} blobs missing after the batch",
+        missing.len()
+    );
+    let f = store_with(p.clone());
+    for (d, b) in digests.iter().zip(&blobs) {
+        assert_eq!(f.store.load_bytes(*d).await.unwrap().unwrap(), &b[..]);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("tmp"))
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
 #[tokio::test]
 async fn local_directory_provider_round_trips_and_refuses_corruption() {
     use store::remote::local_dir::LocalDirProvider;
