@@ -526,9 +526,10 @@ impl Store {
                         })?;
                         remote.provider.store_file(d, file).await?;
                     }
-                    // A pool compressed at rest has no plain file to stream.
+                    // A pool compressed at rest has no plain file to stream: decompressed
+                    // on a blocking thread, never on the runtime's.
                     None => {
-                        let bytes = self.local.load_bytes(d)?.ok_or_else(|| {
+                        let bytes = self.load_local(d).await?.ok_or_else(|| {
                             StoreError::missing(d).context("uploading to the remote")
                         })?;
                         remote.provider.store_bytes(d, bytes).await?;
