@@ -11,6 +11,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use hashing::Digest;
 use hashing::reapi::require_digest;
@@ -214,11 +215,12 @@ fn target_components(target: &str) -> VecDeque<String> {
 struct TreeIndex {
     /// Directories, parents first (BFS order), the root (`""`) included.
     dirs: Vec<PathBuf>,
-    files: Vec<(PathBuf, Digest, bool)>,
+    /// Files: path, content, executable, recorded modification time.
+    files: Vec<(PathBuf, Digest, bool, Option<SystemTime>)>,
     links: Vec<(PathBuf, String)>,
     entries: HashMap<PathBuf, TreeEntry>,
-    /// Recorded modification times of files and directories.
-    mtimes: Vec<(PathBuf, std::time::SystemTime)>,
+    /// Recorded modification times of directories.
+    dir_mtimes: Vec<(PathBuf, SystemTime)>,
 }
 
 impl TreeIndex {
@@ -478,10 +480,10 @@ impl LocalStore {
             dirs,
             files,
             links,
-            mtimes,
+            dir_mtimes,
             ..
         } = index;
-        for (_, d, _) in &files {
+        for (_, d, _, _) in &files {
             if !self.contains(*d) {
                 return Err(
                     StoreError::missing(*d).context(format!("materializing {}", dest.display()))
@@ -494,8 +496,10 @@ impl LocalStore {
             fs::create_dir_all(&p)
                 .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
         }
-        let write_one = |(rel, d, exec): &(PathBuf, Digest, bool)| {
-            self.materialize_file(*d, &dest.join(rel), *exec, options)
+        // A file's time is set on the handle that wrote it (no second open).
+        let write_one = |(rel, d, exec, mtime): &(PathBuf, Digest, bool, Option<SystemTime>)| {
+            let mtime = if options.mtimes { *mtime } else { None };
+            self.write_file(*d, &dest.join(rel), *exec, options, mtime)
         };
         if files.len() < PARALLEL_MIN_FILES {
             files.iter().try_for_each(write_one)?;
@@ -508,9 +512,9 @@ impl LocalStore {
                 .map_err(|e| StoreError::io(format!("creating symlink {}", p.display()), e))?;
         }
         if options.mtimes {
-            // Files before their directories, deeper directories before their parents: setting
-            // a time never disturbs one already set.
-            let mut mtimes = mtimes;
+            // Directories once everything in them exists, deeper ones before their parents:
+            // setting a time never disturbs one already set.
+            let mut mtimes = dir_mtimes;
             mtimes.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
             for (rel, t) in mtimes {
                 let p = dest.join(&rel);
@@ -532,6 +536,21 @@ impl LocalStore {
         executable: bool,
         options: MaterializeOptions,
     ) -> Result<(), StoreError> {
+        self.write_file(digest, path, executable, options, None)
+    }
+
+    /// [`materialize_file`](Self::materialize_file), and with `mtime` sets the file's
+    /// modification time. Mode and time are set through the handle that wrote the bytes: one
+    /// open per file (a second open per file to set its time was most of a warm job-cache
+    /// restore's system calls).
+    fn write_file(
+        &self,
+        digest: Digest,
+        path: &Path,
+        executable: bool,
+        options: MaterializeOptions,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), StoreError> {
         let mode = match (options.mutable, executable) {
             (true, true) => 0o755,
             (true, false) => 0o644,
@@ -539,20 +558,32 @@ impl LocalStore {
             (false, false) => 0o444,
         };
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", path.display()), e);
-        if let Some(pool_path) = self.load_file(digest)? {
-            let link = !options.mutable && !options.mtimes && !executable;
+        let out = if let Some(pool_path) = self.load_file(digest)? {
+            let link = !options.mutable && mtime.is_none() && !options.mtimes && !executable;
             if link && fs::hard_link(&pool_path, path).is_ok() {
                 return Ok(());
             }
-            fs::copy(&pool_path, path).map_err(|e| io_err("copying to", e))?;
+            let mut src = fs::File::open(&pool_path)
+                .map_err(|e| StoreError::io(format!("opening {}", pool_path.display()), e))?;
+            let mut out = fs::File::create(path).map_err(|e| io_err("creating", e))?;
+            // File to file: the kernel copies (copy_file_range), as fs::copy does.
+            io::copy(&mut src, &mut out).map_err(|e| io_err("copying to", e))?;
+            out
         } else {
             let bytes = self
                 .load_bytes(digest)?
                 .ok_or_else(|| StoreError::missing(digest))?;
-            fs::write(path, &bytes).map_err(|e| io_err("writing", e))?;
+            let mut out = fs::File::create(path).map_err(|e| io_err("creating", e))?;
+            io::Write::write_all(&mut out, &bytes).map_err(|e| io_err("writing", e))?;
+            out
+        };
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| io_err("setting the mode of", e))?;
+        if let Some(t) = mtime {
+            out.set_modified(t)
+                .map_err(|e| io_err("setting the time of", e))?;
         }
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|e| io_err("setting the mode of", e))
+        Ok(())
     }
 
     /// Loads (and validates) every Directory of the tree `digest` into a [`TreeIndex`].
@@ -566,17 +597,15 @@ impl LocalStore {
         while let Some((rel, d)) = queue.pop_front() {
             let dir = self.load_directory(d)?;
             if let Some(t) = recorded_mtime(dir.node_properties.as_ref()) {
-                index.mtimes.push((rel.clone(), t));
+                index.dir_mtimes.push((rel.clone(), t));
             }
             for f in dir.files {
                 let fd = require_digest("files[].digest", f.digest.as_ref())
                     .map_err(|e| StoreError::invalid(e.to_string()))?;
                 let p = rel.join(&f.name);
-                if let Some(t) = recorded_mtime(f.node_properties.as_ref()) {
-                    index.mtimes.push((p.clone(), t));
-                }
+                let mtime = recorded_mtime(f.node_properties.as_ref());
                 index.entries.insert(p.clone(), TreeEntry::File);
-                index.files.push((p, fd, f.is_executable));
+                index.files.push((p, fd, f.is_executable, mtime));
             }
             for s in dir.symlinks {
                 let p = rel.join(&s.name);
