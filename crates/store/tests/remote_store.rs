@@ -543,6 +543,14 @@ async fn unreachable_server_is_a_retryable_error_not_a_hang() {
     assert!(err.is_retryable(), "{err}");
 }
 
+/// Where a `file://` cache rooted at `root` keeps the blob `d`.
+fn local_dir_blob_path(root: &std::path::Path, d: Digest) -> std::path::PathBuf {
+    let hex = d.hash.to_hex();
+    root.join("cas")
+        .join(&hex[..2])
+        .join(format!("{hex}-{}", d.size_bytes))
+}
+
 /// `file://` batches (many small blobs, as a job cache saves them): every blob readable and
 /// verified afterwards, a torn entry already there rewritten, no temp file left behind, and more
 /// blobs than one flush takes.
@@ -554,13 +562,7 @@ async fn local_directory_provider_stores_a_batch_whole() {
     let blobs: Vec<Vec<u8>> = (0..600).map(|i| noise(100 + i, i as u64)).collect();
     let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of_bytes(b)).collect();
     // One entry is already there but torn (a crashed writer's): the batch must replace it.
-    let torn = digests[7];
-    let hex = torn.hash.to_hex();
-    let torn_path = cache
-        .path()
-        .join("cas")
-        .join(&hex[..2])
-        .join(format!("{hex}-{}", torn.size_bytes));
+    let torn_path = local_dir_blob_path(cache.path(), digests[7]);
     std::fs::create_dir_all(torn_path.parent().unwrap()).unwrap();
     std::fs::write(&torn_path, &blobs[7][..10]).unwrap();
 
@@ -615,12 +617,7 @@ async fn local_directory_provider_round_trips_and_refuses_corruption() {
     let victim = noise(2 * 1024 * 1024, 3);
     let vd = Digest::of_bytes(&victim);
     p.store_bytes(vd, victim.clone().into()).await.unwrap();
-    let hex = vd.hash.to_hex();
-    let path = cache
-        .path()
-        .join("cas")
-        .join(&hex[..2])
-        .join(format!("{hex}-{}", vd.size_bytes));
+    let path = local_dir_blob_path(cache.path(), vd);
     let mut bad = victim.clone();
     bad[100] ^= 1;
     std::fs::write(&path, &bad).unwrap();
