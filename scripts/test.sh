@@ -23,6 +23,17 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "client-only builds compile no server stack (issue 26 item 6)"
+# An engine depends on recache-remote-cache alone: its normal dependency tree must hold no HTTP
+# router (axum, matchit) and tonic without its `server` and `router` features.
+client_tree=$(cargo tree --locked -p recache-remote-cache -e normal,features --prefix none)
+if grep -qE '^(axum|axum-core|matchit) |tonic feature "(server|router|transport)"' <<<"$client_tree"; then
+  echo "test.sh: recache-remote-cache pulls in a server stack:" >&2
+  grep -E '^(axum|axum-core|matchit) |tonic feature "(server|router|transport)"' <<<"$client_tree" | sort -u >&2
+  exit 1
+fi
+echo "recache-remote-cache: no axum, matchit or tonic server in its tree"
+
 step "cargo doc (rustdoc warnings are errors)"
 cargo doc --no-deps --workspace --locked
 
