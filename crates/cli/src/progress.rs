@@ -27,7 +27,7 @@ impl Progress {
     }
 
     /// Starts watching a counter of bytes moved so far (`verb`: what is moving them).
-    pub fn watching(verb: &'static str, received: impl Fn() -> u64 + Send + 'static) -> Progress {
+    pub fn watching(verb: &'static str, moved: impl Fn() -> u64 + Send + 'static) -> Progress {
         if !std::io::stderr().is_terminal() {
             return Progress { task: None };
         }
@@ -35,7 +35,7 @@ impl Progress {
             let mut bar: Option<indicatif::ProgressBar> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let got = received();
+                let got = moved();
                 if got < SHOW_AFTER_BYTES {
                     continue;
                 }

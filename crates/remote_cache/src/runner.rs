@@ -300,34 +300,8 @@ impl ProducerMap {
             self.envs.retain(|e| Arc::strong_count(e) > 1);
             self.envs_pruned_at = self.envs.len().max(16);
         }
-        // Field by field: cloning the whole process would copy the environment only to drop it.
-        let Process {
-            argv,
-            env: _,
-            working_directory,
-            input_root,
-            output_files,
-            output_directories,
-            timeout,
-            description,
-            platform_properties,
-            cache_scope,
-            cache_namespace,
-        } = process;
         Arc::new(Producer {
-            bare: Process {
-                argv: argv.clone(),
-                env: Default::default(),
-                working_directory: working_directory.clone(),
-                input_root: *input_root,
-                output_files: output_files.clone(),
-                output_directories: output_directories.clone(),
-                timeout: *timeout,
-                description: description.clone(),
-                platform_properties: platform_properties.clone(),
-                cache_scope: *cache_scope,
-                cache_namespace: cache_namespace.clone(),
-            },
+            bare: bare(process),
             env,
         })
     }
@@ -347,7 +321,41 @@ impl ProducerMap {
     }
 
     fn forget(&mut self, process: &Process) {
-        self.by_digest.retain(|_, (_, p)| p.process() != *process);
+        // Compared in place: rebuilding each entry's whole process would copy its environment.
+        let bare = bare(process);
+        self.by_digest
+            .retain(|_, (_, p)| !(p.bare == bare && *p.env == process.env));
+    }
+}
+
+/// `process` without its environment. Field by field: cloning the whole process would copy
+/// the environment only to drop it.
+fn bare(process: &Process) -> Process {
+    let Process {
+        argv,
+        env: _,
+        working_directory,
+        input_root,
+        output_files,
+        output_directories,
+        timeout,
+        description,
+        platform_properties,
+        cache_scope,
+        cache_namespace,
+    } = process;
+    Process {
+        argv: argv.clone(),
+        env: Default::default(),
+        working_directory: working_directory.clone(),
+        input_root: *input_root,
+        output_files: output_files.clone(),
+        output_directories: output_directories.clone(),
+        timeout: *timeout,
+        description: description.clone(),
+        platform_properties: platform_properties.clone(),
+        cache_scope: *cache_scope,
+        cache_namespace: cache_namespace.clone(),
     }
 }
 

@@ -366,7 +366,9 @@ where
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .map_or("OK", |v| {
-                    crate::metrics::grpc_code_label(v.trim().parse().unwrap_or(2))
+                    // An unparsable status is UNKNOWN, as gRPC reads it.
+                    let unknown = tonic::Code::Unknown as i32;
+                    crate::metrics::grpc_code_label(v.trim().parse().unwrap_or(unknown))
                 });
             server
                 .metrics

@@ -559,7 +559,7 @@ impl LocalStore {
         };
         let io_err = |what: &str, e| StoreError::io(format!("{what} {}", path.display()), e);
         let out = if let Some(pool_path) = self.load_file(digest)? {
-            let link = !options.mutable && mtime.is_none() && !options.mtimes && !executable;
+            let link = !options.mutable && !options.mtimes && !executable;
             if link && fs::hard_link(&pool_path, path).is_ok() {
                 return Ok(());
             }

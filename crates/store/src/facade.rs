@@ -10,6 +10,7 @@ use hashing::Digest;
 use prost::Message;
 use reapi::build::bazel::remote::execution::v2 as remexec;
 
+use crate::blocking;
 use crate::error::{ErrorKind, StoreError};
 use crate::local::LocalStore;
 use crate::remote::ByteStoreProvider;
@@ -73,15 +74,6 @@ impl Drop for ForgetOnDrop {
             inflight.remove(&self.digest);
         }
     }
-}
-
-/// Runs `f` on a blocking thread; a panicked task is an error, not a panic of the caller.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::new(ErrorKind::Other, format!("blocking task: {e}")))?
 }
 
 /// What an `ensure_*` call moved.
@@ -369,9 +361,7 @@ impl Store {
             .await?;
         let local = self.local.clone();
         let dest = dest.to_path_buf();
-        tokio::task::spawn_blocking(move || local.materialize_directory(root, &dest, options))
-            .await
-            .map_err(|e| StoreError::new(ErrorKind::Other, format!("materialize task: {e}")))?
+        blocking(move || local.materialize_directory(root, &dest, options)).await
     }
 
     /// Fetches a REAPI `Tree` blob, validates it, stores its directories locally and returns the

@@ -53,3 +53,12 @@ pub(crate) fn group_by_size(
     }
     groups
 }
+
+/// Runs `f` on a blocking thread; a panicked task is an error, not a panic of the caller.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::new(ErrorKind::Other, format!("blocking task failed: {e}")))?
+}

@@ -23,8 +23,10 @@ const PROTOS: &[&str] = &[
     "build/bazel/remote/asset/v1/remote_asset.proto",
 ];
 
+/// `crates/reapi`: this program's crate sits in its `codegen/` folder.
 fn reapi_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let codegen = Path::new(env!("CARGO_MANIFEST_DIR"));
+    codegen.parent().unwrap_or(codegen).to_path_buf()
 }
 
 /// Generates every binding into `out_dir`: one `<package>.rs` file per protobuf package.

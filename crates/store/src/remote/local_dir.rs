@@ -266,9 +266,8 @@ impl LocalDirProvider {
     fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
         let wanted: Vec<(PathBuf, Bytes)> = blobs
             .into_iter()
-            .map(|(d, b)| (self.path("cas", &d), b, d.size_bytes))
-            .filter(|(dest, _, size)| !Self::present(dest, *size))
-            .map(|(dest, b, _)| (dest, b))
+            .map(|(d, b)| (self.path("cas", &d), b))
+            .filter(|(dest, b)| !Self::present(dest, b.len() as u64))
             .collect();
         for chunk in wanted.chunks(BATCH_FILES) {
             // (temp path, open and locked file, destination, length)
@@ -287,17 +286,14 @@ impl LocalDirProvider {
                     step.map_err(|e| StoreError::io(format!("writing {}", dest.display()), e))?;
                 }
                 sync_filesystem(&self.root)?;
-                let mut renamed = 0;
                 for (tmp, _, dest, len) in &written {
                     let parent = dest.parent().unwrap_or(&self.root);
                     std::fs::create_dir_all(parent)
                         .and_then(|()| std::fs::rename(tmp, dest))
                         .map_err(|e| StoreError::io(format!("writing {}", dest.display()), e))?;
-                    renamed += 1;
                     self.grew(*len);
                 }
-                sync_filesystem(&self.root)?;
-                Ok::<usize, StoreError>(renamed)
+                sync_filesystem(&self.root)
             })();
             if let Err(e) = result {
                 for (tmp, _, _, _) in &written {
@@ -308,17 +304,6 @@ impl LocalDirProvider {
             }
         }
         Ok(())
-    }
-
-    async fn blocking<T: Send + 'static>(
-        f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        tokio::task::spawn_blocking(f).await.map_err(|e| {
-            StoreError::new(
-                crate::ErrorKind::Other,
-                format!("blocking task failed: {e}"),
-            )
-        })?
     }
 }
 
@@ -356,7 +341,7 @@ fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StoreError> {
 impl ByteStoreProvider for LocalDirProvider {
     async fn store_bytes(&self, digest: Digest, bytes: Bytes) -> Result<(), StoreError> {
         let this = self.clone();
-        Self::blocking(move || {
+        crate::blocking(move || {
             let dest = this.path("cas", &digest);
             if Self::present(&dest, digest.size_bytes) {
                 return Ok(());
@@ -368,13 +353,13 @@ impl ByteStoreProvider for LocalDirProvider {
 
     async fn store_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
         let this = self.clone();
-        Self::blocking(move || this.write_batch(blobs)).await
+        crate::blocking(move || this.write_batch(blobs)).await
     }
 
     async fn store_file(&self, digest: Digest, file: tokio::fs::File) -> Result<(), StoreError> {
         let this = self.clone();
         let mut file = file.into_std().await;
-        Self::blocking(move || {
+        crate::blocking(move || {
             let dest = this.path("cas", &digest);
             if Self::present(&dest, digest.size_bytes) {
                 return Ok(());
@@ -439,7 +424,7 @@ impl ByteStoreProvider for LocalDirProvider {
 
     async fn load_batch(&self, digests: Vec<Digest>) -> Result<HashMap<Digest, Bytes>, StoreError> {
         let this = self.clone();
-        Self::blocking(move || {
+        crate::blocking(move || {
             let mut out = HashMap::new();
             for d in digests {
                 let path = this.path("cas", &d);
@@ -507,7 +492,7 @@ impl ActionCacheProvider for LocalDirProvider {
         result: remexec::ActionResult,
     ) -> Result<(), StoreError> {
         let this = self.clone();
-        Self::blocking(move || {
+        crate::blocking(move || {
             let dest = this.path("ac", &action_digest);
             let bytes = result.encode_to_vec();
             this.write_atomic(&dest, |f| f.write_all(&bytes))
