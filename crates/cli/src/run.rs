@@ -142,6 +142,9 @@ async fn cached_run(
     };
     let mut store_options = LocalStoreOptions::new(cache.store_dir());
     store_options.max_size = Some(store_bound);
+    // One process per command: its blobs are committed when it closes the store whatever the
+    // setting, and a commit thread would only add its start-up to the hit.
+    store_options.write_behind = false;
     let local = LocalStore::open(store_options)
         .map_err(|e| Failure::Cache(format!("cannot open the local store: {e}")))?;
     phases.mark("open_store");

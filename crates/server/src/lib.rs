@@ -440,6 +440,8 @@ impl CacheServer {
     pub fn open(options: ServerOptions) -> Result<CacheServer, ServerError> {
         let mut store_options = LocalStoreOptions::new(options.storage.join("store"));
         store_options.max_size = Some(options.max_size);
+        // A client's upload is acknowledged only once committed.
+        store_options.write_behind = false;
         if options.compress_at_rest {
             store_options.pool_compression = store::PoolCompression::Zstd;
         }

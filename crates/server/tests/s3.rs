@@ -447,6 +447,7 @@ async fn large_blobs_go_up_while_they_arrive_and_only_verified_ones_complete() {
 fn open_fast_tier(dir: &std::path::Path) -> store::LocalStore {
     let mut o = store::LocalStoreOptions::new(dir.join("store"));
     o.pool_compression = store::PoolCompression::Zstd;
+    o.write_behind = false;
     store::LocalStore::open(o).unwrap()
 }
 

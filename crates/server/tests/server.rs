@@ -92,6 +92,7 @@ async fn restart_without(r: Running, dir: &std::path::Path, gone: &[Digest]) -> 
 fn server_store_options(storage: &std::path::Path) -> store::LocalStoreOptions {
     let mut o = store::LocalStoreOptions::new(storage.join("store"));
     o.pool_compression = store::PoolCompression::Zstd;
+    o.write_behind = false;
     o
 }
 

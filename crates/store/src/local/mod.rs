@@ -20,6 +20,7 @@
 mod leases;
 pub(crate) mod pool;
 mod small;
+mod write_behind;
 pub(crate) mod zstd_blob;
 
 use std::collections::HashMap;
@@ -73,6 +74,12 @@ pub struct LocalStoreOptions {
     /// LRU GC (leases respected) down to 90 % of the bound. `None` (the default for the library):
     /// unbounded; the `recache` CLI sets 10 GiB.
     pub max_size: Option<u64>,
+    /// Commit the small blobs a cache hit stores (fetched outputs, an output root's Directory
+    /// messages) on a background thread, serving them from memory until then, so the hit does
+    /// not wait for the database. Default `true`; a server turns it off (its writes are the
+    /// clients' uploads, which must be committed before they are acknowledged). Bounded memory,
+    /// and committed before the store closes: see [`LocalStore`]'s notes on write-behind.
+    pub write_behind: bool,
 }
 
 impl LocalStoreOptions {
@@ -84,6 +91,7 @@ impl LocalStoreOptions {
             db_map_size: DEFAULT_DB_MAP_SIZE,
             pool_compression: PoolCompression::None,
             max_size: None,
+            write_behind: true,
         }
     }
 }
@@ -185,6 +193,15 @@ pub struct GcReport {
 /// that stream large files (`store_file`, `capture_directory`, `materialize_directory`) belong in
 /// `spawn_blocking` when called from async code.
 ///
+/// **Write-behind** ([`LocalStoreOptions::write_behind`], on by default): the small blobs a
+/// cache hit stores (fetched outputs, output roots' Directory messages) are served from memory
+/// at once and committed to the database by a background thread, so the hit does not wait for
+/// the commit. At most 32 MiB wait; what does not fit is committed by the caller. Other
+/// processes sharing the store see the blobs once committed; [`flush_writes`](Self::flush_writes)
+/// commits them now, and dropping the last handle commits them before the store closes. A
+/// commit that fails (a full disk) keeps the blobs in memory for this process, and the next
+/// store call that commits reports the error.
+///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = store::LocalStore::open(store::LocalStoreOptions::new(dir.path())).unwrap();
@@ -203,8 +220,11 @@ struct Inner {
     /// Held shared while the store is open (see [`LocalStore::open`]).
     open_lock: fs::File,
     threshold: u64,
-    db: SmallDb,
+    /// Shared with the write-behind's committer (as are `generation` and `accounting`).
+    db: Arc<SmallDb>,
     pool: Pool,
+    /// Small blobs of cache hits waiting for their commit; `None` when the options turn it off.
+    write_behind: Option<write_behind::WriteBehind>,
     max_size: Option<u64>,
     /// A size-bound GC is running (one at a time per process).
     gc_running: AtomicBool,
@@ -213,7 +233,7 @@ struct Inner {
     gc_lock: Mutex<()>,
     /// Bumped by every write that can grow the store; GC re-derives the counters from its
     /// listing only when no write happened meanwhile (else it subtracts what it removed).
-    generation: AtomicU64,
+    generation: Arc<AtomicU64>,
     /// Reads since the last flush: fingerprint → unix milliseconds. Flushed in one transaction by
     /// `flush_access_times`, `gc` and drop, so a read never pays for a write transaction.
     recent_access: Mutex<HashMap<Fingerprint, u64>>,
@@ -230,7 +250,7 @@ struct Inner {
     /// that raises the usage counters runs under this lock and turns the reservation of the
     /// blob it stores into stored bytes at the same moment, so `stored + reserved` read under
     /// it never counts a blob twice (or not at all).
-    accounting: Mutex<Accounting>,
+    accounting: Arc<Mutex<Accounting>>,
 }
 
 /// Reservations held; see `Inner::accounting`.
@@ -241,6 +261,25 @@ struct Accounting {
     /// Reservation id → (blob it is for, bytes it still holds).
     open: HashMap<u64, (Digest, u64)>,
     next_id: u64,
+}
+
+impl Accounting {
+    /// Turns one reservation of each of `digests`, just stored, into stored bytes.
+    fn settle(&mut self, digests: impl IntoIterator<Item = Digest>) {
+        if self.open.is_empty() {
+            return;
+        }
+        for d in digests {
+            let held = self
+                .open
+                .values_mut()
+                .find(|(rd, bytes)| *rd == d && *bytes > 0)
+                .map(|(_, bytes)| std::mem::take(bytes));
+            if let Some(bytes) = held {
+                self.reserved -= bytes;
+            }
+        }
+    }
 }
 
 /// What the store holds and has promised, when a reservation did not fit.
@@ -406,6 +445,7 @@ impl LocalStore {
             db_map_size,
             pool_compression,
             max_size,
+            write_behind,
         } = options;
         let shown = root.clone();
         let ctx = move || format!("opening local store {}", shown.display());
@@ -465,23 +505,35 @@ impl LocalStore {
             }
             db.set_counters(c).map_err(|e| e.context(ctx()))?;
         }
+        let db = Arc::new(db);
+        let generation = Arc::new(AtomicU64::new(0));
+        let accounting = Arc::new(Mutex::new(Accounting::default()));
+        let write_behind = write_behind.then(|| {
+            write_behind::WriteBehind::new(write_behind::Books {
+                db: db.clone(),
+                accounting: accounting.clone(),
+                generation: generation.clone(),
+                max_size,
+            })
+        });
         let store = LocalStore {
             inner: Arc::new(Inner {
                 open_lock,
                 threshold: large_threshold.max(1),
                 db,
                 pool,
+                write_behind,
                 max_size,
                 gc_running: AtomicBool::new(false),
                 gc_lock: Mutex::new(()),
-                generation: AtomicU64::new(0),
+                generation,
                 recent_access: Mutex::new(HashMap::new()),
                 recent_ref_access: Mutex::new(HashMap::new()),
                 leases: leases::Leases::new(&root),
                 received: AtomicU64::new(0),
                 evicted_blobs: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
-                accounting: Mutex::new(Accounting::default()),
+                accounting,
                 root,
             }),
         };
@@ -637,18 +689,7 @@ impl LocalStore {
         // instead of overwriting this increment.
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         let out = txn()?;
-        if !acc.open.is_empty() {
-            for d in digests {
-                let held = acc
-                    .open
-                    .values_mut()
-                    .find(|(rd, bytes)| *rd == d && *bytes > 0)
-                    .map(|(_, bytes)| std::mem::take(bytes));
-                if let Some(bytes) = held {
-                    acc.reserved -= bytes;
-                }
-            }
-        }
+        acc.settle(digests);
         Ok(out)
     }
 
@@ -791,7 +832,7 @@ impl LocalStore {
         }
         // Already stored (an input captured again, an output fetched again): a read, not a
         // write transaction, and nothing for the exit to sync.
-        if self.inner.db.contains(digest).unwrap_or(false) {
+        if self.waiting(digest).is_some() || self.inner.db.contains(digest).unwrap_or(false) {
             self.touch(digest);
             return Ok(());
         }
@@ -816,7 +857,7 @@ impl LocalStore {
         // record in memory, as for a read.
         let digests: Vec<Digest> = items.iter().map(|(d, _)| *d).collect();
         let absent: std::collections::HashSet<Digest> =
-            self.inner.db.missing(&digests)?.into_iter().collect();
+            self.small_missing(digests)?.into_iter().collect();
         let missing: Vec<(Digest, &[u8])> = items
             .iter()
             .filter(|(d, _)| absent.contains(d))
@@ -828,11 +869,47 @@ impl LocalStore {
         if missing.is_empty() {
             return Ok(());
         }
+        if let Some(wb) = &self.inner.write_behind
+            && wb.defer(&missing)
+        {
+            if let Some(totals) = wb.take_over_bound() {
+                self.after_growth(totals);
+            }
+            return Ok(());
+        }
         let totals = self.growing(missing.iter().map(|(d, _)| *d), || {
             self.inner.db.put_many(&missing, now_millis())
         })?;
+        if let Some(wb) = &self.inner.write_behind {
+            wb.recovered();
+        }
         self.after_growth(totals);
         Ok(())
+    }
+
+    /// The small blob `digest` if it waits for its commit (see [`LocalStoreOptions::write_behind`]).
+    fn waiting(&self, digest: Digest) -> Option<Bytes> {
+        self.inner.write_behind.as_ref()?.get(digest)
+    }
+
+    /// Which of the small `digests` the store lacks: those waiting for their commit are
+    /// checked first, then the database (a blob leaves the first only once in the second).
+    fn small_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, StoreError> {
+        let digests = match &self.inner.write_behind {
+            Some(wb) => wb.not_waiting(digests),
+            None => digests,
+        };
+        self.inner.db.missing(&digests)
+    }
+
+    /// Commits the small blobs waiting for their commit, on this thread (see
+    /// [`LocalStoreOptions::write_behind`]): afterwards other processes sharing the store see
+    /// them. Closing the store does it too.
+    pub fn flush_writes(&self) -> Result<(), StoreError> {
+        match &self.inner.write_behind {
+            Some(wb) => wb.flush(),
+            None => Ok(()),
+        }
     }
 
     /// Records a pool blob just committed by this process (`new`: the rename created it): its
@@ -959,7 +1036,7 @@ impl LocalStore {
             .filter(|d| *d != EMPTY_DIGEST)
             .partition(|d| self.is_small(d.size_bytes));
         // A database error reads as "missing": the caller then fetches or rebuilds the blob.
-        let mut out = self.inner.db.missing(&small).unwrap_or(small);
+        let mut out = self.small_missing(small.clone()).unwrap_or(small);
         out.extend(large.into_iter().filter(|d| !self.pool_file_intact(*d)));
         out
     }
@@ -970,7 +1047,7 @@ impl LocalStore {
             return true;
         }
         if self.is_small(digest.size_bytes) {
-            self.inner.db.contains(digest).unwrap_or(false)
+            self.waiting(digest).is_some() || self.inner.db.contains(digest).unwrap_or(false)
         } else {
             self.pool_file_intact(digest)
         }
@@ -983,7 +1060,10 @@ impl LocalStore {
             return Ok(Some(Bytes::new()));
         }
         let found = if self.is_small(digest.size_bytes) {
-            self.inner.db.get(digest)?
+            match self.waiting(digest) {
+                Some(b) => Some(b),
+                None => self.inner.db.get(digest)?,
+            }
         } else if let Some((path, stored, _)) = self.inner.pool.locate(&digest) {
             match fs::File::open(&path) {
                 Ok(mut f) => {
@@ -1025,6 +1105,9 @@ impl LocalStore {
     pub fn remove(&self, digests: &[Digest]) -> Result<u64, StoreError> {
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             digests.iter().partition(|d| self.is_small(d.size_bytes));
+        // Those waiting for their commit are dropped first; the commit lock held until the
+        // database is done keeps a commit from writing them back.
+        let _no_commit = self.inner.write_behind.as_ref().map(|wb| wb.forget(&small));
         // One read transaction says which small ones are there.
         let absent: std::collections::HashSet<Digest> =
             self.inner.db.missing(&small)?.into_iter().collect();
@@ -1159,7 +1242,12 @@ impl LocalStore {
         if hash == hashing::EMPTY_FINGERPRINT {
             return Some(EMPTY_DIGEST);
         }
-        if let Ok(Some(size)) = self.inner.db.size_of_hash(&hash) {
+        let waiting = self
+            .inner
+            .write_behind
+            .as_ref()
+            .and_then(|wb| wb.size_of_hash(&hash));
+        if let Some(size) = waiting.or_else(|| self.inner.db.size_of_hash(&hash).ok().flatten()) {
             let d = Digest::new(hash, size);
             if self.contains(d) {
                 return Some(d);
@@ -1311,6 +1399,10 @@ impl LocalStore {
     /// the next GC).
     pub fn gc(&self, target_bytes: u64) -> Result<GcReport, StoreError> {
         let _one = self.inner.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Blobs waiting for their commit are counted and listed like the others.
+        if let Err(e) = self.flush_writes() {
+            tracing::warn!(error = %e, "GC: blobs waiting for their commit stay in memory");
+        }
         let generation = self.inner.generation.load(Ordering::Acquire);
         self.flush_access_times()?;
         let atimes: HashMap<Fingerprint, u64> = self.inner.db.atimes()?.into_iter().collect();
@@ -1461,6 +1553,10 @@ impl Drop for Inner {
     /// losing access times or the clean mark is harmless (an unmarked store is repaired at the
     /// next open).
     fn drop(&mut self) {
+        // Blobs of hits still waiting for their commit go in first (the thread is joined).
+        if let Some(wb) = &self.write_behind {
+            wb.close();
+        }
         let pending: Vec<(Fingerprint, u64)> = self
             .recent_access
             .get_mut()
@@ -1511,6 +1607,81 @@ impl Drop for Lease {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Blobs of `n` × `size` bytes, distinct per `seed`.
+    fn blobs(seed: u8, n: usize, size: usize) -> Vec<(Digest, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                let mut b = vec![seed; size];
+                b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                (Digest::of_bytes(&b), b)
+            })
+            .collect()
+    }
+
+    fn items(blobs: &[(Digest, Vec<u8>)]) -> Vec<(Digest, &[u8])> {
+        blobs.iter().map(|(d, b)| (*d, &b[..])).collect()
+    }
+
+    #[test]
+    fn a_hits_blobs_are_served_before_their_commit_and_committed_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(LocalStoreOptions::new(dir.path())).unwrap();
+        let wb = store.inner.write_behind.as_ref().unwrap();
+        let kept = blobs(1, 10, 4096);
+        let removed = blobs(2, 1, 4096);
+        {
+            // Holding the commit lock keeps the committer from writing anything yet.
+            let _hold = wb.forget(&[]);
+            store.put_small_batch(&items(&kept)).unwrap();
+            store.put_small_batch(&items(&removed)).unwrap();
+            for (d, b) in kept.iter().chain(&removed) {
+                assert!(!store.inner.db.contains(*d).unwrap(), "not committed yet");
+                assert!(store.contains(*d));
+                assert_eq!(store.load_bytes(*d).unwrap().unwrap(), &b[..]);
+                assert_eq!(store.find_by_hash(d.hash), Some(*d));
+            }
+            assert!(store.missing(kept.iter().map(|(d, _)| *d)).is_empty());
+        }
+        // Removed while (perhaps) still waiting: no commit brings it back.
+        assert_eq!(store.remove(&[removed[0].0]).unwrap(), 0);
+        store.flush_writes().unwrap();
+        assert!(!store.contains(removed[0].0));
+        assert!(!store.inner.db.contains(removed[0].0).unwrap());
+        drop(store);
+        let store = LocalStore::open(LocalStoreOptions::new(dir.path())).unwrap();
+        for (d, b) in &kept {
+            assert_eq!(
+                store.load_bytes(*d).unwrap().unwrap(),
+                &b[..],
+                "committed at close"
+            );
+        }
+        assert_eq!(store.usage().small_blobs, kept.len() as u64);
+        assert_eq!(store.usage().small_bytes, 10 * 4096);
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_blobs_and_later_writes_see_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = LocalStoreOptions::new(dir.path());
+        // Room for the tables and little else: the batch below cannot be committed.
+        options.db_map_size = 512 << 10;
+        let store = LocalStore::open(options).unwrap();
+        let big = blobs(3, 12, 100 << 10);
+        store.put_small_batch(&items(&big)).unwrap();
+        let err = store.flush_writes().unwrap_err();
+        assert_eq!(*err.kind(), crate::ErrorKind::StorageFull, "{err}");
+        // Still served to this process.
+        for (d, b) in &big {
+            assert_eq!(store.load_bytes(*d).unwrap().unwrap(), &b[..]);
+        }
+        // A later batch is committed by its caller, which sees the error.
+        let more = blobs(4, 12, 100 << 10);
+        let err = store.put_small_batch(&items(&more)).unwrap_err();
+        assert_eq!(*err.kind(), crate::ErrorKind::StorageFull, "{err}");
+        assert!(!store.contains(more[0].0));
+    }
 
     #[test]
     fn access_times_are_flushed_before_the_map_grows_large() {
