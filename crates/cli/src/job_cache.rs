@@ -396,6 +396,10 @@ async fn open(common: &CacheCommon) -> Result<Opened, Failure> {
     };
     let mut options = LocalStoreOptions::new(cache.store_dir());
     options.max_size = Some(store_bound);
+    // A bulk transfer bound by the disk: the caller's own commits keep its memory flat. With
+    // write-behind, `cache-report`'s 1 GiB cold restores took the same time (9.2–9.9 s against
+    // 9.1–11.2 s, alternating runs) and peak anonymous memory went from 32–44 to 47–91 MiB.
+    options.write_behind = false;
     let local = LocalStore::open(options)
         .map_err(|e| cache_problem(format!("cannot open the local store: {e}")))?;
     let providers = crate::run::providers(&remote, &cache, common.max_size).await?;
