@@ -408,6 +408,24 @@ fn mtime_nanos(meta: &fs::Metadata) -> u64 {
 
 /// Access times are unix milliseconds: seconds would make LRU order a coin toss within a busy
 /// second.
+/// [`LocalStore::growing`] on the books themselves, for the write-behind's committer, which
+/// holds them but not the store.
+fn growing_in<T>(
+    accounting: &Mutex<Accounting>,
+    generation: &AtomicU64,
+    digests: impl IntoIterator<Item = Digest>,
+    txn: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut acc = accounting.lock().unwrap_or_else(|p| p.into_inner());
+    // Before the transaction, under the lock GC takes to reset the counters: a GC that listed
+    // the pool before this blob's rename sees the generation move and subtracts instead of
+    // overwriting this increment.
+    generation.fetch_add(1, Ordering::AcqRel);
+    let out = txn()?;
+    acc.settle(digests);
+    Ok(out)
+}
+
 fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -683,14 +701,7 @@ impl LocalStore {
         digests: impl IntoIterator<Item = Digest>,
         txn: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut acc = self.accounting();
-        // Before the transaction, under the lock GC takes to reset the counters: a GC that
-        // listed the pool before this blob's rename sees the generation move and subtracts
-        // instead of overwriting this increment.
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
-        let out = txn()?;
-        acc.settle(digests);
-        Ok(out)
+        growing_in(&self.inner.accounting, &self.inner.generation, digests, txn)
     }
 
     /// Records uses in memory (`note` fills the maps); flushes them once they grow large.
@@ -856,8 +867,9 @@ impl LocalStore {
         // their outputs) already stored: then no write transaction at all, only an access
         // record in memory, as for a read.
         let digests: Vec<Digest> = items.iter().map(|(d, _)| *d).collect();
+        let digests = self.not_waiting(digests);
         let absent: std::collections::HashSet<Digest> =
-            self.small_missing(digests)?.into_iter().collect();
+            self.inner.db.missing(&digests)?.into_iter().collect();
         let missing: Vec<(Digest, &[u8])> = items
             .iter()
             .filter(|(d, _)| absent.contains(d))
@@ -892,14 +904,13 @@ impl LocalStore {
         self.inner.write_behind.as_ref()?.get(digest)
     }
 
-    /// Which of the small `digests` the store lacks: those waiting for their commit are
-    /// checked first, then the database (a blob leaves the first only once in the second).
-    fn small_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, StoreError> {
-        let digests = match &self.inner.write_behind {
+    /// `digests` without the small blobs waiting for their commit. Check these first, then
+    /// the database: a blob leaves the first only once it is in the second.
+    fn not_waiting(&self, digests: Vec<Digest>) -> Vec<Digest> {
+        match &self.inner.write_behind {
             Some(wb) => wb.not_waiting(digests),
             None => digests,
-        };
-        self.inner.db.missing(&digests)
+        }
     }
 
     /// Commits the small blobs waiting for their commit, on this thread (see
@@ -1036,7 +1047,8 @@ impl LocalStore {
             .filter(|d| *d != EMPTY_DIGEST)
             .partition(|d| self.is_small(d.size_bytes));
         // A database error reads as "missing": the caller then fetches or rebuilds the blob.
-        let mut out = self.small_missing(small.clone()).unwrap_or(small);
+        let small = self.not_waiting(small);
+        let mut out = self.inner.db.missing(&small).unwrap_or(small);
         out.extend(large.into_iter().filter(|d| !self.pool_file_intact(*d)));
         out
     }

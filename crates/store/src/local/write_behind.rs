@@ -24,8 +24,8 @@
 //! - **Closing drains.** The store's drop stops the thread (joining it) and commits what is left
 //!   before it records access times and syncs. The thread owns no handle to the store itself,
 //!   only the database, so the store always closes on the thread that drops it.
-//! - Other processes sharing the store see a blob once it is committed: microseconds later, the
-//!   same as before for every purpose but a race with this process's own hit.
+//! - Other processes sharing the store see a blob once it is committed, up to [`GATHER_FOR`]
+//!   after this process could: for them it is as if the hit had happened that much later.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,7 @@ use crate::error::StoreError;
 
 /// Bytes of blobs that may wait for their commit. A hit's small outputs are at most a few MiB;
 /// this lets a burst of hits run ahead of the disk without letting memory grow with it.
-pub(crate) const MAX_PENDING_BYTES: u64 = 32 << 20;
+const MAX_PENDING_BYTES: u64 = 32 << 20;
 
 /// How long the committer gathers blobs after the first one arrives, unless
 /// [`GATHER_BYTES`] arrive sooner: one commit then carries several hits (at one hit a
@@ -243,7 +243,7 @@ impl Shared {
         self.commit.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The committer: one transaction per wake-up, until stopped.
+    /// The committer: one transaction per gathering, until stopped.
     fn run(&self) {
         loop {
             {
@@ -266,7 +266,10 @@ impl Shared {
 
             let _commit = self.commit_lock();
             if let Err(e) = self.commit_waiting() {
-                tracing::warn!(error = %e, "could not store fetched blobs; they stay in memory");
+                tracing::warn!(
+                    error = %e,
+                    "could not commit cache hits' blobs to the local store; this process keeps serving them from memory"
+                );
             }
         }
     }
@@ -291,15 +294,13 @@ impl Shared {
             generation,
             max_size,
         } = &self.books;
-        let committed = {
-            let mut acc = accounting.lock().unwrap_or_else(|p| p.into_inner());
-            generation.fetch_add(1, Ordering::AcqRel);
-            let out = db.put_many(&items, super::now_millis());
-            if out.is_ok() {
-                acc.settle(items.iter().map(|(d, _)| *d));
-            }
-            out
-        };
+        let committed = super::growing_in(
+            accounting,
+            generation,
+            items.iter().map(|(d, _)| *d),
+            || db.put_many(&items, super::now_millis()),
+        );
+        // As after any growth (`LocalStore::after_growth`).
         generation.fetch_add(1, Ordering::AcqRel);
         let mut st = self.state();
         match committed {
